@@ -1,0 +1,81 @@
+//! Compiles the TorchScript shim in `csrc/` against the libtorch that tch links,
+//! and makes every binary, test and example of this package find libtorch at run
+//! time (rpath) and keep libtorch_cuda (so CUDA is seen where it exists).
+use std::env;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+const SHIM_FILES: &[&str] = &["csrc/shim.cpp", "csrc/shim.h"];
+
+const HOW_TO_FIX: &str = "run `scripts/setup.sh` (it installs the PyTorch 2.13.0 wheel into .venv \
+and links it as .libtorch, which .cargo/config.toml points LIBTORCH at), \
+or set LIBTORCH to a libtorch 2.13.0 folder (the one holding lib/ and include/)";
+
+fn env_var(name: &str) -> Option<String> {
+    println!("cargo:rerun-if-env-changed={name}");
+    env::var(name).ok()
+}
+
+/// The lib dir of the libtorch that torch-sys linked (it declares `links = "tch"`).
+fn libtorch_lib_dir() -> Result<PathBuf> {
+    let lib = match env_var("DEP_TCH_LIBTORCH_LIB") {
+        Some(lib) => PathBuf::from(lib),
+        None => bail!("torch-sys did not report a libtorch lib dir: {HOW_TO_FIX}"),
+    };
+    if !lib.join("libtorch_cpu.so").exists() && !lib.join("libtorch_cpu.dylib").exists() {
+        bail!(
+            "no libtorch_cpu library in {} (LIBTORCH={}): {HOW_TO_FIX}",
+            lib.display(),
+            env::var("LIBTORCH").unwrap_or_else(|_| "<unset>".into())
+        );
+    }
+    Ok(lib)
+}
+
+fn include_dirs(lib: &Path) -> Result<Vec<PathBuf>> {
+    let root = lib.parent().with_context(|| format!("libtorch lib dir {} has no parent", lib.display()))?;
+    let root = match env_var("LIBTORCH_INCLUDE") {
+        Some(include_root) => PathBuf::from(include_root),
+        None => root.to_path_buf(),
+    };
+    let include = root.join("include");
+    if !include.join("torch/script.h").exists() {
+        bail!("libtorch headers not found in {}: {HOW_TO_FIX}", include.display());
+    }
+    Ok(vec![include.clone(), include.join("torch/csrc/api/include")])
+}
+
+fn main() -> Result<()> {
+    for file in SHIM_FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    println!("cargo:rerun-if-changed=build.rs");
+
+    let lib = libtorch_lib_dir()?;
+    let includes = include_dirs(&lib)?;
+    let cxx11_abi = env_var("LIBTORCH_CXX11_ABI").unwrap_or_else(|| "1".into());
+
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .includes(&includes)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/shim.cpp")
+        .compile("transplant_shim");
+
+    // Binaries, tests and examples run without LD_LIBRARY_PATH.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // The linker drops libtorch_cuda under --as-needed (nothing references it by
+    // symbol), and then CUDA silently reports unavailable. Keep it where it exists.
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+    println!("cargo:libtorch_lib={}", lib.display());
+    Ok(())
+}

@@ -1,0 +1,55 @@
+// The C ABI between Rust (src/ffi.rs) and libtorch's TorchScript module API.
+//
+// Conventions, for every function here:
+// - the return value is NULL on success, or an error message allocated with
+//   malloc that the caller frees with tp_error_free; no C++ exception ever
+//   crosses this boundary;
+// - tensors handed out are `at::Tensor*` allocated with `new`, the same layout
+//   tch uses for its `C_tensor`, so Rust wraps them with `tch::Tensor::from_ptr`
+//   and tch frees them; they share storage with the module;
+// - a module handle is an opaque pointer freed with tp_module_free.
+#ifndef TRANSPLANT_SHIM_H
+#define TRANSPLANT_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tp_module tp_module;
+typedef void tp_tensor; /* at::Tensor */
+
+/* Role of a named tensor, as passed to tp_entry_fn. */
+enum { TP_PARAMETER = 0, TP_BUFFER = 1 };
+
+/* Receives one named tensor; takes ownership of `tensor`. */
+typedef void (*tp_entry_fn)(void *ctx, const char *name, int role, tp_tensor *tensor);
+/* Receives one output tensor; takes ownership of `tensor`. */
+typedef void (*tp_tensor_fn)(void *ctx, tp_tensor *tensor);
+
+void tp_error_free(char *error);
+
+/* Loads a module saved by torch.jit.save onto `device` ("cpu", "cuda:0", ...). */
+char *tp_module_load(const char *path, const char *device, tp_module **out);
+void tp_module_free(tp_module *module);
+/* A deep copy: same code, its own tensors. */
+char *tp_module_deepcopy(const tp_module *module, tp_module **out);
+/* Every parameter and buffer, recursively, with dotted names, in the order
+ * PyTorch's state_dict() lists them: per module its parameters, then its
+ * buffers, then its children in registration order. */
+char *tp_module_entries(const tp_module *module, void *ctx, tp_entry_fn f);
+char *tp_module_save(const tp_module *module, const char *path);
+char *tp_module_set_training(tp_module *module, int training);
+char *tp_module_is_training(const tp_module *module, int *out);
+/* Runs forward(*inputs); the output (a tensor, or tuples/lists of tensors,
+ * flattened depth first) goes to `f`. */
+char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_inputs,
+                        void *ctx, tp_tensor_fn f);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
