@@ -12,7 +12,8 @@ Files (for each model NAME):
   NAME_a_traced.pt         the same weights as NAME_a.pt, traced instead of scripted
   NAME.entries.json        state_dict() of NAME_a as PyTorch lists it: name, role, shape, dtype
   NAME.expected.safetensors  input, eval-mode output of a (output_a) and of b (output_b)
-and not_a_module.pt (a torch.save state dict, which is not a TorchScript module).
+and not_a_module.pt (a torch.save state dict, which is not a TorchScript module),
+and COMPLETE, written last.
 """
 import json
 import os
@@ -22,9 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-
-# Bump when the files written change, so scripts/test.sh regenerates them.
-FIXTURES_VERSION = "1"
 
 
 class ConvBn(nn.Module):
@@ -107,8 +105,8 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     write_bn_net(out)
-    with open(os.path.join(out, "VERSION"), "w") as f:
-        f.write(FIXTURES_VERSION + "\n")
+    # Written last: the tests take its presence to mean every fixture is there.
+    open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)
 
 

@@ -11,7 +11,7 @@ pub fn fixtures() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"));
     assert!(
-        dir.join("VERSION").exists(),
+        dir.join("COMPLETE").exists(),
         "no fixtures in {}: run `.venv/bin/python scripts/make_fixtures.py` (scripts/test.sh does)",
         dir.display()
     );
