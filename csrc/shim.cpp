@@ -112,4 +112,19 @@ char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_in
   });
 }
 
+char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_release_fn release,
+                                    tp_tensor **out) {
+  *out = nullptr;
+  return guarded([&] {
+    auto options = at::TensorOptions().dtype(at::kByte).device(at::kCPU);
+    at::Tensor tensor = torch::from_blob(
+        data, {nbytes}, [ctx, release](void *) { release(ctx); }, options);
+    *out = new at::Tensor(std::move(tensor));
+  });
+}
+
+const void *tp_tensor_impl(const tp_tensor *tensor) {
+  return static_cast<const at::Tensor *>(tensor)->unsafeGetTensorImpl();
+}
+
 }  // extern "C"

@@ -28,6 +28,8 @@ enum { TP_PARAMETER = 0, TP_BUFFER = 1 };
 typedef void (*tp_entry_fn)(void *ctx, const char *name, int role, tp_tensor *tensor);
 /* Receives one output tensor; takes ownership of `tensor`. */
 typedef void (*tp_tensor_fn)(void *ctx, tp_tensor *tensor);
+/* Called once when libtorch no longer needs borrowed memory. */
+typedef void (*tp_release_fn)(void *ctx);
 
 void tp_error_free(char *error);
 
@@ -47,6 +49,15 @@ char *tp_module_is_training(const tp_module *module, int *out);
  * flattened depth first) goes to `f`. */
 char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_inputs,
                         void *ctx, tp_tensor_fn f);
+
+/* A 1-D uint8 CPU tensor over `nbytes` bytes at `data`, which the caller keeps
+ * alive until libtorch calls `release(ctx)` (when the last tensor sharing that
+ * storage is gone). If this fails, `release` is not called. */
+char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_release_fn release,
+                                    tp_tensor **out);
+
+/* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
+const void *tp_tensor_impl(const tp_tensor *tensor);
 
 #ifdef __cplusplus
 }

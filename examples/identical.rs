@@ -18,7 +18,7 @@ use transplant::{Role, ScriptModule};
 
 /// Copies every entry of `source` whose role is in `roles` into `target`, in place.
 fn copy_state(source: &ScriptModule, target: &ScriptModule, roles: &[Role]) -> Result<usize> {
-    let (from, into) = (source.entries()?, target.entries()?);
+    let (from, into) = (source.named_tensors()?, target.named_tensors()?);
     ensure!(from.len() == into.len(), "the models differ: {} vs {} tensors", from.len(), into.len());
     // Check everything before writing anything: a failed copy must not leave a half-written model.
     for (src, dst) in from.iter().zip(&into) {
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
         .1;
 
     let mut source = ScriptModule::load(&source_path)?;
-    let entries = source.entries()?;
+    let entries = source.named_tensors()?;
     let buffers = entries.iter().filter(|e| e.role == Role::Buffer).count();
     println!(
         "source {}: {} tensors ({} parameters, {} buffers)",

@@ -12,13 +12,23 @@ Files (for each model NAME):
   NAME_a_traced.pt         the same weights as NAME_a.pt, traced instead of scripted
   NAME.entries.json        state_dict() of NAME_a as PyTorch lists it: name, role, shape, dtype
   NAME.expected.safetensors  input, eval-mode output of a (output_a) and of b (output_b)
-and not_a_module.pt (a torch.save state dict, which is not a TorchScript module),
-and COMPLETE, written last.
+and not_a_module.pt (a torch.save state dict, which is not a TorchScript module).
+
+State-dict formats (formats.expected.json lists, per file, every tensor as the
+writer wrote it: name, dtype, shape and the sha256 of its little-endian bytes):
+  dtypes.safetensors       every dtype safetensors and libtorch share, a scalar, an
+                           empty tensor, and a __metadata__ map
+  dtypes.npz, dtypes_compressed.npz   the same through numpy (no bfloat16 in numpy),
+                           plus a Fortran-ordered array
+  sharded/model.safetensors.index.json   bn_net_a's state dict in three shards
+COMPLETE is written last.
 """
+import hashlib
 import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,12 +109,86 @@ def write_bn_net(out: str) -> None:
     torch.save(a.state_dict(), os.path.join(out, "not_a_module.pt"))
 
 
+def tensor_record(name: str, tensor: torch.Tensor) -> dict:
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {
+        "name": name,
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def all_dtypes() -> dict:
+    g = torch.Generator().manual_seed(7)
+    floats = torch.randn(3, 5, generator=g) * 100
+    return {
+        "float64": floats.double(),
+        "float32": floats.float(),
+        "float16": floats.half(),
+        "bfloat16": floats.bfloat16(),
+        "int64": torch.randint(-(2**40), 2**40, (4, 2), generator=g),
+        "int32": torch.randint(-(2**30), 2**30, (7,), generator=g, dtype=torch.int32),
+        "int16": torch.randint(-(2**14), 2**14, (2, 2, 2), generator=g, dtype=torch.int16),
+        "int8": torch.randint(-128, 127, (9,), generator=g, dtype=torch.int8),
+        "uint8": torch.randint(0, 255, (3, 3), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(6, generator=g) > 0.5,
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 3),
+        "layer.0.weight": floats[:2].clone(),
+    }
+
+
+def write_formats(out: str) -> None:
+    from safetensors.torch import save_file
+
+    expected = {}
+    tensors = all_dtypes()
+    metadata = {"format": "pt", "producer": "make_fixtures.py"}
+    save_file(tensors, os.path.join(out, "dtypes.safetensors"), metadata=metadata)
+    expected["dtypes.safetensors"] = {
+        "metadata": metadata,
+        "tensors": [tensor_record(n, t) for n, t in tensors.items()],
+    }
+
+    arrays = {n: t.numpy() for n, t in tensors.items() if t.dtype != torch.bfloat16}
+    arrays["fortran"] = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.savez(os.path.join(out, "dtypes.npz"), **arrays)
+    np.savez_compressed(os.path.join(out, "dtypes_compressed.npz"), **arrays)
+    records = [tensor_record(n, torch.from_numpy(a.copy(order="C"))) for n, a in arrays.items()]
+    expected["dtypes.npz"] = {"metadata": {}, "tensors": records}
+    expected["dtypes_compressed.npz"] = {"metadata": {}, "tensors": records}
+
+    state = {n: t.contiguous() for n, t in trained(1).state_dict().items()}
+    names = list(state)
+    shards = [names[0::3], names[1::3], names[2::3]]
+    folder = os.path.join(out, "sharded")
+    os.makedirs(folder, exist_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n] for n in shard}, os.path.join(folder, file))
+        weight_map.update({n: file for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    expected["sharded/model.safetensors.index.json"] = {
+        "metadata": {"total_size": str(total)},
+        "tensors": [tensor_record(n, t) for n, t in state.items()],
+    }
+
+    with open(os.path.join(out, "formats.expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     write_bn_net(out)
+    write_formats(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

@@ -47,6 +47,93 @@ pub enum Error {
         /// libtorch's explanation.
         message: String,
     },
+    /// A path names a folder (or something else) where a file was expected.
+    #[error("{path}: is a directory (or not a regular file), expected a model file")]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A model file is empty.
+    #[error("{path}: the file is empty")]
+    EmptyFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file's content is none of the supported kinds.
+    #[error(
+        "{path}: unknown file kind: expected a TorchScript module, a torch.save checkpoint, \
+         .safetensors, a *.safetensors.index.json, a tch .ot or an .npz"
+    )]
+    UnknownFormat {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file of a known format is malformed.
+    #[error("{path}: invalid {format} file: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The format it claims to be.
+        format: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file's format is recognised but cannot be used here.
+    #[error("{path}: {format} is not supported here: {hint}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Its format.
+        format: crate::format::Format,
+        /// What to do instead.
+        hint: String,
+    },
+    /// A tensor's element type has no libtorch equivalent.
+    #[error("{path}: tensor {tensor} has dtype {dtype}, which libtorch does not support")]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The file's name of the dtype.
+        dtype: String,
+    },
+    /// A tensor cannot be written in a format.
+    #[error("{path}: cannot write tensor {tensor} as {format}: {reason}")]
+    Unrepresentable {
+        /// The file being written.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The format.
+        format: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A sharded checkpoint and one of its shards disagree.
+    #[error("sharded checkpoint {index}: shard {shard} {message}")]
+    Shard {
+        /// The `*.safetensors.index.json`.
+        index: PathBuf,
+        /// The shard file.
+        shard: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two tensors of one store share a name.
+    #[error("{origin}: two tensors are named {tensor}")]
+    DuplicateName {
+        /// The store.
+        origin: String,
+        /// The name.
+        tensor: String,
+    },
+    /// A lock was poisoned by a panic in another thread.
+    #[error("{what}: a lock was poisoned by a panic in another thread")]
+    Poisoned {
+        /// What the lock guards.
+        what: &'static str,
+    },
     /// A libtorch operation on a named tensor failed.
     #[error("tensor {tensor}: {source}")]
     Tensor {
@@ -59,3 +146,33 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The same error, naming `to` wherever it named the file `from` (a temporary
+    /// file stands for its destination in messages).
+    pub(crate) fn with_path(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {
+        match &mut self {
+            Error::NulInPath { path }
+            | Error::Io { path, .. }
+            | Error::LoadModule { path, .. }
+            | Error::SaveModule { path, .. }
+            | Error::NotAFile { path }
+            | Error::EmptyFile { path }
+            | Error::UnknownFormat { path }
+            | Error::Format { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::UnsupportedDtype { path, .. }
+            | Error::Unrepresentable { path, .. } => {
+                if path == from {
+                    *path = to.to_path_buf();
+                }
+            }
+            Error::Module { .. }
+            | Error::Shard { .. }
+            | Error::DuplicateName { .. }
+            | Error::Poisoned { .. }
+            | Error::Tensor { .. } => {}
+        }
+        self
+    }
+}

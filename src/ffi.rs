@@ -2,6 +2,8 @@
 //! helper. Everything here is crate-private; [`crate::ScriptModule`] is the safe face.
 use std::ffi::{c_char, c_int, c_void, CStr};
 
+use tch::Tensor;
+
 /// Opaque `torch::jit::Module` handle owned by the shim.
 #[repr(C)]
 pub(crate) struct TpModule {
@@ -14,6 +16,7 @@ pub(crate) const TP_PARAMETER: c_int = 0;
 pub(crate) type EntryFn =
     extern "C" fn(ctx: *mut c_void, name: *const c_char, role: c_int, tensor: *mut torch_sys::C_tensor);
 pub(crate) type TensorFn = extern "C" fn(ctx: *mut c_void, tensor: *mut torch_sys::C_tensor);
+type ReleaseFn = extern "C" fn(ctx: *mut c_void);
 
 extern "C" {
     fn tp_error_free(error: *mut c_char);
@@ -35,6 +38,58 @@ extern "C" {
         ctx: *mut c_void,
         f: TensorFn,
     ) -> *mut c_char;
+    fn tp_tensor_from_borrowed_bytes(
+        data: *mut c_void,
+        nbytes: i64,
+        ctx: *mut c_void,
+        release: ReleaseFn,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
+    fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
+}
+
+/// Identifies the tensor behind a handle: two handles (shallow clones) of one
+/// tensor give the same value, distinct tensors different ones — unlike
+/// `data_ptr`, which is shared by views and null for every empty tensor.
+pub(crate) fn tensor_identity(tensor: &Tensor) -> usize {
+    // SAFETY: `tensor.as_ptr()` is a live `at::Tensor*` for the duration of the call.
+    unsafe { tp_tensor_impl(tensor.as_ptr()) as usize }
+}
+
+extern "C" fn release_owner<T>(ctx: *mut c_void) {
+    // SAFETY: `ctx` is the `Box<T>` leaked in `tensor_over_bytes`; libtorch calls
+    // this once, when the storage is freed.
+    drop(unsafe { Box::from_raw(ctx as *mut T) });
+}
+
+/// A 1-D `uint8` CPU tensor over `len` bytes at `data` that keeps `owner` (the
+/// memory map or buffer holding those bytes) alive for as long as any tensor
+/// shares the storage.
+///
+/// # Safety
+/// `data .. data + len` must be valid for reads and writes for as long as `owner`
+/// lives, and must not be accessed mutably by anything else meanwhile.
+pub(crate) unsafe fn tensor_over_bytes<T: Send + 'static>(
+    owner: T,
+    data: *mut u8,
+    len: usize,
+) -> Result<Tensor, String> {
+    let nbytes = i64::try_from(len).map_err(|_| format!("{len} bytes do not fit a tensor"))?;
+    let ctx = Box::into_raw(Box::new(owner)) as *mut c_void;
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `data`/`len` are valid per this function's contract; `ctx` is released by
+    // `release_owner::<T>` exactly once, by libtorch, or below if the call fails.
+    let result = unsafe {
+        check(tp_tensor_from_borrowed_bytes(data as *mut c_void, nbytes, ctx, release_owner::<T>, &mut out))
+    };
+    match result {
+        // SAFETY: on success `out` is a fresh `new at::Tensor` that we now own.
+        Ok(()) => Ok(unsafe { Tensor::from_ptr(out) }),
+        Err(message) => {
+            release_owner::<T>(ctx);
+            Err(message)
+        }
+    }
 }
 
 /// Turns a shim return value into `Ok(())` or the C++ exception's message.

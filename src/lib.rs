@@ -2,11 +2,14 @@
 //! buffers — between models, files and devices, on libtorch through `tch`.
 #![deny(missing_docs)]
 
+pub mod dtype;
 mod error;
 mod ffi;
+pub mod format;
 mod script_module;
 pub mod store;
 
 pub use error::{Error, Result};
+pub use format::Format;
 pub use script_module::{NamedTensor, ScriptModule};
-pub use store::Role;
+pub use store::{Checkpoint, Entry, ModuleStore, Role, Store, StoreKind, Summary, VarStoreView};

@@ -8,7 +8,7 @@ use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::store::Role;
+use crate::store::{device_name, Role};
 
 /// One parameter or buffer of a module, with a tensor that shares its storage.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ unsafe impl Send for ScriptModule {}
 // SAFETY: every `&self` method only reads the module (listing entries, saving,
 // forward, which libtorch's inference services run from many threads at once);
 // the one mutation of the module object, `set_training`, takes `&mut self`.
-// Tensor writes through `entries()` handles go through libtorch like any shared tensor.
+// Tensor writes through `named_tensors()` handles go through libtorch like any shared tensor.
 unsafe impl Sync for ScriptModule {}
 
 impl std::fmt::Debug for ScriptModule {
@@ -52,15 +52,6 @@ impl Drop for ScriptModule {
 
 fn c_path(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::NulInPath { path: path.into() })
-}
-
-fn device_string(device: Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(index) => format!("cuda:{index}"),
-        Device::Mps => "mps".into(),
-        Device::Vulkan => "vulkan".into(),
-    }
 }
 
 extern "C" fn push_entry(
@@ -103,7 +94,7 @@ impl ScriptModule {
             });
         }
         let c_path = c_path(path)?;
-        let c_device = CString::new(device_string(device)).unwrap_or_default();
+        let c_device = CString::new(device_name(device)).unwrap_or_default();
         let mut raw = ptr::null_mut();
         // SAFETY: both strings are NUL-terminated and outlive the call; `raw` is an out pointer.
         let result = unsafe { ffi::check(ffi::tp_module_load(c_path.as_ptr(), c_device.as_ptr(), &mut raw)) };
@@ -131,7 +122,7 @@ impl ScriptModule {
 
     /// Every parameter and buffer, recursively, with dotted names, in the order of
     /// PyTorch's `state_dict()`. The tensors share storage with the module.
-    pub fn entries(&self) -> Result<Vec<NamedTensor>> {
+    pub fn named_tensors(&self) -> Result<Vec<NamedTensor>> {
         let mut entries: Vec<NamedTensor> = Vec::new();
         let ctx = &mut entries as *mut Vec<NamedTensor> as *mut c_void;
         // SAFETY: `self.raw` is live; `push_entry` matches `EntryFn` and only pushes into `entries`.

@@ -12,7 +12,7 @@ use transplant::{Role, ScriptModule};
 fn listed(path: &str) -> Vec<(String, String, Vec<i64>, String)> {
     let module = ScriptModule::load(fixture(path)).expect("fixture loads");
     module
-        .entries()
+        .named_tensors()
         .expect("entries")
         .into_iter()
         .map(|e| (e.name, e.role.to_string(), e.tensor.size(), torch_dtype_name(e.tensor.kind()).to_string()))
@@ -52,7 +52,7 @@ fn traced_module_lists_the_same_entries() {
 #[test]
 fn batchnorm_statistics_and_custom_buffers_are_buffers() {
     let module = ScriptModule::load(fixture("bn_net_a.pt")).unwrap();
-    let entries = module.entries().unwrap();
+    let entries = module.named_tensors().unwrap();
     let buffers: BTreeSet<&str> =
         entries.iter().filter(|e| e.role == Role::Buffer).map(|e| e.name.as_str()).collect();
     for name in [
@@ -89,21 +89,21 @@ fn in_place_write_into_a_buffer_survives_save_and_reload() {
     let dir = tempfile::tempdir().unwrap();
     let module = ScriptModule::load(fixture("bn_net_a.pt")).unwrap();
     {
-        let entries = module.entries().unwrap();
+        let entries = module.named_tensors().unwrap();
         let mean = entries.iter().find(|e| e.name == "features.1.0.bn.running_mean").unwrap();
         let _guard = tch::no_grad_guard();
         let mut handle = mean.tensor.shallow_clone();
         handle.f_copy_(&Tensor::full([16], 42.5, (tch::Kind::Float, tch::Device::Cpu))).unwrap();
     }
     // The module itself changed, not a copy of the tensor.
-    let again = module.entries().unwrap();
+    let again = module.named_tensors().unwrap();
     let mean = again.iter().find(|e| e.name == "features.1.0.bn.running_mean").unwrap();
     assert_eq!(mean.tensor.double_value(&[3]), 42.5);
 
     let saved = dir.path().join("saved.pt");
     module.save(&saved).unwrap();
     let reloaded = ScriptModule::load(&saved).unwrap();
-    let entries = reloaded.entries().unwrap();
+    let entries = reloaded.named_tensors().unwrap();
     let mean = entries.iter().find(|e| e.name == "features.1.0.bn.running_mean").unwrap();
     assert!(bit_equal(&mean.tensor, &Tensor::full([16], 42.5, (tch::Kind::Float, tch::Device::Cpu))));
 }
@@ -119,7 +119,7 @@ fn copying_parameters_and_buffers_gives_identical_outputs_parameters_alone_does_
         let mut target = ScriptModule::load(fixture("bn_net_b.pt")).unwrap();
         target.set_training(false).unwrap();
         let _guard = tch::no_grad_guard();
-        for (src, dst) in source.entries().unwrap().iter().zip(target.entries().unwrap()) {
+        for (src, dst) in source.named_tensors().unwrap().iter().zip(target.named_tensors().unwrap()) {
             assert_eq!(src.name, dst.name);
             if roles.contains(&src.role) {
                 let mut dst = dst.tensor;
@@ -135,7 +135,7 @@ fn copying_parameters_and_buffers_gives_identical_outputs_parameters_alone_does_
 fn deep_copy_has_tensors_of_its_own() {
     let module = ScriptModule::load(fixture("bn_net_a.pt")).unwrap();
     let copy = module.deep_copy().unwrap();
-    let (a, b) = (module.entries().unwrap(), copy.entries().unwrap());
+    let (a, b) = (module.named_tensors().unwrap(), copy.named_tensors().unwrap());
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.name, y.name);

@@ -1,10 +1,34 @@
-//! Stores: the things that hold a model's named tensors.
+//! Stores: the things that hold a model's named tensors — a TorchScript module
+//! ([`ModuleStore`]), a tch `VarStore` ([`VarStoreView`]) and checkpoint files
+//! ([`Checkpoint`]) — all seen through one small trait, [`Store`].
+//!
+//! A store lists its [`Entry`]s in registration order and hands out live tensor
+//! handles that share storage with the model: an in-place copy into a handle
+//! writes into the model itself.
+mod checkpoint;
+mod script;
+mod summary;
+mod varstore;
 
 use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+pub use checkpoint::Checkpoint;
+pub use script::ModuleStore;
+pub use summary::{Summary, Total};
+pub use varstore::VarStoreView;
+
+use crate::dtype;
+use crate::error::Result;
+use crate::format::{self, Format};
 
 /// Whether a named tensor is a learned parameter or a buffer (running statistics,
 /// counters, masks: state that `parameters()` does not list).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A learned weight (`nn.Parameter`; a trainable tch variable).
     Parameter,
@@ -18,5 +42,123 @@ impl fmt::Display for Role {
             Role::Parameter => "parameter",
             Role::Buffer => "buffer",
         })
+    }
+}
+
+/// One named tensor of a store, described (the tensor itself is [`Store::tensor`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entry {
+    /// Dotted name, as PyTorch's `state_dict()` gives it.
+    pub name: String,
+    /// Parameter or buffer.
+    pub role: Role,
+    /// Sizes of each dimension.
+    pub shape: Vec<i64>,
+    /// Element type.
+    #[serde(serialize_with = "serialize_kind")]
+    pub dtype: Kind,
+    /// Where the tensor lives.
+    #[serde(serialize_with = "serialize_device")]
+    pub device: Device,
+}
+
+fn serialize_kind<S: serde::Serializer>(kind: &Kind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(dtype::name(*kind))
+}
+
+fn serialize_device<S: serde::Serializer>(device: &Device, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&device_name(*device))
+}
+
+/// `cpu`, `cuda:0`, ... as PyTorch writes devices.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(index) => format!("cuda:{index}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
+impl Entry {
+    /// Describes `tensor` under `name`.
+    pub fn of(name: impl Into<String>, role: Role, tensor: &Tensor) -> Self {
+        Self { name: name.into(), role, shape: tensor.size(), dtype: tensor.kind(), device: tensor.device() }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d.max(0) as u64).product()
+    }
+
+    /// Bytes of data.
+    pub fn bytes(&self) -> u64 {
+        self.numel() * dtype::size(self.dtype) as u64
+    }
+}
+
+/// What kind of store a store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A TorchScript module.
+    Module,
+    /// A tch `nn::VarStore`.
+    VarStore,
+    /// Named tensors read from or written to a file of this format.
+    Checkpoint(Format),
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Module => f.write_str("TorchScript module"),
+            StoreKind::VarStore => f.write_str("tch VarStore"),
+            StoreKind::Checkpoint(format) => write!(f, "{format}"),
+        }
+    }
+}
+
+/// A model's named tensors, listed in registration order, with live handles.
+///
+/// The mapping layer only needs this: it never knows which kind of store it has.
+pub trait Store {
+    /// Where the tensors come from (a path, or a description), for messages.
+    fn origin(&self) -> &str;
+    /// What kind of store this is.
+    fn kind(&self) -> StoreKind;
+    /// Every named tensor, in registration order.
+    fn entries(&self) -> &[Entry];
+    /// The live tensor of `entries()[index]`: it shares storage with the model, so
+    /// an in-place write (under a no-grad guard) changes the model. `None` when
+    /// `index` is out of range.
+    fn tensor(&self, index: usize) -> Option<&Tensor>;
+    /// Writes the store to `path` in its own kind (a module stays a module) or, for
+    /// state-dict stores, in the format `path`'s extension names. The file appears
+    /// whole or not at all.
+    fn save(&self, path: &Path) -> Result<()>;
+}
+
+/// Opens a model file of any supported kind, found from its content: a
+/// TorchScript module becomes a [`ModuleStore`], everything else a [`Checkpoint`].
+pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Store>> {
+    let path = path.as_ref();
+    match format::sniff(path)? {
+        Format::TorchScript => Ok(Box::new(ModuleStore::open(path)?)),
+        other => Ok(Box::new(Checkpoint::open_as(path, other)?)),
+    }
+}
+
+/// The role a file that does not record roles most likely gave `name`: BatchNorm
+/// statistics and non-floating tensors are buffers, everything else parameters.
+pub fn inferred_role(name: &str, dtype: Kind) -> Role {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let floating = matches!(
+        dtype,
+        Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16 | Kind::ComplexFloat | Kind::ComplexDouble
+    );
+    if matches!(leaf, "running_mean" | "running_var" | "num_batches_tracked") || !floating {
+        Role::Buffer
+    } else {
+        Role::Parameter
     }
 }

@@ -58,3 +58,92 @@ pub fn torch_dtype_name(kind: Kind) -> &'static str {
 pub fn bit_equal(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
 }
+
+/// One tensor as the fixture script and `scripts/read_back.py` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Record {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub sha256: String,
+}
+
+/// sha256 of a tensor's bytes, contiguous, little-endian (what the Python side hashes).
+pub fn sha256_hex(tensor: &Tensor) -> String {
+    use sha2::{Digest, Sha256};
+    let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
+    let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
+    let mut bytes = vec![0u8; len];
+    if len > 0 {
+        tensor.copy_data_u8(&mut bytes, tensor.numel());
+    }
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn record(name: &str, tensor: &Tensor) -> Record {
+    Record {
+        name: name.to_string(),
+        dtype: torch_dtype_name(tensor.kind()).to_string(),
+        shape: tensor.size(),
+        sha256: sha256_hex(tensor),
+    }
+}
+
+/// Every tensor of a store, described.
+pub fn store_records(store: &dyn transplant::Store) -> Vec<Record> {
+    store
+        .entries()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| record(&e.name, store.tensor(i).expect("tensor of entry")))
+        .collect()
+}
+
+fn parse_records(value: &serde_json::Value) -> (Vec<Record>, std::collections::BTreeMap<String, String>) {
+    let tensors = value["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .map(|t| Record {
+            name: t["name"].as_str().unwrap().to_string(),
+            dtype: t["dtype"].as_str().unwrap().to_string(),
+            shape: t["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect(),
+            sha256: t["sha256"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    let metadata = value["metadata"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    (tensors, metadata)
+}
+
+/// What the fixture script wrote into `file`: tensors in writer's order, metadata.
+pub fn expected_records(file: &str) -> (Vec<Record>, std::collections::BTreeMap<String, String>) {
+    let text = std::fs::read_to_string(fixture("formats.expected.json")).expect("formats.expected.json");
+    let all: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    parse_records(&all[file])
+}
+
+/// What PyTorch / numpy / safetensors read from `path` (through scripts/read_back.py).
+pub fn read_back(path: &std::path::Path) -> (Vec<Record>, std::collections::BTreeMap<String, String>) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/read_back.py"))
+        .arg(path)
+        .output()
+        .expect("the venv's python runs (scripts/setup.sh)");
+    assert!(
+        output.status.success(),
+        "read_back.py {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_records(&serde_json::from_slice(&output.stdout).expect("read_back.py prints JSON"))
+}
+
+/// Sorted copy, for formats whose order is not the writer's.
+pub fn sorted(mut records: Vec<Record>) -> Vec<Record> {
+    records.sort();
+    records
+}

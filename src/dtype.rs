@@ -1,0 +1,79 @@
+//! Element types by the names PyTorch gives them (`float32`, `bfloat16`, `int64`, ...).
+use tch::Kind;
+
+/// PyTorch's name of an element type (`str(torch.float32)` without `torch.`).
+pub fn name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Uint8 => "uint8",
+        Kind::Int8 => "int8",
+        Kind::Int16 => "int16",
+        Kind::Int => "int32",
+        Kind::Int64 => "int64",
+        Kind::Half => "float16",
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::ComplexHalf => "complex32",
+        Kind::ComplexFloat => "complex64",
+        Kind::ComplexDouble => "complex128",
+        Kind::Bool => "bool",
+        Kind::QInt8 => "qint8",
+        Kind::QUInt8 => "quint8",
+        Kind::QInt32 => "qint32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Float8e5m2 => "float8_e5m2",
+        Kind::Float8e4m3fn => "float8_e4m3fn",
+        Kind::Float8e5m2fnuz => "float8_e5m2fnuz",
+        Kind::Float8e4m3fnuz => "float8_e4m3fnuz",
+    }
+}
+
+/// The element type PyTorch calls `name`; short forms (`f32`, `bf16`, `i64`) too.
+pub fn parse(name: &str) -> Option<Kind> {
+    let kind = match name.strip_prefix("torch.").unwrap_or(name) {
+        "uint8" | "u8" => Kind::Uint8,
+        "int8" | "i8" => Kind::Int8,
+        "int16" | "i16" | "short" => Kind::Int16,
+        "int32" | "i32" | "int" => Kind::Int,
+        "int64" | "i64" | "long" => Kind::Int64,
+        "float16" | "f16" | "half" => Kind::Half,
+        "float32" | "f32" | "float" => Kind::Float,
+        "float64" | "f64" | "double" => Kind::Double,
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        "bool" => Kind::Bool,
+        "complex64" => Kind::ComplexFloat,
+        "complex128" => Kind::ComplexDouble,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// Bytes per element.
+pub fn size(kind: Kind) -> usize {
+    kind.elt_size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for kind in [
+            Kind::Uint8,
+            Kind::Int8,
+            Kind::Int16,
+            Kind::Int,
+            Kind::Int64,
+            Kind::Half,
+            Kind::Float,
+            Kind::Double,
+            Kind::BFloat16,
+            Kind::Bool,
+        ] {
+            assert_eq!(parse(name(kind)), Some(kind));
+        }
+        assert_eq!(parse("bf16"), Some(Kind::BFloat16));
+        assert_eq!(parse("torch.float16"), Some(Kind::Half));
+        assert_eq!(parse("float128"), None);
+    }
+}

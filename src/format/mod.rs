@@ -1,0 +1,184 @@
+//! On-disk formats: one file each, and [`sniff`], which tells them apart by content.
+pub mod npz;
+pub mod safetensors;
+pub mod tch_archive;
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// A kind of model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// A TorchScript module (`torch.jit.save`).
+    TorchScript,
+    /// A `torch.save` zip archive (PyTorch ≥ 1.6).
+    TorchSave,
+    /// A `torch.save` file in the legacy, pre-1.6 (non-zip) format.
+    TorchSaveLegacy,
+    /// A `.safetensors` file.
+    Safetensors,
+    /// A Hugging Face `*.safetensors.index.json` naming the shards of one checkpoint.
+    SafetensorsIndex,
+    /// What tch's `VarStore::save` / `Tensor::save_multi` writes (`.ot`).
+    TchArchive,
+    /// A numpy `.npz` archive of `.npy` arrays.
+    Npz,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::TorchScript => "TorchScript module",
+            Format::TorchSave => "torch.save checkpoint",
+            Format::TorchSaveLegacy => "legacy torch.save checkpoint",
+            Format::Safetensors => "safetensors",
+            Format::SafetensorsIndex => "sharded safetensors index",
+            Format::TchArchive => "tch archive (.ot)",
+            Format::Npz => "npz",
+        })
+    }
+}
+
+/// The formats a file's extension asks for when writing, if any.
+pub fn for_extension(path: &Path) -> Option<Format> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let format = if name.ends_with(".safetensors") {
+        Format::Safetensors
+    } else if name.ends_with(".ot") {
+        Format::TchArchive
+    } else if name.ends_with(".npz") {
+        Format::Npz
+    } else if name.ends_with(".pth") || name.ends_with(".bin") || name.ends_with(".ckpt") {
+        Format::TorchSave
+    } else if name.ends_with(".pt") {
+        // `.pt` is used for modules and state dicts alike; the caller decides.
+        return None;
+    } else if name.ends_with(".index.json") {
+        Format::SafetensorsIndex
+    } else {
+        return None;
+    };
+    Some(format)
+}
+
+/// The start of every legacy `torch.save` file: a pickled magic number.
+const LEGACY_TORCH_MAGIC: [u8; 12] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8];
+/// Index files larger than this are not read as JSON.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// Tells which [`Format`] a file is in, from its content (magic bytes, archive
+/// entries), not from its extension — except where two formats share one
+/// container and only the extension tells them apart (see [`tch_archive`]).
+pub fn sniff(path: &Path) -> Result<Format> {
+    let metadata = std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    if metadata.is_dir() {
+        return Err(Error::NotAFile { path: path.into() });
+    }
+    if metadata.len() == 0 {
+        return Err(Error::EmptyFile { path: path.into() });
+    }
+    let mut file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let mut head = [0u8; 16];
+    let read = read_up_to(&mut file, &mut head).map_err(|source| Error::Io { path: path.into(), source })?;
+    let head = &head[..read];
+
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return sniff_zip(path, file);
+    }
+    if head.starts_with(&LEGACY_TORCH_MAGIC) {
+        return Ok(Format::TorchSaveLegacy);
+    }
+    if let Some(header_len) = head.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) {
+        if head.get(8) == Some(&b'{') && header_len.checked_add(8).is_some_and(|end| end <= metadata.len()) {
+            return Ok(Format::Safetensors);
+        }
+    }
+    let text_start = head.iter().position(|b| !b.is_ascii_whitespace());
+    if text_start.is_some_and(|i| head[i] == b'{') && metadata.len() <= MAX_INDEX_BYTES {
+        let text = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        if let Ok(serde_json::Value::Object(root)) = serde_json::from_slice(&text) {
+            if root.contains_key("weight_map") {
+                return Ok(Format::SafetensorsIndex);
+            }
+        }
+    }
+    Err(Error::UnknownFormat { path: path.into() })
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+fn sniff_zip(path: &Path, file: File) -> Result<Format> {
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| Error::Format {
+        path: path.into(),
+        format: "zip archive",
+        message: e.to_string(),
+    })?;
+    let names: Vec<String> = archive.file_names().map(str::to_string).collect();
+    if !names.is_empty() && names.iter().all(|n| n.ends_with(".npy")) {
+        return Ok(Format::Npz);
+    }
+    let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
+    if has("/constants.pkl") || names.iter().any(|n| n.contains("/code/")) {
+        let tch = tch_archive::is_tch_archive(path, &mut archive);
+        return Ok(if tch { Format::TchArchive } else { Format::TorchScript });
+    }
+    if has("/data.pkl") || names.iter().any(|n| n == "data.pkl") {
+        return Ok(Format::TorchSave);
+    }
+    Err(Error::Format {
+        path: path.into(),
+        format: "zip archive",
+        message: "neither a PyTorch archive (no data.pkl) nor an npz (entries not all .npy)".into(),
+    })
+}
+
+/// Writes `path` whole or not at all: `write` fills a temporary file in the same
+/// folder, which is flushed to disk and renamed over `path` only if it succeeded.
+/// The temporary file is named `.NAME.transplant-tmp-PID-N` and removed on
+/// failure; errors name `path`, not the temporary file.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let io = |source| Error::Io { path: path.into(), source };
+    let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(
+        ".transplant-tmp-{}-{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temp = folder.join(temp_name);
+    let written = write(&temp).map_err(|error| error.with_path(&temp, path));
+    let result = written.and_then(|()| {
+        let file = File::options().read(true).write(true).open(&temp).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&temp, path).map_err(io)?;
+        // Make the rename itself durable; not every filesystem allows syncing a folder.
+        if let Ok(dir) = File::open(&folder) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}

@@ -1,0 +1,274 @@
+//! numpy `.npz` archives (`np.savez`, `np.savez_compressed`): a zip of `.npy` arrays.
+//!
+//! Our own `.npy` header parser: it accepts what numpy writes (`descr`,
+//! `fortran_order`, `shape`), checks every size, and never trusts a length.
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use crate::dtype;
+use crate::error::{Error, Result};
+
+const FORMAT: &str = "npz";
+const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+/// numpy itself refuses headers longer than this.
+const MAX_HEADER_LEN: usize = 1 << 16;
+
+fn format_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Format { path: path.into(), format: FORMAT, message: message.into() }
+}
+
+/// The numpy type string of an element type, if numpy has it.
+fn descr_of(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Bool => "|b1",
+        Kind::Uint8 => "|u1",
+        Kind::Int8 => "|i1",
+        Kind::Int16 => "<i2",
+        Kind::Int => "<i4",
+        Kind::Int64 => "<i8",
+        Kind::Half => "<f2",
+        Kind::Float => "<f4",
+        Kind::Double => "<f8",
+        Kind::ComplexFloat => "<c8",
+        Kind::ComplexDouble => "<c16",
+        _ => return None,
+    })
+}
+
+fn kind_of(descr: &str) -> std::result::Result<Kind, String> {
+    let (order, code) = descr.split_at(descr.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0));
+    if order == ">" && !matches!(code, "b1" | "u1" | "i1") {
+        return Err(format!("big-endian arrays ({descr}) are not supported: save them little-endian"));
+    }
+    let kind = match code {
+        "b1" | "?" => Kind::Bool,
+        "u1" | "B" => Kind::Uint8,
+        "i1" | "b" => Kind::Int8,
+        "i2" | "h" => Kind::Int16,
+        "i4" | "i" => Kind::Int,
+        "i8" | "q" | "l" => Kind::Int64,
+        "f2" | "e" => Kind::Half,
+        "f4" | "f" => Kind::Float,
+        "f8" | "d" => Kind::Double,
+        "c8" | "F" => Kind::ComplexFloat,
+        "c16" | "D" => Kind::ComplexDouble,
+        _ => return Err(format!("numpy dtype {descr} has no libtorch equivalent")),
+    };
+    Ok(kind)
+}
+
+/// What an `.npy` header says.
+#[derive(Debug, PartialEq)]
+struct Header {
+    kind: Kind,
+    fortran_order: bool,
+    shape: Vec<i64>,
+}
+
+/// The value of `'key': VALUE` in numpy's header dict literal, up to its end.
+fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let at = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
+    let rest = header[at + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+    let end =
+        if rest.starts_with('(') { rest.find(')')? + 1 } else { rest.find([',', '}']).unwrap_or(rest.len()) };
+    Some(rest[..end].trim())
+}
+
+fn parse_header(header: &str) -> std::result::Result<Header, String> {
+    let descr = field(header, "descr").ok_or("no 'descr' in header")?;
+    let kind = kind_of(descr.trim_matches(['\'', '"']))?;
+    let fortran_order = match field(header, "fortran_order") {
+        Some("True") => true,
+        Some("False") | None => false,
+        Some(other) => return Err(format!("fortran_order is {other}, expected True or False")),
+    };
+    let shape_text = field(header, "shape").ok_or("no 'shape' in header")?;
+    let inner =
+        shape_text.strip_prefix('(').and_then(|s| s.strip_suffix(')')).ok_or("shape is not a tuple")?;
+    let shape = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.trim_end_matches('L').parse::<i64>().map_err(|_| format!("bad dimension {d:?} in shape")))
+        .collect::<std::result::Result<Vec<i64>, String>>()?;
+    if shape.iter().any(|&d| d < 0) {
+        return Err("negative dimension in shape".into());
+    }
+    Ok(Header { kind, fortran_order, shape })
+}
+
+/// Reads one `.npy` stream: header, then exactly the data the header declares.
+fn read_npy(reader: &mut impl Read, declared_size: u64) -> std::result::Result<Tensor, String> {
+    let mut prefix = [0u8; 8];
+    reader.read_exact(&mut prefix).map_err(|e| format!("no .npy header: {e}"))?;
+    if &prefix[..6] != NPY_MAGIC {
+        return Err("not a .npy array (bad magic)".into());
+    }
+    let header_len = match prefix[6] {
+        1 => {
+            let mut len = [0u8; 2];
+            reader.read_exact(&mut len).map_err(|e| e.to_string())?;
+            u16::from_le_bytes(len) as usize
+        }
+        2 | 3 => {
+            let mut len = [0u8; 4];
+            reader.read_exact(&mut len).map_err(|e| e.to_string())?;
+            u32::from_le_bytes(len) as usize
+        }
+        v => return Err(format!(".npy version {v} is not supported")),
+    };
+    if header_len > MAX_HEADER_LEN {
+        return Err(format!(".npy header of {header_len} bytes is too long"));
+    }
+    let mut header = vec![0u8; header_len];
+    reader.read_exact(&mut header).map_err(|e| format!("truncated header: {e}"))?;
+    let header = parse_header(&String::from_utf8_lossy(&header))?;
+
+    let numel = header.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let bytes =
+        numel.and_then(|n| n.checked_mul(dtype::size(header.kind) as u64)).ok_or("shape overflows")?;
+    if bytes > declared_size {
+        return Err(format!(
+            "header declares {bytes} bytes of data, the archive entry holds {declared_size}"
+        ));
+    }
+    let mut data = vec![0u8; bytes as usize];
+    reader.read_exact(&mut data).map_err(|e| format!("truncated data: {e}"))?;
+    let tensor = if header.fortran_order {
+        let reversed: Vec<i64> = header.shape.iter().rev().copied().collect();
+        let order: Vec<i64> = (0..reversed.len() as i64).rev().collect();
+        Tensor::f_from_data_size(&data, &reversed, header.kind)
+            .and_then(|t| t.f_permute(order.as_slice()))
+            .and_then(|t| t.f_contiguous())
+    } else {
+        Tensor::f_from_data_size(&data, &header.shape, header.kind)
+    };
+    tensor.map_err(|e| e.to_string())
+}
+
+/// Reads every array of an `.npz`, in archive order, named without `.npy`.
+pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let mut archive =
+        zip::ZipArchive::new(BufReader::new(file)).map_err(|e| format_error(path, e.to_string()))?;
+    let mut tensors = Vec::with_capacity(archive.len());
+    for index in 0..archive.len() {
+        let mut entry = archive.by_index(index).map_err(|e| format_error(path, e.to_string()))?;
+        let entry_name = entry.name().to_string();
+        let Some(name) = entry_name.strip_suffix(".npy") else {
+            return Err(format_error(path, format!("entry {entry_name} is not a .npy array")));
+        };
+        let declared = entry.size();
+        let tensor =
+            read_npy(&mut entry, declared).map_err(|m| format_error(path, format!("array {name}: {m}")))?;
+        tensors.push((name.to_string(), tensor));
+    }
+    Ok(tensors)
+}
+
+fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+    let shape = match dims.len() {
+        0 => "()".to_string(),
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + dict + padding + '\n' is a multiple of 64.
+    let unpadded = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    dict.push('\n');
+    let mut out = Vec::with_capacity(10 + dict.len());
+    out.extend_from_slice(NPY_MAGIC);
+    if let Ok(len) = u16::try_from(dict.len()) {
+        out.extend_from_slice(&[1, 0]);
+        out.extend_from_slice(&len.to_le_bytes());
+    } else {
+        // A version 2 header has a 4-byte length: re-pad for its 12-byte prefix.
+        let trimmed = dict.trim_end().to_string();
+        let unpadded = 12 + trimmed.len() + 1;
+        dict = format!("{trimmed}{}\n", " ".repeat((64 - unpadded % 64) % 64));
+        out.extend_from_slice(&[2, 0]);
+        out.extend_from_slice(&(dict.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+/// Writes `tensors` as an uncompressed `.npz` that `numpy.load` reads (directly:
+/// callers wanting atomicity go through [`super::write_atomically`]).
+pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let io = |source| Error::Io { path: path.into(), source };
+    let file = File::create(path).map_err(io)?;
+    let mut archive = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let options = zip::write::FileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(tensors.iter().any(|(_, t)| t.numel() * dtype::size(t.kind()) >= u32::MAX as usize));
+    for (name, tensor) in tensors {
+        let descr = descr_of(tensor.kind()).ok_or_else(|| Error::Unrepresentable {
+            path: path.into(),
+            tensor: name.clone(),
+            format: FORMAT,
+            reason: format!("numpy has no {} dtype (use .safetensors)", dtype::name(tensor.kind())),
+        })?;
+        let tensor = tensor
+            .f_to_device(tch::Device::Cpu)
+            .and_then(|t| t.f_contiguous())
+            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        let len = tensor.numel() * dtype::size(tensor.kind());
+        let mut data = vec![0u8; len];
+        tensor
+            .f_copy_data_u8(&mut data, tensor.numel())
+            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        archive.start_file(format!("{name}.npy"), options).map_err(|e| format_error(path, e.to_string()))?;
+        archive.write_all(&npy_header(descr, &tensor.size())).map_err(io)?;
+        archive.write_all(&data).map_err(io)?;
+    }
+    let mut inner = archive.finish().map_err(|e| format_error(path, e.to_string()))?;
+    inner.flush().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_numpy_writes() {
+        let h = parse_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }").unwrap();
+        assert_eq!(h, Header { kind: Kind::Float, fortran_order: false, shape: vec![3, 4] });
+        let h = parse_header("{'descr': '|b1', 'fortran_order': True, 'shape': (5,), }").unwrap();
+        assert_eq!(h, Header { kind: Kind::Bool, fortran_order: true, shape: vec![5] });
+        let h = parse_header("{'descr': '<i8', 'fortran_order': False, 'shape': (), }").unwrap();
+        assert_eq!(h.shape, Vec::<i64>::new());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        assert!(parse_header("{'descr': '>f4', 'fortran_order': False, 'shape': (3,), }").is_err());
+        assert!(parse_header("{'descr': '<U8', 'fortran_order': False, 'shape': (3,), }").is_err());
+        assert!(parse_header("{'descr': '<f4', 'shape': (-3,), }").is_err());
+        assert!(parse_header("{'descr': '<f4', 'shape': (x,), }").is_err());
+        assert!(parse_header("{'fortran_order': False, 'shape': (3,), }").is_err());
+        assert!(parse_header("").is_err());
+    }
+
+    #[test]
+    fn header_is_padded_to_64_bytes() {
+        for shape in [vec![], vec![7], vec![2, 3, 4]] {
+            let header = npy_header("<f4", &shape);
+            assert_eq!(header.len() % 64, 0);
+            assert_eq!(header.last(), Some(&b'\n'));
+        }
+    }
+
+    #[test]
+    fn data_longer_than_the_entry_is_refused_before_allocating() {
+        let mut bytes = npy_header("<f8", &[1 << 40]);
+        bytes.extend_from_slice(&[0u8; 16]);
+        let error = read_npy(&mut bytes.as_slice(), bytes.len() as u64).unwrap_err();
+        assert!(error.contains("declares"), "{error}");
+    }
+}

@@ -1,0 +1,253 @@
+//! `.safetensors` files, read through a private memory map (pages are read when a
+//! tensor is used, not before; writes into a tensor never reach the file), and
+//! Hugging Face sharded checkpoints (`*.safetensors.index.json`).
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Component, Path};
+use std::sync::Arc;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
+use tch::{Kind, Tensor};
+
+use crate::dtype;
+use crate::error::{Error, Result};
+use crate::ffi;
+
+const FORMAT: &str = "safetensors";
+
+/// Named tensors in file order, and the `__metadata__` map.
+pub type Contents = (Vec<(String, Tensor)>, BTreeMap<String, String>);
+
+fn format_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Format { path: path.into(), format: FORMAT, message: message.into() }
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::C64 => Kind::ComplexFloat,
+        Dtype::F8_E5M2 => Kind::Float8e5m2,
+        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::ComplexFloat => Dtype::C64,
+        Kind::Float8e5m2 => Dtype::F8_E5M2,
+        Kind::Float8e4m3fn => Dtype::F8_E4M3,
+        _ => return None,
+    })
+}
+
+/// Reads a `.safetensors` file: header checked by the `safetensors` crate (offsets
+/// inside the file, no overlaps), data mapped privately, tensors in file order.
+pub fn read(path: &Path) -> Result<Contents> {
+    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let len = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
+    if len == 0 {
+        return Err(Error::EmptyFile { path: path.into() });
+    }
+    // SAFETY: a private (copy-on-write) map: our writes never reach the file. Another
+    // process truncating the file while it is mapped would fault on access; that is
+    // the usual contract of memory-mapped model loading (safetensors, PyTorch mmap=True).
+    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+        .map_err(|source| Error::Io { path: path.into(), source })?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&map).map_err(|e| format_error(path, e.to_string()))?;
+    let data_start = 8 + header_len;
+    let infos: Vec<(String, TensorInfo)> = metadata
+        .offset_keys()
+        .into_iter()
+        .filter_map(|name| metadata.info(&name).cloned().map(|info| (name, info)))
+        .collect();
+    let user_metadata: BTreeMap<String, String> =
+        metadata.metadata().clone().unwrap_or_default().into_iter().collect();
+
+    let data_len = map.len() - data_start;
+    let data_ptr = map[data_start..].as_mut_ptr();
+    let owner = Arc::new(map);
+    // SAFETY: `data_ptr .. + data_len` lies inside the map, which `owner` keeps alive
+    // for as long as libtorch holds the storage; nothing else writes to the map.
+    let bytes =
+        unsafe { ffi::tensor_over_bytes(owner, data_ptr, data_len) }.map_err(|m| format_error(path, m))?;
+
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, info) in infos {
+        let kind = kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: path.into(),
+            tensor: name.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| format_error(path, format!("tensor {name}: a dimension does not fit in i64")))?;
+        let tensor = typed_view(&bytes, info.data_offsets, kind, &shape)
+            .map_err(|e| format_error(path, format!("tensor {name}: {e}")))?;
+        tensors.push((name, tensor));
+    }
+    Ok((tensors, user_metadata))
+}
+
+/// The bytes `start..end` of `bytes` seen as a tensor of `kind` and `shape`;
+/// copied into fresh memory when the offset is not aligned for `kind`.
+fn typed_view(
+    bytes: &Tensor,
+    (start, end): (usize, usize),
+    kind: Kind,
+    shape: &[i64],
+) -> Result<Tensor, tch::TchError> {
+    let len = (end - start) as i64;
+    let slice = bytes.f_narrow(0, start as i64, len)?;
+    let slice = if start % dtype::size(kind) == 0 { slice } else { slice.f_detach_copy()? };
+    slice.f_view_dtype(kind)?.f_reshape(shape)
+}
+
+/// A tensor seen as safetensors wants it: contiguous CPU bytes.
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    tensor: Tensor,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let len = self.data_len();
+        if len == 0 {
+            return Cow::Borrowed(&[]);
+        }
+        // SAFETY: `tensor` is contiguous, on the CPU, and owned by `self`, so its
+        // `len` bytes at `data_ptr` stay valid and unchanged while borrowed.
+        Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, len) })
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * dtype::size(self.tensor.kind())
+    }
+}
+
+/// Writes `tensors` and `metadata` as a `.safetensors` file at `path` (directly:
+/// callers wanting atomicity go through [`super::write_atomically`]).
+pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let mut prepared = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let dtype = dtype_of(tensor.kind()).ok_or_else(|| Error::Unrepresentable {
+            path: path.into(),
+            tensor: name.clone(),
+            format: FORMAT,
+            reason: format!("safetensors has no {} dtype", dtype::name(tensor.kind())),
+        })?;
+        let tensor = tensor
+            .f_to_device(tch::Device::Cpu)
+            .and_then(|t| t.f_contiguous())
+            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        prepared.push((name.as_str(), Bytes { dtype, shape, tensor }));
+    }
+    let metadata: Option<HashMap<String, String>> =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    safetensors::tensor::serialize_to_file(prepared.iter().map(|(n, b)| (*n, b)), metadata, path)
+        .map_err(|e| format_error(path, e.to_string()))
+}
+
+/// Reads a sharded checkpoint through its `*.safetensors.index.json`: every shard
+/// the `weight_map` names, as one list of tensors (shards in order of first
+/// mention, each in file order). A shard that is missing, a tensor the index names
+/// but its shard lacks, and a tensor a shard holds that the index does not name
+/// are errors naming both files.
+pub fn read_sharded(index: &Path) -> Result<Contents> {
+    let text = std::fs::read(index).map_err(|source| Error::Io { path: index.into(), source })?;
+    let bad_index =
+        |message: String| Error::Format { path: index.into(), format: "safetensors index", message };
+    let root: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad_index(e.to_string()))?;
+    let weight_map = root
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad_index("no `weight_map` object".into()))?;
+    let mut metadata = BTreeMap::new();
+    if let Some(serde_json::Value::Object(entries)) = root.get("metadata") {
+        for (key, value) in entries {
+            let value = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            metadata.insert(key.clone(), value);
+        }
+    }
+    let folder = index.parent().unwrap_or(Path::new("."));
+    let mut shard_of: HashMap<&str, &str> = HashMap::new();
+    let mut shards: Vec<&str> = Vec::new();
+    for (tensor, shard) in weight_map {
+        let shard = shard.as_str().ok_or_else(|| bad_index(format!("shard of {tensor} is not a string")))?;
+        let inside = Path::new(shard).components().all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
+            return Err(bad_index(format!(
+                "shard {shard:?} of {tensor} is not a file name inside the index's folder"
+            )));
+        }
+        if !shards.contains(&shard) {
+            shards.push(shard);
+        }
+        shard_of.insert(tensor.as_str(), shard);
+    }
+    let mut tensors = Vec::with_capacity(weight_map.len());
+    for shard in shards {
+        let shard_path = folder.join(shard);
+        if !shard_path.exists() {
+            return Err(Error::Shard {
+                index: index.into(),
+                shard: shard_path,
+                message: "the shard file is missing".into(),
+            });
+        }
+        let (shard_tensors, _) = read(&shard_path)?;
+        let mut found: HashSet<String> = HashSet::new();
+        for (name, tensor) in shard_tensors {
+            if shard_of.get(name.as_str()) != Some(&shard) {
+                return Err(Error::Shard {
+                    index: index.into(),
+                    shard: shard_path,
+                    message: format!("holds tensor {name}, which the index does not place in it"),
+                });
+            }
+            found.insert(name.clone());
+            tensors.push((name, tensor));
+        }
+        if let Some(missing) =
+            shard_of.iter().find(|(t, s)| **s == shard && !found.contains(**t)).map(|(t, _)| *t)
+        {
+            return Err(Error::Shard {
+                index: index.into(),
+                shard: shard_path,
+                message: format!("lacks tensor {missing}, which the index places in it"),
+            });
+        }
+    }
+    Ok((tensors, metadata))
+}

@@ -1,0 +1,66 @@
+//! tch's own format (`.ot`): what `VarStore::save` and `Tensor::save_multi` write,
+//! through libtorch's `torch::serialize::OutputArchive`.
+//!
+//! The container is a TorchScript archive holding one `__torch__.Module` whose
+//! attributes are the tensors, with `.` in names replaced by `|` (attribute names
+//! cannot hold dots). We read and write it through tch, and give names back their dots.
+use std::io::{Read, Seek};
+use std::path::Path;
+
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Whether a TorchScript-style archive is a tch archive rather than a module:
+/// a tch archive's code defines no method at all (one `class Module` listing its
+/// tensors); a module has at least `forward`. The `.ot` extension decides too.
+pub(crate) fn is_tch_archive<R: Read + Seek>(path: &Path, archive: &mut zip::ZipArchive<R>) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ot")) {
+        return true;
+    }
+    let code: Vec<String> = archive
+        .file_names()
+        .filter(|n| n.contains("/code/") && n.ends_with(".py"))
+        .map(str::to_string)
+        .collect();
+    for name in code {
+        let Ok(file) = archive.by_name(&name) else { return false };
+        let mut text = String::new();
+        // Code files are small; a huge one is not tch's.
+        if file.take(MAX_CODE_BYTES).read_to_string(&mut text).is_err() || text.contains("def ") {
+            return false;
+        }
+    }
+    true
+}
+
+const MAX_CODE_BYTES: u64 = 1 << 20;
+
+/// Reads every tensor of a `.ot` file, in the file's order.
+pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let tensors = Tensor::load_multi(path).map_err(|e| Error::Format {
+        path: path.into(),
+        format: "tch archive (.ot)",
+        message: e.to_string(),
+    })?;
+    Ok(tensors.into_iter().map(|(name, tensor)| (name.replace('|', "."), tensor)).collect())
+}
+
+/// Writes `tensors` as a `.ot` file that `VarStore::load` reads.
+pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    for (name, _) in tensors {
+        if name.contains('|') {
+            return Err(Error::Unrepresentable {
+                path: path.into(),
+                tensor: name.clone(),
+                format: "tch archive (.ot)",
+                reason: "names may not contain `|` (tch stores `.` as `|`)".into(),
+            });
+        }
+    }
+    Tensor::save_multi(tensors, path).map_err(|e| Error::Format {
+        path: path.into(),
+        format: "tch archive (.ot)",
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,142 @@
+//! [`Checkpoint`]: named tensors read from, or to be written to, a state-dict file.
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use tch::Tensor;
+
+use super::{inferred_role, Entry, Store, StoreKind};
+use crate::error::{Error, Result};
+use crate::format::{self, npz, safetensors, tch_archive, Format};
+
+/// Named tensors of a state-dict file (safetensors, sharded safetensors, `.ot`,
+/// `.npz`), held in memory or mapped. The tensors are writable: writes change the
+/// checkpoint in memory, never the file it was read from, until [`Store::save`].
+///
+/// Files do not record whether a tensor was a parameter or a buffer; the role is
+/// inferred ([`super::inferred_role`]).
+#[derive(Debug)]
+pub struct Checkpoint {
+    origin: String,
+    format: Format,
+    entries: Vec<Entry>,
+    tensors: Vec<Tensor>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a state-dict file, its format found from its content.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::open_as(path, format::sniff(path)?)
+    }
+
+    pub(crate) fn open_as(path: &Path, format: Format) -> Result<Self> {
+        let (tensors, metadata) =
+            match format {
+                Format::Safetensors => safetensors::read(path)?,
+                Format::SafetensorsIndex => safetensors::read_sharded(path)?,
+                Format::TchArchive => (tch_archive::read(path)?, BTreeMap::new()),
+                Format::Npz => (npz::read(path)?, BTreeMap::new()),
+                Format::TorchScript => {
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        format,
+                        hint: "open it as a module (transplant::store::open or ModuleStore::open)".into(),
+                    })
+                }
+                Format::TorchSave => {
+                    return Err(Error::Unsupported {
+                        path: path.into(),
+                        format,
+                        hint: "reading torch.save checkpoints is not supported yet; in Python, \
+                           `safetensors.torch.save_file(torch.load(path), 'model.safetensors')` converts it"
+                            .into(),
+                    })
+                }
+                Format::TorchSaveLegacy => return Err(Error::Unsupported {
+                    path: path.into(),
+                    format,
+                    hint:
+                        "re-save it in the zip format: in Python, `torch.save(torch.load(path), new_path)` \
+                           with PyTorch 1.6 or later"
+                            .into(),
+                }),
+            };
+        Self::from_tensors(path.display().to_string(), format, tensors, metadata)
+    }
+
+    /// A checkpoint of these tensors, to be saved in `format`. Two tensors of one
+    /// name are an error.
+    pub fn from_tensors(
+        origin: impl Into<String>,
+        format: Format,
+        tensors: Vec<(String, Tensor)>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let origin = origin.into();
+        let mut seen = HashSet::with_capacity(tensors.len());
+        for (name, _) in &tensors {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::DuplicateName { origin, tensor: name.clone() });
+            }
+        }
+        let entries =
+            tensors.iter().map(|(n, t)| Entry::of(n.clone(), inferred_role(n, t.kind()), t)).collect();
+        let tensors = tensors.into_iter().map(|(_, t)| t).collect();
+        Ok(Self { origin, format, entries, tensors, metadata })
+    }
+
+    /// The format the checkpoint was read from (or is meant for).
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The file's own metadata (safetensors `__metadata__`, an index's `metadata`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Name and live handle of every tensor, in order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.entries.iter().zip(&self.tensors).map(|(e, t)| (e.name.clone(), t.shallow_clone())).collect()
+    }
+
+    /// Writes the checkpoint to `path` in `format`, whole or not at all.
+    pub fn save_as(&self, path: &Path, format: Format) -> Result<()> {
+        let named = self.named_tensors();
+        format::write_atomically(path, |temp| match format {
+            Format::Safetensors => safetensors::write(temp, &named, &self.metadata),
+            Format::TchArchive => tch_archive::write(temp, &named),
+            Format::Npz => npz::write(temp, &named),
+            other => Err(Error::Unsupported {
+                path: path.into(),
+                format: other,
+                hint: "write .safetensors, .ot or .npz".into(),
+            }),
+        })
+    }
+}
+
+impl Store for Checkpoint {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Checkpoint(self.format)
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn tensor(&self, index: usize) -> Option<&Tensor> {
+        self.tensors.get(index)
+    }
+    /// Writes in the format `path`'s extension names, else in the format read.
+    fn save(&self, path: &Path) -> Result<()> {
+        let format = match format::for_extension(path) {
+            Some(format) => format,
+            None if self.format == Format::SafetensorsIndex => Format::Safetensors,
+            None => self.format,
+        };
+        self.save_as(path, format)
+    }
+}

@@ -1,0 +1,73 @@
+//! [`ModuleStore`]: a TorchScript module seen as a store.
+use std::path::Path;
+
+use tch::{Device, Tensor};
+
+use super::{Entry, Store, StoreKind};
+use crate::error::Result;
+use crate::format;
+use crate::script_module::ScriptModule;
+
+/// A TorchScript module's parameters and buffers, in `state_dict()` order, with
+/// handles on the module's own tensors. Saving writes the module: its code and
+/// its current tensors.
+#[derive(Debug)]
+pub struct ModuleStore {
+    module: ScriptModule,
+    entries: Vec<Entry>,
+    tensors: Vec<Tensor>,
+}
+
+impl ModuleStore {
+    /// Loads a module saved by `torch.jit.save`, on the CPU.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::new(ScriptModule::load(path)?)
+    }
+
+    /// Loads a module saved by `torch.jit.save`, with its tensors on `device`.
+    pub fn open_on(path: impl AsRef<Path>, device: Device) -> Result<Self> {
+        Self::new(ScriptModule::load_on(path, device)?)
+    }
+
+    /// Lists the parameters and buffers of `module`.
+    pub fn new(module: ScriptModule) -> Result<Self> {
+        let named = module.named_tensors()?;
+        let entries = named.iter().map(|n| Entry::of(n.name.clone(), n.role, &n.tensor)).collect();
+        let tensors = named.into_iter().map(|n| n.tensor).collect();
+        Ok(Self { module, entries, tensors })
+    }
+
+    /// The module itself (to run `forward`, say).
+    pub fn module(&self) -> &ScriptModule {
+        &self.module
+    }
+
+    /// The module itself, mutably (to switch train/eval mode).
+    pub fn module_mut(&mut self) -> &mut ScriptModule {
+        &mut self.module
+    }
+
+    /// Gives the module back.
+    pub fn into_module(self) -> ScriptModule {
+        self.module
+    }
+}
+
+impl Store for ModuleStore {
+    fn origin(&self) -> &str {
+        self.module.origin()
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Module
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn tensor(&self, index: usize) -> Option<&Tensor> {
+        self.tensors.get(index)
+    }
+    /// Saves the module (a module stays a module, whatever the extension).
+    fn save(&self, path: &Path) -> Result<()> {
+        format::write_atomically(path, |temp| self.module.save(temp))
+    }
+}

@@ -1,0 +1,139 @@
+//! What `transplant inspect` shows: a store's entries and totals, for people and programs.
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{Entry, Role, Store};
+use crate::dtype;
+
+/// Count and bytes of the entries of one role and dtype.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Total {
+    /// Parameter or buffer.
+    pub role: Role,
+    /// PyTorch's name of the element type.
+    pub dtype: &'static str,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of elements.
+    pub elements: u64,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+/// A store described: every entry, totals per role and dtype, and the grand total.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Where the tensors come from.
+    pub origin: String,
+    /// What kind of store or file it is.
+    pub kind: String,
+    /// Every entry, in registration order.
+    pub entries: Vec<Entry>,
+    /// Per role and dtype, parameters first.
+    pub totals: Vec<Total>,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+impl Summary {
+    /// Describes `store`.
+    pub fn of(store: &dyn Store) -> Self {
+        let entries = store.entries().to_vec();
+        let mut totals: BTreeMap<(Role, &'static str), Total> = BTreeMap::new();
+        for entry in &entries {
+            let name = dtype::name(entry.dtype);
+            let total = totals.entry((entry.role, name)).or_insert(Total {
+                role: entry.role,
+                dtype: name,
+                tensors: 0,
+                elements: 0,
+                bytes: 0,
+            });
+            total.tensors += 1;
+            total.elements += entry.numel();
+            total.bytes += entry.bytes();
+        }
+        Self {
+            origin: store.origin().to_string(),
+            kind: store.kind().to_string(),
+            tensors: entries.len(),
+            bytes: entries.iter().map(Entry::bytes).sum(),
+            totals: totals.into_values().collect(),
+            entries,
+        }
+    }
+}
+
+/// `1.5 MB`-style sizes (decimal units, as `ls -h --si` and PyTorch docs use).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn shape_text(shape: &[i64]) -> String {
+    let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} ({})", self.origin, self.kind)?;
+        let name_width = self.entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+        writeln!(
+            f,
+            "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+            "name", "role", "dtype", "shape", "device", "bytes"
+        )?;
+        for entry in &self.entries {
+            writeln!(
+                f,
+                "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+                entry.name,
+                entry.role.to_string(),
+                dtype::name(entry.dtype),
+                shape_text(&entry.shape),
+                super::device_name(entry.device),
+                human_bytes(entry.bytes())
+            )?;
+        }
+        writeln!(f, "totals:")?;
+        for total in &self.totals {
+            writeln!(
+                f,
+                "  {:<9}  {:<8}  {:>6} tensors  {:>12} elements  {:>9}",
+                total.role.to_string(),
+                total.dtype,
+                total.tensors,
+                total.elements,
+                human_bytes(total.bytes)
+            )?;
+        }
+        write!(f, "  {} tensors, {}", self.tensors, human_bytes(self.bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(71_000_000), "71.0 MB");
+        assert_eq!(human_bytes(1_070_000_000), "1.1 GB");
+    }
+}
