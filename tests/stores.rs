@@ -73,6 +73,11 @@ fn sharded_checkpoint_reads_as_one_store() {
     assert_eq!(want.len(), 20);
     assert_eq!(sorted(store_records(&checkpoint)), sorted(want));
     assert_eq!(checkpoint.metadata(), &metadata);
+    // Files do not record roles: BatchNorm statistics and integer tensors are inferred buffers.
+    let role = |name: &str| checkpoint.entries().iter().find(|e| e.name == name).unwrap().role;
+    assert_eq!(role("features.0.bn.running_var"), Role::Buffer);
+    assert_eq!(role("features.0.bn.num_batches_tracked"), Role::Buffer);
+    assert_eq!(role("features.0.bn.weight"), Role::Parameter);
 }
 
 /// A copy of the sharded fixture in a temporary folder, to break.

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Benchmarks, each printed as a ratio against its baseline measured in the same run.
+# Not part of the tests: timings belong here. Usage: scripts/bench.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/setup.sh
+py=.venv/bin/python
+work="$root/target/bench"
+mkdir -p "$work"
+
+field() { "$py" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+ratio() { "$py" -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{a / b:.2f}' if b else 'inf')" "$1" "$2"; }
+mb() { "$py" -c "import sys; print(f'{int(sys.argv[1]) / 1e6:.1f} MB')" "$1"; }
+
+echo "== open a ~1 GB safetensors file and list its entries (best of 3)"
+big="$work/wide.safetensors"
+"$py" scripts/bench_open.py "$big" make
+cargo bench --quiet --bench open --no-run >/dev/null 2>&1 || cargo bench --bench open --no-run
+best() { # best of 3 runs of a command printing JSON with "seconds"
+  local best_json="" best_s=""
+  for _ in 1 2 3; do
+    local json; json="$("$@")"
+    local s; s="$(field "$json" seconds)"
+    if [ -z "$best_s" ] || "$py" -c "import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)" "$s" "$best_s"; then
+      best_s="$s"; best_json="$json"
+    fi
+  done
+  echo "$best_json"
+}
+ours="$(best cargo bench --quiet --bench open -- "$big")"
+load_file="$(best "$py" scripts/bench_open.py "$big" load_file)"
+safe_open="$(best "$py" scripts/bench_open.py "$big" safe_open)"
+printf '  %-44s %10s  %14s\n' "" "seconds" "memory added"
+printf '  %-44s %10.4f  %14s\n' "transplant store::open + entries" "$(field "$ours" seconds)" "$(mb "$(field "$ours" rss_added_bytes)")"
+printf '  %-44s %10.4f  %14s\n' "safetensors.torch.load_file" "$(field "$load_file" seconds)" "$(mb "$(field "$load_file" rss_added_bytes)")"
+printf '  %-44s %10.4f  %14s\n' "safetensors safe_open + keys (no tensors)" "$(field "$safe_open" seconds)" "$(mb "$(field "$safe_open" rss_added_bytes)")"
+echo "  load_file / transplant: $(ratio "$(field "$load_file" seconds)" "$(field "$ours" seconds)")x the time"
