@@ -21,6 +21,19 @@ writer wrote it: name, dtype, shape and the sha256 of its little-endian bytes):
   dtypes.npz, dtypes_compressed.npz   the same through numpy (no bfloat16 in numpy),
                            plus a Fortran-ordered array
   sharded/model.safetensors.index.json   bn_net_a's state dict in three shards
+
+Mapping cases (each *.expected.safetensors holds an input and the source model's
+eval output on it; sources matched by order are modules, whose order is the
+registration order, unlike safetensors files, which sort their tensors):
+  mlp_bn.pt -> mlp.pt                Sequential(Linear, BN, ReLU, Linear) into
+                                     Sequential(Linear, ReLU, Linear)
+  wrapped_module.safetensors, wrapped_orig_mod.safetensors
+                                     bn_net_a's state dict under `module.` (DataParallel)
+                                     and `_orig_mod.` (torch.compile)
+  backbone.safetensors -> encoder.pt names `backbone.*` into a module that calls it `encoder`
+  resnet18.pt -> renamed_resnet18.pt
+                                     torchvision's resnet18 into the same network written
+                                     with different attribute names everywhere
 COMPLETE is written last.
 """
 import hashlib
@@ -182,6 +195,115 @@ def write_formats(out: str) -> None:
         json.dump(expected, f, indent=1)
 
 
+def warm_up(model: nn.Module, shape, steps: int = 3) -> nn.Module:
+    """A few training-mode forward passes so BatchNorm statistics are not defaults."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
+def save_expected(path: str, model: nn.Module, shape) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(123)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = model.eval()(x)
+    save_file({"input": x.contiguous(), "output": y.contiguous()}, path)
+
+
+class Encoder(nn.Module):
+    """BnNet with its `features` called `encoder`."""
+
+    def __init__(self):
+        super().__init__()
+        net = BnNet()
+        self.encoder = net.features
+        self.head = net.head
+        self.register_buffer("temperature", torch.tensor([1.0]))
+
+    def forward(self, x):
+        return self.head(self.encoder(x)) / self.temperature
+
+
+class Unit(nn.Module):
+    """torchvision's BasicBlock with other names."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm_a = nn.BatchNorm2d(cout)
+        self.conv_b = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm_b = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.norm_a(self.conv_a(x)))
+        y = self.norm_b(self.conv_b(y))
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(y + skip)
+
+
+class RenamedResNet18(nn.Module):
+    """torchvision's resnet18, same layers in the same order, every name different."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.stem_norm = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(Unit(cin, cout, stride), Unit(cout, cout, 1)) for cin, cout, stride in widths
+        )
+        self.classifier = nn.Linear(512, 1000)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.stem_norm(self.stem_conv(x))))
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def write_mapping_cases(out: str) -> None:
+    from safetensors.torch import save_file
+
+    def state(model):
+        return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(11)
+    mlp_bn = warm_up(nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10)), (8, 32))
+    torch.jit.save(torch.jit.script(mlp_bn), os.path.join(out, "mlp_bn.pt"))
+    save_expected(os.path.join(out, "mlp_bn.expected.safetensors"), mlp_bn, (4, 32))
+    torch.manual_seed(12)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    torch.jit.save(torch.jit.script(mlp), os.path.join(out, "mlp.pt"))
+
+    a = trained(1)
+    save_file({f"module.{k}": v for k, v in state(a).items()}, os.path.join(out, "wrapped_module.safetensors"))
+    save_file({f"_orig_mod.{k}": v for k, v in state(a).items()}, os.path.join(out, "wrapped_orig_mod.safetensors"))
+
+    backbone = {("backbone." + k[len("features."):] if k.startswith("features.") else k): v for k, v in state(a).items()}
+    save_file(backbone, os.path.join(out, "backbone.safetensors"))
+    torch.manual_seed(13)
+    torch.jit.save(torch.jit.script(Encoder().eval()), os.path.join(out, "encoder.pt"))
+
+    import torchvision
+
+    torch.manual_seed(14)
+    resnet = warm_up(torchvision.models.resnet18(weights=None), (2, 3, 64, 64), steps=2)
+    torch.jit.save(torch.jit.script(resnet), os.path.join(out, "resnet18.pt"))
+    save_expected(os.path.join(out, "resnet18.expected.safetensors"), resnet, (2, 3, 64, 64))
+    torch.manual_seed(15)
+    renamed = RenamedResNet18().eval()
+    assert [v.shape for v in renamed.state_dict().values()] == [v.shape for v in resnet.state_dict().values()]
+    torch.jit.save(torch.jit.script(renamed), os.path.join(out, "renamed_resnet18.pt"))
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -189,6 +311,7 @@ def main() -> None:
     torch.set_num_threads(1)
     write_bn_net(out)
     write_formats(out)
+    write_mapping_cases(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

@@ -128,6 +128,14 @@ pub enum Error {
         /// The name.
         tensor: String,
     },
+    /// A rename/skip rule is malformed.
+    #[error("rule at {at}: {message}")]
+    Rule {
+        /// Where the rule was written.
+        at: crate::rules::RuleSource,
+        /// What is wrong.
+        message: String,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what}: a lock was poisoned by a panic in another thread")]
     Poisoned {
@@ -171,6 +179,7 @@ impl Error {
             | Error::Shard { .. }
             | Error::DuplicateName { .. }
             | Error::Poisoned { .. }
+            | Error::Rule { .. }
             | Error::Tensor { .. } => {}
         }
         self

@@ -6,10 +6,13 @@ pub mod dtype;
 mod error;
 mod ffi;
 pub mod format;
+pub mod matching;
+pub mod rules;
 mod script_module;
 pub mod store;
 
 pub use error::{Error, Result};
 pub use format::Format;
+pub use rules::Rules;
 pub use script_module::{NamedTensor, ScriptModule};
 pub use store::{Checkpoint, Entry, ModuleStore, Role, Store, StoreKind, Summary, VarStoreView};
