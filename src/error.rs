@@ -136,6 +136,34 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A plan's check found errors; nothing was written.
+    #[error("the plan from {from} to {target} has {} problem(s); nothing was written:\n  {}", problems.len(), problems.join("\n  "))]
+    PlanRejected {
+        /// The source store.
+        from: String,
+        /// The target store.
+        target: String,
+        /// Each problem, described.
+        problems: Vec<String>,
+    },
+    /// A saved plan was made for models whose entries have changed since.
+    #[error("plan {plan} was made for another {side}: the entries of {store} changed (names, roles, dtypes or shapes); make the plan again")]
+    PlanOutdated {
+        /// The plan file.
+        plan: PathBuf,
+        /// `source` or `target`.
+        side: String,
+        /// The store that changed.
+        store: String,
+    },
+    /// After a copy, a target tensor does not hold what its source held.
+    #[error("verification failed: target {target} does not equal source {source_name} after the copy")]
+    Verification {
+        /// The source tensor.
+        source_name: String,
+        /// The target tensor.
+        target: String,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what}: a lock was poisoned by a panic in another thread")]
     Poisoned {
@@ -180,6 +208,9 @@ impl Error {
             | Error::DuplicateName { .. }
             | Error::Poisoned { .. }
             | Error::Rule { .. }
+            | Error::PlanRejected { .. }
+            | Error::PlanOutdated { .. }
+            | Error::Verification { .. }
             | Error::Tensor { .. } => {}
         }
         self

@@ -2,17 +2,21 @@
 //! buffers — between models, files and devices, on libtorch through `tch`.
 #![deny(missing_docs)]
 
+pub mod copy;
 pub mod dtype;
 mod error;
 mod ffi;
 pub mod format;
 pub mod matching;
+pub mod plan;
 pub mod rules;
 mod script_module;
 pub mod store;
 
 pub use error::{Error, Result};
 pub use format::Format;
+pub use matching::Matcher;
+pub use plan::{Mapping, Plan, Policy};
 pub use rules::Rules;
 pub use script_module::{NamedTensor, ScriptModule};
 pub use store::{Checkpoint, Entry, ModuleStore, Role, Store, StoreKind, Summary, VarStoreView};

@@ -48,6 +48,8 @@ pub enum How {
     Suffix,
     /// Aligned by registration order, role and shape.
     Order,
+    /// Read from a saved plan file.
+    Plan,
 }
 
 impl fmt::Display for How {
@@ -57,6 +59,7 @@ impl fmt::Display for How {
             How::Prefix => "prefix",
             How::Suffix => "suffix",
             How::Order => "order",
+            How::Plan => "plan file",
         })
     }
 }

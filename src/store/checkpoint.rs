@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use super::{inferred_role, Entry, Store, StoreKind};
+use super::{Entry, Store, StoreKind};
 use crate::error::{Error, Result};
 use crate::format::{self, npz, safetensors, tch_archive, Format};
 
@@ -80,8 +80,7 @@ impl Checkpoint {
                 return Err(Error::DuplicateName { origin, tensor: name.clone() });
             }
         }
-        let entries =
-            tensors.iter().map(|(n, t)| Entry::of(n.clone(), inferred_role(n, t.kind()), t)).collect();
+        let entries = tensors.iter().map(|(n, t)| Entry::inferred(n.clone(), t)).collect();
         let tensors = tensors.into_iter().map(|(_, t)| t).collect();
         Ok(Self { origin, format, entries, tensors, metadata })
     }

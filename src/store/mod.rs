@@ -52,6 +52,9 @@ pub struct Entry {
     pub name: String,
     /// Parameter or buffer.
     pub role: Role,
+    /// Whether `role` was guessed from the name and dtype because the store does
+    /// not record roles (checkpoint files); see [`inferred_role`].
+    pub role_inferred: bool,
     /// Sizes of each dimension.
     pub shape: Vec<i64>,
     /// Element type.
@@ -83,7 +86,21 @@ pub fn device_name(device: Device) -> String {
 impl Entry {
     /// Describes `tensor` under `name`.
     pub fn of(name: impl Into<String>, role: Role, tensor: &Tensor) -> Self {
-        Self { name: name.into(), role, shape: tensor.size(), dtype: tensor.kind(), device: tensor.device() }
+        Self {
+            name: name.into(),
+            role,
+            role_inferred: false,
+            shape: tensor.size(),
+            dtype: tensor.kind(),
+            device: tensor.device(),
+        }
+    }
+
+    /// Describes `tensor` under `name`, its role guessed by [`inferred_role`].
+    pub fn inferred(name: impl Into<String>, tensor: &Tensor) -> Self {
+        let name = name.into();
+        let role = inferred_role(&name, tensor.kind());
+        Self { role_inferred: true, ..Self::of(name, role, tensor) }
     }
 
     /// Number of elements.

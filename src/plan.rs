@@ -1,0 +1,778 @@
+//! The plan: every pair (with the rule or matcher that made it and the cast it
+//! needs), everything left over on both sides, and every finding — all known
+//! before a single tensor is written. [`Plan::check`] applies a [`Policy`].
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Kind;
+
+use crate::dtype;
+use crate::error::{Error, Result};
+use crate::matching::{self, How, Item, Matcher};
+use crate::rules::{Outcome, Rules};
+use crate::store::{Entry, Role, Store};
+
+/// How names are mapped: explicit rules first, then an automatic matcher.
+#[derive(Debug, Clone, Default)]
+pub struct Mapping {
+    /// Rename and skip rules, tried in order.
+    pub rules: Rules,
+    /// The matcher for what the rules leave.
+    pub matcher: Matcher,
+}
+
+/// What a check tolerates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Leftovers, unused rules, ambiguities and warnings become errors.
+    pub strict: bool,
+    /// Casts that can lose information (float → integer, values out of the
+    /// target type's range) are allowed.
+    pub allow_lossy_casts: bool,
+}
+
+/// A dtype conversion a pair needs (the target keeps its dtype).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cast {
+    /// Source dtype.
+    #[serde(serialize_with = "kind_name")]
+    pub from: Kind,
+    /// Target dtype.
+    #[serde(serialize_with = "kind_name")]
+    pub to: Kind,
+    /// Why the cast loses information, when it does.
+    pub lossy: Option<String>,
+}
+
+fn kind_name<S: serde::Serializer>(kind: &Kind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(dtype::name(*kind))
+}
+
+/// One source tensor going into one target tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    /// Index of the source entry.
+    pub source: usize,
+    /// Index of the target entry.
+    pub target: usize,
+    /// Source name.
+    pub source_name: String,
+    /// Target name.
+    pub target_name: String,
+    /// The rule that renamed the source, as written (`pattern => replacement`).
+    pub rule: Option<String>,
+    /// The matcher step that paired the (renamed) names.
+    pub how: How,
+    /// The dtype conversion, if the dtypes differ.
+    pub cast: Option<Cast>,
+}
+
+impl Pair {
+    /// `rule … then exact`, `suffix`, `order`: what made this pair.
+    pub fn provenance(&self) -> String {
+        match &self.rule {
+            Some(rule) if self.how == How::Exact => format!("rule `{rule}`"),
+            Some(rule) => format!("rule `{rule}` + {}", self.how),
+            None => self.how.to_string(),
+        }
+    }
+}
+
+/// Which side of the transfer an entry is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The model copied from.
+    Source,
+    /// The model copied into.
+    Target,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// An entry that takes no part in the transfer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leftover {
+    /// Source or target.
+    pub side: Side,
+    /// Index of the entry on its side.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+    /// Why it is left over, when that is expected (skipped by a rule, a
+    /// `num_batches_tracked` with no counterpart); `None` when nothing paired it.
+    pub explained: Option<String>,
+}
+
+/// How serious a finding is under a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing, never a failure.
+    Note,
+    /// Reported; an error under `strict`.
+    Warning,
+    /// The plan cannot be executed.
+    Error,
+}
+
+/// Something the plan found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// Shapes differ: never broadcast.
+    ShapeMismatch {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source shape.
+        source_shape: Vec<i64>,
+        /// Target shape.
+        target_shape: Vec<i64>,
+        /// What paired them.
+        provenance: String,
+    },
+    /// Several sources end on one target name.
+    Collision {
+        /// The target name.
+        target: String,
+        /// Each source and the rule that renamed it.
+        sources: Vec<(String, String)>,
+    },
+    /// A cast that loses information.
+    LossyCast {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// A rule that matched no source name.
+    UnusedRule {
+        /// The rule as written.
+        rule: String,
+        /// Where it was written.
+        at: String,
+    },
+    /// A name with several equally good candidates.
+    Ambiguous {
+        /// Side of the name.
+        side: Side,
+        /// The name.
+        name: String,
+        /// Its candidates on the other side.
+        candidates: Vec<String>,
+        /// The matcher step.
+        how: How,
+        /// Whether a pair was still made (by position); if not, all stay left over.
+        paired: bool,
+    },
+    /// Some tensors of a target BatchNorm get values and others do not.
+    PartialBatchNorm {
+        /// The module (`features.0.bn`).
+        module: String,
+        /// Tensors of it that get values.
+        copied: Vec<String>,
+        /// Tensors of it that keep their own values.
+        missing: Vec<String>,
+    },
+    /// A `num_batches_tracked` with no counterpart on the other side (tch's
+    /// `nn::batch_norm` and old checkpoints have none): harmless, it only counts
+    /// training batches.
+    NumBatchesTracked {
+        /// The side that has it.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+    /// A parameter copied onto a buffer, or the reverse.
+    RoleMismatch {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source role.
+        source_role: Role,
+        /// Target role.
+        target_role: Role,
+    },
+    /// An entry that nothing paired.
+    Leftover {
+        /// Its side.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl Finding {
+    /// How serious this finding is under `policy`.
+    pub fn severity(&self, policy: &Policy) -> Severity {
+        let escalate = |s| if policy.strict { Severity::Error } else { s };
+        match self {
+            Finding::ShapeMismatch { .. } | Finding::Collision { .. } => Severity::Error,
+            Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
+            Finding::LossyCast { .. } => escalate(Severity::Warning),
+            Finding::NumBatchesTracked { .. } => Severity::Note,
+            Finding::UnusedRule { .. }
+            | Finding::Ambiguous { .. }
+            | Finding::PartialBatchNorm { .. }
+            | Finding::RoleMismatch { .. }
+            | Finding::Leftover { .. } => escalate(Severity::Warning),
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => write!(
+                f,
+                "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
+                 shapes must be equal, nothing is broadcast"
+            ),
+            Finding::Collision { target, sources } => {
+                let list: Vec<String> = sources.iter().map(|(s, r)| format!("{s} (by {r})")).collect();
+                write!(f, "collision: {} all map to {target}", list.join(", "))
+            }
+            Finding::LossyCast { source, target, reason } => {
+                write!(f, "lossy cast: {source} -> {target}: {reason} (allow lossy casts to proceed)")
+            }
+            Finding::UnusedRule { rule, at } => write!(f, "unused rule at {at}: `{rule}` matched no source name"),
+            Finding::Ambiguous { side, name, candidates, how, paired } => write!(
+                f,
+                "ambiguous ({how}): {side} {name} could pair with {}{}",
+                candidates.join(", "),
+                if *paired { "; paired by position, confirm or add a rule" } else { "; left unpaired, add a rule" }
+            ),
+            Finding::PartialBatchNorm { module, copied, missing } => write!(
+                f,
+                "BatchNorm {module} copied in part: {} get values, {} keep the target's (eval outputs will differ)",
+                copied.join(", "),
+                missing.join(", ")
+            ),
+            Finding::NumBatchesTracked { side, name } => write!(
+                f,
+                "{side} {name} has no counterpart (harmless: it only counts training batches; \
+                 tch's batch_norm and old checkpoints have none)"
+            ),
+            Finding::RoleMismatch { source, target, source_role, target_role } => {
+                write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
+            }
+            Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+        }
+    }
+}
+
+/// The whole transfer, decided and checked before anything is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Where the source tensors come from.
+    pub source: String,
+    /// Where the target tensors live.
+    pub target: String,
+    /// The matcher used.
+    pub matcher: Matcher,
+    /// Every pair, in target order.
+    pub pairs: Vec<Pair>,
+    /// Source entries that go nowhere.
+    pub source_leftovers: Vec<Leftover>,
+    /// Target entries that receive nothing.
+    pub target_leftovers: Vec<Leftover>,
+    /// Everything found, whatever the policy.
+    pub findings: Vec<Finding>,
+    /// sha256 of the source's entry list (names, roles, dtypes, shapes).
+    pub source_digest: String,
+    /// sha256 of the target's entry list.
+    pub target_digest: String,
+}
+
+/// sha256 over every entry's name, role, dtype and shape: what a saved plan
+/// must find unchanged to be replayed.
+pub fn entries_digest(entries: &[Entry]) -> String {
+    let mut hasher = Sha256::new();
+    for e in entries {
+        hasher.update(e.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(e.role.to_string().as_bytes());
+        hasher.update([0]);
+        hasher.update(dtype::name(e.dtype).as_bytes());
+        for d in &e.shape {
+            hasher.update(d.to_le_bytes());
+        }
+        hasher.update([b'\n']);
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn module_and_leaf(name: &str) -> (&str, &str) {
+    name.rsplit_once('.').unwrap_or(("", name))
+}
+
+fn is_floating(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16)
+}
+
+fn is_complex(kind: Kind) -> bool {
+    matches!(kind, Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble)
+}
+
+/// The largest finite magnitude, or integer bounds, of a dtype.
+fn range_of(kind: Kind) -> Option<(f64, f64)> {
+    Some(match kind {
+        Kind::Half => (-65504.0, 65504.0),
+        Kind::BFloat16 | Kind::Float => (-f32::MAX as f64, f32::MAX as f64),
+        Kind::Uint8 => (0.0, 255.0),
+        Kind::Int8 => (-128.0, 127.0),
+        Kind::Int16 => (i16::MIN as f64, i16::MAX as f64),
+        Kind::Int => (i32::MIN as f64, i32::MAX as f64),
+        Kind::Bool => (0.0, 1.0),
+        _ => return None,
+    })
+}
+
+/// Whether converting `tensor` (of `from`) to `to` loses information, and why.
+fn lossy_reason(tensor: &tch::Tensor, from: Kind, to: Kind) -> Option<String> {
+    if from == to {
+        return None;
+    }
+    let (from_name, to_name) = (dtype::name(from), dtype::name(to));
+    if is_complex(from) && !is_complex(to) {
+        return Some(format!("{from_name} to {to_name} drops the imaginary part"));
+    }
+    if (is_floating(from) || is_complex(from)) && !(is_floating(to) || is_complex(to)) {
+        return Some(format!("{from_name} to {to_name} truncates fractions"));
+    }
+    let (lo, hi) = range_of(to)?;
+    if tensor.numel() == 0 {
+        return None;
+    }
+    let values = tensor.f_to_kind(Kind::Double).ok()?;
+    let (min, max) =
+        (values.f_min().ok()?.f_double_value(&[]).ok()?, values.f_max().ok()?.f_double_value(&[]).ok()?);
+    if min < lo || max > hi {
+        return Some(format!("values {min}..{max} do not fit {to_name} ({lo}..{hi})"));
+    }
+    if to == Kind::Bool {
+        let binary = values.f_eq(0.0).ok()?.f_logical_or(&values.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
+        if !binary.f_int64_value(&[]).ok().is_some_and(|v| v != 0) {
+            return Some(format!("{from_name} values other than 0 and 1 cannot become bool"));
+        }
+    }
+    None
+}
+
+/// Accumulates a plan while it is being built.
+struct Builder<'a> {
+    source: &'a dyn Store,
+    target: &'a dyn Store,
+    rules: &'a Rules,
+    pairs: Vec<Pair>,
+    findings: Vec<Finding>,
+    source_explained: HashMap<usize, String>,
+}
+
+impl<'a> Builder<'a> {
+    fn pair(&mut self, i: usize, j: usize, rule: Option<usize>, how: How) {
+        let (s, t) = (&self.source.entries()[i], &self.target.entries()[j]);
+        let cast = (s.dtype != t.dtype).then(|| {
+            let lossy = self.source.tensor(i).and_then(|tensor| lossy_reason(tensor, s.dtype, t.dtype));
+            Cast { from: s.dtype, to: t.dtype, lossy }
+        });
+        self.pairs.push(Pair {
+            source: i,
+            target: j,
+            source_name: s.name.clone(),
+            target_name: t.name.clone(),
+            rule: rule.map(|r| self.rules.rules()[r].to_string()),
+            how,
+            cast,
+        });
+    }
+}
+
+impl Plan {
+    /// Maps `source` onto `target`: rules, then the matcher; then every finding.
+    /// Reads tensor values only to decide whether a narrowing cast fits.
+    pub fn build(source: &dyn Store, target: &dyn Store, mapping: &Mapping) -> Result<Self> {
+        let (sources, targets) = (source.entries(), target.entries());
+        let rules = &mapping.rules;
+        let mut b = Builder {
+            source,
+            target,
+            rules,
+            pairs: Vec::new(),
+            findings: Vec::new(),
+            source_explained: HashMap::new(),
+        };
+
+        // 1. Rules: rename, skip, count what fired, find collisions.
+        let mut names: Vec<String> = Vec::with_capacity(sources.len());
+        let mut rule_of: Vec<Option<usize>> = vec![None; sources.len()];
+        let mut fired = vec![false; rules.rules().len()];
+        let mut taken_source = vec![false; sources.len()];
+        for (i, entry) in sources.iter().enumerate() {
+            match rules.apply(&entry.name) {
+                Outcome::Kept => names.push(entry.name.clone()),
+                Outcome::Renamed { to, rule } => {
+                    fired[rule] = true;
+                    rule_of[i] = Some(rule);
+                    names.push(to);
+                }
+                Outcome::Skipped { rule } => {
+                    fired[rule] = true;
+                    taken_source[i] = true;
+                    b.source_explained.insert(i, format!("skipped by rule `{}`", rules.rules()[rule]));
+                    names.push(entry.name.clone());
+                }
+            }
+        }
+        let mut by_new_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for i in (0..sources.len()).filter(|&i| !taken_source[i]) {
+            by_new_name.entry(names[i].as_str()).or_default().push(i);
+        }
+        for (name, group) in &by_new_name {
+            if group.len() > 1 && group.iter().any(|&i| rule_of[i].is_some()) {
+                let sources_named = group
+                    .iter()
+                    .map(|&i| {
+                        let how = rule_of[i]
+                            .map_or("its own name".to_string(), |r| format!("rule `{}`", rules.rules()[r]));
+                        (sources[i].name.clone(), how)
+                    })
+                    .collect();
+                b.findings.push(Finding::Collision { target: name.to_string(), sources: sources_named });
+                for &i in group {
+                    taken_source[i] = true;
+                    b.source_explained.insert(i, format!("collides on {name}"));
+                }
+            }
+        }
+        for (rule, used) in rules.rules().iter().zip(&fired) {
+            if !used {
+                b.findings.push(Finding::UnusedRule { rule: rule.to_string(), at: rule.source.to_string() });
+            }
+        }
+
+        // 2. Names a rule produced that exist in the target pair first, whatever the matcher.
+        let mut taken_target = vec![false; targets.len()];
+        let target_index: HashMap<&str, usize> =
+            targets.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect();
+        for i in 0..sources.len() {
+            if taken_source[i] || rule_of[i].is_none() {
+                continue;
+            }
+            if let Some(&j) = target_index.get(names[i].as_str()) {
+                if !taken_target[j] {
+                    taken_source[i] = true;
+                    taken_target[j] = true;
+                    b.pair(i, j, rule_of[i], How::Exact);
+                }
+            }
+        }
+
+        // 3. The matcher, for the rest. Roles only constrain it when both stores
+        // record them (a checkpoint file's roles are guesses).
+        let roles_known = !sources.iter().chain(targets).any(|e| e.role_inferred);
+        let role = |e: &Entry| if roles_known { e.role } else { Role::Parameter };
+        let source_items: Vec<Item> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Item { name: &names[i], role: role(e), shape: &e.shape })
+            .collect();
+        let target_items: Vec<Item> =
+            targets.iter().map(|e| Item { name: &e.name, role: role(e), shape: &e.shape }).collect();
+        let matches =
+            matching::run(mapping.matcher, &source_items, &target_items, &taken_source, &taken_target);
+        for &(i, j, how) in &matches.pairs {
+            taken_source[i] = true;
+            taken_target[j] = true;
+            b.pair(i, j, rule_of[i], how);
+        }
+        for a in &matches.ambiguities {
+            let (name, candidates) = if a.from_source {
+                (
+                    sources[a.item].name.clone(),
+                    a.candidates.iter().map(|&j| targets[j].name.clone()).collect(),
+                )
+            } else {
+                (
+                    targets[a.item].name.clone(),
+                    a.candidates.iter().map(|&i| sources[i].name.clone()).collect(),
+                )
+            };
+            let side = if a.from_source { Side::Source } else { Side::Target };
+            b.findings.push(Finding::Ambiguous { side, name, candidates, how: a.how, paired: a.paired });
+        }
+        b.pairs.sort_by_key(|p| p.target);
+        Ok(Self::finish(b, mapping.matcher))
+    }
+
+    /// Everything that follows from the pairs: shape, cast and role findings,
+    /// leftovers, BatchNorm groups.
+    fn finish(mut b: Builder, matcher: Matcher) -> Self {
+        let (sources, targets) = (b.source.entries(), b.target.entries());
+        for p in &b.pairs {
+            let (s, t) = (&sources[p.source], &targets[p.target]);
+            if s.shape != t.shape {
+                b.findings.push(Finding::ShapeMismatch {
+                    source: s.name.clone(),
+                    target: t.name.clone(),
+                    source_shape: s.shape.clone(),
+                    target_shape: t.shape.clone(),
+                    provenance: p.provenance(),
+                });
+            }
+            if let Some(Cast { lossy: Some(reason), .. }) = &p.cast {
+                b.findings.push(Finding::LossyCast {
+                    source: s.name.clone(),
+                    target: t.name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            if s.role != t.role && !s.role_inferred && !t.role_inferred {
+                b.findings.push(Finding::RoleMismatch {
+                    source: s.name.clone(),
+                    target: t.name.clone(),
+                    source_role: s.role,
+                    target_role: t.role,
+                });
+            }
+        }
+        let mut paired_source = vec![false; sources.len()];
+        let mut paired_target = vec![false; targets.len()];
+        for p in &b.pairs {
+            paired_source[p.source] = true;
+            paired_target[p.target] = true;
+        }
+        let is_nbt = |name: &str| module_and_leaf(name).1 == "num_batches_tracked";
+        let mut source_leftovers = Vec::new();
+        for (i, e) in sources.iter().enumerate().filter(|(i, _)| !paired_source[*i]) {
+            let mut explained = b.source_explained.get(&i).cloned();
+            if explained.is_none() && is_nbt(&e.name) {
+                explained = Some("num_batches_tracked with no counterpart".into());
+                b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.clone() });
+            } else if explained.is_none() {
+                b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.clone() });
+            }
+            source_leftovers.push(Leftover { side: Side::Source, index: i, name: e.name.clone(), explained });
+        }
+        let mut target_leftovers = Vec::new();
+        for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
+            let explained = if is_nbt(&e.name) {
+                b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.clone() });
+                Some("num_batches_tracked with no counterpart: keeps its value".into())
+            } else {
+                b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.clone() });
+                None
+            };
+            target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
+        }
+        // BatchNorm groups of the target: weight, bias and statistics go together.
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (j, e) in targets.iter().enumerate() {
+            groups.entry(module_and_leaf(&e.name).0).or_default().push(j);
+        }
+        for (module, members) in groups {
+            let leaves: Vec<&str> = members.iter().map(|&j| module_and_leaf(&targets[j].name).1).collect();
+            if !(leaves.contains(&"running_mean") && leaves.contains(&"running_var")) {
+                continue;
+            }
+            let relevant: Vec<usize> = members.into_iter().filter(|&j| !is_nbt(&targets[j].name)).collect();
+            let (copied, missing): (Vec<usize>, Vec<usize>) =
+                relevant.iter().partition(|&&j| paired_target[j]);
+            if !copied.is_empty() && !missing.is_empty() {
+                let leaf = |j: &usize| module_and_leaf(&targets[*j].name).1.to_string();
+                b.findings.push(Finding::PartialBatchNorm {
+                    module: module.to_string(),
+                    copied: copied.iter().map(leaf).collect(),
+                    missing: missing.iter().map(leaf).collect(),
+                });
+            }
+        }
+        Plan {
+            source: b.source.origin().to_string(),
+            target: b.target.origin().to_string(),
+            matcher,
+            pairs: b.pairs,
+            source_leftovers,
+            target_leftovers,
+            findings: b.findings,
+            source_digest: entries_digest(sources),
+            target_digest: entries_digest(targets),
+        }
+    }
+
+    /// The findings with their severity under `policy`, most serious first.
+    pub fn problems(&self, policy: &Policy) -> Vec<(Severity, &Finding)> {
+        let mut out: Vec<(Severity, &Finding)> =
+            self.findings.iter().map(|f| (f.severity(policy), f)).collect();
+        out.sort_by_key(|(severity, _)| std::cmp::Reverse(*severity));
+        out
+    }
+
+    /// `Ok` when no finding is an error under `policy`; else an error listing them.
+    pub fn check(&self, policy: &Policy) -> Result<()> {
+        let errors: Vec<String> = self
+            .problems(policy)
+            .into_iter()
+            .filter(|(s, _)| *s == Severity::Error)
+            .map(|(_, f)| f.to_string())
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PlanRejected {
+                from: self.source.clone(),
+                target: self.target.clone(),
+                problems: errors,
+            })
+        }
+    }
+
+    /// Whether every target entry receives a value and every source entry goes
+    /// somewhere, apart from what is explained (skipped by a rule, a
+    /// `num_batches_tracked` with no counterpart).
+    pub fn is_complete(&self) -> bool {
+        self.source_leftovers.iter().chain(&self.target_leftovers).all(|l| l.explained.is_some())
+            && !self
+                .findings
+                .iter()
+                .any(|f| matches!(f, Finding::Collision { .. } | Finding::ShapeMismatch { .. }))
+    }
+}
+
+/// A plan as saved to JSON: pairs by name with their provenance, leftovers,
+/// and digests of both models' entry lists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanFile {
+    /// Format version of this file.
+    pub version: u32,
+    /// The source the plan was made for.
+    pub source: String,
+    /// The target the plan was made for.
+    pub target: String,
+    /// [`entries_digest`] of the source.
+    pub source_digest: String,
+    /// [`entries_digest`] of the target.
+    pub target_digest: String,
+    /// Pairs: source name, target name, provenance.
+    pub pairs: Vec<PlannedPair>,
+    /// Source names left over.
+    pub source_leftovers: Vec<String>,
+    /// Target names left over.
+    pub target_leftovers: Vec<String>,
+}
+
+/// One pair of a saved plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedPair {
+    /// Source name.
+    pub source: String,
+    /// Target name.
+    pub target: String,
+    /// What made the pair when the plan was built.
+    pub provenance: String,
+}
+
+const PLAN_FILE_VERSION: u32 = 1;
+
+impl Plan {
+    /// The plan in its saved form.
+    pub fn to_file(&self) -> PlanFile {
+        PlanFile {
+            version: PLAN_FILE_VERSION,
+            source: self.source.clone(),
+            target: self.target.clone(),
+            source_digest: self.source_digest.clone(),
+            target_digest: self.target_digest.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|p| PlannedPair {
+                    source: p.source_name.clone(),
+                    target: p.target_name.clone(),
+                    provenance: p.provenance(),
+                })
+                .collect(),
+            source_leftovers: self.source_leftovers.iter().map(|l| l.name.clone()).collect(),
+            target_leftovers: self.target_leftovers.iter().map(|l| l.name.clone()).collect(),
+        }
+    }
+
+    /// Writes the plan as JSON, whole or not at all.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.to_file()).map_err(|e| Error::Format {
+            path: path.into(),
+            format: "plan",
+            message: e.to_string(),
+        })?;
+        crate::format::write_atomically(path, |temp| {
+            std::fs::write(temp, &json).map_err(|source| Error::Io { path: temp.into(), source })
+        })
+    }
+
+    /// Rebuilds a saved plan for `source` and `target`, which must list exactly
+    /// the entries (names, roles, dtypes, shapes) they listed when it was made.
+    pub fn replay(path: &std::path::Path, source: &dyn Store, target: &dyn Store) -> Result<Self> {
+        let bad = |message: String| Error::Format { path: path.into(), format: "plan", message };
+        let text = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+        let file: PlanFile = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        if file.version != PLAN_FILE_VERSION {
+            return Err(bad(format!(
+                "version {} (this transplant reads version {PLAN_FILE_VERSION})",
+                file.version
+            )));
+        }
+        for (side, store, digest) in
+            [(Side::Source, source, &file.source_digest), (Side::Target, target, &file.target_digest)]
+        {
+            if &entries_digest(store.entries()) != digest {
+                return Err(Error::PlanOutdated {
+                    plan: path.into(),
+                    side: side.to_string(),
+                    store: store.origin().into(),
+                });
+            }
+        }
+        let index = |store: &dyn Store| -> HashMap<String, usize> {
+            store.entries().iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect()
+        };
+        let (source_index, target_index) = (index(source), index(target));
+        let rules = Rules::new();
+        let mut b = Builder {
+            source,
+            target,
+            rules: &rules,
+            pairs: Vec::new(),
+            findings: Vec::new(),
+            source_explained: HashMap::new(),
+        };
+        let mut used_target = vec![false; target.entries().len()];
+        for p in &file.pairs {
+            let i = *source_index
+                .get(&p.source)
+                .ok_or_else(|| bad(format!("source has no tensor {}", p.source)))?;
+            let j = *target_index
+                .get(&p.target)
+                .ok_or_else(|| bad(format!("target has no tensor {}", p.target)))?;
+            if std::mem::replace(&mut used_target[j], true) {
+                return Err(bad(format!("target tensor {} is named by two pairs", p.target)));
+            }
+            b.pair(i, j, None, How::Plan);
+        }
+        b.pairs.sort_by_key(|p| p.target);
+        Ok(Self::finish(b, Matcher::Exact))
+    }
+}
