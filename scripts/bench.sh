@@ -36,3 +36,7 @@ printf '  %-44s %10.4f  %14s\n' "transplant store::open + entries" "$(field "$ou
 printf '  %-44s %10.4f  %14s\n' "safetensors.torch.load_file" "$(field "$load_file" seconds)" "$(mb "$(field "$load_file" rss_added_bytes)")"
 printf '  %-44s %10.4f  %14s\n' "safetensors safe_open + keys (no tensors)" "$(field "$safe_open" seconds)" "$(mb "$(field "$safe_open" rss_added_bytes)")"
 echo "  load_file / transplant: $(ratio "$(field "$load_file" seconds)" "$(field "$ours" seconds)")x the time"
+
+echo
+echo "== planning (rules + matchers; targets: 100k entries with 50 rules under 0.1 s and linear; order matcher on 30k under 1 s)"
+cargo bench --quiet --bench plan

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::plan::{entries_digest, Plan, Policy};
+use crate::plan::{Plan, Policy};
 use crate::store::Store;
 
 /// What a copy did.
@@ -28,14 +28,16 @@ pub struct Copied {
 /// the check fails or the stores are not the ones the plan was made for.
 pub fn execute(plan: &Plan, source: &dyn Store, target: &dyn Store, policy: &Policy) -> Result<Copied> {
     plan.check(policy)?;
-    for (digest, store) in [(&plan.source_digest, source), (&plan.target_digest, target)] {
-        if &entries_digest(store.entries()) != digest {
-            return Err(Error::PlanRejected {
-                from: plan.source.clone(),
-                target: plan.target.clone(),
-                problems: vec![format!("{} is not the store this plan was made for", store.origin())],
-            });
-        }
+    if !plan.fits(source, target) {
+        return Err(Error::PlanRejected {
+            from: plan.source.clone(),
+            target: plan.target.clone(),
+            problems: vec![format!(
+                "{} -> {} are not the stores this plan was made for",
+                source.origin(),
+                target.origin()
+            )],
+        });
     }
     let tensor = |store: &dyn Store, index: usize, name: &str| {
         store.tensor(index).map(|t| t.shallow_clone()).ok_or_else(|| Error::Verification {
@@ -43,6 +45,26 @@ pub fn execute(plan: &Plan, source: &dyn Store, target: &dyn Store, policy: &Pol
             target: format!("<missing entry {index} of {}>", store.origin()),
         })
     };
+    // Never broadcast: the tensors themselves must agree, whatever the plan said.
+    for pair in &plan.pairs {
+        let (src, dst) = (
+            tensor(source, pair.source, &pair.source_name)?,
+            tensor(target, pair.target, &pair.target_name)?,
+        );
+        if src.size() != dst.size() {
+            return Err(Error::PlanRejected {
+                from: plan.source.clone(),
+                target: plan.target.clone(),
+                problems: vec![format!(
+                    "shape mismatch: {} {:?} -> {} {:?}",
+                    pair.source_name,
+                    src.size(),
+                    pair.target_name,
+                    dst.size()
+                )],
+            });
+        }
+    }
     let _no_grad = tch::no_grad_guard();
     let start = Instant::now();
     let mut bytes = 0;

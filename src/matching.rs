@@ -172,35 +172,32 @@ fn by_key<'a>(
     how: How,
     key: impl Fn(&'a str) -> &'a str,
 ) {
-    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    // key -> (first index, how many): no allocation per name.
+    let mut by_name: HashMap<&str, (usize, usize)> = HashMap::with_capacity(targets.len());
     for (j, t) in targets.iter().enumerate().filter(|(j, _)| !taken_target[*j]) {
-        by_name.entry(key(t.name)).or_default().push(j);
+        by_name.entry(key(t.name)).or_insert((j, 0)).1 += 1;
     }
-    let mut sources_by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut sources_by_key: HashMap<&str, (usize, usize)> = HashMap::with_capacity(sources.len());
     for (i, s) in sources.iter().enumerate().filter(|(i, _)| !taken_source[*i]) {
-        sources_by_key.entry(key(s.name)).or_default().push(i);
+        sources_by_key.entry(key(s.name)).or_insert((i, 0)).1 += 1;
     }
     for (i, s) in sources.iter().enumerate() {
         if taken_source[i] {
             continue;
         }
         let k = key(s.name);
-        let Some(candidates) = by_name.get(k) else { continue };
-        let rivals = &sources_by_key[k];
-        if candidates.len() == 1 && rivals.len() == 1 {
-            let j = candidates[0];
+        let Some(&(first_target, targets_with_key)) = by_name.get(k) else { continue };
+        let (first_source, sources_with_key) = sources_by_key[k];
+        if targets_with_key == 1 && sources_with_key == 1 {
             taken_source[i] = true;
-            taken_target[j] = true;
-            out.pairs.push((i, j, how));
-        } else if rivals[0] == i {
+            taken_target[first_target] = true;
+            out.pairs.push((i, first_target, how));
+        } else if first_source == i {
             // Report once per key: the first source and every target candidate.
-            out.ambiguities.push(Ambiguity {
-                item: i,
-                from_source: true,
-                candidates: candidates.clone(),
-                how,
-                paired: false,
-            });
+            let candidates = (first_target..targets.len())
+                .filter(|&j| !taken_target[j] && key(targets[j].name) == k)
+                .collect();
+            out.ambiguities.push(Ambiguity { item: i, from_source: true, candidates, how, paired: false });
         }
     }
 }

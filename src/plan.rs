@@ -1,8 +1,9 @@
 //! The plan: every pair (with the rule or matcher that made it and the cast it
 //! needs), everything left over on both sides, and every finding — all known
 //! before a single tensor is written. [`Plan::check`] applies a [`Policy`].
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -62,7 +63,7 @@ pub struct Pair {
     /// Target name.
     pub target_name: String,
     /// The rule that renamed the source, as written (`pattern => replacement`).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// The matcher step that paired the (renamed) names.
     pub how: How,
     /// The dtype conversion, if the dtypes differ.
@@ -301,19 +302,19 @@ pub struct Plan {
 /// sha256 over every entry's name, role, dtype and shape: what a saved plan
 /// must find unchanged to be replayed.
 pub fn entries_digest(entries: &[Entry]) -> String {
-    let mut hasher = Sha256::new();
+    let mut bytes = Vec::with_capacity(entries.len() * 64);
     for e in entries {
-        hasher.update(e.name.as_bytes());
-        hasher.update([0]);
-        hasher.update(e.role.to_string().as_bytes());
-        hasher.update([0]);
-        hasher.update(dtype::name(e.dtype).as_bytes());
+        bytes.extend_from_slice(e.name.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(e.role.to_string().as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(dtype::name(e.dtype).as_bytes());
         for d in &e.shape {
-            hasher.update(d.to_le_bytes());
+            bytes.extend_from_slice(&d.to_le_bytes());
         }
-        hasher.update([b'\n']);
+        bytes.push(b'\n');
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn module_and_leaf(name: &str) -> (&str, &str) {
@@ -377,7 +378,8 @@ fn lossy_reason(tensor: &tch::Tensor, from: Kind, to: Kind) -> Option<String> {
 struct Builder<'a> {
     source: &'a dyn Store,
     target: &'a dyn Store,
-    rules: &'a Rules,
+    /// Each rule as written, rendered once.
+    rule_texts: Vec<Arc<str>>,
     pairs: Vec<Pair>,
     findings: Vec<Finding>,
     source_explained: HashMap<usize, String>,
@@ -395,7 +397,7 @@ impl<'a> Builder<'a> {
             target: j,
             source_name: s.name.clone(),
             target_name: t.name.clone(),
-            rule: rule.map(|r| self.rules.rules()[r].to_string()),
+            rule: rule.map(|r| Arc::clone(&self.rule_texts[r])),
             how,
             cast,
         });
@@ -411,7 +413,7 @@ impl Plan {
         let mut b = Builder {
             source,
             target,
-            rules,
+            rule_texts: rules.rules().iter().map(|r| Arc::from(r.to_string())).collect(),
             pairs: Vec::new(),
             findings: Vec::new(),
             source_explained: HashMap::new(),
@@ -422,8 +424,8 @@ impl Plan {
         let mut rule_of: Vec<Option<usize>> = vec![None; sources.len()];
         let mut fired = vec![false; rules.rules().len()];
         let mut taken_source = vec![false; sources.len()];
-        for (i, entry) in sources.iter().enumerate() {
-            match rules.apply(&entry.name) {
+        for (i, (entry, outcome)) in sources.iter().zip(rules.apply_all(sources)).enumerate() {
+            match outcome {
                 Outcome::Kept => names.push(entry.name.clone()),
                 Outcome::Renamed { to, rule } => {
                     fired[rule] = true;
@@ -438,26 +440,35 @@ impl Plan {
                 }
             }
         }
-        let mut by_new_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        // Collisions: one new name reached by several sources, a rule among them.
+        let mut first_with_name: HashMap<&str, usize> = HashMap::with_capacity(sources.len());
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of: HashMap<usize, usize> = HashMap::new();
         for i in (0..sources.len()).filter(|&i| !taken_source[i]) {
-            by_new_name.entry(names[i].as_str()).or_default().push(i);
-        }
-        for (name, group) in &by_new_name {
-            if group.len() > 1 && group.iter().any(|&i| rule_of[i].is_some()) {
-                let sources_named = group
-                    .iter()
-                    .map(|&i| {
-                        let how = rule_of[i]
-                            .map_or("its own name".to_string(), |r| format!("rule `{}`", rules.rules()[r]));
-                        (sources[i].name.clone(), how)
-                    })
-                    .collect();
-                b.findings.push(Finding::Collision { target: name.to_string(), sources: sources_named });
-                for &i in group {
-                    taken_source[i] = true;
-                    b.source_explained.insert(i, format!("collides on {name}"));
-                }
+            let first = *first_with_name.entry(names[i].as_str()).or_insert(i);
+            if first != i {
+                let group = *group_of.entry(first).or_insert_with(|| {
+                    groups.push(vec![first]);
+                    groups.len() - 1
+                });
+                groups[group].push(i);
             }
+        }
+        for group in groups.into_iter().filter(|g| g.iter().any(|&i| rule_of[i].is_some())) {
+            let name = names[group[0]].clone();
+            let sources_named = group
+                .iter()
+                .map(|&i| {
+                    let how = rule_of[i]
+                        .map_or("its own name".to_string(), |r| format!("rule `{}`", rules.rules()[r]));
+                    (sources[i].name.clone(), how)
+                })
+                .collect();
+            for &i in &group {
+                taken_source[i] = true;
+                b.source_explained.insert(i, format!("collides on {name}"));
+            }
+            b.findings.push(Finding::Collision { target: name, sources: sources_named });
         }
         for (rule, used) in rules.rules().iter().zip(&fired) {
             if !used {
@@ -521,7 +532,18 @@ impl Plan {
 
     /// Everything that follows from the pairs: shape, cast and role findings,
     /// leftovers, BatchNorm groups.
-    fn finish(mut b: Builder, matcher: Matcher) -> Self {
+    fn finish(b: Builder, matcher: Matcher) -> Self {
+        let (sources, targets) = (b.source.entries(), b.target.entries());
+        // The digests only read the entry lists: hash them on another core meanwhile.
+        std::thread::scope(|scope| {
+            let digests = scope.spawn(|| (entries_digest(sources), entries_digest(targets)));
+            let plan = Self::finish_findings(b, matcher);
+            let (source_digest, target_digest) = digests.join().unwrap_or_default();
+            Plan { source_digest, target_digest, ..plan }
+        })
+    }
+
+    fn finish_findings(mut b: Builder, matcher: Matcher) -> Self {
         let (sources, targets) = (b.source.entries(), b.target.entries());
         for p in &b.pairs {
             let (s, t) = (&sources[p.source], &targets[p.target]);
@@ -579,11 +601,20 @@ impl Plan {
             };
             target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
         }
-        // BatchNorm groups of the target: weight, bias and statistics go together.
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        // BatchNorm groups of the target (modules with running statistics):
+        // weight, bias and statistics go together.
+        let mut groups: HashMap<&str, Vec<usize>> = targets
+            .iter()
+            .filter(|e| module_and_leaf(&e.name).1 == "running_mean")
+            .map(|e| (module_and_leaf(&e.name).0, Vec::new()))
+            .collect();
         for (j, e) in targets.iter().enumerate() {
-            groups.entry(module_and_leaf(&e.name).0).or_default().push(j);
+            if let Some(members) = groups.get_mut(module_and_leaf(&e.name).0) {
+                members.push(j);
+            }
         }
+        let mut groups: Vec<(&str, Vec<usize>)> = groups.into_iter().collect();
+        groups.sort_unstable();
         for (module, members) in groups {
             let leaves: Vec<&str> = members.iter().map(|&j| module_and_leaf(&targets[j].name).1).collect();
             if !(leaves.contains(&"running_mean") && leaves.contains(&"running_var")) {
@@ -609,9 +640,20 @@ impl Plan {
             source_leftovers,
             target_leftovers,
             findings: b.findings,
-            source_digest: entries_digest(sources),
-            target_digest: entries_digest(targets),
+            source_digest: String::new(),
+            target_digest: String::new(),
         }
+    }
+
+    /// Whether `source` and `target` list, at every paired index, the entries
+    /// this plan paired (name, dtype and shape as planned).
+    pub fn fits(&self, source: &dyn Store, target: &dyn Store) -> bool {
+        let same = |store: &dyn Store, index: usize, name: &str| {
+            store.entries().get(index).is_some_and(|e| e.name == name)
+        };
+        self.pairs
+            .iter()
+            .all(|p| same(source, p.source, &p.source_name) && same(target, p.target, &p.target_name))
     }
 
     /// The findings with their severity under `policy`, most serious first.
@@ -750,11 +792,10 @@ impl Plan {
             store.entries().iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect()
         };
         let (source_index, target_index) = (index(source), index(target));
-        let rules = Rules::new();
         let mut b = Builder {
             source,
             target,
-            rules: &rules,
+            rule_texts: Vec::new(),
             pairs: Vec::new(),
             findings: Vec::new(),
             source_explained: HashMap::new(),

@@ -13,8 +13,10 @@
 //! candidates are found with one `RegexSet`, so mapping many names stays cheap.
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
+use regex_automata::meta;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -102,7 +104,10 @@ pub enum Outcome {
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
-    set: Option<RegexSet>,
+    /// All patterns in one regex, built on first use; a match's pattern id is the
+    /// first rule that matches. `None` inside if too large to build: then the
+    /// rules are tried one by one.
+    first: OnceLock<Option<meta::Regex>>,
     flags: [usize; 2],
 }
 
@@ -236,11 +241,7 @@ impl Rules {
             }
         }
         self.rules.push(Rule { pattern: pattern.to_string(), action, source, regex });
-        let patterns: Vec<String> = self.rules.iter().map(|r| anchored(&r.pattern)).collect();
-        self.set = Some(RegexSet::new(patterns).map_err(|e| Error::Rule {
-            at: self.rules[self.rules.len() - 1].source.clone(),
-            message: e.to_string(),
-        })?);
+        self.first = OnceLock::new();
         Ok(())
     }
 
@@ -254,10 +255,41 @@ impl Rules {
         self.rules.is_empty()
     }
 
+    /// What the rules do to each entry's name, in order; large lists are split
+    /// across the machine's cores.
+    pub fn apply_all(&self, entries: &[crate::store::Entry]) -> Vec<Outcome> {
+        const PER_THREAD: usize = 8192;
+        if self.rules.is_empty() {
+            return vec![Outcome::Kept; entries.len()];
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(entries.len() / PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return entries.iter().map(|e| self.apply(&e.name)).collect();
+        }
+        let chunk = entries.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = entries
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(|e| self.apply(&e.name)).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        })
+    }
+
     /// What the first matching rule does to `name`.
     pub fn apply(&self, name: &str) -> Outcome {
-        let Some(set) = &self.set else { return Outcome::Kept };
-        let Some(rule) = set.matches(name).into_iter().next() else { return Outcome::Kept };
+        let first = self.first.get_or_init(|| {
+            let patterns: Vec<String> = self.rules.iter().map(|r| anchored(&r.pattern)).collect();
+            meta::Regex::new_many(&patterns).ok()
+        });
+        let rule = match first {
+            Some(first) => first.find(name).map(|m| m.pattern().as_usize()),
+            None => self.rules.iter().position(|r| r.regex.is_match(name)),
+        };
+        let Some(rule) = rule else { return Outcome::Kept };
         match &self.rules[rule].action {
             Action::Skip => Outcome::Skipped { rule },
             Action::Rename(replacement) => {
@@ -345,5 +377,44 @@ mod tests {
     fn dollar_dollar_is_a_literal() {
         let r = rules("a => b$$c\n");
         assert_eq!(r.apply("a"), Outcome::Renamed { to: "b$c".into(), rule: 0 });
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn dotted_name() -> impl Strategy<Value = String> {
+            prop::collection::vec("[a-z_][a-z0-9_]{0,6}|[0-9]{1,3}", 1..6).prop_map(|parts| parts.join("."))
+        }
+
+        proptest! {
+            #[test]
+            fn parsing_never_panics(text in "\\PC{0,200}") {
+                let _ = Rules::parse(&text, "fuzz.txt");
+            }
+
+            #[test]
+            fn an_escaped_name_matches_exactly_that_name(name in dotted_name(), other in dotted_name()) {
+                let rules = Rules::parse(&format!("{} => renamed\n", regex::escape(&name)), "r").unwrap();
+                prop_assert_eq!(rules.apply(&name), Outcome::Renamed { to: "renamed".into(), rule: 0 });
+                if other != name {
+                    prop_assert_eq!(rules.apply(&other), Outcome::Kept);
+                }
+            }
+
+            #[test]
+            fn a_prefix_rule_moves_every_name_under_it(prefix in "[a-z]{1,8}", name in dotted_name()) {
+                let rules = Rules::parse(&format!("{prefix}\\.(.*) => moved.$1\n"), "r").unwrap();
+                let outcome = rules.apply(&format!("{prefix}.{name}"));
+                prop_assert_eq!(outcome, Outcome::Renamed { to: format!("moved.{name}"), rule: 0 });
+            }
+
+            #[test]
+            fn the_first_matching_rule_decides(name in dotted_name(), n in 1usize..6) {
+                let text: String = (0..n).map(|i| format!("(.*) => r{i}.$1\n")).collect();
+                let rules = Rules::parse(&text, "r").unwrap();
+                prop_assert_eq!(rules.apply(&name), Outcome::Renamed { to: format!("r0.{name}"), rule: 0 });
+            }
+        }
     }
 }
