@@ -64,6 +64,8 @@ fn main() -> Result<()> {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // at::parallel_for in the shim runs on libtorch's OpenMP threads.
+        .flag("-fopenmp")
         .file("csrc/shim.cpp")
         .compile("transplant_shim");
 

@@ -2,9 +2,12 @@
 // Every entry point catches every exception and returns its message (see shim.h).
 #include "shim.h"
 
+#include <torch/cuda.h>
 #include <torch/script.h>
+#include <ATen/Parallel.h>
 
 #include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -60,6 +63,35 @@ void flatten(const c10::IValue &value, void *ctx, tp_tensor_fn f) {
   } else {
     throw std::runtime_error("forward returned a " + value.tagKind() +
                              ", expected a tensor or tuples/lists of tensors");
+  }
+}
+
+const at::Tensor &as_tensor(tp_tensor *t) { return *static_cast<at::Tensor *>(t); }
+
+// Contiguous, same dtype, same element count, both on the CPU: bytes can move as they are.
+bool plain_bytes(const at::Tensor &dst, const at::Tensor &src) {
+  return dst.device().is_cpu() && src.device().is_cpu() && dst.scalar_type() == src.scalar_type() &&
+         dst.numel() == src.numel() && dst.is_contiguous() && src.is_contiguous() &&
+         !dst.is_quantized() && !src.is_quantized() && dst.layout() == at::kStrided &&
+         src.layout() == at::kStrided;
+}
+
+void bump_version(const at::Tensor &t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// Pairs of at most this many bytes are memmoved in parallel; larger ones use
+// copy_, which parallelises within the tensor.
+constexpr int64_t kSmall = 1 << 20;
+
+// The same bytes, as integers of the same width: for bit-for-bit comparison.
+at::Tensor bits(const at::Tensor &t) {
+  switch (t.element_size()) {
+    case 1: return t.scalar_type() == at::kByte ? t : t.view(at::kByte);
+    case 2: return t.view(at::kShort);
+    case 4: return t.view(at::kInt);
+    case 8: return t.view(at::kLong);
+    default: return t;
   }
 }
 
@@ -120,6 +152,107 @@ char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_re
     at::Tensor tensor = torch::from_blob(
         data, {nbytes}, [ctx, release](void *) { release(ctx); }, options);
     *out = new at::Tensor(std::move(tensor));
+  });
+}
+
+char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *failed) {
+  *failed = -1;
+  return guarded([&] {
+    std::vector<int64_t> small, other;
+    bool cuda = false;
+    int64_t pinned_bytes = 0;
+    // Never broadcast: every pair agrees in shape before anything is written.
+    for (size_t i = 0; i < n; ++i) {
+      if (as_tensor(dst[i]).sizes() != as_tensor(src[i]).sizes()) {
+        *failed = static_cast<int64_t>(i);
+        throw std::invalid_argument("shape mismatch: " + c10::str(as_tensor(src[i]).sizes()) + " into " +
+                                    c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+      cuda = cuda || d.is_cuda() || s.is_cuda();
+      if (plain_bytes(d, s) && d.nbytes() <= kSmall) {
+        small.push_back(static_cast<int64_t>(i));
+      } else {
+        other.push_back(static_cast<int64_t>(i));
+        if (d.is_cuda() && s.device().is_cpu() && !s.is_pinned()) {
+          pinned_bytes += static_cast<int64_t>(s.nbytes());
+        }
+      }
+    }
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const at::Tensor &d = as_tensor(dst[small[k]]), &s = as_tensor(src[small[k]]);
+        if (d.nbytes() > 0) std::memmove(d.data_ptr(), s.data_ptr(), d.nbytes());
+      }
+    });
+    for (int64_t i : small) bump_version(as_tensor(dst[i]));
+    // CPU sources bound for CUDA: one pinned staging buffer, so the host-to-device
+    // copies can run asynchronously.
+    at::Tensor staging;
+    int64_t offset = 0;
+    if (pinned_bytes > 0) staging = at::empty({pinned_bytes}, at::kByte).pin_memory();
+    for (int64_t i : other) {
+      *failed = i;
+      at::Tensor d = as_tensor(dst[i]);
+      at::Tensor s = as_tensor(src[i]);
+      if (staging.defined() && d.is_cuda() && s.device().is_cpu() && !s.is_pinned()) {
+        at::Tensor contiguous = s.contiguous();
+        at::Tensor slot = staging.narrow(0, offset, static_cast<int64_t>(contiguous.nbytes()));
+        if (contiguous.nbytes() > 0) std::memcpy(slot.data_ptr(), contiguous.data_ptr(), contiguous.nbytes());
+        offset += static_cast<int64_t>(contiguous.nbytes());
+        s = slot.view(contiguous.scalar_type()).view(contiguous.sizes());
+      }
+      d.copy_(s, /*non_blocking=*/cuda);
+    }
+    if (cuda) torch::cuda::synchronize();
+    *failed = -1;
+  });
+}
+
+char *tp_verify_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *mismatch) {
+  *mismatch = -1;
+  return guarded([&] {
+    std::atomic<int64_t> first{static_cast<int64_t>(n)};
+    auto found_at = [&](int64_t i) {
+      int64_t seen = first.load();
+      while (i < seen && !first.compare_exchange_weak(seen, i)) {
+      }
+    };
+    std::vector<int64_t> small, large, other;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+      auto &list = !plain_bytes(d, s) ? other : d.nbytes() <= kSmall ? small : large;
+      list.push_back(static_cast<int64_t>(i));
+    }
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const at::Tensor &d = as_tensor(dst[small[k]]), &s = as_tensor(src[small[k]]);
+        if (d.nbytes() > 0 && std::memcmp(d.data_ptr(), s.data_ptr(), d.nbytes()) != 0) found_at(small[k]);
+      }
+    });
+    // Large pairs: compared in chunks across threads.
+    for (int64_t i : large) {
+      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+      const char *a = static_cast<const char *>(d.data_ptr());
+      const char *b = static_cast<const char *>(s.data_ptr());
+      const int64_t bytes = static_cast<int64_t>(d.nbytes());
+      at::parallel_for(0, bytes, kSmall, [&](int64_t begin, int64_t end) {
+        if (std::memcmp(a + begin, b + begin, static_cast<size_t>(end - begin)) != 0) found_at(i);
+      });
+    }
+    for (int64_t i : other) {
+      if (i >= first.load()) break;
+      const at::Tensor &d = as_tensor(dst[i]);
+      at::Tensor expected = as_tensor(src[i]).to(d.device(), d.scalar_type());
+      if (d.sizes() != expected.sizes() || !at::equal(bits(d), bits(expected))) {
+        first = i;
+        break;
+      }
+    }
+    int64_t found = first.load();
+    *mismatch = found == static_cast<int64_t>(n) ? -1 : found;
   });
 }
 

@@ -56,6 +56,17 @@ char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_in
 char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_release_fn release,
                                     tp_tensor **out);
 
+/* Copies src[i] into dst[i] for i in 0..n, in place: dst keeps its storage,
+ * dtype and device (values are converted on the way). Same-dtype contiguous
+ * CPU pairs are copied with memmove, small ones in parallel, and their version
+ * counters bumped like copy_ does; other pairs go through copy_, non-blocking
+ * where CUDA takes part, CPU sources staged through pinned memory. Ends with a
+ * CUDA synchronize when CUDA took part. On failure *failed is the pair's index. */
+char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *failed);
+/* *mismatch: index of the first pair whose dst is not bit-for-bit src converted
+ * to dst's dtype and device, or -1 when all are. */
+char *tp_verify_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *mismatch);
+
 /* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
 const void *tp_tensor_impl(const tp_tensor *tensor);
 

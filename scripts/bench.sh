@@ -40,3 +40,20 @@ echo "  load_file / transplant: $(ratio "$(field "$load_file" seconds)" "$(field
 echo
 echo "== planning (rules + matchers; targets: 100k entries with 50 rules under 0.1 s and linear; order matcher on 30k under 1 s)"
 cargo bench --quiet --bench plan
+
+echo
+echo "== copy: deep = 4,000 x [Linear(64,64), BatchNorm1d(64)] (28,000 tensors, 71 MB); wide = 16 x [Linear(4096,4096), BatchNorm1d(4096)] (112 tensors, 1.07 GB)"
+for model in deep wide; do
+  ours="$(cargo bench --quiet --bench copy -- "$model")"
+  torch_json="$("$py" scripts/bench_copy.py "$model")"
+  flat="$(field "$ours" flat_copy)"
+  printf '  %s (%s tensors, %s)\n' "$model" "$(field "$ours" tensors)" "$(mb "$(field "$ours" bytes)")"
+  for key in plan_copy_verify plan copy verify flat_copy; do
+    printf '    %-32s %10.4f s  %8sx flat copy\n' "transplant $key" "$(field "$ours" "$key")" "$(ratio "$(field "$ours" "$key")" "$flat")"
+  done
+  for key in load_state_dict foreach_copy; do
+    printf '    %-32s %10.4f s  %8sx flat copy\n' "pytorch $key" "$(field "$torch_json" "$key")" "$(ratio "$(field "$torch_json" "$key")" "$flat")"
+  done
+  plan_copy="$("$py" -c "import json,sys; d=json.loads(sys.argv[1]); print(d['plan'] + d['copy'])" "$ours")"
+  echo "    plan + copy: $(ratio "$plan_copy" "$flat")x flat copy; load_state_dict / (plan + copy + verify): $(ratio "$(field "$torch_json" load_state_dict)" "$(field "$ours" plan_copy_verify)")x"
+done

@@ -156,6 +156,14 @@ pub enum Error {
         /// The store that changed.
         store: String,
     },
+    /// libtorch failed while copying into a target tensor.
+    #[error("copying into {target} failed: {message}")]
+    CopyFailed {
+        /// The target tensor (or store).
+        target: String,
+        /// libtorch's explanation.
+        message: String,
+    },
     /// After a copy, a target tensor does not hold what its source held.
     #[error("verification failed: target {target} does not equal source {source_name} after the copy")]
     Verification {
@@ -211,6 +219,7 @@ impl Error {
             | Error::PlanRejected { .. }
             | Error::PlanOutdated { .. }
             | Error::Verification { .. }
+            | Error::CopyFailed { .. }
             | Error::Tensor { .. } => {}
         }
         self

@@ -46,6 +46,47 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
+    fn tp_copy_pairs(
+        dst: *const *mut torch_sys::C_tensor,
+        src: *const *mut torch_sys::C_tensor,
+        n: usize,
+        failed: *mut i64,
+    ) -> *mut c_char;
+    fn tp_verify_pairs(
+        dst: *const *mut torch_sys::C_tensor,
+        src: *const *mut torch_sys::C_tensor,
+        n: usize,
+        mismatch: *mut i64,
+    ) -> *mut c_char;
+}
+
+fn pointers(tensors: &[&Tensor]) -> Vec<*mut torch_sys::C_tensor> {
+    tensors.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
+}
+
+/// Copies `src[i]` into `dst[i]` for every `i`, in place, in one call into the
+/// shim (see `tp_copy_pairs`). On failure: the failing pair's index, if known,
+/// and libtorch's message.
+pub(crate) fn copy_pairs(dst: &[&Tensor], src: &[&Tensor]) -> Result<(), (Option<usize>, String)> {
+    assert_eq!(dst.len(), src.len(), "copy_pairs takes pairs");
+    let (dst, src) = (pointers(dst), pointers(src));
+    let mut failed: i64 = -1;
+    // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for the call; the
+    // shim writes only into the dst tensors' data and into `failed`.
+    let result = unsafe { check(tp_copy_pairs(dst.as_ptr(), src.as_ptr(), dst.len(), &mut failed)) };
+    result.map_err(|message| (usize::try_from(failed).ok(), message))
+}
+
+/// The index of the first pair whose `dst` is not bit for bit `src` converted
+/// to `dst`'s dtype and device, if any.
+pub(crate) fn first_mismatch(dst: &[&Tensor], src: &[&Tensor]) -> Result<Option<usize>, String> {
+    assert_eq!(dst.len(), src.len(), "first_mismatch takes pairs");
+    let (dst, src) = (pointers(dst), pointers(src));
+    let mut mismatch: i64 = -1;
+    // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for the call; the
+    // shim only reads them and writes `mismatch`.
+    unsafe { check(tp_verify_pairs(dst.as_ptr(), src.as_ptr(), dst.len(), &mut mismatch))? };
+    Ok(usize::try_from(mismatch).ok())
 }
 
 /// Identifies the tensor behind a handle: two handles (shallow clones) of one

@@ -159,6 +159,17 @@ pub fn run(
 }
 
 fn exact(sources: &[Item], targets: &[Item], fs: &mut [bool], ft: &mut [bool], out: &mut Matches) {
+    // Models of one architecture list the same names in the same order: pair
+    // those without hashing. (Names are unique within a store, and renamed
+    // duplicates were set aside as collisions, so an equal name at the same
+    // index is the one exact match.)
+    for (i, (s, t)) in sources.iter().zip(targets).enumerate() {
+        if !fs[i] && !ft[i] && s.name == t.name {
+            fs[i] = true;
+            ft[i] = true;
+            out.pairs.push((i, i, How::Exact));
+        }
+    }
     by_key(sources, targets, fs, ft, out, How::Exact, |n| n);
 }
 

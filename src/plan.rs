@@ -1,6 +1,7 @@
 //! The plan: every pair (with the rule or matcher that made it and the cast it
 //! needs), everything left over on both sides, and every finding — all known
 //! before a single tensor is written. [`Plan::check`] applies a [`Policy`].
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -420,32 +421,35 @@ impl Plan {
         };
 
         // 1. Rules: rename, skip, count what fired, find collisions.
-        let mut names: Vec<String> = Vec::with_capacity(sources.len());
+        let mut names: Vec<Cow<str>> = Vec::with_capacity(sources.len());
         let mut rule_of: Vec<Option<usize>> = vec![None; sources.len()];
         let mut fired = vec![false; rules.rules().len()];
         let mut taken_source = vec![false; sources.len()];
         for (i, (entry, outcome)) in sources.iter().zip(rules.apply_all(sources)).enumerate() {
             match outcome {
-                Outcome::Kept => names.push(entry.name.clone()),
+                Outcome::Kept => names.push(Cow::Borrowed(&entry.name)),
                 Outcome::Renamed { to, rule } => {
                     fired[rule] = true;
                     rule_of[i] = Some(rule);
-                    names.push(to);
+                    names.push(Cow::Owned(to));
                 }
                 Outcome::Skipped { rule } => {
                     fired[rule] = true;
                     taken_source[i] = true;
                     b.source_explained.insert(i, format!("skipped by rule `{}`", rules.rules()[rule]));
-                    names.push(entry.name.clone());
+                    names.push(Cow::Borrowed(&entry.name));
                 }
             }
         }
-        // Collisions: one new name reached by several sources, a rule among them.
-        let mut first_with_name: HashMap<&str, usize> = HashMap::with_capacity(sources.len());
+        // Collisions: one new name reached by several sources, a rule among them
+        // (store names are unique, so without renames there are none).
+        let renamed = rule_of.iter().any(Option::is_some);
+        let mut first_with_name: HashMap<&str, usize> =
+            HashMap::with_capacity(if renamed { sources.len() } else { 0 });
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut group_of: HashMap<usize, usize> = HashMap::new();
-        for i in (0..sources.len()).filter(|&i| !taken_source[i]) {
-            let first = *first_with_name.entry(names[i].as_str()).or_insert(i);
+        for i in (0..sources.len()).filter(|&i| renamed && !taken_source[i]) {
+            let first = *first_with_name.entry(&names[i]).or_insert(i);
             if first != i {
                 let group = *group_of.entry(first).or_insert_with(|| {
                     groups.push(vec![first]);
@@ -455,7 +459,7 @@ impl Plan {
             }
         }
         for group in groups.into_iter().filter(|g| g.iter().any(|&i| rule_of[i].is_some())) {
-            let name = names[group[0]].clone();
+            let name = names[group[0]].to_string();
             let sources_named = group
                 .iter()
                 .map(|&i| {
@@ -484,7 +488,7 @@ impl Plan {
             if taken_source[i] || rule_of[i].is_none() {
                 continue;
             }
-            if let Some(&j) = target_index.get(names[i].as_str()) {
+            if let Some(&j) = target_index.get(&*names[i]) {
                 if !taken_target[j] {
                     taken_source[i] = true;
                     taken_target[j] = true;
