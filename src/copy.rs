@@ -150,3 +150,35 @@ pub fn execute_with(
         verify_seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+fn compare(plan: &Plan, targets: &[&Tensor], sources: &[&Tensor]) -> Result<()> {
+    let mismatch = ffi::first_mismatch(targets, sources)
+        .map_err(|message| Error::CopyFailed { target: plan.target.clone(), message })?;
+    match mismatch {
+        Some(i) => {
+            let pair = &plan.pairs[i];
+            Err(Error::Verification {
+                source_name: pair.source_name.clone(),
+                target: pair.target_name.clone(),
+            })
+        }
+        None => Ok(()),
+    }
+}
+
+/// Checks that every pair of `plan` holds in `target` what it holds in `source`
+/// (bit for bit, after converting to the target's dtype and device); the error
+/// names the first pair that does not.
+pub fn verify(plan: &Plan, source: &dyn Store, target: &dyn Store) -> Result<()> {
+    let mut sources = Vec::with_capacity(plan.pairs.len());
+    let mut targets = Vec::with_capacity(plan.pairs.len());
+    for pair in &plan.pairs {
+        let missing = || Error::Verification {
+            source_name: pair.source_name.clone(),
+            target: pair.target_name.clone(),
+        };
+        sources.push(source.tensor(pair.source).ok_or_else(missing)?);
+        targets.push(target.tensor(pair.target).ok_or_else(missing)?);
+    }
+    compare(plan, &targets, &sources)
+}

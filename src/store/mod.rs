@@ -7,7 +7,7 @@
 //! writes into the model itself.
 mod checkpoint;
 mod script;
-mod summary;
+pub mod summary;
 mod varstore;
 
 use std::fmt;

@@ -1,0 +1,225 @@
+//! The report: what a transfer did (or would do), as a value — for people
+//! (`Display`: a compact table, long lists truncated, "did you mean" for
+//! leftovers that nearly match) and for programs (serde JSON).
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::copy::Copied;
+use crate::plan::{Cast, Finding, Plan, Policy, Severity, Side};
+use crate::store::summary::human_bytes;
+
+/// One pair as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportPair {
+    /// Source name.
+    pub source: String,
+    /// Target name.
+    pub target: String,
+    /// What made the pair.
+    pub provenance: String,
+    /// The dtype conversion, if any.
+    pub cast: Option<Cast>,
+}
+
+/// One leftover as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportLeftover {
+    /// Source or target.
+    pub side: Side,
+    /// Its name.
+    pub name: String,
+    /// Why it is expected, when it is.
+    pub explained: Option<String>,
+    /// The nearest unpaired name on the other side, when one is close.
+    pub did_you_mean: Option<String>,
+}
+
+/// One finding with its severity under the policy used.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportProblem {
+    /// Note, warning or error.
+    pub severity: Severity,
+    /// The finding, described.
+    pub message: String,
+    /// The finding as data.
+    pub finding: Finding,
+}
+
+/// What a transfer did or would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Where the values come from.
+    pub source: String,
+    /// Where they go.
+    pub target: String,
+    /// The matcher used.
+    pub matcher: String,
+    /// Whether every entry on both sides takes part (or is explained).
+    pub complete: bool,
+    /// Whether the plan passes its check under the policy.
+    pub ok: bool,
+    /// Every pair.
+    pub pairs: Vec<ReportPair>,
+    /// Leftovers, source side then target side.
+    pub leftovers: Vec<ReportLeftover>,
+    /// Findings, most serious first.
+    pub problems: Vec<ReportProblem>,
+    /// What the copy did, when one ran.
+    pub copy: Option<Copied>,
+}
+
+/// Lines of each list shown before "… and N more".
+const SHOWN: usize = 12;
+/// Suggestions are only looked for among lists this long (the search is quadratic).
+const MAX_SUGGEST: usize = 2_000;
+
+fn suggestion(name: &str, candidates: &[&str]) -> Option<String> {
+    candidates
+        .iter()
+        .map(|c| (strsim::normalized_levenshtein(name, c), *c))
+        .filter(|(score, _)| *score >= 0.6)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c.to_string())
+}
+
+impl Report {
+    /// The report of `plan` under `policy`, with what the copy did if it ran.
+    pub fn new(plan: &Plan, policy: &Policy, copy: Option<Copied>) -> Self {
+        let unexplained = |side: Side| -> Vec<&str> {
+            let list = if side == Side::Source { &plan.source_leftovers } else { &plan.target_leftovers };
+            list.iter().filter(|l| l.explained.is_none()).map(|l| l.name.as_str()).collect()
+        };
+        let (open_sources, open_targets) = (unexplained(Side::Source), unexplained(Side::Target));
+        let suggest = open_sources.len() <= MAX_SUGGEST && open_targets.len() <= MAX_SUGGEST;
+        let leftovers = plan
+            .source_leftovers
+            .iter()
+            .chain(&plan.target_leftovers)
+            .map(|l| {
+                let others = if l.side == Side::Source { &open_targets } else { &open_sources };
+                ReportLeftover {
+                    side: l.side,
+                    name: l.name.clone(),
+                    explained: l.explained.clone(),
+                    did_you_mean: (suggest && l.explained.is_none())
+                        .then(|| suggestion(&l.name, others))
+                        .flatten(),
+                }
+            })
+            .collect();
+        Self {
+            source: plan.source.clone(),
+            target: plan.target.clone(),
+            matcher: plan.matcher.to_string(),
+            complete: plan.is_complete(),
+            ok: plan.check(policy).is_ok(),
+            pairs: plan
+                .pairs
+                .iter()
+                .map(|p| ReportPair {
+                    source: p.source_name.clone(),
+                    target: p.target_name.clone(),
+                    provenance: p.provenance(),
+                    cast: p.cast.clone(),
+                })
+                .collect(),
+            leftovers,
+            problems: plan
+                .problems(policy)
+                .into_iter()
+                .map(|(severity, f)| ReportProblem { severity, message: f.to_string(), finding: f.clone() })
+                .collect(),
+            copy,
+        }
+    }
+
+    /// Whether every entry on both sides takes part, or is explained.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// How many problems of `severity` there are.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.problems.iter().filter(|p| p.severity == severity).count()
+    }
+}
+
+fn more(f: &mut fmt::Formatter<'_>, total: usize) -> fmt::Result {
+    if total > SHOWN {
+        writeln!(f, "    … and {} more", total - SHOWN)?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} -> {} (matcher: {})", self.source, self.target, self.matcher)?;
+        let casts = self.pairs.iter().filter(|p| p.cast.is_some()).count();
+        writeln!(f, "  pairs: {} ({casts} with a dtype cast)", self.pairs.len())?;
+        let width = self.pairs.iter().take(SHOWN).map(|p| p.target.len()).max().unwrap_or(0);
+        for p in self.pairs.iter().take(SHOWN) {
+            let cast = p.cast.as_ref().map_or(String::new(), |c| {
+                format!("  [{} -> {}]", crate::dtype::name(c.from), crate::dtype::name(c.to))
+            });
+            writeln!(f, "    {:<width$} <- {}  ({}){cast}", p.target, p.source, p.provenance)?;
+        }
+        more(f, self.pairs.len())?;
+        for side in [Side::Source, Side::Target] {
+            let list: Vec<&ReportLeftover> = self.leftovers.iter().filter(|l| l.side == side).collect();
+            if list.is_empty() {
+                continue;
+            }
+            writeln!(f, "  left over in the {side} ({}):", list.len())?;
+            for l in list.iter().take(SHOWN) {
+                match (&l.explained, &l.did_you_mean) {
+                    (Some(why), _) => writeln!(f, "    {} ({why})", l.name)?,
+                    (None, Some(near)) => writeln!(f, "    {} (did you mean {near}?)", l.name)?,
+                    (None, None) => writeln!(f, "    {}", l.name)?,
+                }
+            }
+            more(f, list.len())?;
+        }
+        if !self.problems.is_empty() {
+            writeln!(f, "  problems:")?;
+            for p in self.problems.iter().take(SHOWN) {
+                let tag = match p.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                    Severity::Note => "note",
+                };
+                writeln!(f, "    {tag}: {}", p.message)?;
+            }
+            more(f, self.problems.len())?;
+        }
+        if let Some(c) = &self.copy {
+            write!(
+                f,
+                "  copied {} tensors, {} in {:.1} ms",
+                c.tensors,
+                human_bytes(c.bytes),
+                c.copy_seconds * 1e3
+            )?;
+            if c.verified {
+                let how = if c.casts == 0 {
+                    "bit for bit"
+                } else {
+                    "bit for bit (cast pairs: against the source converted to the target dtype)"
+                };
+                writeln!(f, "; verified {how} in {:.1} ms", c.verify_seconds * 1e3)?;
+            } else {
+                writeln!(f, "; not verified")?;
+            }
+        }
+        let errors = self.count(Severity::Error);
+        let verdict = match (self.ok, self.complete) {
+            (false, _) => format!("refused: {errors} error(s), nothing written"),
+            (true, true) => "complete: every tensor on both sides takes part".to_string(),
+            (true, false) => {
+                let open = self.leftovers.iter().filter(|l| l.explained.is_none()).count();
+                format!("incomplete: {open} tensor(s) left over")
+            }
+        };
+        write!(f, "  verdict: {verdict}")
+    }
+}

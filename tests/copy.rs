@@ -1,0 +1,173 @@
+//! The copy engine: in place, converted, verified, and the report of it.
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{bit_equal, fixture};
+use tch::{Device, Kind, Tensor};
+use transplant::copy::{self, Options};
+use transplant::store::{Checkpoint, ModuleStore};
+use transplant::{Format, Mapping, Plan, Policy, Report, Store};
+
+fn checkpoint(tensors: Vec<(&str, Tensor)>) -> Checkpoint {
+    let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    Checkpoint::from_tensors("memory", Format::Safetensors, tensors, BTreeMap::new()).unwrap()
+}
+
+fn tensor_of<'a>(store: &'a dyn Store, name: &str) -> &'a Tensor {
+    let index = store.entries().iter().position(|e| e.name == name).unwrap();
+    store.tensor(index).unwrap()
+}
+
+fn grad_mode_on() -> bool {
+    let x = Tensor::ones([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&x * 2.0).requires_grad()
+}
+
+#[test]
+fn copies_in_place_without_reallocating_the_module_tensors() {
+    let source = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
+    let target = ModuleStore::open(fixture("bn_net_b.pt")).unwrap();
+    let before: Vec<usize> =
+        (0..target.entries().len()).map(|i| target.tensor(i).unwrap().data_ptr() as usize).collect();
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    assert_eq!(copied.tensors, 20);
+    assert!(copied.verified);
+    let after: Vec<usize> =
+        (0..target.entries().len()).map(|i| target.tensor(i).unwrap().data_ptr() as usize).collect();
+    assert_eq!(before, after, "a tensor was reallocated");
+    for e in source.entries() {
+        assert!(bit_equal(tensor_of(&source, &e.name), tensor_of(&target, &e.name)), "{}", e.name);
+    }
+    // The module itself sees the new values (not a copy of its tensors).
+    let fresh = target.module().named_tensors().unwrap();
+    let mean = fresh.iter().find(|n| n.name == "features.1.0.bn.running_mean").unwrap();
+    assert!(bit_equal(&mean.tensor, tensor_of(&source, "features.1.0.bn.running_mean")));
+}
+
+#[test]
+fn grad_mode_is_restored_after_a_copy_and_after_a_refused_one() {
+    let source = checkpoint(vec![("w", Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
+    let target = checkpoint(vec![("w", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    assert!(grad_mode_on());
+    let wrong = checkpoint(vec![("w", Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
+    let bad = Plan::build(&source, &wrong, &Mapping::default()).unwrap();
+    assert!(copy::execute(&bad, &source, &wrong, &Policy::default()).is_err());
+    assert!(grad_mode_on());
+}
+
+#[test]
+fn dtypes_are_converted_to_the_targets_and_integers_stay_integers() {
+    let values = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
+    let source = checkpoint(vec![
+        ("w", values.shallow_clone()),
+        ("bn.num_batches_tracked", Tensor::from(123i64)),
+        ("ids", Tensor::from_slice(&[1i64, -2, 3])),
+    ]);
+    let target = checkpoint(vec![
+        ("w", Tensor::zeros([4, 5], (Kind::Half, Device::Cpu))),
+        ("bn.num_batches_tracked", Tensor::from(0i64)),
+        ("ids", Tensor::zeros([3], (Kind::Int, Device::Cpu))),
+    ]);
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    assert_eq!(copied.casts, 2);
+    assert_eq!(tensor_of(&target, "w").kind(), Kind::Half);
+    assert!(bit_equal(tensor_of(&target, "w"), &values.to_kind(Kind::Half)));
+    let counter = tensor_of(&target, "bn.num_batches_tracked");
+    assert_eq!((counter.kind(), counter.int64_value(&[])), (Kind::Int64, 123));
+    assert_eq!(tensor_of(&target, "ids").kind(), Kind::Int);
+    assert_eq!(Vec::<i32>::try_from(tensor_of(&target, "ids")).unwrap(), vec![1, -2, 3]);
+}
+
+#[test]
+fn non_contiguous_sources_and_targets_copy_correctly() {
+    let base = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([3, 4]);
+    let source = checkpoint(vec![("w", base.tr())]);
+    let holder = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
+    let target = checkpoint(vec![("w", holder.tr())]);
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    assert!(bit_equal(&holder, &base), "the transposed target view got the transposed values");
+}
+
+#[test]
+fn large_copies_go_in_several_batches_and_stay_exact() {
+    let opts = (Kind::Float, Device::Cpu);
+    let big: Vec<(&str, Tensor)> =
+        ["a", "b", "c"].into_iter().map(|n| (n, Tensor::randn([8 << 20], opts))).collect();
+    let source = checkpoint(big.iter().map(|(n, t)| (*n, t.shallow_clone())).collect());
+    let target =
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    assert_eq!(copied.bytes, 3 * 32 << 20);
+    for (name, t) in &big {
+        assert!(bit_equal(tensor_of(&target, name), t), "{name}");
+    }
+}
+
+#[test]
+fn verification_names_a_tensor_that_differs() {
+    let source = checkpoint(vec![
+        ("a", Tensor::ones([3], (Kind::Float, Device::Cpu))),
+        ("b", Tensor::ones([2, 2], (Kind::Float, Device::Cpu))),
+    ]);
+    let target = checkpoint(vec![
+        ("a", Tensor::zeros([3], (Kind::Float, Device::Cpu))),
+        ("b", Tensor::zeros([2, 2], (Kind::Float, Device::Cpu))),
+    ]);
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    copy::execute_with(
+        &plan,
+        &source,
+        &target,
+        &Policy::default(),
+        Options { verify: false, progress: false },
+    )
+    .unwrap();
+    copy::verify(&plan, &source, &target).unwrap();
+    let _ = tensor_of(&target, "b").shallow_clone().fill_(5.0);
+    let message = copy::verify(&plan, &source, &target).unwrap_err().to_string();
+    assert!(message.contains("target b") && message.contains("source b"), "{message}");
+    // NaN compares equal to the same NaN, bit for bit.
+    let nan = checkpoint(vec![("a", Tensor::full([2], f64::NAN, (Kind::Float, Device::Cpu)))]);
+    let holder = checkpoint(vec![("a", Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
+    let plan = Plan::build(&nan, &holder, &Mapping::default()).unwrap();
+    copy::execute(&plan, &nan, &holder, &Policy::default()).unwrap();
+}
+
+#[test]
+fn the_report_is_a_table_for_people_and_json_for_programs() {
+    let source = ModuleStore::open(fixture("mlp_bn.pt")).unwrap();
+    let target = ModuleStore::open(fixture("mlp.pt")).unwrap();
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let report = Report::new(&plan, &Policy::default(), None);
+    assert!(!report.is_complete());
+    let text = report.to_string();
+    assert!(text.contains("pairs: 2"), "{text}");
+    assert!(text.contains("left over in the source"), "{text}");
+    assert!(text.contains("3.weight (did you mean 2.weight?)"), "{text}");
+    assert!(text.contains("verdict: incomplete"), "{text}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["complete"], false);
+    assert_eq!(json["pairs"].as_array().unwrap().len(), 2);
+    assert_eq!(json["pairs"][0]["provenance"], "exact");
+    assert!(json["problems"].as_array().unwrap().iter().any(|p| p["finding"]["kind"] == "leftover"));
+
+    let opts = (Kind::Float, Device::Cpu);
+    let many: Vec<(String, Tensor)> =
+        (0..40).map(|i| (format!("layer{i}.weight"), Tensor::ones([1], opts))).collect();
+    let source = Checkpoint::from_tensors("many", Format::Safetensors, many, BTreeMap::new()).unwrap();
+    let target_tensors = (0..40).map(|i| (format!("layer{i}.weight"), Tensor::zeros([1], opts))).collect();
+    let target =
+        Checkpoint::from_tensors("many", Format::Safetensors, target_tensors, BTreeMap::new()).unwrap();
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    let text = Report::new(&plan, &Policy::default(), Some(copied)).to_string();
+    assert!(text.contains("… and 28 more"), "{text}");
+    assert!(text.contains("verified bit for bit") && text.contains("verdict: complete"), "{text}");
+}
