@@ -104,7 +104,7 @@ fn large_copies_go_in_several_batches_and_stay_exact() {
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
-    assert_eq!(copied.bytes, 3 * 32 << 20);
+    assert_eq!(copied.bytes, 3 * (32 << 20));
     for (name, t) in &big {
         assert!(bit_equal(tensor_of(&target, name), t), "{name}");
     }
