@@ -34,6 +34,20 @@ registration order, unlike safetensors files, which sort their tensors):
   resnet18.pt -> renamed_resnet18.pt
                                      torchvision's resnet18 into the same network written
                                      with different attribute names everywhere
+
+torch.save checkpoints (torch_save/; torch_save.expected.json lists, per file, the
+key of the state dict and its tensors as PyTorch loads them):
+  resnet18.pth, mobilenet_v2.pth  torchvision state dicts (BatchNorm, _metadata)
+  training.pth                    {'epoch', 'state_dict', 'optimizer', 'best_acc', 'arch'}
+  two_models.pth                  {'model': ..., 'model_ema': ...} (needs a key)
+  nested.pth                      {'checkpoint': {'model': {'state_dict': ...}}}
+  dataparallel.pth                keys under `module.`
+  dtypes.pth                      float16, bfloat16, int8, bool, ... tensors
+  views.pth                       a transposed tensor, a strided slice, and two names
+                                  (and a view) sharing one storage
+  parameter.pth                   an nn.Parameter saved directly
+  legacy.pth                      the pre-1.6 format (_use_new_zipfile_serialization=False)
+  malicious.pth                   a pickle that would call os.system if unpickled
 COMPLETE is written last.
 """
 import hashlib
@@ -304,6 +318,84 @@ def write_mapping_cases(out: str) -> None:
     torch.jit.save(torch.jit.script(renamed), os.path.join(out, "renamed_resnet18.pt"))
 
 
+class Malicious:
+    """Pickles as a call to os.system; loading it must never run the command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_torch_save(out: str) -> None:
+    import torchvision
+
+    folder = os.path.join(out, "torch_save")
+    os.makedirs(folder, exist_ok=True)
+    expected = {}
+
+    def save(name, obj, state, key=None, **kwargs):
+        torch.save(obj, os.path.join(folder, name), **kwargs)
+        expected[name] = {"key": key, "tensors": [tensor_record(k, v) for k, v in state.items()]}
+
+    torch.manual_seed(21)
+    resnet = warm_up(torchvision.models.resnet18(weights=None), (2, 3, 64, 64), steps=1)
+    sd = resnet.state_dict()
+    save("resnet18.pth", sd, sd)
+    expected["resnet18.pth"]["metadata"] = {k: dict(v) for k, v in sd._metadata.items()}
+    torch.manual_seed(22)
+    mobilenet = warm_up(torchvision.models.mobilenet_v2(weights=None), (2, 3, 64, 64), steps=1)
+    save("mobilenet_v2.pth", mobilenet.state_dict(), mobilenet.state_dict())
+
+    model = trained(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    model.eval()
+    sd = model.state_dict()
+    checkpoint = {"epoch": 3, "state_dict": sd, "optimizer": optimizer.state_dict(), "best_acc": 0.91, "arch": "bn_net"}
+    save("training.pth", checkpoint, sd, key="state_dict")
+    ema = trained(2).state_dict()
+    save("two_models.pth", {"model": sd, "model_ema": ema, "epoch": 7}, ema, key="model_ema")
+    save("nested.pth", {"checkpoint": {"model": {"state_dict": sd}}, "step": 10}, sd, key="checkpoint.model.state_dict")
+    wrapped = {f"module.{k}": v for k, v in sd.items()}
+    save("dataparallel.pth", wrapped, wrapped)
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 4, generator=g)
+    dtypes = {
+        "half": base.half(),
+        "bf16": base.bfloat16(),
+        "f64": base.double(),
+        "i8": torch.randint(-100, 100, (5,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (5,), generator=g, dtype=torch.uint8),
+        "i32": torch.randint(-1000, 1000, (3, 2), generator=g, dtype=torch.int32),
+        "i64": torch.tensor([2**40, -3, 7]),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 5),
+    }
+    save("dtypes.pth", dtypes, dtypes)
+    shared = torch.randn(4, 4, generator=g)
+    views = {
+        "transposed": base.t(),
+        "strided": base[1:, ::2],
+        "tied_a": shared,
+        "tied_b": shared,
+        "tied_row": shared[2],
+    }
+    save("views.pth", views, views)
+    parameter = nn.Parameter(torch.randn(3, 4, generator=g))
+    save("parameter.pth", parameter, {"parameter": parameter.detach()})
+    torch.save(sd, os.path.join(folder, "legacy.pth"), _use_new_zipfile_serialization=False)
+    torch.save({"weights": torch.ones(2), "payload": Malicious(os.path.join(folder, "PWNED"))}, os.path.join(folder, "malicious.pth"))
+
+    with open(os.path.join(out, "torch_save.expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -312,6 +404,7 @@ def main() -> None:
     write_bn_net(out)
     write_formats(out)
     write_mapping_cases(out)
+    write_torch_save(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

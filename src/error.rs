@@ -172,6 +172,26 @@ pub enum Error {
         /// The target tensor.
         target: String,
     },
+    /// A checkpoint has no value under the key asked for.
+    #[error("{path}: no key {key} in the checkpoint (keys there: {available})")]
+    NoSuchKey {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The key asked for.
+        key: String,
+        /// Keys that exist at the level where the search stopped.
+        available: String,
+    },
+    /// A checkpoint holds several dicts of tensors and none was chosen.
+    #[error("{path}: several dicts of tensors ({candidates}); choose one with --key{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
+    AmbiguousKey {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The keys that hold tensors.
+        candidates: String,
+        /// Which are the usual ones.
+        hint: String,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what}: a lock was poisoned by a panic in another thread")]
     Poisoned {
@@ -206,7 +226,9 @@ impl Error {
             | Error::Format { path, .. }
             | Error::Unsupported { path, .. }
             | Error::UnsupportedDtype { path, .. }
-            | Error::Unrepresentable { path, .. } => {
+            | Error::Unrepresentable { path, .. }
+            | Error::NoSuchKey { path, .. }
+            | Error::AmbiguousKey { path, .. } => {
                 if path == from {
                     *path = to.to_path_buf();
                 }

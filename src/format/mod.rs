@@ -1,7 +1,9 @@
 //! On-disk formats: one file each, and [`sniff`], which tells them apart by content.
 pub mod npz;
+pub mod pickle;
 pub mod safetensors;
 pub mod tch_archive;
+pub mod torch_pickle;
 
 use std::fmt;
 use std::fs::File;

@@ -6,7 +6,7 @@ use tch::Tensor;
 
 use super::{Entry, Store, StoreKind};
 use crate::error::{Error, Result};
-use crate::format::{self, npz, safetensors, tch_archive, Format};
+use crate::format::{self, npz, safetensors, tch_archive, torch_pickle, Format};
 
 /// Named tensors of a state-dict file (safetensors, sharded safetensors, `.ot`,
 /// `.npz`), held in memory or mapped. The tensors are writable: writes change the
@@ -21,36 +21,50 @@ pub struct Checkpoint {
     entries: Vec<Entry>,
     tensors: Vec<Tensor>,
     metadata: BTreeMap<String, String>,
+    key: Option<String>,
 }
 
 impl Checkpoint {
     /// Opens a state-dict file, its format found from its content.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        Self::open_as(path, format::sniff(path)?)
+        Self::open_with_key(path, None)
     }
 
-    pub(crate) fn open_as(path: &Path, format: Format) -> Result<Self> {
+    /// Opens a state-dict file; for a `torch.save` checkpoint dict, `key` picks
+    /// the state dict inside it (`state_dict`, `model_ema`, nested as `a.b`);
+    /// without one the unique dict of tensors is picked and [`Store::key`] says which.
+    pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Self> {
+        let path = path.as_ref();
+        Self::open_as(path, format::sniff(path)?, key)
+    }
+
+    pub(crate) fn open_as(path: &Path, format: Format, key: Option<&str>) -> Result<Self> {
+        if key.is_some() && format != Format::TorchSave {
+            return Err(Error::Unsupported {
+                path: path.into(),
+                format,
+                hint: "--key selects inside torch.save checkpoints only".into(),
+            });
+        }
         let (tensors, metadata) =
             match format {
                 Format::Safetensors => safetensors::read(path)?,
                 Format::SafetensorsIndex => safetensors::read_sharded(path)?,
                 Format::TchArchive => (tch_archive::read(path)?, BTreeMap::new()),
                 Format::Npz => (npz::read(path)?, BTreeMap::new()),
+                Format::TorchSave => {
+                    let loaded = torch_pickle::read(path, key)?;
+                    let metadata = torch_pickle::metadata_of(&loaded);
+                    let mut checkpoint =
+                        Self::from_tensors(path.display().to_string(), format, loaded.tensors, metadata)?;
+                    checkpoint.key = loaded.key;
+                    return Ok(checkpoint);
+                }
                 Format::TorchScript => {
                     return Err(Error::Unsupported {
                         path: path.into(),
                         format,
                         hint: "open it as a module (transplant::store::open or ModuleStore::open)".into(),
-                    })
-                }
-                Format::TorchSave => {
-                    return Err(Error::Unsupported {
-                        path: path.into(),
-                        format,
-                        hint: "reading torch.save checkpoints is not supported yet; in Python, \
-                           `safetensors.torch.save_file(torch.load(path), 'model.safetensors')` converts it"
-                            .into(),
                     })
                 }
                 Format::TorchSaveLegacy => return Err(Error::Unsupported {
@@ -82,7 +96,7 @@ impl Checkpoint {
         }
         let entries = tensors.iter().map(|(n, t)| Entry::inferred(n.clone(), t)).collect();
         let tensors = tensors.into_iter().map(|(_, t)| t).collect();
-        Ok(Self { origin, format, entries, tensors, metadata })
+        Ok(Self { origin, format, entries, tensors, metadata, key: None })
     }
 
     /// The format the checkpoint was read from (or is meant for).
@@ -107,10 +121,15 @@ impl Checkpoint {
             Format::Safetensors => safetensors::write(temp, &named, &self.metadata),
             Format::TchArchive => tch_archive::write(temp, &named),
             Format::Npz => npz::write(temp, &named),
+            Format::TorchSave => torch_pickle::write(
+                temp,
+                &named,
+                self.metadata.get(torch_pickle::METADATA_KEY).map(String::as_str),
+            ),
             other => Err(Error::Unsupported {
                 path: path.into(),
                 format: other,
-                hint: "write .safetensors, .ot or .npz".into(),
+                hint: "write .safetensors, .pth, .ot or .npz".into(),
             }),
         })
     }
@@ -128,6 +147,9 @@ impl Store for Checkpoint {
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)
+    }
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
     /// Writes in the format `path`'s extension names, else in the format read.
     fn save(&self, path: &Path) -> Result<()> {

@@ -149,6 +149,10 @@ pub trait Store {
     /// an in-place write (under a no-grad guard) changes the model. `None` when
     /// `index` is out of range.
     fn tensor(&self, index: usize) -> Option<&Tensor>;
+    /// For a checkpoint dict, the key its state dict was found under.
+    fn key(&self) -> Option<&str> {
+        None
+    }
     /// Writes the store to `path` in its own kind (a module stays a module) or, for
     /// state-dict stores, in the format `path`'s extension names. The file appears
     /// whole or not at all.
@@ -158,10 +162,16 @@ pub trait Store {
 /// Opens a model file of any supported kind, found from its content: a
 /// TorchScript module becomes a [`ModuleStore`], everything else a [`Checkpoint`].
 pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Store>> {
+    open_with_key(path, None)
+}
+
+/// [`open`], with `key` picking the state dict inside a `torch.save`
+/// checkpoint dict (see [`Checkpoint::open_with_key`]).
+pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dyn Store>> {
     let path = path.as_ref();
     match format::sniff(path)? {
-        Format::TorchScript => Ok(Box::new(ModuleStore::open(path)?)),
-        other => Ok(Box::new(Checkpoint::open_as(path, other)?)),
+        Format::TorchScript if key.is_none() => Ok(Box::new(ModuleStore::open(path)?)),
+        other => Ok(Box::new(Checkpoint::open_as(path, other, key)?)),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Summary {
     pub origin: String,
     /// What kind of store or file it is.
     pub kind: String,
+    /// For a checkpoint dict, the key its state dict was found under.
+    pub key: Option<String>,
     /// Every entry, in registration order.
     pub entries: Vec<Entry>,
     /// Per role and dtype, parameters first.
@@ -60,6 +62,7 @@ impl Summary {
         Self {
             origin: store.origin().to_string(),
             kind: store.kind().to_string(),
+            key: store.key().map(str::to_string),
             tensors: entries.len(),
             bytes: entries.iter().map(Entry::bytes).sum(),
             totals: totals.into_values().collect(),
@@ -91,7 +94,10 @@ fn shape_text(shape: &[i64]) -> String {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} ({})", self.origin, self.kind)?;
+        match &self.key {
+            Some(key) => writeln!(f, "{} ({}, state dict under key {key:?})", self.origin, self.kind)?,
+            None => writeln!(f, "{} ({})", self.origin, self.kind)?,
+        }
         let name_width = self.entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
         writeln!(
             f,
