@@ -5,24 +5,25 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-/// Resident set size of this process, in bytes (Linux).
-fn rss_bytes() -> Result<u64> {
+/// A size from /proc/self/status (VmRSS, VmHWM), in bytes (Linux).
+fn status(field: &str) -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
     let kb: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
     Ok(kb * 1024)
 }
 
 fn main() -> Result<()> {
     let path = std::env::args().skip(1).find(|a| !a.starts_with("--")).context("usage: open FILE")?;
-    let before = rss_bytes()?;
+    let before = status("VmRSS:")?;
     let start = Instant::now();
     let store = transplant::store::open(&path)?;
     let bytes: u64 = store.entries().iter().map(|e| e.bytes()).sum();
     let seconds = start.elapsed().as_secs_f64();
-    let added = rss_bytes()?.saturating_sub(before);
+    let added = status("VmRSS:")?.saturating_sub(before);
     println!(
-        "{{\"seconds\": {seconds:.6}, \"rss_added_bytes\": {added}, \"tensors\": {}, \"bytes\": {bytes}}}",
+        "{{\"seconds\": {seconds:.6}, \"rss_added_bytes\": {added}, \"peak_rss_bytes\": {}, \"tensors\": {}, \"bytes\": {bytes}}}",
+        status("VmHWM:")?,
         store.entries().len()
     );
     Ok(())

@@ -38,6 +38,18 @@ printf '  %-44s %10.4f  %14s\n' "safetensors safe_open + keys (no tensors)" "$(f
 echo "  load_file / transplant: $(ratio "$(field "$load_file" seconds)" "$(field "$ours" seconds)")x the time"
 
 echo
+echo "== read a ~1 GB torch.save state dict (best of 3; peak RSS is the whole process's)"
+pth="$work/wide.pth"
+"$py" scripts/bench_open.py "$pth" make_pth
+ours="$(best cargo bench --quiet --bench open -- "$pth")"
+theirs="$(best "$py" scripts/bench_open.py "$pth" torch_load)"
+size="$(stat -c %s "$pth")"
+printf '  %-52s %10s  %14s  %14s\n' "" "seconds" "memory added" "peak RSS"
+printf '  %-52s %10.4f  %14s  %14s\n' "transplant store::open + entries" "$(field "$ours" seconds)" "$(mb "$(field "$ours" rss_added_bytes)")" "$(mb "$(field "$ours" peak_rss_bytes)")"
+printf '  %-52s %10.4f  %14s  %14s\n' "torch.load(mmap=True, weights_only=True)" "$(field "$theirs" seconds)" "$(mb "$(field "$theirs" rss_added_bytes)")" "$(mb "$(field "$theirs" peak_rss_bytes)")"
+echo "  file: $(mb "$size"); torch.load / transplant: $(ratio "$(field "$theirs" seconds)" "$(field "$ours" seconds)")x the time; transplant peak RSS / file size: $(ratio "$(field "$ours" peak_rss_bytes)" "$size")"
+
+echo
 echo "== planning (rules + matchers; targets: 100k entries with 50 rules under 0.1 s and linear; order matcher on 30k under 1 s)"
 cargo bench --quiet --bench plan
 
