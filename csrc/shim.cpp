@@ -132,6 +132,17 @@ char *tp_module_is_training(const tp_module *module, int *out) {
   return guarded([&] { *out = module->module.is_training() ? 1 : 0; });
 }
 
+char *tp_module_to(tp_module *module, const char *device, int dtype) {
+  return guarded([&] {
+    c10::Device dev(device);
+    if (dtype >= 0) {
+      module->module.to(dev, static_cast<c10::ScalarType>(dtype));
+    } else {
+      module->module.to(dev);
+    }
+  });
+}
+
 char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_inputs,
                         void *ctx, tp_tensor_fn f) {
   return guarded([&] {

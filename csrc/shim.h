@@ -45,6 +45,9 @@ char *tp_module_entries(const tp_module *module, void *ctx, tp_entry_fn f);
 char *tp_module_save(const tp_module *module, const char *path);
 char *tp_module_set_training(tp_module *module, int training);
 char *tp_module_is_training(const tp_module *module, int *out);
+/* Moves the module's parameters and buffers to `device` ("cpu", "cuda:0") and,
+ * when `dtype` >= 0 (a c10::ScalarType), converts its floating ones to it. */
+char *tp_module_to(tp_module *module, const char *device, int dtype);
 /* Runs forward(*inputs); the output (a tensor, or tuples/lists of tensors,
  * flattened depth first) goes to `f`. */
 char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_inputs,

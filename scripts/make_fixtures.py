@@ -48,6 +48,11 @@ key of the state dict and its tensors as PyTorch loads them):
   parameter.pth                   an nn.Parameter saved directly
   legacy.pth                      the pre-1.6 format (_use_new_zipfile_serialization=False)
   malicious.pth                   a pickle that would call os.system if unpickled
+
+The demo (demo/, used by scripts/demo.sh):
+  state_dict.pth     torch.save(model.state_dict()) of a trained BnNet
+  renamed_module.pt  the same network scripted with every attribute named differently
+  reference.pt       the trained BnNet itself, scripted: what the copy must reproduce
 COMPLETE is written last.
 """
 import hashlib
@@ -396,6 +401,33 @@ def write_torch_save(out: str) -> None:
         json.dump(expected, f, indent=1)
 
 
+class RenamedBnNet(nn.Module):
+    """BnNet's layers in BnNet's order, every attribute named differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.trunk = nn.ModuleList([ConvBn(3, 8), nn.Sequential(ConvBn(8, 16), nn.MaxPool2d(2))])
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+        self.norm = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        for layer in self.trunk:
+            x = layer(x)
+        return self.norm(self.fc(self.flatten(x))) / self.scale
+
+
+def write_demo(out: str) -> None:
+    folder = os.path.join(out, "demo")
+    os.makedirs(folder, exist_ok=True)
+    model = trained(3)
+    torch.save(model.state_dict(), os.path.join(folder, "state_dict.pth"))
+    torch.jit.save(torch.jit.script(model), os.path.join(folder, "reference.pt"))
+    torch.manual_seed(30)
+    torch.jit.save(torch.jit.script(RenamedBnNet().eval()), os.path.join(folder, "renamed_module.pt"))
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -405,6 +437,7 @@ def main() -> None:
     write_formats(out)
     write_mapping_cases(out)
     write_torch_save(out)
+    write_demo(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

@@ -192,6 +192,22 @@ pub enum Error {
         /// Which are the usual ones.
         hint: String,
     },
+    /// A device asked for cannot be used.
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device as given.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// An output path cannot be used.
+    #[error("output {path} {reason}")]
+    Output {
+        /// The output path.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what}: a lock was poisoned by a panic in another thread")]
     Poisoned {
@@ -227,6 +243,7 @@ impl Error {
             | Error::Unsupported { path, .. }
             | Error::UnsupportedDtype { path, .. }
             | Error::Unrepresentable { path, .. }
+            | Error::Output { path, .. }
             | Error::NoSuchKey { path, .. }
             | Error::AmbiguousKey { path, .. } => {
                 if path == from {
@@ -238,6 +255,7 @@ impl Error {
             | Error::DuplicateName { .. }
             | Error::Poisoned { .. }
             | Error::Rule { .. }
+            | Error::Device { .. }
             | Error::PlanRejected { .. }
             | Error::PlanOutdated { .. }
             | Error::Verification { .. }

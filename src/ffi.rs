@@ -31,6 +31,7 @@ extern "C" {
     pub(crate) fn tp_module_save(module: *const TpModule, path: *const c_char) -> *mut c_char;
     pub(crate) fn tp_module_set_training(module: *mut TpModule, training: c_int) -> *mut c_char;
     pub(crate) fn tp_module_is_training(module: *const TpModule, out: *mut c_int) -> *mut c_char;
+    pub(crate) fn tp_module_to(module: *mut TpModule, device: *const c_char, dtype: c_int) -> *mut c_char;
     pub(crate) fn tp_module_forward(
         module: *const TpModule,
         inputs: *const *mut torch_sys::C_tensor,

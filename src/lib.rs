@@ -3,16 +3,19 @@
 #![deny(missing_docs)]
 
 pub mod copy;
+pub mod diff;
 pub mod dtype;
 mod error;
 mod ffi;
 pub mod format;
 pub mod matching;
+pub mod outputs;
 pub mod plan;
 pub mod report;
 pub mod rules;
 mod script_module;
 pub mod store;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub use format::Format;

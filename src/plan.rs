@@ -25,6 +25,33 @@ pub struct Mapping {
     pub matcher: Matcher,
 }
 
+impl Mapping {
+    /// A mapping from command-line parts, rules tried in this order: every
+    /// `skips` pattern, every `maps` rule (`PATTERN=>REPLACEMENT`), then the
+    /// rules file — so a `--skip` always removes what it names.
+    pub fn from_parts(
+        rules_file: Option<&std::path::Path>,
+        maps: &[String],
+        skips: &[String],
+        matcher: Matcher,
+    ) -> Result<Self> {
+        let mut rules = Rules::new();
+        for pattern in skips {
+            rules.add_skip(pattern)?;
+        }
+        for spec in maps {
+            rules.add_map(spec)?;
+        }
+        if let Some(path) = rules_file {
+            let file = Rules::from_file(path)?;
+            for rule in file.rules() {
+                rules.push(&rule.pattern, rule.action.clone(), rule.source.clone())?;
+            }
+        }
+        Ok(Self { rules, matcher })
+    }
+}
+
 /// What a check tolerates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Policy {

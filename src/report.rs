@@ -180,9 +180,12 @@ impl fmt::Display for Report {
             }
             more(f, list.len())?;
         }
-        if !self.problems.is_empty() {
+        // Unpaired entries are listed above; the other findings follow.
+        let problems: Vec<&ReportProblem> =
+            self.problems.iter().filter(|p| !matches!(p.finding, Finding::Leftover { .. })).collect();
+        if !problems.is_empty() {
             writeln!(f, "  problems:")?;
-            for p in self.problems.iter().take(SHOWN) {
+            for p in problems.iter().take(SHOWN) {
                 let tag = match p.severity {
                     Severity::Error => "error",
                     Severity::Warning => "warning",
@@ -190,7 +193,7 @@ impl fmt::Display for Report {
                 };
                 writeln!(f, "    {tag}: {}", p.message)?;
             }
-            more(f, self.problems.len())?;
+            more(f, problems.len())?;
         }
         if let Some(c) = &self.copy {
             write!(

@@ -151,6 +151,33 @@ impl ScriptModule {
         result.map_err(self.module_error("setting train/eval mode"))
     }
 
+    /// Moves every parameter and buffer to `device` and, with `dtype`, converts
+    /// the floating ones to it (like `module.to(device, dtype)` in PyTorch:
+    /// integer buffers such as `num_batches_tracked` keep their type).
+    pub fn to(&mut self, device: Device, dtype: Option<tch::Kind>) -> Result<()> {
+        let code = match dtype {
+            None => -1,
+            Some(tch::Kind::Half) => 5,
+            Some(tch::Kind::Float) => 6,
+            Some(tch::Kind::Double) => 7,
+            Some(tch::Kind::BFloat16) => 15,
+            Some(other) => {
+                return Err(Error::Module {
+                    module: self.origin.clone(),
+                    operation: "conversion",
+                    message: format!(
+                        "modules convert to floating dtypes only, not {}",
+                        crate::dtype::name(other)
+                    ),
+                })
+            }
+        };
+        let c_device = CString::new(device_name(device)).unwrap_or_default();
+        // SAFETY: `self.raw` is live and borrowed mutably; the string outlives the call.
+        let result = unsafe { ffi::check(ffi::tp_module_to(self.raw, c_device.as_ptr(), code)) };
+        result.map_err(self.module_error("moving/converting"))
+    }
+
     /// Whether the module is in training mode.
     pub fn is_training(&self) -> Result<bool> {
         let mut training: c_int = 0;

@@ -99,6 +99,28 @@ impl Checkpoint {
         Ok(Self { origin, format, entries, tensors, metadata, key: None })
     }
 
+    /// The same checkpoint with its tensors on `device` and, with `dtype`, its
+    /// floating tensors converted (integer and bool tensors keep their type).
+    pub fn converted(&self, device: tch::Device, dtype: Option<tch::Kind>) -> Result<Self> {
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        for (entry, tensor) in self.entries.iter().zip(&self.tensors) {
+            let floating = matches!(
+                entry.dtype,
+                tch::Kind::Half | tch::Kind::Float | tch::Kind::Double | tch::Kind::BFloat16
+            );
+            let kind = dtype.filter(|_| floating).unwrap_or(entry.dtype);
+            let moved = tensor
+                .f_to_device(device)
+                .and_then(|t| t.f_to_kind(kind))
+                .and_then(|t| t.f_contiguous())
+                .map_err(|source| Error::Tensor { tensor: entry.name.clone(), source })?;
+            tensors.push((entry.name.clone(), moved));
+        }
+        let mut out = Self::from_tensors(self.origin.clone(), self.format, tensors, self.metadata.clone())?;
+        out.key = self.key.clone();
+        Ok(out)
+    }
+
     /// The format the checkpoint was read from (or is meant for).
     pub fn format(&self) -> Format {
         self.format

@@ -1,0 +1,175 @@
+//! The command line, as clap declarations: doc comments are the help text.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Move the complete state of PyTorch models — parameters and buffers such as
+/// BatchNorm running statistics — between models, checkpoints and devices.
+///
+/// Models: TorchScript modules (torch.jit.save), torch.save checkpoints
+/// (.pt/.pth/.bin), .safetensors (and sharded *.safetensors.index.json), tch
+/// .ot and .npz files; the kind is found from the content.
+///
+/// Exit status: 0 done and complete; 1 error (nothing written); 2 usage error;
+/// 3 finished, but the transfer is incomplete or the models differ.
+#[derive(Debug, Parser)]
+#[command(name = "transplant", version, arg_required_else_help = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List a model's tensors: role, dtype, shape, device, bytes, and totals.
+    Inspect {
+        /// The model file.
+        model: PathBuf,
+        /// The state dict inside a torch.save checkpoint dict (`state_dict`, `a.b`).
+        #[arg(long)]
+        key: Option<String>,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a copy from SRC into DST would do, writing nothing.
+    Plan {
+        /// The model to copy from.
+        src: PathBuf,
+        /// The model to copy into.
+        dst: PathBuf,
+        #[command(flatten)]
+        mapping: MappingArgs,
+        /// Also write the plan to this JSON file (replay it with `copy --plan`).
+        #[arg(long, value_name = "PLAN.json")]
+        save_plan: Option<PathBuf>,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy SRC's tensors into DST's and write the result to OUT.
+    ///
+    /// OUT keeps DST's kind (a TorchScript module stays a module, with DST's code
+    /// and SRC's weights) unless its extension names a state-dict format
+    /// (.safetensors, .pth/.bin, .ot, .npz). OUT is written whole or not at all;
+    /// SRC and DST are never modified.
+    Copy {
+        /// The model to copy from.
+        src: PathBuf,
+        /// The model to copy into (read, never written).
+        dst: PathBuf,
+        /// Where to write the result.
+        #[arg(short, long, value_name = "OUT")]
+        out: PathBuf,
+        #[command(flatten)]
+        mapping: MappingArgs,
+        /// Replay a plan saved by `plan --save-plan` instead of mapping again.
+        #[arg(long, value_name = "PLAN.json")]
+        plan: Option<PathBuf>,
+        /// Where the target's tensors live during the copy (cpu, cuda, cuda:N).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Convert the result's floating tensors to this dtype.
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// Write the result even if some tensors have no counterpart (exit 3).
+        #[arg(long)]
+        allow_partial: bool,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two models tensor by tensor (after mapping B's names to A's).
+    Diff {
+        /// The first model.
+        a: PathBuf,
+        /// The second model.
+        b: PathBuf,
+        #[command(flatten)]
+        mapping: MappingArgs,
+        /// Relative tolerance.
+        #[arg(long, default_value_t = 0.0)]
+        rtol: f64,
+        /// Absolute tolerance.
+        #[arg(long, default_value_t = 0.0)]
+        atol: f64,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run two TorchScript modules in eval mode on the same seeded random
+    /// inputs and compare their outputs.
+    Verify {
+        /// The first module.
+        a: PathBuf,
+        /// The second module.
+        b: PathBuf,
+        /// An input shape, as `1,3,224,224`; repeat for several inputs.
+        #[arg(long = "input", value_name = "SHAPE", required = true, value_parser = parse_shape)]
+        inputs: Vec<Vec<i64>>,
+        /// Largest |a - b| allowed in any output.
+        #[arg(long, default_value_t = 1e-5)]
+        atol: f64,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How source names become target names.
+#[derive(Debug, Args)]
+pub struct MappingArgs {
+    /// A rules file: `PATTERN => REPLACEMENT` and `skip PATTERN`, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+    /// A rename rule, `PATTERN=>REPLACEMENT` (regex on the whole name; $1, ${name}).
+    #[arg(long = "map", value_name = "PATTERN=>REPLACEMENT")]
+    pub maps: Vec<String>,
+    /// Leave source names matching PATTERN out (tried before every other rule).
+    #[arg(long = "skip", value_name = "PATTERN")]
+    pub skips: Vec<String>,
+    /// The matcher for what the rules leave.
+    #[arg(long = "match", value_enum, default_value_t = MatchArg::Auto)]
+    pub matcher: MatchArg,
+    /// The state dict inside a torch.save checkpoint dict of the source (`state_dict`, `a.b`).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Make every leftover, unused rule and warning an error.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MatchArg {
+    /// Names equal after the rules.
+    Exact,
+    /// Exact, then `module.`/`_orig_mod.` prefixes, then unique suffixes.
+    Auto,
+    /// Registration order aligned by role and shape.
+    Order,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+    /// float32.
+    F32,
+    /// float64.
+    F64,
+}
+
+fn parse_shape(text: &str) -> Result<Vec<i64>, String> {
+    let dims: Result<Vec<i64>, _> = text.split(',').map(|d| d.trim().parse::<i64>()).collect();
+    match dims {
+        Ok(dims) if !dims.is_empty() && dims.iter().all(|&d| d > 0) => Ok(dims),
+        _ => Err(format!(
+            "{text:?} is not a shape: expected positive integers separated by commas, like 1,3,224,224"
+        )),
+    }
+}

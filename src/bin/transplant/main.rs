@@ -1,0 +1,180 @@
+//! The `transplant` command line: parse, call the library, print, map errors to
+//! exit statuses (0 complete, 1 error, 2 usage, 3 incomplete or different).
+mod cli;
+
+use std::fmt::Display;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use transplant::copy::{self, Options};
+use transplant::diff::{self, Tolerance};
+use transplant::store::{self, ModuleStore};
+use transplant::{outputs, transfer, Format, Mapping, Matcher, Plan, Policy, Report, ScriptModule, Summary};
+
+use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
+
+/// How a command ended when it did not fail.
+enum Outcome {
+    /// Done and complete (exit 0).
+    Complete,
+    /// Finished, but incomplete or different (exit 3).
+    Incomplete,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(Outcome::Complete) => ExitCode::SUCCESS,
+        Ok(Outcome::Incomplete) => ExitCode::from(3),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Prints `value`: as one JSON document on stdout with `json`, else as text.
+/// A closed stdout (`transplant inspect … | head`) is not an error.
+fn emit<T: Serialize + Display>(json: bool, value: &T) -> Result<()> {
+    let text = if json { serde_json::to_string_pretty(value)? } else { value.to_string() };
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// A value printed as text the way its `Display` does, and as JSON with extra fields.
+#[derive(Serialize)]
+struct WithExtra<'a, T: Serialize, E: Serialize> {
+    #[serde(flatten)]
+    value: &'a T,
+    #[serde(flatten)]
+    extra: E,
+}
+
+impl<T: Serialize + Display, E: Serialize> Display for WithExtra<'_, T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
+    let matcher = match args.matcher {
+        MatchArg::Exact => Matcher::Exact,
+        MatchArg::Auto => Matcher::Auto,
+        MatchArg::Order => Matcher::Order,
+    };
+    let mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    Ok((mapping, Policy { strict: args.strict, allow_lossy_casts: false }))
+}
+
+fn run(command: Command) -> Result<Outcome> {
+    match command {
+        Command::Inspect { model, key, json } => {
+            let store = store::open_with_key(&model, key.as_deref())?;
+            emit(json, &Summary::of(store.as_ref()))?;
+            Ok(Outcome::Complete)
+        }
+        Command::Plan { src, dst, mapping: args, save_plan, json } => {
+            let (mapping, policy) = mapping(&args)?;
+            let source = transfer::open_source(&src, args.key.as_deref())?;
+            let target = transfer::open_target(&dst, tch::Device::Cpu, None)?;
+            let plan = Plan::build(source.as_ref(), target.as_ref(), &mapping)?;
+            if let Some(path) = &save_plan {
+                plan.save(path).with_context(|| format!("saving the plan to {}", path.display()))?;
+            }
+            let report = Report::new(&plan, &policy, None);
+            emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "plan_file": save_plan }) })?;
+            plan.check(&policy)?;
+            Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
+        }
+        Command::Copy { src, dst, out, mapping: args, plan, device, dtype, allow_partial, json } => {
+            transfer::check_output(&out, &[&src, &dst])?;
+            let (mapping, policy) = mapping(&args)?;
+            let device = transfer::device(&device)?;
+            let dtype = dtype.map(|d| match d {
+                DtypeArg::Bf16 => tch::Kind::BFloat16,
+                DtypeArg::F16 => tch::Kind::Half,
+                DtypeArg::F32 => tch::Kind::Float,
+                DtypeArg::F64 => tch::Kind::Double,
+            });
+            let source = transfer::open_source(&src, args.key.as_deref())?;
+            let target = transfer::open_target(&dst, device, dtype)?;
+            let plan = match &plan {
+                Some(file) => Plan::replay(file, source.as_ref(), target.as_ref())?,
+                None => Plan::build(source.as_ref(), target.as_ref(), &mapping)?,
+            };
+            let refused = |plan: &Plan, why: anyhow::Error| -> Result<Outcome> {
+                let report = Report::new(plan, &policy, None);
+                if json {
+                    emit(true, &report)?;
+                } else {
+                    eprintln!("{report}");
+                }
+                Err(why)
+            };
+            if let Err(e) = plan.check(&policy) {
+                return refused(&plan, e.into());
+            }
+            if !plan.is_complete() && !allow_partial {
+                let open = plan
+                    .source_leftovers
+                    .iter()
+                    .chain(&plan.target_leftovers)
+                    .filter(|l| l.explained.is_none())
+                    .count();
+                return refused(
+                    &plan,
+                    anyhow::anyhow!(
+                        "the transfer is incomplete ({open} tensors have no counterpart); nothing was written: \
+                         add rules, try --match order, or pass --allow-partial to write it anyway"
+                    ),
+                );
+            }
+            let copied =
+                copy::execute_with(&plan, source.as_ref(), target.as_ref(), &policy, Options::default())?;
+            let written = transfer::write_output(target.as_ref(), &out)?;
+            let report = Report::new(&plan, &policy, Some(copied));
+            emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;
+            if !json {
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "  wrote {} ({})",
+                    written.path.display(),
+                    written.kind
+                );
+            }
+            Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
+        }
+        Command::Diff { a, b, mapping: args, rtol, atol, json } => {
+            let (mapping, _) = mapping(&args)?;
+            let first = transfer::open_source(&a, args.key.as_deref())?;
+            let second = store::open(&b)?;
+            let plan = Plan::build(first.as_ref(), second.as_ref(), &mapping)?;
+            let diff = diff::compare(&plan, first.as_ref(), second.as_ref(), Tolerance { rtol, atol })?;
+            emit(json, &diff)?;
+            Ok(if diff.is_same() { Outcome::Complete } else { Outcome::Incomplete })
+        }
+        Command::Verify { a, b, inputs, atol, seed, json } => {
+            let (mut first, mut second) = (module(&a)?, module(&b)?);
+            let comparison = outputs::compare(&mut first, &mut second, &inputs, seed, atol)?;
+            emit(json, &comparison)?;
+            Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
+        }
+    }
+}
+
+/// Loads a TorchScript module, or says why a file is not one.
+fn module(path: &Path) -> Result<ScriptModule> {
+    let kind = transplant::format::sniff(path)?;
+    anyhow::ensure!(
+        kind == Format::TorchScript,
+        "{}: verify runs TorchScript modules, and this is a {kind}",
+        path.display()
+    );
+    Ok(ModuleStore::open(path)?.into_module())
+}

@@ -1,0 +1,185 @@
+//! `diff`: two models compared tensor by tensor after mapping.
+use std::fmt;
+
+use serde::Serialize;
+use tch::{Device, Kind};
+
+use crate::dtype;
+use crate::error::{Error, Result};
+use crate::plan::{Plan, Side};
+use crate::store::Store;
+
+/// How close two tensors must be to count as the same:
+/// `|a - b| <= atol + rtol * |b|` everywhere (NaN matches NaN).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tolerance {
+    /// Relative tolerance.
+    pub rtol: f64,
+    /// Absolute tolerance.
+    pub atol: f64,
+}
+
+/// One pair compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorDiff {
+    /// Name in A.
+    pub a: String,
+    /// Name in B.
+    pub b: String,
+    /// Bit for bit equal (same dtype, shape and bytes).
+    pub identical: bool,
+    /// Within the tolerance.
+    pub close: bool,
+    /// Largest |a - b|, when the shapes agree.
+    pub max_abs: Option<f64>,
+    /// Largest |a - b| / |b| (where b != 0), when the shapes agree.
+    pub max_rel: Option<f64>,
+    /// Shapes, when they differ.
+    pub shapes: Option<(Vec<i64>, Vec<i64>)>,
+    /// Dtypes, when they differ.
+    pub dtypes: Option<(String, String)>,
+}
+
+/// Two models compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diff {
+    /// Model A.
+    pub a: String,
+    /// Model B.
+    pub b: String,
+    /// The tolerance used.
+    pub tolerance: Tolerance,
+    /// Every pair, in B's order.
+    pub pairs: Vec<TensorDiff>,
+    /// Names in A with no counterpart in B.
+    pub only_in_a: Vec<String>,
+    /// Names in B with no counterpart in A.
+    pub only_in_b: Vec<String>,
+    /// Pairs not within the tolerance.
+    pub differing: usize,
+}
+
+impl Diff {
+    /// Whether every tensor has a counterpart and every pair is within the tolerance.
+    pub fn is_same(&self) -> bool {
+        self.differing == 0 && self.only_in_a.is_empty() && self.only_in_b.is_empty()
+    }
+}
+
+fn value(t: tch::Tensor, name: &str) -> Result<f64> {
+    t.f_double_value(&[]).map_err(|source| Error::Tensor { tensor: name.to_string(), source })
+}
+
+/// Compares every pair of `plan` (A as source, B as target).
+pub fn compare(plan: &Plan, a: &dyn Store, b: &dyn Store, tolerance: Tolerance) -> Result<Diff> {
+    let _no_grad = tch::no_grad_guard();
+    let mut pairs = Vec::with_capacity(plan.pairs.len());
+    for pair in &plan.pairs {
+        let missing = || Error::Verification {
+            source_name: pair.source_name.clone(),
+            target: pair.target_name.clone(),
+        };
+        let (x, y) = (a.tensor(pair.source).ok_or_else(missing)?, b.tensor(pair.target).ok_or_else(missing)?);
+        let (ex, ey) = (&a.entries()[pair.source], &b.entries()[pair.target]);
+        let dtypes = (ex.dtype != ey.dtype)
+            .then(|| (dtype::name(ex.dtype).to_string(), dtype::name(ey.dtype).to_string()));
+        let mut diff = TensorDiff {
+            a: pair.source_name.clone(),
+            b: pair.target_name.clone(),
+            identical: false,
+            close: false,
+            max_abs: None,
+            max_rel: None,
+            shapes: (ex.shape != ey.shape).then(|| (ex.shape.clone(), ey.shape.clone())),
+            dtypes,
+        };
+        if diff.shapes.is_none() {
+            let err = |source| Error::Tensor { tensor: pair.target_name.clone(), source };
+            let (x64, y64) = (
+                x.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
+                y.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
+            );
+            diff.identical = diff.dtypes.is_none() && x.device() == y.device() && x.equal(y);
+            if x64.numel() == 0 {
+                diff.close = true;
+                diff.max_abs = Some(0.0);
+                diff.max_rel = Some(0.0);
+            } else {
+                let delta = (&x64 - &y64).abs().nan_to_num(0.0, None, None);
+                diff.max_abs = Some(value(delta.max(), &pair.target_name)?);
+                let scale = y64.abs();
+                let rel = delta.where_self(&scale.gt(0.0), &scale.zeros_like())
+                    / scale.clamp_min(f64::MIN_POSITIVE);
+                diff.max_rel = Some(value(rel.max(), &pair.target_name)?);
+                let close = x64.f_isclose(&y64, tolerance.rtol, tolerance.atol, true).map_err(err)?;
+                diff.close = value(close.all().to_kind(Kind::Int64), &pair.target_name)? != 0.0;
+            }
+        }
+        pairs.push(diff);
+    }
+    let names = |side: Side| -> Vec<String> {
+        let list = if side == Side::Source { &plan.source_leftovers } else { &plan.target_leftovers };
+        list.iter().map(|l| l.name.clone()).collect()
+    };
+    let differing = pairs.iter().filter(|p| !p.close).count();
+    Ok(Diff {
+        a: plan.source.clone(),
+        b: plan.target.clone(),
+        tolerance,
+        pairs,
+        only_in_a: names(Side::Source),
+        only_in_b: names(Side::Target),
+        differing,
+    })
+}
+
+const SHOWN: usize = 20;
+
+impl fmt::Display for Diff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "A: {}\nB: {}", self.a, self.b)?;
+        let identical = self.pairs.iter().filter(|p| p.identical).count();
+        writeln!(
+            f,
+            "  {} pairs: {identical} identical, {} within rtol={} atol={}, {} differ",
+            self.pairs.len(),
+            self.pairs.len() - self.differing - identical.min(self.pairs.len() - self.differing),
+            self.tolerance.rtol,
+            self.tolerance.atol,
+            self.differing
+        )?;
+        for p in self.pairs.iter().filter(|p| !p.close).take(SHOWN) {
+            let name = if p.a == p.b { p.a.clone() } else { format!("{} / {}", p.a, p.b) };
+            match (&p.shapes, p.max_abs) {
+                (Some((sa, sb)), _) => writeln!(f, "    {name}: shapes differ {sa:?} vs {sb:?}")?,
+                (None, Some(abs)) => {
+                    write!(
+                        f,
+                        "    {name}: max |a-b| = {abs:.3e}, max rel = {:.3e}",
+                        p.max_rel.unwrap_or(0.0)
+                    )?;
+                    match &p.dtypes {
+                        Some((da, db)) => writeln!(f, " ({da} vs {db})")?,
+                        None => writeln!(f)?,
+                    }
+                }
+                (None, None) => writeln!(f, "    {name}: differs")?,
+            }
+        }
+        if self.differing > SHOWN {
+            writeln!(f, "    … and {} more", self.differing - SHOWN)?;
+        }
+        for (label, list) in [("only in A", &self.only_in_a), ("only in B", &self.only_in_b)] {
+            if !list.is_empty() {
+                let shown: Vec<&str> = list.iter().take(SHOWN).map(String::as_str).collect();
+                let more = if list.len() > SHOWN {
+                    format!(" … and {} more", list.len() - SHOWN)
+                } else {
+                    String::new()
+                };
+                writeln!(f, "  {label} ({}): {}{more}", list.len(), shown.join(", "))?;
+            }
+        }
+        write!(f, "  verdict: {}", if self.is_same() { "same" } else { "different" })
+    }
+}

@@ -1,0 +1,122 @@
+//! `verify`: two TorchScript modules run in eval mode on the same seeded random
+//! inputs, their outputs compared.
+use std::fmt;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::script_module::ScriptModule;
+
+/// One output of the two modules compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputDiff {
+    /// Position in the (flattened) outputs.
+    pub index: usize,
+    /// Shape from A.
+    pub shape_a: Vec<i64>,
+    /// Shape from B.
+    pub shape_b: Vec<i64>,
+    /// Largest |a - b|; `None` when the shapes differ.
+    pub max_abs: Option<f64>,
+    /// Whether within `atol` (and the same shape).
+    pub close: bool,
+}
+
+/// The outputs of two modules on the same inputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputComparison {
+    /// Module A.
+    pub a: String,
+    /// Module B.
+    pub b: String,
+    /// Input shapes.
+    pub inputs: Vec<Vec<i64>>,
+    /// The seed of the random inputs.
+    pub seed: i64,
+    /// The tolerance on |a - b|.
+    pub atol: f64,
+    /// Each output compared.
+    pub outputs: Vec<OutputDiff>,
+    /// Output counts, when they differ.
+    pub counts: Option<(usize, usize)>,
+}
+
+impl OutputComparison {
+    /// Whether the modules gave the same number of outputs, all within `atol`.
+    pub fn is_same(&self) -> bool {
+        self.counts.is_none() && self.outputs.iter().all(|o| o.close)
+    }
+}
+
+/// Runs `a` and `b` in eval mode on float32 inputs of `shapes`, drawn from a
+/// normal distribution seeded with `seed`, and compares the outputs.
+pub fn compare(
+    a: &mut ScriptModule,
+    b: &mut ScriptModule,
+    shapes: &[Vec<i64>],
+    seed: i64,
+    atol: f64,
+) -> Result<OutputComparison> {
+    a.set_training(false)?;
+    b.set_training(false)?;
+    tch::manual_seed(seed);
+    let inputs: Vec<Tensor> =
+        shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu))).collect();
+    let run = |m: &ScriptModule| -> Result<Vec<Tensor>> {
+        let device = m.named_tensors()?.first().map_or(Device::Cpu, |n| n.tensor.device());
+        let moved: Vec<Tensor> = inputs.iter().map(|t| t.to_device(device)).collect();
+        m.forward(&moved)
+    };
+    let (out_a, out_b) = (run(a)?, run(b)?);
+    let mut outputs = Vec::new();
+    for (index, (x, y)) in out_a.iter().zip(&out_b).enumerate() {
+        let (shape_a, shape_b) = (x.size(), y.size());
+        let max_abs = if shape_a == shape_b {
+            let err = |source| Error::Tensor { tensor: format!("output {index}"), source };
+            let delta = (x.f_to_device(Device::Cpu).map_err(err)?.to_kind(Kind::Double)
+                - y.f_to_device(Device::Cpu).map_err(err)?.to_kind(Kind::Double))
+            .abs();
+            Some(if delta.numel() == 0 { 0.0 } else { delta.max().f_double_value(&[]).map_err(err)? })
+        } else {
+            None
+        };
+        let close = max_abs.is_some_and(|d| d <= atol);
+        outputs.push(OutputDiff { index, shape_a, shape_b, max_abs, close });
+    }
+    Ok(OutputComparison {
+        a: a.origin().to_string(),
+        b: b.origin().to_string(),
+        inputs: shapes.to_vec(),
+        seed,
+        atol,
+        outputs,
+        counts: (out_a.len() != out_b.len()).then_some((out_a.len(), out_b.len())),
+    })
+}
+
+impl fmt::Display for OutputComparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "A: {}\nB: {}", self.a, self.b)?;
+        writeln!(f, "  inputs {:?} (normal, seed {}), eval mode", self.inputs, self.seed)?;
+        if let Some((na, nb)) = self.counts {
+            writeln!(f, "  A gives {na} outputs, B gives {nb}")?;
+        }
+        for o in &self.outputs {
+            match o.max_abs {
+                Some(d) => writeln!(
+                    f,
+                    "  output {} {:?}: max |a-b| = {d:.3e} ({} atol {})",
+                    o.index,
+                    o.shape_a,
+                    if o.close { "within" } else { "above" },
+                    self.atol
+                )?,
+                None => {
+                    writeln!(f, "  output {}: shapes differ {:?} vs {:?}", o.index, o.shape_a, o.shape_b)?
+                }
+            }
+        }
+        write!(f, "  verdict: {}", if self.is_same() { "same outputs" } else { "outputs differ" })
+    }
+}

@@ -1,0 +1,151 @@
+//! The steps a command-line transfer is made of, as library calls: open the
+//! source and the target (placed on a device, converted to a dtype), refuse an
+//! output that would overwrite an input, and write the output in the target's
+//! kind or the state-dict format its extension names.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+use crate::format::{self, Format};
+use crate::script_module::ScriptModule;
+use crate::store::{self, Checkpoint, ModuleStore, Store, StoreKind};
+
+/// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
+pub fn device(text: &str) -> Result<Device> {
+    let device = match text {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(index) => Device::Cuda(index),
+            None => {
+                return Err(Error::Device {
+                    device: text.into(),
+                    reason: "expected cpu, cuda or cuda:N".into(),
+                })
+            }
+        },
+    };
+    if let Device::Cuda(index) = device {
+        if !tch::Cuda::is_available() {
+            return Err(Error::Device {
+                device: text.into(),
+                reason: "CUDA is not available on this machine (no GPU, or libtorch without CUDA)".into(),
+            });
+        }
+        let count = tch::Cuda::device_count() as usize;
+        if index >= count {
+            return Err(Error::Device {
+                device: text.into(),
+                reason: format!("this machine has {count} CUDA device(s)"),
+            });
+        }
+    }
+    Ok(device)
+}
+
+/// Opens the model to copy from (`key`: see [`store::open_with_key`]).
+pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Store>> {
+    store::open_with_key(path, key)
+}
+
+/// Opens the model to copy into, its tensors on `device` and, with `dtype`,
+/// its floating tensors converted to that dtype.
+pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Store>> {
+    match format::sniff(path)? {
+        Format::TorchScript => {
+            let mut module = ScriptModule::load_on(path, device)?;
+            if dtype.is_some() {
+                module.to(device, dtype)?;
+            }
+            Ok(Box::new(ModuleStore::new(module)?))
+        }
+        _ => {
+            let checkpoint = Checkpoint::open(path)?;
+            if device == Device::Cpu && dtype.is_none() {
+                Ok(Box::new(checkpoint))
+            } else {
+                Ok(Box::new(checkpoint.converted(device, dtype)?))
+            }
+        }
+    }
+}
+
+/// The path `path` will have once it exists (symlinks and `..` resolved).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = path.canonicalize() {
+        return real;
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (parent.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses an output path that names one of the inputs or a folder.
+pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Output { path: out.into(), reason: "is a directory".into() });
+    }
+    let target = resolved(out);
+    for input in inputs {
+        if resolved(input) == target {
+            return Err(Error::Output {
+                path: out.into(),
+                reason: format!(
+                    "is the input {}; inputs are never modified, write elsewhere",
+                    input.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`write_output`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Written {
+    /// The file.
+    pub path: PathBuf,
+    /// Its kind.
+    pub kind: String,
+}
+
+/// Writes `target` to `out`, whole or not at all: in the target's own kind (a
+/// module stays a module, with its code and the new tensors), unless `out`'s
+/// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
+/// `.ot`, `.npz`), which then gets the target's state dict.
+pub fn write_output(target: &dyn Store, out: &Path) -> Result<Written> {
+    let asked = format::for_extension(out);
+    let own = match target.kind() {
+        StoreKind::Checkpoint(f) => Some(f),
+        _ => None,
+    };
+    let state_dict =
+        matches!(asked, Some(Format::Safetensors | Format::TorchSave | Format::TchArchive | Format::Npz));
+    if state_dict && asked != own {
+        let format = asked.unwrap_or(Format::Safetensors);
+        let named = (0..target.entries().len())
+            .filter_map(|i| target.tensor(i).map(|t| (target.entries()[i].name.clone(), t.shallow_clone())))
+            .collect();
+        Checkpoint::from_tensors(target.origin(), format, named, BTreeMap::new())?.save_as(out, format)?;
+        return Ok(Written { path: out.into(), kind: format.to_string() });
+    }
+    if asked == Some(Format::SafetensorsIndex) {
+        return Err(Error::Output {
+            path: out.into(),
+            reason: "writing sharded checkpoints is not supported".into(),
+        });
+    }
+    target.save(out)?;
+    let kind = match (target.kind(), asked) {
+        (StoreKind::Checkpoint(Format::SafetensorsIndex), _) => Format::Safetensors.to_string(),
+        (kind, _) => kind.to_string(),
+    };
+    Ok(Written { path: out.into(), kind })
+}
