@@ -135,11 +135,16 @@ char *tp_module_is_training(const tp_module *module, int *out) {
 char *tp_module_to(tp_module *module, const char *device, int dtype) {
   return guarded([&] {
     c10::Device dev(device);
-    if (dtype >= 0) {
-      module->module.to(dev, static_cast<c10::ScalarType>(dtype));
-    } else {
-      module->module.to(dev);
-    }
+    // Module::to would convert integer buffers too (num_batches_tracked to
+    // float); like PyTorch's nn.Module.to, only floating tensors change dtype.
+    auto convert = [&](const at::Tensor &t) {
+      at::NoGradGuard no_grad;
+      bool cast = dtype >= 0 && t.is_floating_point();
+      at::Tensor moved = cast ? t.to(dev, static_cast<c10::ScalarType>(dtype)) : t.to(dev);
+      const_cast<at::Tensor &>(t).set_data(moved);
+    };
+    for (const auto &p : module->module.parameters(/*recurse=*/true)) convert(p);
+    for (const auto &b : module->module.buffers(/*recurse=*/true)) convert(b);
   });
 }
 

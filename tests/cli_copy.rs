@@ -1,0 +1,187 @@
+//! `transplant copy`.
+mod common;
+
+use std::path::Path;
+
+use common::{file_hash, fixture, read_back, store_records, transplant};
+use transplant::store::Checkpoint;
+use transplant::Store;
+
+fn copy(args: &[&str]) -> common::Run {
+    let mut all = vec!["copy"];
+    all.extend_from_slice(args);
+    transplant(all)
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn a_torch_save_state_dict_into_a_renamed_module_gives_identical_outputs_and_loads_in_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (fixture("demo/state_dict.pth"), fixture("demo/renamed_module.pt"));
+    let before = (file_hash(&src), file_hash(&dst));
+    let out = dir.path().join("restored.pt");
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--match", "order"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("verdict: complete") && run.stdout.contains("TorchScript module"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!((file_hash(&src), file_hash(&dst)), before, "inputs changed");
+
+    let verify = transplant([
+        "verify",
+        s(&fixture("demo/reference.pt")),
+        s(&out),
+        "--input",
+        "4,3,8,8",
+        "--atol",
+        "0",
+    ]);
+    assert_eq!(verify.code, 0, "{}", verify.stdout);
+    assert!(verify.stdout.contains("same outputs"));
+
+    // torch.jit.load reads it, with the state dict's weights *and* buffers.
+    let loaded = read_back(&out).0;
+    let state = Checkpoint::open(&src).unwrap();
+    let want: Vec<_> = store_records(&state).into_iter().map(|r| (r.dtype, r.shape, r.sha256)).collect();
+    let got: Vec<_> = loaded.into_iter().map(|r| (r.dtype, r.shape, r.sha256)).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn out_keeps_the_destination_kind_unless_its_extension_asks_for_a_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("bn_net_a.pt");
+    let pth = fixture("torch_save/training.pth");
+    // .pth destination stays a torch.save file.
+    let out = dir.path().join("out.pth");
+    let run = copy(&[s(&src), s(&pth), "-o", s(&out), "--key", "state_dict"]);
+    assert_eq!(run.code, 1, "--key applies to the source, which is a module");
+    let run = copy(&[s(&src), s(&fixture("torch_save/dataparallel.pth")), "-o", s(&out)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(read_back(&out).0.len(), 20);
+    assert!(read_back(&out).0.iter().all(|r| r.name.starts_with("module.")), "DataParallel names kept");
+    // A module destination written as safetensors because OUT asks for it.
+    let st = dir.path().join("out.safetensors");
+    let run = copy(&[s(&src), s(&fixture("bn_net_b.pt")), "-o", s(&st), "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["output"]["kind"], "safetensors");
+    assert_eq!(Checkpoint::open(&st).unwrap().entries().len(), 20);
+}
+
+#[test]
+fn a_failed_check_writes_nothing_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.pt");
+    let run = copy(&[
+        s(&fixture("mlp_bn.pt")),
+        s(&fixture("mlp.pt")),
+        "-o",
+        s(&out),
+        "--map",
+        r"1\.weight=>2.bias",
+    ]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("shape mismatch") && run.stderr.contains("nothing was written"),
+        "{}",
+        run.stderr
+    );
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file left");
+}
+
+#[test]
+fn an_incomplete_copy_is_refused_unless_allowed_then_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.pt");
+    let (src, dst) = (fixture("mlp_bn.pt"), fixture("mlp.pt"));
+    let args = [s(&src), s(&dst), "-o", s(&out), "--match", "order"];
+    let run = copy(&args);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("--allow-partial"), "{}", run.stderr);
+    assert!(!out.exists());
+    let mut allowed = args.to_vec();
+    allowed.push("--allow-partial");
+    let run = copy(&allowed);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(out.exists());
+}
+
+#[test]
+fn out_may_not_be_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("a.pt"), dir.path().join("b.pt"));
+    std::fs::copy(fixture("bn_net_a.pt"), &src).unwrap();
+    std::fs::copy(fixture("bn_net_b.pt"), &dst).unwrap();
+    let before = (file_hash(&src), file_hash(&dst));
+    for out in [&src, &dst] {
+        let run = copy(&[s(&src), s(&dst), "-o", s(out)]);
+        assert_eq!(run.code, 1);
+        assert!(run.stderr.contains("is the input"), "{}", run.stderr);
+    }
+    let sneaky = dir.path().join(".").join("b.pt");
+    assert_eq!(copy(&[s(&src), s(&dst), "-o", s(&sneaky)]).code, 1);
+    assert_eq!((file_hash(&src), file_hash(&dst)), before);
+}
+
+#[test]
+fn dtype_casts_the_result_and_json_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("half.pt");
+    let run = copy(&[
+        s(&fixture("bn_net_a.pt")),
+        s(&fixture("bn_net_b.pt")),
+        "-o",
+        s(&out),
+        "--dtype",
+        "bf16",
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let json = run.json();
+    assert_eq!(
+        json["copy"]["casts"], 17,
+        "the 17 floating tensors cast, num_batches_tracked kept: {}",
+        json["copy"]
+    );
+    let records = read_back(&out).0;
+    assert!(records.iter().filter(|r| r.name.ends_with("num_batches_tracked")).all(|r| r.dtype == "int64"));
+    assert!(records.iter().filter(|r| r.name.ends_with("weight")).all(|r| r.dtype == "bfloat16"));
+}
+
+#[test]
+fn an_unavailable_device_is_named_clearly() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.pt");
+    let run =
+        copy(&[s(&fixture("bn_net_a.pt")), s(&fixture("bn_net_b.pt")), "-o", s(&out), "--device", "cuda:0"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("cuda:0") && run.stderr.contains("CUDA is not available"), "{}", run.stderr);
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_saved_plan_replays_and_refuses_other_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    let (src, dst) = (fixture("demo/state_dict.pth"), fixture("demo/renamed_module.pt"));
+    let run = transplant(["plan", s(&src), s(&dst), "--match", "order", "--save-plan", s(&plan)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = dir.path().join("out.pt");
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--plan", s(&plan)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("plan file"), "{}", run.stdout);
+    let other = dir.path().join("other.pt");
+    let run = copy(&[s(&src), s(&fixture("bn_net_b.pt")), "-o", s(&other), "--plan", s(&plan)]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("make the plan again"), "{}", run.stderr);
+    assert!(!other.exists());
+}

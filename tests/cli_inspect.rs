@@ -1,0 +1,56 @@
+//! `transplant inspect`.
+mod common;
+
+use common::{fixture, transplant};
+
+#[test]
+fn inspect_lists_entries_totals_kind_and_key() {
+    let run = transplant([fixture("torch_save/training.pth")]);
+    assert_eq!(run.code, 2, "no subcommand is a usage error");
+    let run = transplant(["inspect".as_ref(), fixture("torch_save/training.pth").as_os_str()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("torch.save checkpoint, state dict under key \"state_dict\""),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("features.1.0.bn.num_batches_tracked") && run.stdout.contains("totals:"));
+}
+
+#[test]
+fn inspect_json_is_one_document_with_the_documented_fields() {
+    let run = transplant(["inspect".as_ref(), fixture("bn_net_a.pt").as_os_str(), "--json".as_ref()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let json = run.json();
+    assert_eq!(json["kind"], "TorchScript module");
+    assert_eq!(json["tensors"], 20);
+    let first = &json["entries"][0];
+    for field in ["name", "role", "shape", "dtype", "device"] {
+        assert!(!first[field].is_null(), "entries have {field}");
+    }
+    assert!(json["totals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["role"] == "buffer" && t["dtype"] == "int64"));
+    assert!(json["bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn inspect_errors_name_the_file_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("notes.txt");
+    std::fs::write(&bad, "hello").unwrap();
+    for path in [bad, dir.path().join("missing.pt"), dir.path().to_path_buf()] {
+        let run = transplant(["inspect".as_ref(), path.as_os_str()]);
+        assert_eq!(run.code, 1, "{}", path.display());
+        assert!(run.stderr.contains(&path.display().to_string()), "{}", run.stderr);
+        assert!(run.stdout.is_empty());
+    }
+    let run = transplant(["inspect".as_ref(), fixture("torch_save/two_models.pth").as_os_str()]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("--key"), "{}", run.stderr);
+    let run =
+        transplant(["inspect", fixture("torch_save/two_models.pth").to_str().unwrap(), "--key", "model_ema"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
