@@ -610,10 +610,17 @@ impl Plan {
             paired_target[p.target] = true;
         }
         let is_nbt = |name: &str| module_and_leaf(name).1 == "num_batches_tracked";
+        // A num_batches_tracked left over is explained only when the other side
+        // has none left over either: otherwise the two should probably pair.
+        let open_nbt = |entries: &[Entry], paired: &[bool]| {
+            entries.iter().zip(paired).any(|(e, &p)| !p && is_nbt(&e.name))
+        };
+        let (source_nbt_open, target_nbt_open) =
+            (open_nbt(sources, &paired_source), open_nbt(targets, &paired_target));
         let mut source_leftovers = Vec::new();
         for (i, e) in sources.iter().enumerate().filter(|(i, _)| !paired_source[*i]) {
             let mut explained = b.source_explained.get(&i).cloned();
-            if explained.is_none() && is_nbt(&e.name) {
+            if explained.is_none() && is_nbt(&e.name) && !target_nbt_open {
                 explained = Some("num_batches_tracked with no counterpart".into());
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.clone() });
             } else if explained.is_none() {
@@ -623,7 +630,7 @@ impl Plan {
         }
         let mut target_leftovers = Vec::new();
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
-            let explained = if is_nbt(&e.name) {
+            let explained = if is_nbt(&e.name) && !source_nbt_open {
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.clone() });
                 Some("num_batches_tracked with no counterpart: keeps its value".into())
             } else {

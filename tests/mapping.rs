@@ -288,3 +288,14 @@ fn a_plan_refuses_to_run_on_other_stores() {
     let other = store::open(fixture("mlp.pt")).unwrap();
     assert!(copy::execute(&plan, &source, other.as_ref(), &Policy::default()).is_err());
 }
+
+#[test]
+fn counters_left_over_on_both_sides_are_not_explained_away() {
+    let source = Checkpoint::open(fixture("demo/state_dict.pth")).unwrap();
+    let target = module("demo/renamed_module.pt");
+    let by_name = plan(&source, &target, Matcher::Auto, "");
+    assert!(by_name.pairs.is_empty());
+    let nbt = by_name.source_leftovers.iter().find(|l| l.name.ends_with("num_batches_tracked")).unwrap();
+    assert!(nbt.explained.is_none(), "the target has counters left over too: they should pair");
+    assert!(!by_name.findings.iter().any(|f| matches!(f, Finding::NumBatchesTracked { .. })));
+}
