@@ -1,5 +1,4 @@
-//! `transplant` moves the complete state of PyTorch models — parameters **and**
-//! buffers — between models, files and devices, on libtorch through `tch`.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod copy;
