@@ -49,6 +49,13 @@ key of the state dict and its tensors as PyTorch loads them):
   legacy.pth                      the pre-1.6 format (_use_new_zipfile_serialization=False)
   malicious.pth                   a pickle that would call os.system if unpickled
 
+Examples (examples/):
+  nested_a.pt, nested_b.pt   Sequentials inside a ModuleList inside a ModuleDict, with
+                             BatchNorm four levels down (blocks.encoder.1.norm.running_var)
+  nested.expected.safetensors  input and nested_a's eval output
+  small_mlp.pt               Sequential(Linear(8, 16), BatchNorm1d(16), ReLU, Linear(16, 4)),
+                             the network examples/varstore_to_script.rs builds with tch
+
 The demo (demo/, used by scripts/demo.sh):
   state_dict.pth     torch.save(model.state_dict()) of a trained BnNet
   renamed_module.pt  the same network scripted with every attribute named differently
@@ -418,6 +425,48 @@ class RenamedBnNet(nn.Module):
         return self.norm(self.fc(self.flatten(x))) / self.scale
 
 
+class Stage(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.norm = nn.BatchNorm1d(width)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.linear(x)))
+
+
+class NestedNet(nn.Module):
+    """ModuleDict of ModuleLists of Sequentials: names like blocks.encoder.1.0.norm.weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict(
+            {
+                "encoder": nn.ModuleList([nn.Sequential(Stage(12), Stage(12)), nn.Sequential(Stage(12))]),
+                "decoder": nn.ModuleList([nn.Sequential(nn.Linear(12, 6), nn.BatchNorm1d(6))]),
+            }
+        )
+
+    def forward(self, x):
+        for stage in self.blocks["encoder"]:
+            x = stage(x)
+        for stage in self.blocks["decoder"]:
+            x = stage(x)
+        return x
+
+
+def write_examples(out: str) -> None:
+    for name, seed in (("nested_a.pt", 41), ("nested_b.pt", 42)):
+        torch.manual_seed(seed)
+        model = warm_up(NestedNet(), (16, 12))
+        torch.jit.save(torch.jit.script(model), os.path.join(out, name))
+        if name == "nested_a.pt":
+            save_expected(os.path.join(out, "nested.expected.safetensors"), model, (5, 12))
+    torch.manual_seed(43)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    torch.jit.save(torch.jit.script(mlp), os.path.join(out, "small_mlp.pt"))
+
+
 def write_demo(out: str) -> None:
     folder = os.path.join(out, "demo")
     os.makedirs(folder, exist_ok=True)
@@ -437,6 +486,7 @@ def main() -> None:
     write_formats(out)
     write_mapping_cases(out)
     write_torch_save(out)
+    write_examples(out)
     write_demo(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()

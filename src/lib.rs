@@ -13,6 +13,7 @@ pub mod plan;
 pub mod report;
 pub mod rules;
 mod script_module;
+pub mod slot;
 pub mod store;
 pub mod transfer;
 
@@ -23,4 +24,5 @@ pub use plan::{Mapping, Plan, Policy};
 pub use report::Report;
 pub use rules::Rules;
 pub use script_module::{NamedTensor, ScriptModule};
+pub use slot::ModelSlot;
 pub use store::{Checkpoint, Entry, ModuleStore, Role, Store, StoreKind, Summary, VarStoreView};
