@@ -111,6 +111,21 @@ pub struct Rules {
     flags: [usize; 2],
 }
 
+/// The regex crate's error in one line (its syntax errors draw a caret diagram).
+fn one_line(error: &regex::Error) -> String {
+    match error {
+        regex::Error::Syntax(text) => text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or(text)
+            .trim()
+            .trim_start_matches("error: ")
+            .to_string(),
+        other => other.to_string(),
+    }
+}
+
 fn anchored(pattern: &str) -> String {
     format!("^(?:{pattern})$")
 }
@@ -218,9 +233,19 @@ impl Rules {
         if pattern.is_empty() {
             return Err(Error::Rule { at: source, message: "empty pattern".into() });
         }
+        if pattern.contains(char::is_whitespace) {
+            let first = pattern.split_whitespace().next().unwrap_or_default();
+            return Err(Error::Rule {
+                at: source,
+                message: format!(
+                    "pattern {pattern:?} contains a space, which no tensor name has \
+                     (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`)"
+                ),
+            });
+        }
         let regex = Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
             at: source.clone(),
-            message: format!("bad pattern {pattern:?}: {e}"),
+            message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
         })?;
         if let Action::Rename(replacement) = &action {
             if replacement.is_empty() {
@@ -355,6 +380,13 @@ mod tests {
         assert!(message.contains("rules.txt:2") && message.contains("bad pattern"), "{message}");
         let message = error("frobnicate head.*\n");
         assert!(message.contains("rules.txt:1") && message.contains("expected"), "{message}");
+        let message = error("rename features => x\n");
+        assert!(
+            message.contains("rules.txt:1") && message.contains("`rename` is not a keyword"),
+            "{message}"
+        );
+        let message = error("bad( => x\n");
+        assert!(!message.contains('\n') && message.contains("unclosed group"), "{message}");
         assert!(error(" => x\n").contains("empty pattern"));
         assert!(error("skip\n").contains("needs a pattern"));
         assert!(error("a => \n").contains("empty replacement"));

@@ -68,6 +68,35 @@ pub fn for_extension(path: &Path) -> Option<Format> {
     Some(format)
 }
 
+/// How far a compressed zip entry may expand: deflate itself cannot exceed
+/// 1032:1, and model data never compresses anywhere near that; past this an
+/// entry is refused as corrupt or a zip bomb before anything is inflated.
+pub const MAX_EXPANSION: u64 = 256;
+/// Entries inflating to less than this are never refused for their ratio.
+const SMALL_ENTRY: u64 = 64 << 20;
+
+/// Refuses a compressed entry that would inflate `compressed` bytes into
+/// more than `MAX_EXPANSION` times as many (small entries excepted).
+pub(crate) fn check_expansion(
+    path: &Path,
+    format: &'static str,
+    what: &str,
+    compressed: u64,
+    inflated: u64,
+) -> Result<()> {
+    if inflated > SMALL_ENTRY.max(compressed.saturating_mul(MAX_EXPANSION)) {
+        return Err(Error::Format {
+            path: path.into(),
+            format,
+            message: format!(
+                "{what} would inflate {compressed} compressed bytes into {inflated}, more than {MAX_EXPANSION}x: \
+                 refused as corrupt or a zip bomb (save it uncompressed)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The start of every legacy `torch.save` file: a pickled magic number.
 const LEGACY_TORCH_MAGIC: [u8; 12] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8];
 /// Index files larger than this are not read as JSON.
@@ -148,10 +177,28 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
     })
 }
 
+/// Removes `.NAME.transplant-tmp-PID-N` files that a killed earlier write left
+/// in `folder`: those whose process is gone (Linux: no /proc/PID).
+fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
+    let Some(name) = name.to_str() else { return };
+    let prefix = format!(".{name}.transplant-tmp-");
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes `path` whole or not at all: `write` fills a temporary file in the same
 /// folder, which is flushed to disk and renamed over `path` only if it succeeded.
 /// The temporary file is named `.NAME.transplant-tmp-PID-N` and removed on
-/// failure; errors name `path`, not the temporary file.
+/// failure; one left by a process that was killed is removed by the next write
+/// to the same path. Errors name `path`, not the temporary file.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
     let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
@@ -160,6 +207,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         _ => PathBuf::from("."),
     };
     static WRITES: AtomicU64 = AtomicU64::new(0);
+    remove_stale_temporaries(&folder, name);
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(name);
     temp_name.push(format!(

@@ -162,6 +162,11 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
             return Err(format_error(path, format!("entry {entry_name} is not a .npy array")));
         };
         let declared = entry.size();
+        // Compressed entries are bounded before anything is inflated.
+        let compressed = entry.compressed_size();
+        if entry.compression() != zip::CompressionMethod::Stored {
+            super::check_expansion(path, FORMAT, &format!("array {name}"), compressed, declared)?;
+        }
         let tensor =
             read_npy(&mut entry, declared).map_err(|m| format_error(path, format!("array {name}: {m}")))?;
         tensors.push((name.to_string(), tensor));

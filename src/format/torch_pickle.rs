@@ -124,7 +124,8 @@ impl Archive<'_> {
         let raw = if stored && start.checked_add(size as i64).is_some_and(|end| end <= self.bytes.size()[0]) {
             self.bytes.f_narrow(0, start, size as i64).map_err(|e| bad(path, e.to_string()))?
         } else {
-            // A compressed entry (someone re-zipped the file): inflate it, within its declared size.
+            // A compressed entry (someone re-zipped the file): inflate it, within bounds.
+            super::check_expansion(path, FORMAT, &format!("storage {key}"), entry.compressed_size(), size)?;
             let mut data = Vec::new();
             entry.take(size).read_to_end(&mut data).map_err(|e| bad(path, format!("storage {key}: {e}")))?;
             Tensor::from_slice(&data)
@@ -492,12 +493,7 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
     {
         let entry = zip.by_name(&pickle_name).map_err(|e| bad(path, e.to_string()))?;
         let declared = entry.size();
-        if declared > len as u64 * 1100 {
-            return Err(bad(
-                path,
-                format!("data.pkl declares {declared} bytes, more than the archive could hold"),
-            ));
-        }
+        super::check_expansion(path, FORMAT, "data.pkl", entry.compressed_size(), declared)?;
         entry.take(declared).read_to_end(&mut program).map_err(|e| bad(path, format!("data.pkl: {e}")))?;
     }
     let mut machine = Machine::default();

@@ -24,6 +24,13 @@ pub struct Checkpoint {
     key: Option<String>,
 }
 
+// SAFETY: `&self` methods only read (names, metadata, tensor handles); cloning
+// a tensor handle bumps an atomic reference count in libtorch, which is
+// thread-safe. Tensor *data* is written only through handles a caller takes
+// explicitly (a copy into this store as a target): doing that from two threads
+// at once races on plain numbers (torn values), never on memory layout.
+unsafe impl Sync for Checkpoint {}
+
 impl Checkpoint {
     /// Opens a state-dict file, its format found from its content.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {

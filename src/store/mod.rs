@@ -138,7 +138,11 @@ impl fmt::Display for StoreKind {
 /// A model's named tensors, listed in registration order, with live handles.
 ///
 /// The mapping layer only needs this: it never knows which kind of store it has.
-pub trait Store {
+///
+/// Stores are `Send + Sync`: one source can feed copies on several threads at
+/// once. Copying into one *target* from two threads at once is a logic error
+/// (the values would interleave), as with any shared buffer.
+pub trait Store: Send + Sync {
     /// Where the tensors come from (a path, or a description), for messages.
     fn origin(&self) -> &str;
     /// What kind of store this is.

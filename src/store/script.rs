@@ -18,6 +18,10 @@ pub struct ModuleStore {
     tensors: Vec<Tensor>,
 }
 
+// SAFETY: as for `Checkpoint`: `&self` methods only read; the module itself is
+// `Sync` (see `ScriptModule`).
+unsafe impl Sync for ModuleStore {}
+
 impl ModuleStore {
     /// Loads a module saved by `torch.jit.save`, on the CPU.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {

@@ -64,6 +64,9 @@ fn module_of(name: &str) -> &str {
     name.rsplit_once('.').map_or("", |(module, _)| module)
 }
 
+// SAFETY: as for `Checkpoint`: `&self` methods only read names and tensor handles.
+unsafe impl Sync for VarStoreView {}
+
 impl VarStoreView {
     /// Lists the variables of `vs`.
     pub fn new(vs: &VarStore) -> Result<Self> {
