@@ -183,12 +183,16 @@ fn by_key<'a>(
     how: How,
     key: impl Fn(&'a str) -> &'a str,
 ) {
+    let free = |taken: &[bool]| taken.iter().filter(|t| !**t).count();
+    if free(taken_source) == 0 || free(taken_target) == 0 {
+        return;
+    }
     // key -> (first index, how many): no allocation per name.
-    let mut by_name: HashMap<&str, (usize, usize)> = HashMap::with_capacity(targets.len());
+    let mut by_name: HashMap<&str, (usize, usize)> = HashMap::with_capacity(free(taken_target));
     for (j, t) in targets.iter().enumerate().filter(|(j, _)| !taken_target[*j]) {
         by_name.entry(key(t.name)).or_insert((j, 0)).1 += 1;
     }
-    let mut sources_by_key: HashMap<&str, (usize, usize)> = HashMap::with_capacity(sources.len());
+    let mut sources_by_key: HashMap<&str, (usize, usize)> = HashMap::with_capacity(free(taken_source));
     for (i, s) in sources.iter().enumerate().filter(|(i, _)| !taken_source[*i]) {
         sources_by_key.entry(key(s.name)).or_insert((i, 0)).1 += 1;
     }
