@@ -62,7 +62,6 @@ The demo (demo/, used by scripts/demo.sh):
   reference.pt       the trained BnNet itself, scripted: what the copy must reproduce
 COMPLETE is written last.
 """
-import hashlib
 import json
 import os
 import sys
@@ -149,13 +148,10 @@ def write_bn_net(out: str) -> None:
 
 
 def tensor_record(name: str, tensor: torch.Tensor) -> dict:
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return {
-        "name": name,
-        "dtype": str(tensor.dtype).removeprefix("torch."),
-        "shape": list(tensor.shape),
-        "sha256": hashlib.sha256(raw).hexdigest(),
-    }
+    # The same description scripts/read_back.py gives of what it reads.
+    from read_back import record
+
+    return record(name, tensor)
 
 
 def all_dtypes() -> dict:

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, read_back, store_records, Record};
+use common::{fixture, parse_records, read_back, store_records, Record};
 use serde_json::Value;
 use transplant::store::{self, Checkpoint};
 use transplant::{Format, Store, StoreKind};
@@ -14,17 +14,7 @@ fn expected(file: &str) -> (Option<String>, Vec<Record>, Value) {
     let text = std::fs::read_to_string(fixture("torch_save.expected.json")).unwrap();
     let all: Value = serde_json::from_str(&text).unwrap();
     let entry = &all[file];
-    let tensors = entry["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| Record {
-            name: t["name"].as_str().unwrap().to_string(),
-            dtype: t["dtype"].as_str().unwrap().to_string(),
-            shape: t["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect(),
-            sha256: t["sha256"].as_str().unwrap().to_string(),
-        })
-        .collect();
+    let (tensors, _) = parse_records(entry);
     (entry["key"].as_str().map(str::to_string), tensors, entry["metadata"].clone())
 }
 

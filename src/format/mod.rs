@@ -97,6 +97,30 @@ pub(crate) fn check_expansion(
     Ok(())
 }
 
+/// What a writer needs of a tensor: its format's name for the dtype (`type_of`
+/// gives it, or `None` when the format has none) and the values as one
+/// contiguous CPU tensor.
+pub(crate) fn prepare<T>(
+    path: &Path,
+    format: &'static str,
+    name: &str,
+    tensor: &tch::Tensor,
+    type_of: impl Fn(tch::Kind) -> Option<T>,
+) -> Result<(T, tch::Tensor)> {
+    let kind = tensor.kind();
+    let typed = type_of(kind).ok_or_else(|| Error::Unrepresentable {
+        path: path.into(),
+        tensor: name.to_string(),
+        format,
+        reason: format!("{format} has no {} dtype", crate::dtype::name(kind)),
+    })?;
+    let data = tensor
+        .f_to_device(tch::Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(|source| Error::Tensor { tensor: name.to_string(), source })?;
+    Ok((typed, data))
+}
+
 /// The start of every legacy `torch.save` file: a pickled magic number.
 const LEGACY_TORCH_MAGIC: [u8; 12] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8];
 /// Index files larger than this are not read as JSON.

@@ -213,16 +213,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(tensors.iter().any(|(_, t)| t.numel() * dtype::size(t.kind()) >= u32::MAX as usize));
     for (name, tensor) in tensors {
-        let descr = descr_of(tensor.kind()).ok_or_else(|| Error::Unrepresentable {
-            path: path.into(),
-            tensor: name.clone(),
-            format: FORMAT,
-            reason: format!("numpy has no {} dtype (use .safetensors)", dtype::name(tensor.kind())),
-        })?;
-        let tensor = tensor
-            .f_to_device(tch::Device::Cpu)
-            .and_then(|t| t.f_contiguous())
-            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        let (descr, tensor) = super::prepare(path, FORMAT, name, tensor, descr_of)?;
         let len = tensor.numel() * dtype::size(tensor.kind());
         let mut data = vec![0u8; len];
         tensor

@@ -160,16 +160,7 @@ impl View for &Bytes {
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut prepared = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
-        let dtype = dtype_of(tensor.kind()).ok_or_else(|| Error::Unrepresentable {
-            path: path.into(),
-            tensor: name.clone(),
-            format: FORMAT,
-            reason: format!("safetensors has no {} dtype", dtype::name(tensor.kind())),
-        })?;
-        let tensor = tensor
-            .f_to_device(tch::Device::Cpu)
-            .and_then(|t| t.f_contiguous())
-            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        let (dtype, tensor) = super::prepare(path, FORMAT, name, tensor, dtype_of)?;
         let shape = tensor.size().iter().map(|&d| d as usize).collect();
         prepared.push((name.as_str(), Bytes { dtype, shape, tensor }));
     }

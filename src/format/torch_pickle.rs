@@ -623,16 +623,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&s
     for chunk in tensors.chunks(1000) {
         p.op(b'(');
         for (name, tensor) in chunk {
-            let class = storage_name(tensor.kind()).ok_or_else(|| Error::Unrepresentable {
-                path: path.into(),
-                tensor: name.clone(),
-                format: FORMAT,
-                reason: format!("no torch storage type for {}", dtype::name(tensor.kind())),
-            })?;
-            let data = tensor
-                .f_to_device(tch::Device::Cpu)
-                .and_then(|t| t.f_contiguous())
-                .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+            let (class, data) = super::prepare(path, FORMAT, name, tensor, storage_name)?;
             let size = data.size();
             let mut stride = vec![1i64; size.len()];
             for d in (0..size.len().saturating_sub(1)).rev() {

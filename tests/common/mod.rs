@@ -99,7 +99,8 @@ pub fn store_records(store: &dyn transplant::Store) -> Vec<Record> {
         .collect()
 }
 
-fn parse_records(value: &serde_json::Value) -> (Vec<Record>, std::collections::BTreeMap<String, String>) {
+/// Tensors and metadata of one file's entry in an expected-values JSON document.
+pub fn parse_records(value: &serde_json::Value) -> (Vec<Record>, std::collections::BTreeMap<String, String>) {
     let tensors = value["tensors"]
         .as_array()
         .expect("tensors")
