@@ -33,7 +33,14 @@ impl Store for Listing {
 }
 
 fn entry(name: String, role: Role, shape: &[i64]) -> Entry {
-    Entry { name, role, role_inferred: false, shape: shape.to_vec(), dtype: Kind::Float, device: Device::Cpu }
+    Entry {
+        name: name.into(),
+        role,
+        role_inferred: false,
+        shape: shape.to_vec(),
+        dtype: Kind::Float,
+        device: Device::Cpu,
+    }
 }
 
 /// `blocks` × [Linear(64, 64), BatchNorm1d(64)], 7 entries each; a BatchNorm is

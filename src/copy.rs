@@ -117,7 +117,7 @@ pub fn execute_with(
     for window in batches.windows(2) {
         let (from, to) = (window[0], window[1]);
         ffi::copy_pairs(&targets[from..to], &sources[from..to]).map_err(|(index, message)| match index {
-            Some(i) => Error::CopyFailed { target: plan.pairs[from + i].target_name.clone(), message },
+            Some(i) => Error::CopyFailed { target: plan.pairs[from + i].target_name.to_string(), message },
             None => Error::CopyFailed { target: plan.target.clone(), message },
         })?;
         if let Some(bar) = &progress {
@@ -136,8 +136,8 @@ pub fn execute_with(
         if let Some(i) = mismatch {
             let pair = &plan.pairs[i];
             return Err(Error::Verification {
-                source_name: pair.source_name.clone(),
-                target: pair.target_name.clone(),
+                source_name: pair.source_name.to_string(),
+                target: pair.target_name.to_string(),
             });
         }
     }
@@ -158,8 +158,8 @@ fn compare(plan: &Plan, targets: &[&Tensor], sources: &[&Tensor]) -> Result<()> 
         Some(i) => {
             let pair = &plan.pairs[i];
             Err(Error::Verification {
-                source_name: pair.source_name.clone(),
-                target: pair.target_name.clone(),
+                source_name: pair.source_name.to_string(),
+                target: pair.target_name.to_string(),
             })
         }
         None => Ok(()),
@@ -174,8 +174,8 @@ pub fn verify(plan: &Plan, source: &dyn Store, target: &dyn Store) -> Result<()>
     let mut targets = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {
         let missing = || Error::Verification {
-            source_name: pair.source_name.clone(),
-            target: pair.target_name.clone(),
+            source_name: pair.source_name.to_string(),
+            target: pair.target_name.to_string(),
         };
         sources.push(source.tensor(pair.source).ok_or_else(missing)?);
         targets.push(target.tensor(pair.target).ok_or_else(missing)?);

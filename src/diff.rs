@@ -76,16 +76,16 @@ pub fn compare(plan: &Plan, a: &dyn Store, b: &dyn Store, tolerance: Tolerance) 
     let mut pairs = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {
         let missing = || Error::Verification {
-            source_name: pair.source_name.clone(),
-            target: pair.target_name.clone(),
+            source_name: pair.source_name.to_string(),
+            target: pair.target_name.to_string(),
         };
         let (x, y) = (a.tensor(pair.source).ok_or_else(missing)?, b.tensor(pair.target).ok_or_else(missing)?);
         let (ex, ey) = (&a.entries()[pair.source], &b.entries()[pair.target]);
         let dtypes = (ex.dtype != ey.dtype)
             .then(|| (dtype::name(ex.dtype).to_string(), dtype::name(ey.dtype).to_string()));
         let mut diff = TensorDiff {
-            a: pair.source_name.clone(),
-            b: pair.target_name.clone(),
+            a: pair.source_name.to_string(),
+            b: pair.target_name.to_string(),
             identical: false,
             close: false,
             max_abs: None,
@@ -94,7 +94,7 @@ pub fn compare(plan: &Plan, a: &dyn Store, b: &dyn Store, tolerance: Tolerance) 
             dtypes,
         };
         if diff.shapes.is_none() {
-            let err = |source| Error::Tensor { tensor: pair.target_name.clone(), source };
+            let err = |source| Error::Tensor { tensor: pair.target_name.to_string(), source };
             let (x64, y64) = (
                 x.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
                 y.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
@@ -119,7 +119,7 @@ pub fn compare(plan: &Plan, a: &dyn Store, b: &dyn Store, tolerance: Tolerance) 
     }
     let names = |side: Side| -> Vec<String> {
         let list = if side == Side::Source { &plan.source_leftovers } else { &plan.target_leftovers };
-        list.iter().map(|l| l.name.clone()).collect()
+        list.iter().map(|l| l.name.to_string()).collect()
     };
     let differing = pairs.iter().filter(|p| !p.close).count();
     Ok(Diff {

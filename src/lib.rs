@@ -25,4 +25,4 @@ pub use report::Report;
 pub use rules::Rules;
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::ModelSlot;
-pub use store::{Checkpoint, Entry, ModuleStore, Role, Store, StoreKind, Summary, VarStoreView};
+pub use store::{Checkpoint, Entry, ModuleStore, Name, Role, Store, StoreKind, Summary, VarStoreView};

@@ -14,7 +14,7 @@ use crate::dtype;
 use crate::error::{Error, Result};
 use crate::matching::{self, How, Item, Matcher};
 use crate::rules::{Outcome, Rules};
-use crate::store::{Entry, Role, Store};
+use crate::store::{Entry, Name, Role, Store};
 
 /// How names are mapped: explicit rules first, then an automatic matcher.
 #[derive(Debug, Clone, Default)]
@@ -87,9 +87,9 @@ pub struct Pair {
     /// Index of the target entry.
     pub target: usize,
     /// Source name.
-    pub source_name: String,
+    pub source_name: Name,
     /// Target name.
-    pub target_name: String,
+    pub target_name: Name,
     /// The rule that renamed the source, as written (`pattern => replacement`).
     pub rule: Option<Arc<str>>,
     /// The matcher step that paired the (renamed) names.
@@ -136,7 +136,7 @@ pub struct Leftover {
     /// Index of the entry on its side.
     pub index: usize,
     /// Its name.
-    pub name: String,
+    pub name: Name,
     /// Why it is left over, when that is expected (skipped by a rule, a
     /// `num_batches_tracked` with no counterpart); `None` when nothing paired it.
     pub explained: Option<String>,
@@ -492,7 +492,7 @@ impl Plan {
                 .map(|&i| {
                     let how = rule_of[i]
                         .map_or("its own name".to_string(), |r| format!("rule `{}`", rules.rules()[r]));
-                    (sources[i].name.clone(), how)
+                    (sources[i].name.to_string(), how)
                 })
                 .collect();
             for &i in &group {
@@ -546,16 +546,22 @@ impl Plan {
             let (name, candidates) = if a.from_source {
                 (
                     sources[a.item].name.clone(),
-                    a.candidates.iter().map(|&j| targets[j].name.clone()).collect(),
+                    a.candidates.iter().map(|&j| targets[j].name.to_string()).collect(),
                 )
             } else {
                 (
                     targets[a.item].name.clone(),
-                    a.candidates.iter().map(|&i| sources[i].name.clone()).collect(),
+                    a.candidates.iter().map(|&i| sources[i].name.to_string()).collect(),
                 )
             };
             let side = if a.from_source { Side::Source } else { Side::Target };
-            b.findings.push(Finding::Ambiguous { side, name, candidates, how: a.how, paired: a.paired });
+            b.findings.push(Finding::Ambiguous {
+                side,
+                name: name.to_string(),
+                candidates,
+                how: a.how,
+                paired: a.paired,
+            });
         }
         b.pairs.sort_by_key(|p| p.target);
         Ok(Self::finish(b, mapping.matcher))
@@ -580,8 +586,8 @@ impl Plan {
             let (s, t) = (&sources[p.source], &targets[p.target]);
             if s.shape != t.shape {
                 b.findings.push(Finding::ShapeMismatch {
-                    source: s.name.clone(),
-                    target: t.name.clone(),
+                    source: s.name.to_string(),
+                    target: t.name.to_string(),
                     source_shape: s.shape.clone(),
                     target_shape: t.shape.clone(),
                     provenance: p.provenance(),
@@ -589,15 +595,15 @@ impl Plan {
             }
             if let Some(Cast { lossy: Some(reason), .. }) = &p.cast {
                 b.findings.push(Finding::LossyCast {
-                    source: s.name.clone(),
-                    target: t.name.clone(),
+                    source: s.name.to_string(),
+                    target: t.name.to_string(),
                     reason: reason.clone(),
                 });
             }
             if s.role != t.role && !s.role_inferred && !t.role_inferred {
                 b.findings.push(Finding::RoleMismatch {
-                    source: s.name.clone(),
-                    target: t.name.clone(),
+                    source: s.name.to_string(),
+                    target: t.name.to_string(),
                     source_role: s.role,
                     target_role: t.role,
                 });
@@ -622,19 +628,19 @@ impl Plan {
             let mut explained = b.source_explained.get(&i).cloned();
             if explained.is_none() && is_nbt(&e.name) && !target_nbt_open {
                 explained = Some("num_batches_tracked with no counterpart".into());
-                b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.clone() });
+                b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.to_string() });
             } else if explained.is_none() {
-                b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.clone() });
+                b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.to_string() });
             }
             source_leftovers.push(Leftover { side: Side::Source, index: i, name: e.name.clone(), explained });
         }
         let mut target_leftovers = Vec::new();
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
             let explained = if is_nbt(&e.name) && !source_nbt_open {
-                b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.clone() });
+                b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.to_string() });
                 Some("num_batches_tracked with no counterpart: keeps its value".into())
             } else {
-                b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.clone() });
+                b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.to_string() });
                 None
             };
             target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
@@ -781,13 +787,13 @@ impl Plan {
                 .pairs
                 .iter()
                 .map(|p| PlannedPair {
-                    source: p.source_name.clone(),
-                    target: p.target_name.clone(),
+                    source: p.source_name.to_string(),
+                    target: p.target_name.to_string(),
                     provenance: p.provenance(),
                 })
                 .collect(),
-            source_leftovers: self.source_leftovers.iter().map(|l| l.name.clone()).collect(),
-            target_leftovers: self.target_leftovers.iter().map(|l| l.name.clone()).collect(),
+            source_leftovers: self.source_leftovers.iter().map(|l| l.name.to_string()).collect(),
+            target_leftovers: self.target_leftovers.iter().map(|l| l.name.to_string()).collect(),
         }
     }
 
@@ -827,7 +833,7 @@ impl Plan {
             }
         }
         let index = |store: &dyn Store| -> HashMap<String, usize> {
-            store.entries().iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect()
+            store.entries().iter().enumerate().map(|(i, e)| (e.name.to_string(), i)).collect()
         };
         let (source_index, target_index) = (index(source), index(target));
         let mut b = Builder {

@@ -100,7 +100,7 @@ impl Report {
                 let others = if l.side == Side::Source { &open_targets } else { &open_sources };
                 ReportLeftover {
                     side: l.side,
-                    name: l.name.clone(),
+                    name: l.name.to_string(),
                     explained: l.explained.clone(),
                     did_you_mean: (suggest && l.explained.is_none())
                         .then(|| suggestion(&l.name, others))
@@ -118,8 +118,8 @@ impl Report {
                 .pairs
                 .iter()
                 .map(|p| ReportPair {
-                    source: p.source_name.clone(),
-                    target: p.target_name.clone(),
+                    source: p.source_name.to_string(),
+                    target: p.target_name.to_string(),
                     provenance: p.provenance(),
                     cast: p.cast.clone(),
                 })

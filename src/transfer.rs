@@ -131,7 +131,9 @@ pub fn write_output(target: &dyn Store, out: &Path) -> Result<Written> {
     if state_dict && asked != own {
         let format = asked.unwrap_or(Format::Safetensors);
         let named = (0..target.entries().len())
-            .filter_map(|i| target.tensor(i).map(|t| (target.entries()[i].name.clone(), t.shallow_clone())))
+            .filter_map(|i| {
+                target.tensor(i).map(|t| (target.entries()[i].name.to_string(), t.shallow_clone()))
+            })
             .collect();
         Checkpoint::from_tensors(target.origin(), format, named, BTreeMap::new())?.save_as(out, format)?;
         return Ok(Written { path: out.into(), kind: format.to_string() });

@@ -52,7 +52,7 @@ impl Rng {
 fn valid_sources(dir: &Path) -> Vec<PathBuf> {
     let module = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
     let named: Vec<(String, tch::Tensor)> = (0..module.entries().len())
-        .map(|i| (module.entries()[i].name.clone(), module.tensor(i).unwrap().shallow_clone()))
+        .map(|i| (module.entries()[i].name.to_string(), module.tensor(i).unwrap().shallow_clone()))
         .collect();
     let state = Checkpoint::from_tensors("bn_net_a", Format::Safetensors, named, BTreeMap::new()).unwrap();
     let mut files = vec![dir.join("module.pt")];

@@ -33,7 +33,7 @@ fn responses_are_never_a_mix_of_two_weight_sets() {
     let corrupt = dir.path().join("corrupt.safetensors");
     let saved = dir.path().join("b.safetensors");
     let named = (0..weights_b.entries().len())
-        .map(|i| (weights_b.entries()[i].name.clone(), weights_b.tensor(i).unwrap().shallow_clone()))
+        .map(|i| (weights_b.entries()[i].name.to_string(), weights_b.tensor(i).unwrap().shallow_clone()))
         .collect();
     Checkpoint::from_tensors("b", transplant::Format::Safetensors, named, Default::default())
         .unwrap()

@@ -20,7 +20,7 @@ fn plan(source: &dyn Store, target: &dyn Store, matcher: Matcher, rules: &str) -
 }
 
 fn pair_names(plan: &Plan) -> Vec<(String, String)> {
-    plan.pairs.iter().map(|p| (p.source_name.clone(), p.target_name.clone())).collect()
+    plan.pairs.iter().map(|p| (p.source_name.to_string(), p.target_name.to_string())).collect()
 }
 
 fn eval_output(module: &ModuleStore, expected_file: &str) -> Tensor {

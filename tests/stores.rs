@@ -179,7 +179,7 @@ fn tch_model(vs: &nn::VarStore) -> impl ModuleT {
 }
 
 fn roles(view: &VarStoreView) -> BTreeMap<String, Role> {
-    view.entries().iter().map(|e| (e.name.clone(), e.role)).collect()
+    view.entries().iter().map(|e| (e.name.to_string(), e.role)).collect()
 }
 
 #[test]
@@ -267,7 +267,7 @@ fn module_store_lists_the_state_dict_and_saves_a_module() {
     let module = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
     assert_eq!(module.kind(), StoreKind::Module);
     let listed: Vec<(String, String)> =
-        module.entries().iter().map(|e| (e.name.clone(), e.role.to_string())).collect();
+        module.entries().iter().map(|e| (e.name.to_string(), e.role.to_string())).collect();
     let text = std::fs::read_to_string(fixture("bn_net.entries.json")).unwrap();
     let pytorch: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     let pytorch: Vec<(String, String)> = pytorch

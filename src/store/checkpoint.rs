@@ -120,8 +120,8 @@ impl Checkpoint {
                 .f_to_device(device)
                 .and_then(|t| t.f_to_kind(kind))
                 .and_then(|t| t.f_contiguous())
-                .map_err(|source| Error::Tensor { tensor: entry.name.clone(), source })?;
-            tensors.push((entry.name.clone(), moved));
+                .map_err(|source| Error::Tensor { tensor: entry.name.to_string(), source })?;
+            tensors.push((entry.name.to_string(), moved));
         }
         let mut out = Self::from_tensors(self.origin.clone(), self.format, tensors, self.metadata.clone())?;
         out.key = self.key.clone();
@@ -140,7 +140,7 @@ impl Checkpoint {
 
     /// Name and live handle of every tensor, in order.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        self.entries.iter().zip(&self.tensors).map(|(e, t)| (e.name.clone(), t.shallow_clone())).collect()
+        self.entries.iter().zip(&self.tensors).map(|(e, t)| (e.name.to_string(), t.shallow_clone())).collect()
     }
 
     /// Writes the checkpoint to `path` in `format`, whole or not at all.

@@ -45,11 +45,103 @@ impl fmt::Display for Role {
     }
 }
 
+/// A tensor's dotted name, shared rather than copied: entries, plan pairs and
+/// reports of one model hold the same allocation (plans of models with tens of
+/// thousands of tensors would otherwise spend their time copying strings).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Name(std::sync::Arc<str>);
+
+impl Name {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Self {
+        Self(s.as_str().into())
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> Self {
+        n.0.to_string()
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        &*self.0 == other.as_str()
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 /// One named tensor of a store, described (the tensor itself is [`Store::tensor`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
     /// Dotted name, as PyTorch's `state_dict()` gives it.
-    pub name: String,
+    pub name: Name,
     /// Parameter or buffer.
     pub role: Role,
     /// Whether `role` was guessed from the name and dtype because the store does
@@ -85,7 +177,7 @@ pub fn device_name(device: Device) -> String {
 
 impl Entry {
     /// Describes `tensor` under `name`.
-    pub fn of(name: impl Into<String>, role: Role, tensor: &Tensor) -> Self {
+    pub fn of(name: impl Into<Name>, role: Role, tensor: &Tensor) -> Self {
         Self {
             name: name.into(),
             role,
@@ -97,7 +189,7 @@ impl Entry {
     }
 
     /// Describes `tensor` under `name`, its role guessed by [`inferred_role`].
-    pub fn inferred(name: impl Into<String>, tensor: &Tensor) -> Self {
+    pub fn inferred(name: impl Into<Name>, tensor: &Tensor) -> Self {
         let name = name.into();
         let role = inferred_role(&name, tensor.kind());
         Self { role_inferred: true, ..Self::of(name, role, tensor) }

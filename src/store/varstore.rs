@@ -141,7 +141,7 @@ impl Store for VarStoreView {
             .entries
             .iter()
             .zip(&self.tensors)
-            .map(|(e, t)| (e.name.clone(), t.shallow_clone()))
+            .map(|(e, t)| (e.name.to_string(), t.shallow_clone()))
             .collect();
         Checkpoint::from_tensors(self.origin.clone(), Format::TchArchive, named, BTreeMap::new())?.save(path)
     }
