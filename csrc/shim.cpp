@@ -174,7 +174,7 @@ char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_re
 char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *failed) {
   *failed = -1;
   return guarded([&] {
-    std::vector<int64_t> small, other;
+    std::vector<int64_t> other;
     bool cuda = false;
     int64_t pinned_bytes = 0;
     // Never broadcast: every pair agrees in shape before anything is written.
@@ -185,25 +185,29 @@ char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int6
                                     c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
       }
     }
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
-      cuda = cuda || d.is_cuda() || s.is_cuda();
-      if (plain_bytes(d, s) && d.nbytes() <= kSmall) {
-        small.push_back(static_cast<int64_t>(i));
-      } else {
-        other.push_back(static_cast<int64_t>(i));
-        if (d.is_cuda() && s.device().is_cpu() && !s.is_pinned()) {
-          pinned_bytes += static_cast<int64_t>(s.nbytes());
+    // One parallel pass: small same-dtype contiguous CPU pairs are moved as bytes
+    // (and their version counters bumped, as copy_ would); the rest are marked.
+    std::vector<char> later(n, 0);
+    at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+        if (plain_bytes(d, s) && d.nbytes() <= kSmall) {
+          if (d.nbytes() > 0) std::memmove(d.data_ptr(), s.data_ptr(), d.nbytes());
+          bump_version(d);
+        } else {
+          later[i] = 1;
         }
       }
-    }
-    at::parallel_for(0, static_cast<int64_t>(small.size()), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const at::Tensor &d = as_tensor(dst[small[k]]), &s = as_tensor(src[small[k]]);
-        if (d.nbytes() > 0) std::memmove(d.data_ptr(), s.data_ptr(), d.nbytes());
-      }
     });
-    for (int64_t i : small) bump_version(as_tensor(dst[i]));
+    for (size_t i = 0; i < n; ++i) {
+      if (!later[i]) continue;
+      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+      other.push_back(static_cast<int64_t>(i));
+      cuda = cuda || d.is_cuda() || s.is_cuda();
+      if (d.is_cuda() && s.device().is_cpu() && !s.is_pinned()) {
+        pinned_bytes += static_cast<int64_t>(s.nbytes());
+      }
+    }
     // CPU sources bound for CUDA: one pinned staging buffer, so the host-to-device
     // copies can run asynchronously.
     at::Tensor staging;
