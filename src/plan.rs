@@ -334,7 +334,10 @@ pub fn entries_digest(entries: &[Entry]) -> String {
     for e in entries {
         bytes.extend_from_slice(e.name.as_bytes());
         bytes.push(0);
-        bytes.extend_from_slice(e.role.to_string().as_bytes());
+        bytes.extend_from_slice(match e.role {
+            Role::Parameter => b"parameter".as_slice(),
+            Role::Buffer => b"buffer".as_slice(),
+        });
         bytes.push(0);
         bytes.extend_from_slice(dtype::name(e.dtype).as_bytes());
         for d in &e.shape {
@@ -573,9 +576,11 @@ impl Plan {
         let (sources, targets) = (b.source.entries(), b.target.entries());
         // The digests only read the entry lists: hash them on another core meanwhile.
         std::thread::scope(|scope| {
-            let digests = scope.spawn(|| (entries_digest(sources), entries_digest(targets)));
+            let source_digest = scope.spawn(|| entries_digest(sources));
+            let target_digest = scope.spawn(|| entries_digest(targets));
             let plan = Self::finish_findings(b, matcher);
-            let (source_digest, target_digest) = digests.join().unwrap_or_default();
+            let (source_digest, target_digest) =
+                (source_digest.join().unwrap_or_default(), target_digest.join().unwrap_or_default());
             Plan { source_digest, target_digest, ..plan }
         })
     }
@@ -646,35 +651,54 @@ impl Plan {
             target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
         }
         // BatchNorm groups of the target (modules with running statistics):
-        // weight, bias and statistics go together.
-        let mut groups: HashMap<&str, Vec<usize>> = targets
-            .iter()
-            .filter(|e| module_and_leaf(&e.name).1 == "running_mean")
-            .map(|e| (module_and_leaf(&e.name).0, Vec::new()))
-            .collect();
-        for (j, e) in targets.iter().enumerate() {
-            if let Some(members) = groups.get_mut(module_and_leaf(&e.name).0) {
-                members.push(j);
+        // weight, bias and statistics go together. Counted first; names are only
+        // collected for the groups copied in part.
+        #[derive(Default)]
+        struct Group {
+            mean: bool,
+            var: bool,
+            copied: usize,
+            missing: usize,
+        }
+        let mut groups: HashMap<&str, Group> = HashMap::new();
+        for e in targets {
+            let (module, leaf) = module_and_leaf(&e.name);
+            if leaf == "running_mean" {
+                groups.entry(module).or_default().mean = true;
             }
         }
-        let mut groups: Vec<(&str, Vec<usize>)> = groups.into_iter().collect();
-        groups.sort_unstable();
-        for (module, members) in groups {
-            let leaves: Vec<&str> = members.iter().map(|&j| module_and_leaf(&targets[j].name).1).collect();
-            if !(leaves.contains(&"running_mean") && leaves.contains(&"running_var")) {
-                continue;
+        if !groups.is_empty() {
+            for (j, e) in targets.iter().enumerate() {
+                let (module, leaf) = module_and_leaf(&e.name);
+                let Some(group) = groups.get_mut(module) else { continue };
+                group.var |= leaf == "running_var";
+                if leaf != "num_batches_tracked" {
+                    if paired_target[j] {
+                        group.copied += 1;
+                    } else {
+                        group.missing += 1;
+                    }
+                }
             }
-            let relevant: Vec<usize> = members.into_iter().filter(|&j| !is_nbt(&targets[j].name)).collect();
-            let (copied, missing): (Vec<usize>, Vec<usize>) =
-                relevant.iter().partition(|&&j| paired_target[j]);
-            if !copied.is_empty() && !missing.is_empty() {
-                let leaf = |j: &usize| module_and_leaf(&targets[*j].name).1.to_string();
-                b.findings.push(Finding::PartialBatchNorm {
-                    module: module.to_string(),
-                    copied: copied.iter().map(leaf).collect(),
-                    missing: missing.iter().map(leaf).collect(),
-                });
-            }
+        }
+        let mut partial: Vec<&str> = groups
+            .iter()
+            .filter(|(_, g)| g.mean && g.var && g.copied > 0 && g.missing > 0)
+            .map(|(m, _)| *m)
+            .collect();
+        partial.sort_unstable();
+        for module in partial {
+            let members = targets
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| module_and_leaf(&e.name).0 == module && !is_nbt(&e.name));
+            let (copied, missing): (Vec<_>, Vec<_>) = members.partition(|(j, _)| paired_target[*j]);
+            let leaf = |(_, e): &(usize, &Entry)| module_and_leaf(&e.name).1.to_string();
+            b.findings.push(Finding::PartialBatchNorm {
+                module: module.to_string(),
+                copied: copied.iter().map(leaf).collect(),
+                missing: missing.iter().map(leaf).collect(),
+            });
         }
         Plan {
             source: b.source.origin().to_string(),
