@@ -139,11 +139,11 @@ impl fmt::Display for Diff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "A: {}\nB: {}", self.a, self.b)?;
         let identical = self.pairs.iter().filter(|p| p.identical).count();
+        let close = self.pairs.iter().filter(|p| p.close && !p.identical).count();
         writeln!(
             f,
-            "  {} pairs: {identical} identical, {} within rtol={} atol={}, {} differ",
+            "  {} pairs: {identical} identical, {close} within rtol={} atol={}, {} differ",
             self.pairs.len(),
-            self.pairs.len() - self.differing - identical.min(self.pairs.len() - self.differing),
             self.tolerance.rtol,
             self.tolerance.atol,
             self.differing

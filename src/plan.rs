@@ -751,11 +751,16 @@ impl Plan {
         }
     }
 
+    /// How many entries, on both sides, are left over without an explanation.
+    pub fn open_leftovers(&self) -> usize {
+        self.source_leftovers.iter().chain(&self.target_leftovers).filter(|l| l.explained.is_none()).count()
+    }
+
     /// Whether every target entry receives a value and every source entry goes
     /// somewhere, apart from what is explained (skipped by a rule, a
     /// `num_batches_tracked` with no counterpart).
     pub fn is_complete(&self) -> bool {
-        self.source_leftovers.iter().chain(&self.target_leftovers).all(|l| l.explained.is_some())
+        self.open_leftovers() == 0
             && !self
                 .findings
                 .iter()

@@ -108,8 +108,7 @@ impl ModelSlot {
         let standby = ModuleStore::new(standby)?;
         let result = Plan::build(source, &standby, mapping).and_then(|plan| {
             if !plan.is_complete() {
-                let open = plan.target_leftovers.iter().filter(|l| l.explained.is_none()).count()
-                    + plan.source_leftovers.iter().filter(|l| l.explained.is_none()).count();
+                let open = plan.open_leftovers();
                 return Err(Error::PlanRejected {
                     from: plan.source.clone(),
                     target: plan.target.clone(),

@@ -145,9 +145,10 @@ pub fn write_output(target: &dyn Store, out: &Path) -> Result<Written> {
         });
     }
     target.save(out)?;
-    let kind = match (target.kind(), asked) {
-        (StoreKind::Checkpoint(Format::SafetensorsIndex), _) => Format::Safetensors.to_string(),
-        (kind, _) => kind.to_string(),
+    // A sharded checkpoint is saved as one safetensors file.
+    let kind = match target.kind() {
+        StoreKind::Checkpoint(Format::SafetensorsIndex) => Format::Safetensors.to_string(),
+        kind => kind.to_string(),
     };
     Ok(Written { path: out.into(), kind })
 }

@@ -121,12 +121,7 @@ fn run(command: Command) -> Result<Outcome> {
                 return refused(&plan, e.into());
             }
             if !plan.is_complete() && !allow_partial {
-                let open = plan
-                    .source_leftovers
-                    .iter()
-                    .chain(&plan.target_leftovers)
-                    .filter(|l| l.explained.is_none())
-                    .count();
+                let open = plan.open_leftovers();
                 return refused(
                     &plan,
                     anyhow::anyhow!(
