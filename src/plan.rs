@@ -417,6 +417,17 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
+    fn new(source: &'a dyn Store, target: &'a dyn Store, rule_texts: Vec<Arc<str>>) -> Self {
+        Builder {
+            source,
+            target,
+            rule_texts,
+            pairs: Vec::with_capacity(source.entries().len().min(target.entries().len())),
+            findings: Vec::new(),
+            source_explained: HashMap::new(),
+        }
+    }
+
     fn pair(&mut self, i: usize, j: usize, rule: Option<usize>, how: How) {
         let (s, t) = (&self.source.entries()[i], &self.target.entries()[j]);
         let cast = (s.dtype != t.dtype).then(|| {
@@ -440,15 +451,46 @@ impl Plan {
     /// Reads tensor values only to decide whether a narrowing cast fits.
     pub fn build(source: &dyn Store, target: &dyn Store, mapping: &Mapping) -> Result<Self> {
         let (sources, targets) = (source.entries(), target.entries());
+        // The digests only read the entry lists: another core hashes them meanwhile.
+        std::thread::scope(|scope| {
+            let digests = scope.spawn(|| (entries_digest(sources), entries_digest(targets)));
+            let plan = Self::finish(Self::pair_up(source, target, mapping), mapping.matcher);
+            let (source_digest, target_digest) = digests.join().unwrap_or_default();
+            Ok(Plan { source_digest, target_digest, ..plan })
+        })
+    }
+
+    /// Rules, then the matcher: every pair, and the findings about how they were made.
+    fn pair_up<'a>(source: &'a dyn Store, target: &'a dyn Store, mapping: &Mapping) -> Builder<'a> {
+        let (sources, targets) = (source.entries(), target.entries());
+        // Two models of one architecture list the same names in the same order.
+        // With no rules, the exact and auto matchers pair those by index and find
+        // nothing else to say, so that is done directly. (The order matcher aligns
+        // by shape, not name, so it always takes the long way.)
+        let same_names = mapping.rules.rules().is_empty()
+            && mapping.matcher != Matcher::Order
+            && sources.len() == targets.len()
+            && sources.iter().zip(targets).all(|(s, t)| s.name == t.name);
+        if !same_names {
+            return Self::pair_by_rules_and_matcher(source, target, mapping);
+        }
+        let mut b = Builder::new(source, target, Vec::new());
+        for i in 0..sources.len() {
+            b.pair(i, i, None, How::Exact);
+        }
+        b
+    }
+
+    /// [`Plan::pair_up`] the long way: rules, collisions, then the matcher.
+    fn pair_by_rules_and_matcher<'a>(
+        source: &'a dyn Store,
+        target: &'a dyn Store,
+        mapping: &Mapping,
+    ) -> Builder<'a> {
+        let (sources, targets) = (source.entries(), target.entries());
         let rules = &mapping.rules;
-        let mut b = Builder {
-            source,
-            target,
-            rule_texts: rules.rules().iter().map(|r| Arc::from(r.to_string())).collect(),
-            pairs: Vec::new(),
-            findings: Vec::new(),
-            source_explained: HashMap::new(),
-        };
+        let rule_texts = rules.rules().iter().map(|r| Arc::from(r.to_string())).collect();
+        let mut b = Builder::new(source, target, rule_texts);
 
         // 1. Rules: rename, skip, count what fired, find collisions.
         let mut names: Vec<Cow<str>> = Vec::with_capacity(sources.len());
@@ -512,9 +554,12 @@ impl Plan {
 
         // 2. Names a rule produced that exist in the target pair first, whatever the matcher.
         let mut taken_target = vec![false; targets.len()];
-        let target_index: HashMap<&str, usize> =
-            targets.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect();
-        for i in 0..sources.len() {
+        let target_index: HashMap<&str, usize> = if renamed {
+            targets.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect()
+        } else {
+            HashMap::new()
+        };
+        for i in (0..sources.len()).filter(|_| renamed) {
             if taken_source[i] || rule_of[i].is_none() {
                 continue;
             }
@@ -567,25 +612,12 @@ impl Plan {
             });
         }
         b.pairs.sort_by_key(|p| p.target);
-        Ok(Self::finish(b, mapping.matcher))
+        b
     }
 
     /// Everything that follows from the pairs: shape, cast and role findings,
-    /// leftovers, BatchNorm groups.
-    fn finish(b: Builder, matcher: Matcher) -> Self {
-        let (sources, targets) = (b.source.entries(), b.target.entries());
-        // The digests only read the entry lists: hash them on another core meanwhile.
-        std::thread::scope(|scope| {
-            let source_digest = scope.spawn(|| entries_digest(sources));
-            let target_digest = scope.spawn(|| entries_digest(targets));
-            let plan = Self::finish_findings(b, matcher);
-            let (source_digest, target_digest) =
-                (source_digest.join().unwrap_or_default(), target_digest.join().unwrap_or_default());
-            Plan { source_digest, target_digest, ..plan }
-        })
-    }
-
-    fn finish_findings(mut b: Builder, matcher: Matcher) -> Self {
+    /// leftovers, BatchNorm groups (the digests are left empty).
+    fn finish(mut b: Builder, matcher: Matcher) -> Self {
         let (sources, targets) = (b.source.entries(), b.target.entries());
         for p in &b.pairs {
             let (s, t) = (&sources[p.source], &targets[p.target]);
@@ -651,8 +683,8 @@ impl Plan {
             target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
         }
         // BatchNorm groups of the target (modules with running statistics):
-        // weight, bias and statistics go together. Counted first; names are only
-        // collected for the groups copied in part.
+        // weight, bias and statistics go together. Only a module with a target
+        // entry left over can be copied in part, so only those are counted.
         #[derive(Default)]
         struct Group {
             mean: bool,
@@ -660,17 +692,16 @@ impl Plan {
             copied: usize,
             missing: usize,
         }
-        let mut groups: HashMap<&str, Group> = HashMap::new();
-        for e in targets {
-            let (module, leaf) = module_and_leaf(&e.name);
-            if leaf == "running_mean" {
-                groups.entry(module).or_default().mean = true;
-            }
-        }
+        let mut groups: HashMap<&str, Group> = target_leftovers
+            .iter()
+            .filter(|l| !is_nbt(&l.name))
+            .map(|l| (module_and_leaf(&targets[l.index].name).0, Group::default()))
+            .collect();
         if !groups.is_empty() {
             for (j, e) in targets.iter().enumerate() {
                 let (module, leaf) = module_and_leaf(&e.name);
                 let Some(group) = groups.get_mut(module) else { continue };
+                group.mean |= leaf == "running_mean";
                 group.var |= leaf == "running_var";
                 if leaf != "num_batches_tracked" {
                     if paired_target[j] {
@@ -865,14 +896,7 @@ impl Plan {
             store.entries().iter().enumerate().map(|(i, e)| (e.name.to_string(), i)).collect()
         };
         let (source_index, target_index) = (index(source), index(target));
-        let mut b = Builder {
-            source,
-            target,
-            rule_texts: Vec::new(),
-            pairs: Vec::new(),
-            findings: Vec::new(),
-            source_explained: HashMap::new(),
-        };
+        let mut b = Builder::new(source, target, Vec::new());
         let mut used_target = vec![false; target.entries().len()];
         for p in &file.pairs {
             let i = *source_index
@@ -887,6 +911,65 @@ impl Plan {
             b.pair(i, j, None, How::Plan);
         }
         b.pairs.sort_by_key(|p| p.target);
-        Ok(Self::finish(b, Matcher::Exact))
+        // Both digests were just found equal to the file's.
+        let (source_digest, target_digest) = (file.source_digest, file.target_digest);
+        Ok(Plan { source_digest, target_digest, ..Self::finish(b, Matcher::Exact) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tch::Tensor;
+
+    use super::*;
+    use crate::store::Checkpoint;
+    use crate::Format;
+
+    fn store(tensors: Vec<(&str, Tensor)>) -> Checkpoint {
+        let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        Checkpoint::from_tensors("test", Format::Safetensors, tensors, BTreeMap::new()).expect("store")
+    }
+
+    fn bn(prefix: &str, n: i64, kind: Kind) -> Vec<(String, Tensor)> {
+        ["weight", "bias", "running_mean", "running_var"]
+            .into_iter()
+            .map(|leaf| (format!("{prefix}.{leaf}"), Tensor::ones([n], (kind, tch::Device::Cpu))))
+            .chain([(format!("{prefix}.num_batches_tracked"), Tensor::from(3i64))])
+            .collect()
+    }
+
+    /// The shortcut for equal name lists must say exactly what the long way says.
+    #[test]
+    fn equal_name_lists_are_planned_as_the_rules_and_matcher_would() {
+        let base = || {
+            let mut t =
+                vec![("fc.weight".to_string(), Tensor::ones([4, 3], (Kind::Float, tch::Device::Cpu)))];
+            t.extend(bn("bn", 4, Kind::Float));
+            t
+        };
+        // Equal lists; then equal names with another shape, another dtype and a
+        // float into an integer tensor (a lossy cast).
+        let mut other = base();
+        other[0].1 = Tensor::ones([5, 3], (Kind::Float, tch::Device::Cpu));
+        other[1].1 = Tensor::ones([4], (Kind::Double, tch::Device::Cpu));
+        other[3].1 = Tensor::from_slice(&[0.5f32, 1.0, 2.0, 3.0]);
+        other[5].1 = Tensor::from(2.5f64);
+        for (source_tensors, findings) in [(base(), 0), (other, 2)] {
+            let source = store(source_tensors.iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect());
+            let target = store(base().iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect());
+            for matcher in [Matcher::Exact, Matcher::Auto] {
+                let mapping = Mapping { rules: Rules::new(), matcher };
+                let short = Plan::finish(Plan::pair_up(&source, &target, &mapping), matcher);
+                let long = Plan::finish(Plan::pair_by_rules_and_matcher(&source, &target, &mapping), matcher);
+                assert_eq!((short.pairs.len(), short.findings.len()), (6, findings), "{:?}", short.findings);
+                assert_eq!(
+                    serde_json::to_value(&short).expect("json"),
+                    serde_json::to_value(&long).expect("json"),
+                    "{matcher}"
+                );
+            }
+        }
     }
 }
