@@ -6,6 +6,7 @@
 #include <torch/script.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <atomic>
 #include <cstring>
@@ -83,6 +84,8 @@ void bump_version(const at::Tensor &t) {
 // Pairs of at most this many bytes are memmoved in parallel; larger ones use
 // copy_, which parallelises within the tensor.
 constexpr int64_t kSmall = 1 << 20;
+// How many pairs ahead the plain copy prefetches (measured best at 2 to 4).
+constexpr int64_t kAhead = 4;
 
 // The same bytes, as integers of the same width: for bit-for-bit comparison.
 at::Tensor bits(const at::Tensor &t) {
@@ -177,30 +180,57 @@ char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int6
     std::vector<int64_t> other;
     bool cuda = false;
     int64_t pinned_bytes = 0;
-    // Never broadcast: every pair agrees in shape before anything is written.
-    for (size_t i = 0; i < n; ++i) {
-      if (as_tensor(dst[i]).sizes() != as_tensor(src[i]).sizes()) {
-        *failed = static_cast<int64_t>(i);
-        throw std::invalid_argument("shape mismatch: " + c10::str(as_tensor(src[i]).sizes()) + " into " +
-                                    c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
-      }
-    }
-    // One parallel pass: small same-dtype contiguous CPU pairs are moved as bytes
-    // (and their version counters bumped, as copy_ would); the rest are marked.
-    std::vector<char> later(n, 0);
+    // First pass, in parallel, reading only: every pair agrees in shape (never
+    // broadcast), and small same-dtype contiguous CPU pairs are noted as plain
+    // byte moves (nbytes -1 marks the rest).
+    struct Move {
+      void *to;
+      const void *from;
+      int64_t nbytes;
+    };
+    std::vector<Move> moves(n);
+    std::atomic<int64_t> mismatch{static_cast<int64_t>(n)};
     at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
+        moves[i].nbytes = -1;
+        if (d.sizes() != s.sizes()) {
+          int64_t seen = mismatch.load();
+          while (i < seen && !mismatch.compare_exchange_weak(seen, i)) {
+          }
+          continue;
+        }
         if (plain_bytes(d, s) && d.nbytes() <= kSmall) {
-          if (d.nbytes() > 0) std::memmove(d.data_ptr(), s.data_ptr(), d.nbytes());
-          bump_version(d);
-        } else {
-          later[i] = 1;
+          moves[i] = {d.nbytes() > 0 ? d.data_ptr() : nullptr, s.nbytes() > 0 ? s.const_data_ptr() : nullptr,
+                      static_cast<int64_t>(d.nbytes())};
         }
       }
     });
+    if (int64_t i = mismatch.load(); i < static_cast<int64_t>(n)) {
+      *failed = i;
+      throw std::invalid_argument("shape mismatch: " + c10::str(as_tensor(src[i]).sizes()) + " into " +
+                                  c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
+    }
+    // Second pass, in parallel: the plain pairs' bytes, and their version
+    // counters bumped as copy_ would. Small copies wait on memory, not on
+    // bandwidth: the first lines of a pair a few ahead are asked for early.
+    at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i + kAhead < end && moves[i + kAhead].nbytes > 0) {
+          const Move &next = moves[i + kAhead];
+          for (int64_t at = 0; at < std::min<int64_t>(next.nbytes, 4 * 64); at += 64) {
+            __builtin_prefetch(static_cast<const char *>(next.from) + at, 0);
+            __builtin_prefetch(static_cast<char *>(next.to) + at, 1);
+          }
+        }
+        const Move &m = moves[i];
+        if (m.nbytes < 0) continue;
+        if (m.nbytes > 0) std::memmove(m.to, m.from, static_cast<size_t>(m.nbytes));
+        bump_version(as_tensor(dst[i]));
+      }
+    });
     for (size_t i = 0; i < n; ++i) {
-      if (!later[i]) continue;
+      if (moves[i].nbytes >= 0) continue;
       const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
       other.push_back(static_cast<int64_t>(i));
       cuda = cuda || d.is_cuda() || s.is_cuda();

@@ -80,13 +80,7 @@ pub fn execute_with(
         target: plan.target.clone(),
         problems: vec![problem],
     };
-    if !plan.fits(source, target) {
-        return Err(rejected(format!(
-            "{} -> {} are not the stores this plan was made for",
-            source.origin(),
-            target.origin()
-        )));
-    }
+    plan.ensure_fits(source, target)?;
     let mut sources: Vec<&Tensor> = Vec::with_capacity(plan.pairs.len());
     let mut targets: Vec<&Tensor> = Vec::with_capacity(plan.pairs.len());
     let mut batches: Vec<usize> = vec![0];

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod chunks;
 pub mod copy;
 pub mod diff;
 pub mod dtype;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Kind;
 
+use crate::chunks;
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::matching::{self, How, Item, Matcher};
@@ -321,10 +322,6 @@ pub struct Plan {
     pub target_leftovers: Vec<Leftover>,
     /// Everything found, whatever the policy.
     pub findings: Vec<Finding>,
-    /// sha256 of the source's entry list (names, roles, dtypes, shapes).
-    pub source_digest: String,
-    /// sha256 of the target's entry list.
-    pub target_digest: String,
 }
 
 /// sha256 over every entry's name, role, dtype and shape: what a saved plan
@@ -405,6 +402,37 @@ fn lossy_reason(tensor: &tch::Tensor, from: Kind, to: Kind) -> Option<String> {
     None
 }
 
+/// Pairs per core above which pairing and checking pairs is split across cores.
+const PAIRS_PER_THREAD: usize = 8192;
+
+/// What is wrong with one pair, if anything: shapes, a lossy cast, roles.
+fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
+    if s.shape != t.shape {
+        out.push(Finding::ShapeMismatch {
+            source: s.name.to_string(),
+            target: t.name.to_string(),
+            source_shape: s.shape.clone(),
+            target_shape: t.shape.clone(),
+            provenance: p.provenance(),
+        });
+    }
+    if let Some(Cast { lossy: Some(reason), .. }) = &p.cast {
+        out.push(Finding::LossyCast {
+            source: s.name.to_string(),
+            target: t.name.to_string(),
+            reason: reason.clone(),
+        });
+    }
+    if s.role != t.role && !s.role_inferred && !t.role_inferred {
+        out.push(Finding::RoleMismatch {
+            source: s.name.to_string(),
+            target: t.name.to_string(),
+            source_role: s.role,
+            target_role: t.role,
+        });
+    }
+}
+
 /// Accumulates a plan while it is being built.
 struct Builder<'a> {
     source: &'a dyn Store,
@@ -429,12 +457,17 @@ impl<'a> Builder<'a> {
     }
 
     fn pair(&mut self, i: usize, j: usize, rule: Option<usize>, how: How) {
+        let pair = self.make_pair(i, j, rule, how);
+        self.pairs.push(pair);
+    }
+
+    fn make_pair(&self, i: usize, j: usize, rule: Option<usize>, how: How) -> Pair {
         let (s, t) = (&self.source.entries()[i], &self.target.entries()[j]);
         let cast = (s.dtype != t.dtype).then(|| {
             let lossy = self.source.tensor(i).and_then(|tensor| lossy_reason(tensor, s.dtype, t.dtype));
             Cast { from: s.dtype, to: t.dtype, lossy }
         });
-        self.pairs.push(Pair {
+        Pair {
             source: i,
             target: j,
             source_name: s.name.clone(),
@@ -442,7 +475,7 @@ impl<'a> Builder<'a> {
             rule: rule.map(|r| Arc::clone(&self.rule_texts[r])),
             how,
             cast,
-        });
+        }
     }
 }
 
@@ -450,14 +483,7 @@ impl Plan {
     /// Maps `source` onto `target`: rules, then the matcher; then every finding.
     /// Reads tensor values only to decide whether a narrowing cast fits.
     pub fn build(source: &dyn Store, target: &dyn Store, mapping: &Mapping) -> Result<Self> {
-        let (sources, targets) = (source.entries(), target.entries());
-        // The digests only read the entry lists: another core hashes them meanwhile.
-        std::thread::scope(|scope| {
-            let digests = scope.spawn(|| (entries_digest(sources), entries_digest(targets)));
-            let plan = Self::finish(Self::pair_up(source, target, mapping), mapping.matcher);
-            let (source_digest, target_digest) = digests.join().unwrap_or_default();
-            Ok(Plan { source_digest, target_digest, ..plan })
-        })
+        Ok(Self::finish(Self::pair_up(source, target, mapping), mapping.matcher))
     }
 
     /// Rules, then the matcher: every pair, and the findings about how they were made.
@@ -467,18 +493,24 @@ impl Plan {
         // With no rules, the exact and auto matchers pair those by index and find
         // nothing else to say, so that is done directly. (The order matcher aligns
         // by shape, not name, so it always takes the long way.)
-        let same_names = mapping.rules.rules().is_empty()
+        if mapping.rules.rules().is_empty()
             && mapping.matcher != Matcher::Order
             && sources.len() == targets.len()
-            && sources.iter().zip(targets).all(|(s, t)| s.name == t.name);
-        if !same_names {
-            return Self::pair_by_rules_and_matcher(source, target, mapping);
+        {
+            let mut b = Builder::new(source, target, Vec::new());
+            let parts = chunks::map(sources.len(), PAIRS_PER_THREAD, |range| {
+                range
+                    .map(|i| {
+                        (sources[i].name == targets[i].name).then(|| b.make_pair(i, i, None, How::Exact))
+                    })
+                    .collect::<Option<Vec<Pair>>>()
+            });
+            if let Some(parts) = parts.into_iter().collect::<Option<Vec<_>>>() {
+                b.pairs.extend(parts.into_iter().flatten());
+                return b;
+            }
         }
-        let mut b = Builder::new(source, target, Vec::new());
-        for i in 0..sources.len() {
-            b.pair(i, i, None, How::Exact);
-        }
-        b
+        Self::pair_by_rules_and_matcher(source, target, mapping)
     }
 
     /// [`Plan::pair_up`] the long way: rules, collisions, then the matcher.
@@ -616,36 +648,17 @@ impl Plan {
     }
 
     /// Everything that follows from the pairs: shape, cast and role findings,
-    /// leftovers, BatchNorm groups (the digests are left empty).
+    /// leftovers, BatchNorm groups.
     fn finish(mut b: Builder, matcher: Matcher) -> Self {
         let (sources, targets) = (b.source.entries(), b.target.entries());
-        for p in &b.pairs {
-            let (s, t) = (&sources[p.source], &targets[p.target]);
-            if s.shape != t.shape {
-                b.findings.push(Finding::ShapeMismatch {
-                    source: s.name.to_string(),
-                    target: t.name.to_string(),
-                    source_shape: s.shape.clone(),
-                    target_shape: t.shape.clone(),
-                    provenance: p.provenance(),
-                });
+        let per_pair = chunks::map(b.pairs.len(), PAIRS_PER_THREAD, |range| {
+            let mut findings = Vec::new();
+            for p in &b.pairs[range] {
+                pair_findings(p, &sources[p.source], &targets[p.target], &mut findings);
             }
-            if let Some(Cast { lossy: Some(reason), .. }) = &p.cast {
-                b.findings.push(Finding::LossyCast {
-                    source: s.name.to_string(),
-                    target: t.name.to_string(),
-                    reason: reason.clone(),
-                });
-            }
-            if s.role != t.role && !s.role_inferred && !t.role_inferred {
-                b.findings.push(Finding::RoleMismatch {
-                    source: s.name.to_string(),
-                    target: t.name.to_string(),
-                    source_role: s.role,
-                    target_role: t.role,
-                });
-            }
-        }
+            findings
+        });
+        b.findings.extend(per_pair.into_iter().flatten());
         let mut paired_source = vec![false; sources.len()];
         let mut paired_target = vec![false; targets.len()];
         for p in &b.pairs {
@@ -739,20 +752,36 @@ impl Plan {
             source_leftovers,
             target_leftovers,
             findings: b.findings,
-            source_digest: String::new(),
-            target_digest: String::new(),
         }
     }
 
     /// Whether `source` and `target` list, at every paired index, the entries
     /// this plan paired (name, dtype and shape as planned).
     pub fn fits(&self, source: &dyn Store, target: &dyn Store) -> bool {
-        let same = |store: &dyn Store, index: usize, name: &str| {
-            store.entries().get(index).is_some_and(|e| e.name == name)
+        // Names are shared: against the stores the plan was made for, `Name`'s
+        // equality finds the very same allocation without reading the strings.
+        let same = |store: &dyn Store, index: usize, name: &Name| {
+            store.entries().get(index).is_some_and(|e| e.name == *name)
         };
         self.pairs
             .iter()
             .all(|p| same(source, p.source, &p.source_name) && same(target, p.target, &p.target_name))
+    }
+
+    /// `Ok` when [`Plan::fits`] `source` and `target`; else an error naming them.
+    pub fn ensure_fits(&self, source: &dyn Store, target: &dyn Store) -> Result<()> {
+        if self.fits(source, target) {
+            return Ok(());
+        }
+        Err(Error::PlanRejected {
+            from: self.source.clone(),
+            target: self.target.clone(),
+            problems: vec![format!(
+                "{} -> {} are not the stores this plan was made for",
+                source.origin(),
+                target.origin()
+            )],
+        })
     }
 
     /// The findings with their severity under `policy`, most serious first.
@@ -835,14 +864,17 @@ pub struct PlannedPair {
 const PLAN_FILE_VERSION: u32 = 1;
 
 impl Plan {
-    /// The plan in its saved form.
-    pub fn to_file(&self) -> PlanFile {
-        PlanFile {
+    /// The plan in its saved form, with the digests of `source` and `target`,
+    /// which must be the stores it was made for. (The digests are only worked
+    /// out here: most plans are never saved.)
+    pub fn to_file(&self, source: &dyn Store, target: &dyn Store) -> Result<PlanFile> {
+        self.ensure_fits(source, target)?;
+        Ok(PlanFile {
             version: PLAN_FILE_VERSION,
             source: self.source.clone(),
             target: self.target.clone(),
-            source_digest: self.source_digest.clone(),
-            target_digest: self.target_digest.clone(),
+            source_digest: entries_digest(source.entries()),
+            target_digest: entries_digest(target.entries()),
             pairs: self
                 .pairs
                 .iter()
@@ -854,12 +886,13 @@ impl Plan {
                 .collect(),
             source_leftovers: self.source_leftovers.iter().map(|l| l.name.to_string()).collect(),
             target_leftovers: self.target_leftovers.iter().map(|l| l.name.to_string()).collect(),
-        }
+        })
     }
 
-    /// Writes the plan as JSON, whole or not at all.
-    pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&self.to_file()).map_err(|e| Error::Format {
+    /// Writes the plan for `source` and `target` (the stores it was made for)
+    /// as JSON, whole or not at all.
+    pub fn save(&self, path: &std::path::Path, source: &dyn Store, target: &dyn Store) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.to_file(source, target)?).map_err(|e| Error::Format {
             path: path.into(),
             format: "plan",
             message: e.to_string(),
@@ -911,9 +944,7 @@ impl Plan {
             b.pair(i, j, None, How::Plan);
         }
         b.pairs.sort_by_key(|p| p.target);
-        // Both digests were just found equal to the file's.
-        let (source_digest, target_digest) = (file.source_digest, file.target_digest);
-        Ok(Plan { source_digest, target_digest, ..Self::finish(b, Matcher::Exact) })
+        Ok(Self::finish(b, Matcher::Exact))
     }
 }
 

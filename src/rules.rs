@@ -287,21 +287,12 @@ impl Rules {
         if self.rules.is_empty() {
             return vec![Outcome::Kept; entries.len()];
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(entries.len() / PER_THREAD)
-            .max(1);
-        if threads == 1 {
-            return entries.iter().map(|e| self.apply(&e.name)).collect();
-        }
-        let chunk = entries.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = entries
-                .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(|e| self.apply(&e.name)).collect::<Vec<_>>()))
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        crate::chunks::map(entries.len(), PER_THREAD, |range| {
+            entries[range].iter().map(|e| self.apply(&e.name)).collect::<Vec<_>>()
         })
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// What the first matching rule does to `name`.

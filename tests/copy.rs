@@ -171,3 +171,43 @@ fn the_report_is_a_table_for_people_and_json_for_programs() {
     assert!(text.contains("… and 28 more"), "{text}");
     assert!(text.contains("verified bit for bit") && text.contains("verdict: complete"), "{text}");
 }
+
+/// Many small pairs, so that the copy and the verification split them across threads.
+fn many(n: usize, value: f64) -> Checkpoint {
+    let names: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    checkpoint(
+        names
+            .iter()
+            .map(|name| (name.as_str(), Tensor::full([4], value, (Kind::Float, Device::Cpu))))
+            .collect(),
+    )
+}
+
+#[test]
+fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
+    let (source, target) = (many(20_000, 1.0), many(20_000, 0.0));
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    // Someone changes the live target between the plan and the copy.
+    for name in ["t17000", "t12345"] {
+        let _ = tensor_of(&target, name).shallow_clone().resize_([2, 2]);
+    }
+    let message = copy::execute(&plan, &source, &target, &Policy::default()).unwrap_err().to_string();
+    assert!(message.contains("t12345") && message.contains("nothing was written"), "{message}");
+    for i in 0..target.entries().len() {
+        let sum = target.tensor(i).unwrap().abs().sum(Kind::Double).double_value(&[]);
+        assert_eq!(sum, 0.0, "{} was written", target.entries()[i].name);
+    }
+}
+
+#[test]
+fn verification_names_the_first_of_many_pairs_that_differ() {
+    let (source, target) = (many(20_000, 1.0), many(20_000, 0.0));
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let quiet = Options { verify: false, progress: false };
+    copy::execute_with(&plan, &source, &target, &Policy::default(), quiet).unwrap();
+    for name in ["t19999", "t15000"] {
+        let _ = tensor_of(&target, name).shallow_clone().fill_(3.0);
+    }
+    let message = copy::verify(&plan, &source, &target).unwrap_err().to_string();
+    assert!(message.contains("target t15000"), "{message}");
+}

@@ -266,17 +266,21 @@ fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
     let target = module("encoder.pt");
     let made = plan(&source, &target, Matcher::Auto, "backbone\\.(.*) => encoder.$1\n");
     let path = dir.path().join("plan.json");
-    made.save(&path).unwrap();
+    let other = module("bn_net_b.pt");
+    let refused = made.save(&path, &source, &other).unwrap_err().to_string();
+    assert!(refused.contains("not the stores this plan was made for"), "{refused}");
+    assert!(!path.exists());
+    made.save(&path, &source, &target).unwrap();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(json["pairs"].as_array().unwrap().len(), 20);
     assert!(json["pairs"][0]["provenance"].is_string());
+    assert_eq!(json["target_digest"], transplant::plan::entries_digest(target.entries()).as_str());
 
     let replayed = Plan::replay(&path, &source, &target).unwrap();
     assert_eq!(pair_names(&replayed), pair_names(&made));
     assert!(replayed.pairs.iter().all(|p| p.how == How::Plan));
     copy::execute(&replayed, &source, &target, &STRICT).unwrap();
 
-    let other = module("bn_net_b.pt");
     let message = Plan::replay(&path, &source, &other).unwrap_err().to_string();
     assert!(message.contains("changed") && message.contains("target"), "{message}");
 }

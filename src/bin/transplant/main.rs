@@ -85,7 +85,8 @@ fn run(command: Command) -> Result<Outcome> {
             let target = transfer::open_target(&dst, tch::Device::Cpu, None)?;
             let plan = Plan::build(source.as_ref(), target.as_ref(), &mapping)?;
             if let Some(path) = &save_plan {
-                plan.save(path).with_context(|| format!("saving the plan to {}", path.display()))?;
+                plan.save(path, source.as_ref(), target.as_ref())
+                    .with_context(|| format!("saving the plan to {}", path.display()))?;
             }
             let report = Report::new(&plan, &policy, None);
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "plan_file": save_plan }) })?;
