@@ -2,8 +2,9 @@
 //! - deep: 4,000 × [Linear(64, 64), BatchNorm1d(64)] — 28,000 tensors, 71 MB;
 //! - wide: 16 × [Linear(4096, 4096), BatchNorm1d(4096)] — 112 tensors, 1.07 GB.
 //!
-//! For each: transplant plan + copy + verify, the copy alone, the verification
-//! alone, and one flat `copy_` of the same number of bytes (the floor).
+//! For each: transplant plan + copy + verify, the plan, the copy and the
+//! verification each alone (each timed whole, checks and set-up included), and
+//! one flat `copy_` of the same number of bytes (the floor). Best of several runs.
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -27,35 +28,19 @@ fn model(blocks: usize, width: i64, device: Device) -> Result<Checkpoint> {
     Ok(Checkpoint::from_tensors("bench", Format::Safetensors, tensors, BTreeMap::new())?)
 }
 
-fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
-    let mut best = f64::MAX;
-    let mut last = None;
-    for _ in 0..runs {
-        let start = Instant::now();
-        let value = f();
-        best = best.min(start.elapsed().as_secs_f64());
-        last = Some(value);
-    }
-    (best, last.expect("at least one run"))
+fn seconds<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let start = Instant::now();
+    let value = f();
+    (start.elapsed().as_secs_f64(), value)
 }
 
-fn bench(name: &str, blocks: usize, width: i64, runs: usize, from: Device, into: Device) -> Result<()> {
+fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, into: Device) -> Result<()> {
     let (source, target) = (model(blocks, width, from)?, model(blocks, width, into)?);
-    let policy = Policy::default();
-    let quiet = Options { verify: true, progress: false };
-    let (full, _) = best_of(runs, || {
-        let plan = Plan::build(&source, &target, &Mapping::default()).expect("plan");
-        copy::execute_with(&plan, &source, &target, &policy, quiet).expect("copy")
-    });
-    let (plan_only, plan) =
-        best_of(runs, || Plan::build(&source, &target, &Mapping::default()).expect("plan"));
-    let mut copies = Vec::new();
-    for _ in 0..runs {
-        copies.push(copy::execute_with(&plan, &source, &target, &policy, quiet)?);
-    }
-    let copy_only = copies.iter().map(|c| c.copy_seconds).fold(f64::MAX, f64::min);
-    let verify_only = copies.iter().map(|c| c.verify_seconds).fold(f64::MAX, f64::min);
-    let bytes = copies[0].bytes as i64;
+    let (policy, mapping) = (Policy::default(), Mapping::default());
+    let verified = Options { verify: true, progress: false };
+    let unverified = Options { verify: false, progress: false };
+    let plan = Plan::build(&source, &target, &mapping)?;
+    let bytes = copy::execute_with(&plan, &source, &target, &policy, unverified)?.bytes as i64;
     // The floor: one copy of the same bytes between the same devices (from
     // pinned memory when the source is the host and the target a GPU).
     let mut flat_src = Tensor::randn([bytes / 4], (Kind::Float, from));
@@ -63,16 +48,58 @@ fn bench(name: &str, blocks: usize, width: i64, runs: usize, from: Device, into:
         flat_src = flat_src.pin_memory(into);
     }
     let mut flat_dst = Tensor::zeros([bytes / 4], (Kind::Float, into));
-    let (flat, _) = best_of(runs, || {
+    // Each round times every step once, so that all of them meet the same
+    // machine (this one's speed drifts); the best round of each is printed.
+    // The copy and the verification are each timed whole, checks and set-up included.
+    let mut best = [f64::MAX; 5];
+    for _ in 0..rounds {
+        let times = [
+            seconds(|| {
+                let plan = Plan::build(&source, &target, &mapping).expect("plan");
+                copy::execute_with(&plan, &source, &target, &policy, verified).expect("copy");
+                plan
+            })
+            .0,
+            seconds(|| Plan::build(&source, &target, &mapping).expect("plan")).0,
+            seconds(|| copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy")).0,
+            seconds(|| copy::verify(&plan, &source, &target).expect("verify")).0,
+            seconds(|| {
+                flat_dst.copy_(&flat_src);
+                if let Device::Cuda(i) = into {
+                    tch::Cuda::synchronize(i as i64);
+                }
+            })
+            .0,
+        ];
+        for (best, time) in best.iter_mut().zip(times) {
+            *best = best.min(time);
+        }
+    }
+    let [full, plan_only, copy_only, verify_only, flat] = best;
+    // Then back to back, caches warm: plan + copy repeated, the flat copy repeated.
+    let mut flat_copy = || {
         flat_dst.copy_(&flat_src);
         if let Device::Cuda(i) = into {
             tch::Cuda::synchronize(i as i64);
         }
-    });
+    };
+    let warm_plan_copy = (0..rounds)
+        .map(|_| {
+            // The plan is returned, and so dropped after the clock stops.
+            seconds(|| {
+                let plan = Plan::build(&source, &target, &mapping).expect("plan");
+                copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy");
+                plan
+            })
+            .0
+        })
+        .fold(f64::MAX, f64::min);
+    let warm_flat = (0..rounds).map(|_| seconds(&mut flat_copy).0).fold(f64::MAX, f64::min);
     println!(
         "{{\"model\": \"{name}\", \"from\": \"{from:?}\", \"into\": \"{into:?}\", \"tensors\": {}, \"bytes\": {bytes}, \"plan_copy_verify\": {full:.6}, \
-         \"plan\": {plan_only:.6}, \"copy\": {copy_only:.6}, \"verify\": {verify_only:.6}, \"flat_copy\": {flat:.6}}}",
-        copies[0].tensors
+         \"plan\": {plan_only:.6}, \"copy\": {copy_only:.6}, \"verify\": {verify_only:.6}, \"flat_copy\": {flat:.6}, \
+         \"warm_plan_copy\": {warm_plan_copy:.6}, \"warm_flat_copy\": {warm_flat:.6}}}",
+        plan.pairs.len()
     );
     Ok(())
 }
@@ -90,10 +117,10 @@ fn main() -> Result<()> {
     };
     for (from, into) in routes {
         if which == "deep" || which == "both" {
-            bench("deep", 4000, 64, 5, from, into)?;
+            bench("deep", 4000, 64, 20, from, into)?;
         }
         if which == "wide" || which == "both" {
-            bench("wide", 16, 4096, 3, from, into)?;
+            bench("wide", 16, 4096, 5, from, into)?;
         }
     }
     Ok(())

@@ -77,15 +77,26 @@ bool plain_bytes(const at::Tensor &dst, const at::Tensor &src) {
          src.layout() == at::kStrided;
 }
 
-void bump_version(const at::Tensor &t) {
-  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
-
 // Pairs of at most this many bytes are memmoved in parallel; larger ones use
 // copy_, which parallelises within the tensor.
 constexpr int64_t kSmall = 1 << 20;
-// How many pairs ahead the plain copy prefetches (measured best at 2 to 4).
+
+// How many pairs ahead the byte copies and comparisons prefetch (2 to 4
+// measured best on many small tensors).
 constexpr int64_t kAhead = 4;
+
+// Asks for the first lines of a small plain pair's bytes before they are needed.
+void prefetch_pair(const tp_move &m, bool for_writing) {
+  if (m.kind != TP_MOVE_SMALL) return;
+  for (int64_t at = 0; at < std::min<int64_t>(m.nbytes, 4 * 64); at += 64) {
+    __builtin_prefetch(static_cast<const char *>(m.from) + at, 0);
+    if (for_writing) {
+      __builtin_prefetch(static_cast<char *>(m.to) + at, 1);
+    } else {
+      __builtin_prefetch(static_cast<const char *>(m.to) + at, 0);
+    }
+  }
+}
 
 // The same bytes, as integers of the same width: for bit-for-bit comparison.
 at::Tensor bits(const at::Tensor &t) {
@@ -174,35 +185,33 @@ char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_re
   });
 }
 
-char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *failed) {
+char *tp_describe_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int for_writing,
+                        tp_move *moves, int64_t *failed) {
   *failed = -1;
   return guarded([&] {
-    std::vector<int64_t> other;
-    bool cuda = false;
-    int64_t pinned_bytes = 0;
-    // First pass, in parallel, reading only: every pair agrees in shape (never
-    // broadcast), and small same-dtype contiguous CPU pairs are noted as plain
-    // byte moves (nbytes -1 marks the rest).
-    struct Move {
-      void *to;
-      const void *from;
-      int64_t nbytes;
-    };
-    std::vector<Move> moves(n);
+    // In parallel, reading only: every pair agrees in shape (never broadcast),
+    // and what each is (see tp_move) is written down.
     std::atomic<int64_t> mismatch{static_cast<int64_t>(n)};
     at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
-        moves[i].nbytes = -1;
+        tp_move &m = moves[i];
+        m = {nullptr, nullptr, nullptr, 0, TP_MOVE_OTHER};
         if (d.sizes() != s.sizes()) {
           int64_t seen = mismatch.load();
           while (i < seen && !mismatch.compare_exchange_weak(seen, i)) {
           }
           continue;
         }
-        if (plain_bytes(d, s) && d.nbytes() <= kSmall) {
-          moves[i] = {d.nbytes() > 0 ? d.data_ptr() : nullptr, s.nbytes() > 0 ? s.const_data_ptr() : nullptr,
-                      static_cast<int64_t>(d.nbytes())};
+        m.nbytes = static_cast<int64_t>(d.nbytes());
+        if (!plain_bytes(d, s)) continue;
+        m.kind = m.nbytes <= kSmall ? TP_MOVE_SMALL : TP_MOVE_LARGE;
+        m.target = d.unsafeGetTensorImpl();
+        if (m.nbytes > 0) {
+          // A target about to be written is asked for its data as writable
+          // (which gives a copy-on-write storage its own bytes first).
+          m.to = for_writing ? d.data_ptr() : const_cast<void *>(d.const_data_ptr());
+          m.from = s.const_data_ptr();
         }
       }
     });
@@ -211,26 +220,34 @@ char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int6
       throw std::invalid_argument("shape mismatch: " + c10::str(as_tensor(src[i]).sizes()) + " into " +
                                   c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
     }
-    // Second pass, in parallel: the plain pairs' bytes, and their version
-    // counters bumped as copy_ would. Small copies wait on memory, not on
-    // bandwidth: the first lines of a pair a few ahead are asked for early.
+  });
+}
+
+char *tp_copy_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_move *moves, size_t n,
+                        int64_t *failed) {
+  *failed = -1;
+  return guarded([&] {
+    // Small plain pairs, in parallel: bytes moved, version counters bumped as
+    // copy_ would. Small copies wait on memory rather than on bandwidth, so the
+    // first lines of the pair a few ahead are asked for early.
     at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        if (i + kAhead < end && moves[i + kAhead].nbytes > 0) {
-          const Move &next = moves[i + kAhead];
-          for (int64_t at = 0; at < std::min<int64_t>(next.nbytes, 4 * 64); at += 64) {
-            __builtin_prefetch(static_cast<const char *>(next.from) + at, 0);
-            __builtin_prefetch(static_cast<char *>(next.to) + at, 1);
-          }
-        }
-        const Move &m = moves[i];
-        if (m.nbytes < 0) continue;
+        if (i + kAhead < end) prefetch_pair(moves[i + kAhead], /*for_writing=*/true);
+        const tp_move &m = moves[i];
+        if (m.kind != TP_MOVE_SMALL) continue;
         if (m.nbytes > 0) std::memmove(m.to, m.from, static_cast<size_t>(m.nbytes));
-        bump_version(as_tensor(dst[i]));
+        auto *impl = static_cast<c10::TensorImpl *>(m.target);
+        if (!impl->is_inference()) impl->bump_version();
       }
     });
+    // The rest through copy_ (which parallelises within a tensor). CPU sources
+    // bound for CUDA go through one pinned staging buffer, so that the
+    // host-to-device copies run asynchronously; one synchronize at the end.
+    std::vector<int64_t> other;
+    bool cuda = false;
+    int64_t pinned_bytes = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (moves[i].nbytes >= 0) continue;
+      if (moves[i].kind == TP_MOVE_SMALL) continue;
       const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
       other.push_back(static_cast<int64_t>(i));
       cuda = cuda || d.is_cuda() || s.is_cuda();
@@ -238,8 +255,6 @@ char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int6
         pinned_bytes += static_cast<int64_t>(s.nbytes());
       }
     }
-    // CPU sources bound for CUDA: one pinned staging buffer, so the host-to-device
-    // copies can run asynchronously.
     at::Tensor staging;
     int64_t offset = 0;
     if (pinned_bytes > 0) staging = at::empty({pinned_bytes}, at::kByte).pin_memory();
@@ -261,7 +276,8 @@ char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int6
   });
 }
 
-char *tp_verify_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *mismatch) {
+char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_move *moves, size_t n,
+                          int64_t *mismatch) {
   *mismatch = -1;
   return guarded([&] {
     std::atomic<int64_t> first{static_cast<int64_t>(n)};
@@ -270,34 +286,34 @@ char *tp_verify_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, in
       while (i < seen && !first.compare_exchange_weak(seen, i)) {
       }
     };
-    std::vector<int64_t> small, large, other;
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
-      auto &list = !plain_bytes(d, s) ? other : d.nbytes() <= kSmall ? small : large;
-      list.push_back(static_cast<int64_t>(i));
-    }
-    at::parallel_for(0, static_cast<int64_t>(small.size()), 64, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const at::Tensor &d = as_tensor(dst[small[k]]), &s = as_tensor(src[small[k]]);
-        if (d.nbytes() > 0 && std::memcmp(d.data_ptr(), s.data_ptr(), d.nbytes()) != 0) found_at(small[k]);
+    at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (i + kAhead < end) prefetch_pair(moves[i + kAhead], /*for_writing=*/false);
+        const tp_move &m = moves[i];
+        if (m.kind == TP_MOVE_SMALL && m.nbytes > 0 &&
+            std::memcmp(m.to, m.from, static_cast<size_t>(m.nbytes)) != 0) {
+          found_at(i);
+        }
       }
     });
-    // Large pairs: compared in chunks across threads.
-    for (int64_t i : large) {
-      const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
-      const char *a = static_cast<const char *>(d.data_ptr());
-      const char *b = static_cast<const char *>(s.data_ptr());
-      const int64_t bytes = static_cast<int64_t>(d.nbytes());
-      at::parallel_for(0, bytes, kSmall, [&](int64_t begin, int64_t end) {
-        if (std::memcmp(a + begin, b + begin, static_cast<size_t>(end - begin)) != 0) found_at(i);
+    // Large plain pairs: compared in chunks across threads.
+    for (size_t i = 0; i < n; ++i) {
+      const tp_move &m = moves[i];
+      if (m.kind != TP_MOVE_LARGE || m.nbytes == 0) continue;
+      const char *a = static_cast<const char *>(m.to), *b = static_cast<const char *>(m.from);
+      at::parallel_for(0, m.nbytes, kSmall, [&](int64_t begin, int64_t end) {
+        if (std::memcmp(a + begin, b + begin, static_cast<size_t>(end - begin)) != 0) {
+          found_at(static_cast<int64_t>(i));
+        }
       });
     }
-    for (int64_t i : other) {
-      if (i >= first.load()) break;
-      const at::Tensor &d = as_tensor(dst[i]);
-      at::Tensor expected = as_tensor(src[i]).to(d.device(), d.scalar_type());
+    // The rest: converted like copy_ converts, then compared bit for bit.
+    for (size_t k = 0; k < n && static_cast<int64_t>(k) < first.load(); ++k) {
+      if (moves[k].kind != TP_MOVE_OTHER) continue;
+      const at::Tensor &d = as_tensor(dst[k]);
+      at::Tensor expected = as_tensor(src[k]).to(d.device(), d.scalar_type());
       if (d.sizes() != expected.sizes() || !at::equal(bits(d), bits(expected))) {
-        first = i;
+        found_at(static_cast<int64_t>(k));
         break;
       }
     }

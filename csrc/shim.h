@@ -59,16 +59,37 @@ char *tp_module_forward(tp_module *module, tp_tensor *const *inputs, size_t n_in
 char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_release_fn release,
                                     tp_tensor **out);
 
-/* Copies src[i] into dst[i] for i in 0..n, in place: dst keeps its storage,
- * dtype and device (values are converted on the way). Same-dtype contiguous
- * CPU pairs are copied with memmove, small ones in parallel, and their version
- * counters bumped like copy_ does; other pairs go through copy_, non-blocking
- * where CUDA takes part, CPU sources staged through pinned memory. Ends with a
- * CUDA synchronize when CUDA took part. On failure *failed is the pair's index. */
-char *tp_copy_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *failed);
-/* *mismatch: index of the first pair whose dst is not bit-for-bit src converted
- * to dst's dtype and device, or -1 when all are. */
-char *tp_verify_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int64_t *mismatch);
+/* What a pair of tensors is, for tp_copy_described and tp_verify_described. */
+enum { TP_MOVE_OTHER = 0, TP_MOVE_SMALL = 1, TP_MOVE_LARGE = 2 };
+typedef struct tp_move {
+  void *to;         /* plain pairs (SMALL, LARGE): the target's first byte */
+  const void *from; /* plain pairs: the source's first byte */
+  void *target;     /* plain pairs: the target's TensorImpl (its version counter is bumped) */
+  int64_t nbytes;   /* bytes the target holds */
+  int32_t kind;     /* SMALL: same dtype, contiguous, CPU, at most 1 MB: moved as bytes, many
+                       pairs in parallel; LARGE: the same but larger, copy_ parallelises within;
+                       OTHER: converted or on a GPU, through copy_ */
+} tp_move;
+
+/* Checks that src[i] and dst[i] agree in shape for every i (else an error,
+ * *failed the lowest such index, and nothing written anywhere) and describes
+ * each pair in moves[i]. With for_writing, targets' data is asked for as
+ * writable. The moves stay valid while no tensor is reallocated or resized:
+ * the caller holds the tensors for the whole copy. */
+char *tp_describe_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, int for_writing,
+                        tp_move *moves, int64_t *failed);
+/* Copies src[i] into dst[i] for i in 0..n, as described, in place: dst keeps
+ * its storage, dtype and device (values are converted on the way). SMALL pairs
+ * are moved with memmove in parallel and their version counters bumped like
+ * copy_ does; the others go through copy_, non-blocking where CUDA takes part,
+ * CPU sources staged through pinned memory, and one CUDA synchronize at the
+ * end. On failure *failed is the pair's index. */
+char *tp_copy_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_move *moves, size_t n,
+                        int64_t *failed);
+/* *mismatch: index of the first pair whose dst is not bit for bit src
+ * converted to dst's dtype and device, or -1 when all are. */
+char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_move *moves, size_t n,
+                          int64_t *mismatch);
 
 /* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
 const void *tp_tensor_impl(const tp_tensor *tensor);

@@ -15,7 +15,7 @@ use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::{Plan, Policy};
+use crate::plan::{Pair, Plan, Policy};
 use crate::store::Store;
 
 /// How to copy.
@@ -59,9 +59,10 @@ const PROGRESS_MIN_BYTES: u64 = 256 << 20;
 /// Checks `plan` under `policy`, then copies every pair from `source` into
 /// `target` and (with `options.verify`) verifies each: bit for bit equal to the
 /// source converted to the target's dtype. Nothing is written if the check
-/// fails or if the stores are not the ones the plan was made for; and the shim
-/// refuses a batch whose tensors disagree in shape before writing any of it
-/// (the plan's check has already refused every shape mismatch it knows of).
+/// fails or if the stores are not the ones the plan was made for; and every
+/// live tensor is checked for shape again before the first byte is written (the
+/// plan's check refused every mismatch its entries showed; this catches a
+/// tensor resized since).
 pub fn execute(plan: &Plan, source: &dyn Store, target: &dyn Store, policy: &Policy) -> Result<Copied> {
     execute_with(plan, source, target, policy, Options::default())
 }
@@ -81,41 +82,38 @@ pub fn execute_with(
         problems: vec![problem],
     };
     plan.ensure_fits(source, target)?;
-    let mut sources: Vec<&Tensor> = Vec::with_capacity(plan.pairs.len());
-    let mut targets: Vec<&Tensor> = Vec::with_capacity(plan.pairs.len());
+    let (targets, sources) = tensors_of(plan, source, target, |store, name, _| {
+        rejected(format!("{} has no tensor for {name}", store.origin()))
+    })?;
+    let copy_failed = |(index, message): ffi::PairError| match index {
+        Some(i) => Error::CopyFailed { target: plan.pairs[i].target_name.to_string(), message },
+        None => Error::CopyFailed { target: plan.target.clone(), message },
+    };
+
+    let _no_grad = tch::no_grad_guard();
+    let start = Instant::now();
+    // Every pair is checked (shapes) and described before any batch is written.
+    let pairs = ffi::Pairs::describe(&targets, &sources, true).map_err(copy_failed)?;
     let mut batches: Vec<usize> = vec![0];
     let (mut bytes, mut batch_bytes) = (0u64, 0u64);
-    for (k, pair) in plan.pairs.iter().enumerate() {
-        let missing =
-            |store: &dyn Store, name: &str| rejected(format!("{} has no tensor for {name}", store.origin()));
-        let src = source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name))?;
-        let dst = target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name))?;
-        let size = target.entries()[pair.target].bytes();
-        bytes += size;
-        batch_bytes += size;
+    for k in 0..plan.pairs.len() {
+        bytes += pairs.bytes(k);
+        batch_bytes += pairs.bytes(k);
         if batch_bytes >= BATCH_BYTES {
             batches.push(k + 1);
             batch_bytes = 0;
         }
-        sources.push(src);
-        targets.push(dst);
     }
     if batches.last() != Some(&plan.pairs.len()) {
         batches.push(plan.pairs.len());
     }
     let progress = (options.progress && bytes >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal())
         .then(|| indicatif::ProgressBar::new(bytes).with_message("copying"));
-
-    let _no_grad = tch::no_grad_guard();
-    let start = Instant::now();
     for window in batches.windows(2) {
         let (from, to) = (window[0], window[1]);
-        ffi::copy_pairs(&targets[from..to], &sources[from..to]).map_err(|(index, message)| match index {
-            Some(i) => Error::CopyFailed { target: plan.pairs[from + i].target_name.to_string(), message },
-            None => Error::CopyFailed { target: plan.target.clone(), message },
-        })?;
+        pairs.copy(from..to).map_err(copy_failed)?;
         if let Some(bar) = &progress {
-            bar.inc(plan.pairs[from..to].iter().map(|p| target.entries()[p.target].bytes()).sum());
+            bar.inc((from..to).map(|k| pairs.bytes(k)).sum());
         }
     }
     if let Some(bar) = progress {
@@ -125,15 +123,7 @@ pub fn execute_with(
 
     let start = Instant::now();
     if options.verify {
-        let mismatch = ffi::first_mismatch(&targets, &sources)
-            .map_err(|message| Error::CopyFailed { target: plan.target.clone(), message })?;
-        if let Some(i) = mismatch {
-            let pair = &plan.pairs[i];
-            return Err(Error::Verification {
-                source_name: pair.source_name.to_string(),
-                target: pair.target_name.to_string(),
-            });
-        }
+        compare(plan, &pairs)?;
     }
     Ok(Copied {
         tensors: plan.pairs.len(),
@@ -145,17 +135,33 @@ pub fn execute_with(
     })
 }
 
-fn compare(plan: &Plan, targets: &[&Tensor], sources: &[&Tensor]) -> Result<()> {
-    let mismatch = ffi::first_mismatch(targets, sources)
+/// The live tensors of every pair of `plan`: targets and sources, in pair order.
+fn tensors_of<'a>(
+    plan: &Plan,
+    source: &'a dyn Store,
+    target: &'a dyn Store,
+    missing: impl Fn(&dyn Store, &str, &Pair) -> Error,
+) -> Result<(Vec<&'a Tensor>, Vec<&'a Tensor>)> {
+    let mut sources = Vec::with_capacity(plan.pairs.len());
+    let mut targets = Vec::with_capacity(plan.pairs.len());
+    for pair in &plan.pairs {
+        sources.push(source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name, pair))?);
+        targets.push(target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name, pair))?);
+    }
+    Ok((targets, sources))
+}
+
+fn verification_failed(plan: &Plan, i: usize) -> Error {
+    let pair = &plan.pairs[i];
+    Error::Verification { source_name: pair.source_name.to_string(), target: pair.target_name.to_string() }
+}
+
+fn compare(plan: &Plan, pairs: &ffi::Pairs) -> Result<()> {
+    let mismatch = pairs
+        .first_mismatch()
         .map_err(|message| Error::CopyFailed { target: plan.target.clone(), message })?;
     match mismatch {
-        Some(i) => {
-            let pair = &plan.pairs[i];
-            Err(Error::Verification {
-                source_name: pair.source_name.to_string(),
-                target: pair.target_name.to_string(),
-            })
-        }
+        Some(i) => Err(verification_failed(plan, i)),
         None => Ok(()),
     }
 }
@@ -164,15 +170,14 @@ fn compare(plan: &Plan, targets: &[&Tensor], sources: &[&Tensor]) -> Result<()> 
 /// (bit for bit, after converting to the target's dtype and device); the error
 /// names the first pair that does not.
 pub fn verify(plan: &Plan, source: &dyn Store, target: &dyn Store) -> Result<()> {
-    let mut sources = Vec::with_capacity(plan.pairs.len());
-    let mut targets = Vec::with_capacity(plan.pairs.len());
-    for pair in &plan.pairs {
-        let missing = || Error::Verification {
-            source_name: pair.source_name.to_string(),
-            target: pair.target_name.to_string(),
-        };
-        sources.push(source.tensor(pair.source).ok_or_else(missing)?);
-        targets.push(target.tensor(pair.target).ok_or_else(missing)?);
-    }
-    compare(plan, &targets, &sources)
+    let (targets, sources) = tensors_of(plan, source, target, |_, _, pair| Error::Verification {
+        source_name: pair.source_name.to_string(),
+        target: pair.target_name.to_string(),
+    })?;
+    // Tensors of other shapes cannot hold the same values.
+    let pairs = ffi::Pairs::describe(&targets, &sources, false).map_err(|(index, message)| match index {
+        Some(i) => verification_failed(plan, i),
+        None => Error::CopyFailed { target: plan.target.clone(), message },
+    })?;
+    compare(plan, &pairs)
 }

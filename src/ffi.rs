@@ -1,6 +1,7 @@
 //! The FFI boundary: bindings to the C++ shim in `csrc/` and the one checked-call
 //! helper. Everything here is crate-private; [`crate::ScriptModule`] is the safe face.
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::marker::PhantomData;
 
 use tch::Tensor;
 
@@ -47,47 +48,141 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
-    fn tp_copy_pairs(
+    fn tp_describe_pairs(
         dst: *const *mut torch_sys::C_tensor,
         src: *const *mut torch_sys::C_tensor,
         n: usize,
+        for_writing: c_int,
+        moves: *mut TpMove,
         failed: *mut i64,
     ) -> *mut c_char;
-    fn tp_verify_pairs(
+    fn tp_copy_described(
         dst: *const *mut torch_sys::C_tensor,
         src: *const *mut torch_sys::C_tensor,
+        moves: *const TpMove,
+        n: usize,
+        failed: *mut i64,
+    ) -> *mut c_char;
+    fn tp_verify_described(
+        dst: *const *mut torch_sys::C_tensor,
+        src: *const *mut torch_sys::C_tensor,
+        moves: *const TpMove,
         n: usize,
         mismatch: *mut i64,
     ) -> *mut c_char;
 }
 
-fn pointers(tensors: &[&Tensor]) -> Vec<*mut torch_sys::C_tensor> {
-    tensors.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
+/// `tp_move` (csrc/shim.h): one pair as the shim described it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TpMove {
+    to: *mut c_void,
+    from: *const c_void,
+    target: *mut c_void,
+    nbytes: i64,
+    kind: i32,
 }
 
-/// Copies `src[i]` into `dst[i]` for every `i`, in place, in one call into the
-/// shim (see `tp_copy_pairs`). On failure: the failing pair's index, if known,
-/// and libtorch's message.
-pub(crate) fn copy_pairs(dst: &[&Tensor], src: &[&Tensor]) -> Result<(), (Option<usize>, String)> {
-    assert_eq!(dst.len(), src.len(), "copy_pairs takes pairs");
-    let (dst, src) = (pointers(dst), pointers(src));
-    let mut failed: i64 = -1;
-    // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for the call; the
-    // shim writes only into the dst tensors' data and into `failed`.
-    let result = unsafe { check(tp_copy_pairs(dst.as_ptr(), src.as_ptr(), dst.len(), &mut failed)) };
-    result.map_err(|message| (usize::try_from(failed).ok(), message))
+impl Default for TpMove {
+    fn default() -> Self {
+        TpMove {
+            to: std::ptr::null_mut(),
+            from: std::ptr::null(),
+            target: std::ptr::null_mut(),
+            nbytes: 0,
+            kind: 0,
+        }
+    }
 }
 
-/// The index of the first pair whose `dst` is not bit for bit `src` converted
-/// to `dst`'s dtype and device, if any.
-pub(crate) fn first_mismatch(dst: &[&Tensor], src: &[&Tensor]) -> Result<Option<usize>, String> {
-    assert_eq!(dst.len(), src.len(), "first_mismatch takes pairs");
-    let (dst, src) = (pointers(dst), pointers(src));
-    let mut mismatch: i64 = -1;
-    // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for the call; the
-    // shim only reads them and writes `mismatch`.
-    unsafe { check(tp_verify_pairs(dst.as_ptr(), src.as_ptr(), dst.len(), &mut mismatch))? };
-    Ok(usize::try_from(mismatch).ok())
+/// Pairs of tensors (`dst[i]` receives `src[i]`) checked and described by the
+/// shim once, then copied and verified without reading their metadata again.
+/// Borrows the tensors for `'a`; they must not be resized or reallocated
+/// meanwhile (the stores hold them, and writing into a store from two places
+/// at once is a logic error anyway).
+pub(crate) struct Pairs<'a> {
+    dst: Vec<*mut torch_sys::C_tensor>,
+    src: Vec<*mut torch_sys::C_tensor>,
+    moves: Vec<TpMove>,
+    _tensors: PhantomData<&'a Tensor>,
+}
+
+/// A failed call: the failing pair's index, if known, and libtorch's message.
+pub(crate) type PairError = (Option<usize>, String);
+
+impl<'a> Pairs<'a> {
+    /// Checks that every pair agrees in shape (else the lowest index that does
+    /// not, and nothing is written) and describes each. `for_writing`: the
+    /// pairs are about to be copied (targets' data is asked for as writable).
+    pub(crate) fn describe(
+        dst: &[&'a Tensor],
+        src: &[&'a Tensor],
+        for_writing: bool,
+    ) -> Result<Self, PairError> {
+        assert_eq!(dst.len(), src.len(), "pairs come in twos");
+        let pointers = |tensors: &[&Tensor]| -> Vec<*mut torch_sys::C_tensor> {
+            tensors.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
+        };
+        let mut pairs = Pairs {
+            dst: pointers(dst),
+            src: pointers(src),
+            moves: vec![TpMove::default(); dst.len()],
+            _tensors: PhantomData,
+        };
+        let mut failed: i64 = -1;
+        // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for `'a`; the
+        // shim only reads them and writes `moves` (n entries) and `failed`.
+        let result = unsafe {
+            check(tp_describe_pairs(
+                pairs.dst.as_ptr(),
+                pairs.src.as_ptr(),
+                pairs.dst.len(),
+                c_int::from(for_writing),
+                pairs.moves.as_mut_ptr(),
+                &mut failed,
+            ))
+        };
+        result.map_err(|message| (usize::try_from(failed).ok(), message))?;
+        Ok(pairs)
+    }
+
+    /// Bytes the target of pair `i` holds.
+    pub(crate) fn bytes(&self, i: usize) -> u64 {
+        self.moves[i].nbytes.max(0) as u64
+    }
+
+    /// Copies the pairs in `range`, in place, in one call into the shim
+    /// (`tp_copy_described`); errors give indices into all the pairs.
+    pub(crate) fn copy(&self, range: std::ops::Range<usize>) -> Result<(), PairError> {
+        let mut failed: i64 = -1;
+        // SAFETY: the ranges are in bounds (slicing panics otherwise); the
+        // tensors are live for `'a` and described by `moves`, whose pointers
+        // stay valid while they are not reallocated. The shim writes only into
+        // the targets' data and `failed`.
+        let result = unsafe {
+            let (dst, src, moves) =
+                (&self.dst[range.clone()], &self.src[range.clone()], &self.moves[range.clone()]);
+            check(tp_copy_described(dst.as_ptr(), src.as_ptr(), moves.as_ptr(), dst.len(), &mut failed))
+        };
+        result.map_err(|message| (usize::try_from(failed).ok().map(|i| range.start + i), message))
+    }
+
+    /// The index of the first pair whose target is not bit for bit its source
+    /// converted to the target's dtype and device, if any.
+    pub(crate) fn first_mismatch(&self) -> Result<Option<usize>, String> {
+        let mut mismatch: i64 = -1;
+        // SAFETY: as in `copy`; the shim only reads the tensors and writes `mismatch`.
+        unsafe {
+            check(tp_verify_described(
+                self.dst.as_ptr(),
+                self.src.as_ptr(),
+                self.moves.as_ptr(),
+                self.dst.len(),
+                &mut mismatch,
+            ))?
+        };
+        Ok(usize::try_from(mismatch).ok())
+    }
 }
 
 /// Identifies the tensor behind a handle: two handles (shallow clones) of one

@@ -211,3 +211,25 @@ fn verification_names_the_first_of_many_pairs_that_differ() {
     let message = copy::verify(&plan, &source, &target).unwrap_err().to_string();
     assert!(message.contains("target t15000"), "{message}");
 }
+
+#[test]
+fn a_reshaped_target_in_a_later_batch_stops_the_earlier_batches_too() {
+    // 3 × 32 MB: the first two pairs fill one 64 MB batch, the third goes in another.
+    let opts = (Kind::Float, Device::Cpu);
+    let source =
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
+    let target =
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let _ = tensor_of(&target, "c").shallow_clone().resize_([2, 4 << 20]);
+    let message = copy::execute(&plan, &source, &target, &Policy::default()).unwrap_err().to_string();
+    assert!(message.starts_with("copying into c failed: shape mismatch"), "{message}");
+    assert!(message.contains("nothing was written"), "{message}");
+    for name in ["a", "b"] {
+        assert_eq!(
+            tensor_of(&target, name).abs().sum(Kind::Double).double_value(&[]),
+            0.0,
+            "{name} was written"
+        );
+    }
+}
