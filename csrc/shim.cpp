@@ -322,6 +322,10 @@ char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp
   });
 }
 
+char *tp_parallel_for(int64_t n, int64_t grain, void *ctx, tp_range_fn body) {
+  return guarded([&] { at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { body(ctx, begin, end); }); });
+}
+
 const void *tp_tensor_impl(const tp_tensor *tensor) {
   return static_cast<const at::Tensor *>(tensor)->unsafeGetTensorImpl();
 }

@@ -91,6 +91,12 @@ char *tp_copy_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_m
 char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_move *moves, size_t n,
                           int64_t *mismatch);
 
+/* Runs body(ctx, begin, end) over ranges covering 0..n, at least `grain` long,
+ * on libtorch's intra-op threads (at::parallel_for): work of the caller's
+ * that runs there finds those threads awake rather than competing with them. */
+typedef void (*tp_range_fn)(void *ctx, int64_t begin, int64_t end);
+char *tp_parallel_for(int64_t n, int64_t grain, void *ctx, tp_range_fn body);
+
 /* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
 const void *tp_tensor_impl(const tp_tensor *tensor);
 

@@ -1,34 +1,42 @@
 //! Work on long lists split across the machine's cores, results kept in order.
+use std::any::Any;
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::Mutex;
 
 /// Runs `work` over `0..len` split into contiguous ranges of at least
-/// `min_per_thread` items, one per core (a single range on the calling thread
-/// when the list is short or the machine has one core), and returns the
-/// results in range order. A panic in any range is resumed on the caller.
+/// `min_per_thread` items, on libtorch's intra-op threads (a single range on
+/// the calling thread when the list is short or libtorch runs one thread), and
+/// returns the results in range order. A panic in any range is resumed on the
+/// caller.
+///
+/// libtorch's threads rather than new ones: right after a copy they are still
+/// awake, spinning for more work, and a thread of our own would have to share
+/// a core with one of them.
 pub(crate) fn map<T: Send>(
     len: usize,
     min_per_thread: usize,
     work: impl Fn(Range<usize>) -> T + Sync,
 ) -> Vec<T> {
-    let threads =
-        std::thread::available_parallelism().map_or(1, |n| n.get()).min(len / min_per_thread.max(1)).max(1);
-    if threads == 1 {
+    let min_per_thread = min_per_thread.max(1);
+    if len < 2 * min_per_thread {
         return vec![work(0..len)];
     }
-    let chunk = len.div_ceil(threads);
-    let work = &work;
-    std::thread::scope(|scope| {
-        // The last range runs here; the others on their own threads.
-        let handles: Vec<_> = (chunk..len)
-            .step_by(chunk)
-            .map(|start| scope.spawn(move || work(start..(start + chunk).min(len))))
-            .collect();
-        let mut out = vec![work(0..chunk.min(len))];
-        for handle in handles {
-            out.push(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+    let done: Mutex<Vec<(usize, T)>> = Mutex::new(Vec::new());
+    let panicked: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
+    crate::ffi::parallel_for(len, min_per_thread, &|range: Range<usize>| {
+        let start = range.start;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| work(range))) {
+            Ok(value) => done.lock().unwrap_or_else(|e| e.into_inner()).push((start, value)),
+            Err(panic) => *panicked.lock().unwrap_or_else(|e| e.into_inner()) = Some(panic),
         }
-        out
-    })
+    });
+    if let Some(panic) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        std::panic::resume_unwind(panic);
+    }
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_unstable_by_key(|(start, _)| *start);
+    done.into_iter().map(|(_, value)| value).collect()
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub(crate) type EntryFn =
     extern "C" fn(ctx: *mut c_void, name: *const c_char, role: c_int, tensor: *mut torch_sys::C_tensor);
 pub(crate) type TensorFn = extern "C" fn(ctx: *mut c_void, tensor: *mut torch_sys::C_tensor);
 type ReleaseFn = extern "C" fn(ctx: *mut c_void);
+type RangeFn = extern "C" fn(ctx: *mut c_void, begin: i64, end: i64);
 
 extern "C" {
     fn tp_error_free(error: *mut c_char);
@@ -48,6 +49,7 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
+    fn tp_parallel_for(n: i64, grain: i64, ctx: *mut c_void, body: RangeFn) -> *mut c_char;
     fn tp_describe_pairs(
         dst: *const *mut torch_sys::C_tensor,
         src: *const *mut torch_sys::C_tensor,
@@ -183,6 +185,25 @@ impl<'a> Pairs<'a> {
         };
         Ok(usize::try_from(mismatch).ok())
     }
+}
+
+/// Runs `body` over ranges covering `0..len`, each at least `grain` long, on
+/// libtorch's intra-op threads (see `tp_parallel_for`). `body` must not
+/// unwind: the caller catches panics inside it.
+pub(crate) fn parallel_for(len: usize, grain: usize, body: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    extern "C" fn trampoline(ctx: *mut c_void, begin: i64, end: i64) {
+        // SAFETY: `ctx` is the `&&dyn Fn` passed below, alive for the whole call.
+        let body = unsafe { &*(ctx as *const &(dyn Fn(std::ops::Range<usize>) + Sync)) };
+        body(begin as usize..end as usize);
+    }
+    let ctx = &body as *const &(dyn Fn(std::ops::Range<usize>) + Sync) as *mut c_void;
+    let (len, grain) =
+        (i64::try_from(len).unwrap_or(i64::MAX), i64::try_from(grain.max(1)).unwrap_or(i64::MAX));
+    // SAFETY: `ctx` points at `body`, which outlives the call; the trampoline is
+    // called from libtorch's threads, which `body: Sync` allows.
+    let result = unsafe { check(tp_parallel_for(len, grain, ctx, trampoline)) };
+    // at::parallel_for itself only fails if the body throws, and ours cannot.
+    result.expect("at::parallel_for over a body that cannot throw");
 }
 
 /// Identifies the tensor behind a handle: two handles (shallow clones) of one
