@@ -585,17 +585,26 @@ impl Plan {
         }
 
         // 2. Names a rule produced that exist in the target pair first, whatever the matcher.
+        // Renaming usually keeps the order: a name found at its own index needs
+        // no lookup (target names are unique), and the index of every target
+        // name is only built for the first one that is not.
         let mut taken_target = vec![false; targets.len()];
-        let target_index: HashMap<&str, usize> = if renamed {
-            targets.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect()
-        } else {
-            HashMap::new()
-        };
-        for i in (0..sources.len()).filter(|_| renamed) {
+        let mut target_index: Option<HashMap<&str, usize>> = None;
+        for i in 0..sources.len() {
             if taken_source[i] || rule_of[i].is_none() {
                 continue;
             }
-            if let Some(&j) = target_index.get(&*names[i]) {
+            let j = if targets.get(i).is_some_and(|t| t.name.as_str() == &*names[i]) {
+                Some(i)
+            } else {
+                target_index
+                    .get_or_insert_with(|| {
+                        targets.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect()
+                    })
+                    .get(&*names[i])
+                    .copied()
+            };
+            if let Some(j) = j {
                 if !taken_target[j] {
                     taken_source[i] = true;
                     taken_target[j] = true;
@@ -969,6 +978,24 @@ mod tests {
             .map(|leaf| (format!("{prefix}.{leaf}"), Tensor::ones([n], (kind, tch::Device::Cpu))))
             .chain([(format!("{prefix}.num_batches_tracked"), Tensor::from(3i64))])
             .collect()
+    }
+
+    #[test]
+    fn renamed_sources_find_their_targets_at_their_own_index_or_elsewhere() {
+        let t = || Tensor::ones([2], (Kind::Float, tch::Device::Cpu));
+        let source = store(vec![("a.x", t()), ("a.y", t()), ("a.z", t())]);
+        // b.x at its source's index; b.y and b.z swapped.
+        let target = store(vec![("b.x", t()), ("b.z", t()), ("b.y", t())]);
+        let mapping = Mapping {
+            rules: Rules::parse("a\\.(.*) => b.$1\n", "test").expect("rules"),
+            matcher: Matcher::Exact,
+        };
+        let plan = Plan::build(&source, &target, &mapping).expect("plan");
+        let pairs: Vec<(usize, usize, String)> =
+            plan.pairs.iter().map(|p| (p.source, p.target, p.provenance())).collect();
+        let rule = "rule `a\\.(.*) => b.$1`".to_string();
+        assert_eq!(pairs, vec![(0, 0, rule.clone()), (2, 1, rule.clone()), (1, 2, rule)]);
+        assert!(plan.is_complete());
     }
 
     /// The shortcut for equal name lists must say exactly what the long way says.
