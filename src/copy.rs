@@ -2,11 +2,13 @@
 //! (the target's tensors keep their storage, dtype and device; values are
 //! converted on the way), then every pair verified.
 //!
-//! Speed: pairs go to the shim in batches, one call per batch, so the per-tensor
-//! cost stays small on models with tens of thousands of tensors: same-dtype
-//! contiguous CPU pairs are moved as bytes (in parallel when small), the rest
-//! through libtorch's `copy_`, non-blocking with pinned staging where CUDA takes
-//! part and one synchronize at the end.
+//! Speed: the shim checks and describes every pair once (one parallel pass over
+//! the tensors' metadata), then copies in batches, one call per batch, and
+//! verifies, both from that description, so the per-tensor cost stays small on
+//! models with tens of thousands of tensors: same-dtype contiguous CPU pairs are
+//! moved and compared as bytes (in parallel when small), the rest go through
+//! libtorch's `copy_`, non-blocking with pinned staging where CUDA takes part
+//! and one synchronize at the end.
 use std::io::IsTerminal;
 use std::time::Instant;
 
