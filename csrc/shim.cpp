@@ -69,12 +69,14 @@ void flatten(const c10::IValue &value, void *ctx, tp_tensor_fn f) {
 
 const at::Tensor &as_tensor(tp_tensor *t) { return *static_cast<at::Tensor *>(t); }
 
+// A strided, unquantized tensor: its elements are plain values in its storage.
+bool dense(const at::Tensor &t) { return t.layout() == at::kStrided && !t.is_quantized(); }
+
 // Contiguous, same dtype, same element count, both on the CPU: bytes can move as they are.
 bool plain_bytes(const at::Tensor &dst, const at::Tensor &src) {
   return dst.device().is_cpu() && src.device().is_cpu() && dst.scalar_type() == src.scalar_type() &&
-         dst.numel() == src.numel() && dst.is_contiguous() && src.is_contiguous() &&
-         !dst.is_quantized() && !src.is_quantized() && dst.layout() == at::kStrided &&
-         src.layout() == at::kStrided;
+         dst.numel() == src.numel() && dst.is_contiguous() && src.is_contiguous() && dense(dst) &&
+         dense(src);
 }
 
 // Pairs of at most this many bytes are memmoved in parallel; larger ones use
@@ -204,15 +206,17 @@ char *tp_describe_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, 
           continue;
         }
         m.nbytes = static_cast<int64_t>(d.nbytes());
+        // Where the bytes are, for every contiguous strided tensor: plain pairs
+        // are moved and compared through these, and the caller finds targets
+        // that share memory. A target about to be written is asked for its data
+        // as writable (which gives a copy-on-write storage its own bytes first).
+        if (m.nbytes > 0 && dense(d) && d.is_contiguous()) {
+          m.to = for_writing ? d.data_ptr() : const_cast<void *>(d.const_data_ptr());
+        }
+        if (s.nbytes() > 0 && dense(s) && s.is_contiguous()) m.from = s.const_data_ptr();
         if (!plain_bytes(d, s)) continue;
         m.kind = m.nbytes <= kSmall ? TP_MOVE_SMALL : TP_MOVE_LARGE;
         m.target = d.unsafeGetTensorImpl();
-        if (m.nbytes > 0) {
-          // A target about to be written is asked for its data as writable
-          // (which gives a copy-on-write storage its own bytes first).
-          m.to = for_writing ? d.data_ptr() : const_cast<void *>(d.const_data_ptr());
-          m.from = s.const_data_ptr();
-        }
       }
     });
     if (int64_t i = mismatch.load(); i < static_cast<int64_t>(n)) {

@@ -62,8 +62,9 @@ char *tp_tensor_from_borrowed_bytes(void *data, int64_t nbytes, void *ctx, tp_re
 /* What a pair of tensors is, for tp_copy_described and tp_verify_described. */
 enum { TP_MOVE_OTHER = 0, TP_MOVE_SMALL = 1, TP_MOVE_LARGE = 2 };
 typedef struct tp_move {
-  void *to;         /* plain pairs (SMALL, LARGE): the target's first byte */
-  const void *from; /* plain pairs: the source's first byte */
+  void *to;         /* a contiguous strided target's first byte (a GPU address for a GPU
+                       tensor), else null */
+  const void *from; /* a contiguous strided source's first byte, likewise */
   void *target;     /* plain pairs: the target's TensorImpl (its version counter is bumped) */
   int64_t nbytes;   /* bytes the target holds */
   int32_t kind;     /* SMALL: same dtype, contiguous, CPU, at most 1 MB: moved as bytes, many

@@ -96,6 +96,14 @@ pub fn execute_with(
     let start = Instant::now();
     // Every pair is checked (shapes) and described before any batch is written.
     let pairs = ffi::Pairs::describe(&targets, &sources, true).map_err(copy_failed)?;
+    if let Some((a, b)) = pairs.first_conflict() {
+        let (a, b) = (&plan.pairs[a], &plan.pairs[b]);
+        return Err(rejected(format!(
+            "{} and {} share memory (tied weights?) but would receive different values from {} and {}: \
+             skip one with a rule",
+            a.target_name, b.target_name, a.source_name, b.source_name
+        )));
+    }
     let mut batches: Vec<usize> = vec![0];
     let (mut bytes, mut batch_bytes) = (0u64, 0u64);
     for k in 0..plan.pairs.len() {

@@ -74,6 +74,9 @@ extern "C" {
     ) -> *mut c_char;
 }
 
+/// `tp_move.kind` (csrc/shim.h): converted or on a GPU, through `copy_`.
+const TP_MOVE_OTHER: i32 = 0;
+
 /// `tp_move` (csrc/shim.h): one pair as the shim described it.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -146,6 +149,71 @@ impl<'a> Pairs<'a> {
         };
         result.map_err(|message| (usize::try_from(failed).ok(), message))?;
         Ok(pairs)
+    }
+
+    /// The first two pairs (by index) whose targets share memory (tied weights,
+    /// overlapping views) but would receive different bytes there: copying
+    /// both would leave one of them wrong whatever the order. Shared memory
+    /// that receives the same bytes from both (tied sources, equal values) is
+    /// fine. Only contiguous targets are seen.
+    pub(crate) fn first_conflict(&self) -> Option<(usize, usize)> {
+        let mut ranges: Vec<(usize, usize, usize)> = (self.moves.iter().enumerate())
+            .filter(|(_, m)| !m.to.is_null() && m.nbytes > 0)
+            .map(|(i, m)| (m.to as usize, m.to as usize + m.nbytes as usize, i))
+            .collect();
+        ranges.sort_unstable();
+        // The ranges started so far that reach beyond the current start: one at
+        // most, unless targets overlap.
+        let mut open: Vec<(usize, usize, usize)> = Vec::new();
+        let mut conflict: Option<(usize, usize)> = None;
+        for &(start, end, i) in &ranges {
+            open.retain(|&(_, reach, _)| reach > start);
+            for &(other_start, other_end, j) in &open {
+                let shared = start..end.min(other_end);
+                if !self.same_bytes(j, other_start, i, start, shared) {
+                    let found = (i.min(j), i.max(j));
+                    conflict = Some(conflict.map_or(found, |c| c.min(found)));
+                }
+            }
+            open.push((start, end, i));
+        }
+        conflict
+    }
+
+    /// Whether pairs `a` (target at `a_start`) and `b` (at `b_start`) write the
+    /// same bytes into the addresses `shared`.
+    fn same_bytes(
+        &self,
+        a: usize,
+        a_start: usize,
+        b: usize,
+        b_start: usize,
+        shared: std::ops::Range<usize>,
+    ) -> bool {
+        let (x, y) = (&self.moves[a], &self.moves[b]);
+        let cpu_bytes = |m: &TpMove| m.kind != TP_MOVE_OTHER && !m.from.is_null();
+        if a_start == b_start
+            && x.nbytes == y.nbytes
+            && !x.from.is_null()
+            && x.from == y.from
+            && x.kind == y.kind
+        {
+            return true; // one source written twice into one place
+        }
+        if !cpu_bytes(x) || !cpu_bytes(y) {
+            return false; // converted or on a GPU: not compared, so not assumed equal
+        }
+        let len = shared.end - shared.start;
+        // SAFETY: both pairs are plain CPU pairs: `from` points at `nbytes`
+        // readable bytes of a source tensor alive for `'a`, and `shared` lies
+        // within both targets' ranges, so both offsets plus `len` stay within
+        // their sources' bytes.
+        unsafe {
+            let from = |m: &TpMove, start: usize| {
+                std::slice::from_raw_parts((m.from as *const u8).add(shared.start - start), len)
+            };
+            from(x, a_start) == from(y, b_start)
+        }
     }
 
     /// Bytes the target of pair `i` holds.

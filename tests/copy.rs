@@ -233,3 +233,54 @@ fn a_reshaped_target_in_a_later_batch_stops_the_earlier_batches_too() {
         );
     }
 }
+
+fn floats(values: &[f32]) -> Tensor {
+    Tensor::from_slice(values)
+}
+
+#[test]
+fn tied_targets_that_would_receive_different_values_are_refused_before_writing() {
+    // One target tensor under two names, as tied weights are.
+    let tied = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+    let target =
+        checkpoint(vec![("emb.weight", tied.shallow_clone()), ("head.weight", tied.shallow_clone())]);
+    let differing = checkpoint(vec![("emb.weight", floats(&[1.0; 4])), ("head.weight", floats(&[2.0; 4]))]);
+    let plan = Plan::build(&differing, &target, &Mapping::default()).unwrap();
+    let message = copy::execute(&plan, &differing, &target, &Policy::default()).unwrap_err().to_string();
+    assert!(
+        message.contains("emb.weight and head.weight share memory")
+            && message.contains("nothing was written"),
+        "{message}"
+    );
+    assert_eq!(tied.abs().sum(Kind::Double).double_value(&[]), 0.0, "the tied tensor was written");
+
+    // Equal values, or one source tensor under both names (tied in the source
+    // too): nothing to refuse.
+    let equal = checkpoint(vec![("emb.weight", floats(&[3.0; 4])), ("head.weight", floats(&[3.0; 4]))]);
+    let shared = floats(&[4.0; 4]);
+    let tied_source =
+        checkpoint(vec![("emb.weight", shared.shallow_clone()), ("head.weight", shared.shallow_clone())]);
+    for (source, value) in [(&equal, 3.0), (&tied_source, 4.0)] {
+        let plan = Plan::build(source, &target, &Mapping::default()).unwrap();
+        copy::execute(&plan, source, &target, &Policy::default()).unwrap();
+        assert!(bit_equal(&tied, &floats(&[value; 4])));
+    }
+}
+
+#[test]
+fn overlapping_target_views_are_refused_only_where_their_values_disagree() {
+    let base = Tensor::zeros([6], (Kind::Float, Device::Cpu));
+    let target = checkpoint(vec![("a", base.narrow(0, 0, 4)), ("b", base.narrow(0, 2, 4))]);
+    // base[2..4] is a[2..4] and b[0..2]: both sources say 1 there.
+    let agree = checkpoint(vec![("a", floats(&[1.0, 1.0, 1.0, 1.0])), ("b", floats(&[1.0, 1.0, 2.0, 2.0]))]);
+    let plan = Plan::build(&agree, &target, &Mapping::default()).unwrap();
+    copy::execute(&plan, &agree, &target, &Policy::default()).unwrap();
+    assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])));
+
+    let disagree =
+        checkpoint(vec![("a", floats(&[5.0, 5.0, 5.0, 5.0])), ("b", floats(&[6.0, 5.0, 7.0, 7.0]))]);
+    let plan = Plan::build(&disagree, &target, &Mapping::default()).unwrap();
+    let message = copy::execute(&plan, &disagree, &target, &Policy::default()).unwrap_err().to_string();
+    assert!(message.contains("a and b share memory"), "{message}");
+    assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])), "the target was written");
+}
