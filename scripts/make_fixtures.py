@@ -473,6 +473,29 @@ def write_demo(out: str) -> None:
     torch.jit.save(torch.jit.script(RenamedBnNet().eval()), os.path.join(folder, "renamed_module.pt"))
 
 
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight, as language models tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def write_tied(out: str) -> None:
+    """tied_lm.pt (TorchScript, tied), and two sources for it: one whose two
+    weights differ (an untied model) and one whose two weights are equal."""
+    torch.manual_seed(40)
+    torch.jit.save(torch.jit.script(TiedLM().eval()), os.path.join(out, "tied_lm.pt"))
+    weight = torch.randn(10, 4)
+    save_file({"embed.weight": weight, "head.weight": weight + 1.0}, os.path.join(out, "tied_untied.safetensors"))
+    save_file({"embed.weight": weight, "head.weight": weight.clone()}, os.path.join(out, "tied_equal.safetensors"))
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -484,6 +507,7 @@ def main() -> None:
     write_torch_save(out)
     write_examples(out)
     write_demo(out)
+    write_tied(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

@@ -185,3 +185,35 @@ fn a_saved_plan_replays_and_refuses_other_models() {
     assert!(run.stderr.contains("make the plan again"), "{}", run.stderr);
     assert!(!other.exists());
 }
+
+#[test]
+fn a_tied_torchscript_target_is_refused_when_its_two_sources_differ_and_copied_when_they_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = fixture("tied_lm.pt");
+    let before = file_hash(&dst);
+    // The module really shares one tensor between its two names.
+    let module = transplant::store::ModuleStore::open(&dst).unwrap();
+    let pointers: Vec<usize> = (0..2).map(|i| module.tensor(i).unwrap().data_ptr() as usize).collect();
+    assert_eq!(module.entries().len(), 2);
+    assert_eq!(pointers[0], pointers[1], "embed.weight and head.weight are not tied in the fixture");
+
+    let out = dir.path().join("out.pt");
+    let run = copy(&[s(&fixture("tied_untied.safetensors")), s(&dst), "-o", s(&out)]);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("embed.weight and head.weight share memory")
+            && run.stderr.contains("nothing was written"),
+        "{}",
+        run.stderr
+    );
+    assert!(!out.exists(), "an output was written");
+    assert_eq!(file_hash(&dst), before, "the target file changed");
+
+    let run = copy(&[s(&fixture("tied_equal.safetensors")), s(&dst), "-o", s(&out)]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let written = transplant::store::ModuleStore::open(&out).unwrap();
+    let source = Checkpoint::open(fixture("tied_equal.safetensors")).unwrap();
+    for i in 0..2 {
+        assert!(common::bit_equal(written.tensor(i).unwrap(), source.tensor(i).unwrap()));
+    }
+}
