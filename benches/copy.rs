@@ -28,10 +28,13 @@ fn model(blocks: usize, width: i64, device: Device) -> Result<Checkpoint> {
     Ok(Checkpoint::from_tensors("bench", Format::Safetensors, tensors, BTreeMap::new())?)
 }
 
-fn seconds<T>(f: impl FnOnce() -> T) -> (f64, T) {
+/// Seconds `f` takes; what it returns is dropped after the clock stops.
+fn seconds<T>(f: impl FnOnce() -> T) -> f64 {
     let start = Instant::now();
     let value = f();
-    (start.elapsed().as_secs_f64(), value)
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(value);
+    elapsed
 }
 
 fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, into: Device) -> Result<()> {
@@ -48,28 +51,29 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
         flat_src = flat_src.pin_memory(into);
     }
     let mut flat_dst = Tensor::zeros([bytes / 4], (Kind::Float, into));
+    let mut flat_copy = || {
+        flat_dst.copy_(&flat_src);
+        if let Device::Cuda(i) = into {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // The plan is returned, and so dropped after the clock stops.
+    let plan_and_copy = |options| {
+        let plan = Plan::build(&source, &target, &mapping).expect("plan");
+        copy::execute_with(&plan, &source, &target, &policy, options).expect("copy");
+        plan
+    };
     // Each round times every step once, so that all of them meet the same
     // machine (this one's speed drifts); the best round of each is printed.
     // The copy and the verification are each timed whole, checks and set-up included.
     let mut best = [f64::MAX; 5];
     for _ in 0..rounds {
         let times = [
-            seconds(|| {
-                let plan = Plan::build(&source, &target, &mapping).expect("plan");
-                copy::execute_with(&plan, &source, &target, &policy, verified).expect("copy");
-                plan
-            })
-            .0,
-            seconds(|| Plan::build(&source, &target, &mapping).expect("plan")).0,
-            seconds(|| copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy")).0,
-            seconds(|| copy::verify(&plan, &source, &target).expect("verify")).0,
-            seconds(|| {
-                flat_dst.copy_(&flat_src);
-                if let Device::Cuda(i) = into {
-                    tch::Cuda::synchronize(i as i64);
-                }
-            })
-            .0,
+            seconds(|| plan_and_copy(verified)),
+            seconds(|| Plan::build(&source, &target, &mapping).expect("plan")),
+            seconds(|| copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy")),
+            seconds(|| copy::verify(&plan, &source, &target).expect("verify")),
+            seconds(&mut flat_copy),
         ];
         for (best, time) in best.iter_mut().zip(times) {
             *best = best.min(time);
@@ -77,24 +81,8 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
     }
     let [full, plan_only, copy_only, verify_only, flat] = best;
     // Then back to back, caches warm: plan + copy repeated, the flat copy repeated.
-    let mut flat_copy = || {
-        flat_dst.copy_(&flat_src);
-        if let Device::Cuda(i) = into {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let warm_plan_copy = (0..rounds)
-        .map(|_| {
-            // The plan is returned, and so dropped after the clock stops.
-            seconds(|| {
-                let plan = Plan::build(&source, &target, &mapping).expect("plan");
-                copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy");
-                plan
-            })
-            .0
-        })
-        .fold(f64::MAX, f64::min);
-    let warm_flat = (0..rounds).map(|_| seconds(&mut flat_copy).0).fold(f64::MAX, f64::min);
+    let warm_plan_copy = (0..rounds).map(|_| seconds(|| plan_and_copy(unverified))).fold(f64::MAX, f64::min);
+    let warm_flat = (0..rounds).map(|_| seconds(&mut flat_copy)).fold(f64::MAX, f64::min);
     println!(
         "{{\"model\": \"{name}\", \"from\": \"{from:?}\", \"into\": \"{into:?}\", \"tensors\": {}, \"bytes\": {bytes}, \"plan_copy_verify\": {full:.6}, \
          \"plan\": {plan_only:.6}, \"copy\": {copy_only:.6}, \"verify\": {verify_only:.6}, \"flat_copy\": {flat:.6}, \

@@ -100,6 +100,24 @@ void prefetch_pair(const tp_move &m, bool for_writing) {
   }
 }
 
+// The lowest index offered by any thread: which pair of many a parallel pass
+// reports, whatever order the threads found them in. `none` until one is offered.
+class LowestIndex {
+ public:
+  explicit LowestIndex(int64_t none) : none_(none), lowest_(none) {}
+  void offer(int64_t i) {
+    int64_t seen = lowest_.load();
+    while (i < seen && !lowest_.compare_exchange_weak(seen, i)) {
+    }
+  }
+  int64_t get() const { return lowest_.load(); }
+  bool found() const { return get() != none_; }
+
+ private:
+  const int64_t none_;
+  std::atomic<int64_t> lowest_;
+};
+
 // The same bytes, as integers of the same width: for bit-for-bit comparison.
 at::Tensor bits(const at::Tensor &t) {
   switch (t.element_size()) {
@@ -193,16 +211,14 @@ char *tp_describe_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, 
   return guarded([&] {
     // In parallel, reading only: every pair agrees in shape (never broadcast),
     // and what each is (see tp_move) is written down.
-    std::atomic<int64_t> mismatch{static_cast<int64_t>(n)};
+    LowestIndex mismatch(static_cast<int64_t>(n));
     at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const at::Tensor &d = as_tensor(dst[i]), &s = as_tensor(src[i]);
         tp_move &m = moves[i];
         m = {nullptr, nullptr, nullptr, 0, TP_MOVE_OTHER};
         if (d.sizes() != s.sizes()) {
-          int64_t seen = mismatch.load();
-          while (i < seen && !mismatch.compare_exchange_weak(seen, i)) {
-          }
+          mismatch.offer(i);
           continue;
         }
         m.nbytes = static_cast<int64_t>(d.nbytes());
@@ -219,7 +235,8 @@ char *tp_describe_pairs(tp_tensor *const *dst, tp_tensor *const *src, size_t n, 
         m.target = d.unsafeGetTensorImpl();
       }
     });
-    if (int64_t i = mismatch.load(); i < static_cast<int64_t>(n)) {
+    if (mismatch.found()) {
+      const int64_t i = mismatch.get();
       *failed = i;
       throw std::invalid_argument("shape mismatch: " + c10::str(as_tensor(src[i]).sizes()) + " into " +
                                   c10::str(as_tensor(dst[i]).sizes()) + " (nothing was written)");
@@ -284,19 +301,14 @@ char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp
                           int64_t *mismatch) {
   *mismatch = -1;
   return guarded([&] {
-    std::atomic<int64_t> first{static_cast<int64_t>(n)};
-    auto found_at = [&](int64_t i) {
-      int64_t seen = first.load();
-      while (i < seen && !first.compare_exchange_weak(seen, i)) {
-      }
-    };
+    LowestIndex first(static_cast<int64_t>(n));
     at::parallel_for(0, static_cast<int64_t>(n), 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (i + kAhead < end) prefetch_pair(moves[i + kAhead], /*for_writing=*/false);
         const tp_move &m = moves[i];
         if (m.kind == TP_MOVE_SMALL && m.nbytes > 0 &&
             std::memcmp(m.to, m.from, static_cast<size_t>(m.nbytes)) != 0) {
-          found_at(i);
+          first.offer(i);
         }
       }
     });
@@ -307,22 +319,21 @@ char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp
       const char *a = static_cast<const char *>(m.to), *b = static_cast<const char *>(m.from);
       at::parallel_for(0, m.nbytes, kSmall, [&](int64_t begin, int64_t end) {
         if (std::memcmp(a + begin, b + begin, static_cast<size_t>(end - begin)) != 0) {
-          found_at(static_cast<int64_t>(i));
+          first.offer(static_cast<int64_t>(i));
         }
       });
     }
     // The rest: converted like copy_ converts, then compared bit for bit.
-    for (size_t k = 0; k < n && static_cast<int64_t>(k) < first.load(); ++k) {
+    for (size_t k = 0; k < n && static_cast<int64_t>(k) < first.get(); ++k) {
       if (moves[k].kind != TP_MOVE_OTHER) continue;
       const at::Tensor &d = as_tensor(dst[k]);
       at::Tensor expected = as_tensor(src[k]).to(d.device(), d.scalar_type());
-      if (d.sizes() != expected.sizes() || !at::equal(bits(d), bits(expected))) {
-        found_at(static_cast<int64_t>(k));
+      if (!at::equal(bits(d), bits(expected))) {  // shapes were checked by tp_describe_pairs
+        first.offer(static_cast<int64_t>(k));
         break;
       }
     }
-    int64_t found = first.load();
-    *mismatch = found == static_cast<int64_t>(n) ? -1 : found;
+    *mismatch = first.found() ? first.get() : -1;
   });
 }
 
