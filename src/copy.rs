@@ -117,8 +117,15 @@ pub fn execute_with(
     if batches.last() != Some(&plan.pairs.len()) {
         batches.push(plan.pairs.len());
     }
-    let progress = (options.progress && bytes >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal())
-        .then(|| indicatif::ProgressBar::new(bytes).with_message("copying"));
+    let progress =
+        (options.progress && bytes >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
+            // indicatif's default style shows neither the message nor units.
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            indicatif::ProgressBar::new(bytes).with_style(style).with_message("copying")
+        });
     for window in batches.windows(2) {
         let (from, to) = (window[0], window[1]);
         pairs.copy(from..to).map_err(copy_failed)?;

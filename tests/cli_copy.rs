@@ -217,3 +217,38 @@ fn a_tied_torchscript_target_is_refused_when_its_two_sources_differ_and_copied_w
         assert!(common::bit_equal(written.tensor(i).unwrap(), source.tensor(i).unwrap()));
     }
 }
+
+/// 288 MB of float32 in two tensors, all `fill`: long enough for a progress bar.
+fn write_long_model(path: &Path, fill: f64) {
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    let tensors = vec![
+        ("big.weight".to_string(), tch::Tensor::full([64, 1 << 20], fill, opts)),
+        ("mid.weight".to_string(), tch::Tensor::full([8, 1 << 20], fill, opts)),
+    ];
+    let model =
+        Checkpoint::from_tensors("long", transplant::Format::Safetensors, tensors, Default::default());
+    model.unwrap().save(path).unwrap();
+}
+
+#[test]
+fn a_long_copy_shows_progress_on_a_terminal_and_none_when_stderr_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.safetensors"), dir.path().join("dst.safetensors"));
+    write_long_model(&src, 1.0);
+    write_long_model(&dst, 0.0);
+    let bin = env!("CARGO_BIN_EXE_transplant");
+
+    // Not a terminal: no bar.
+    let out = dir.path().join("piped.safetensors");
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stderr.contains("copying"), "{}", run.stderr);
+
+    // On a terminal (script(1) gives the command one): the bar is drawn.
+    let out = dir.path().join("terminal.safetensors");
+    let command = format!("{bin} copy {} {} -o {} >/dev/null", s(&src), s(&dst), s(&out));
+    let run = std::process::Command::new("script").args(["-qec", &command, "/dev/null"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{shown}");
+    assert!(shown.contains("copying"), "no progress bar on a terminal: {shown:?}");
+}
