@@ -37,8 +37,11 @@ fn main() -> Result<()> {
     println!("2. A renamed backbone, through a rule\n");
     let source = Checkpoint::open(fixtures.join("backbone.safetensors"))?;
     let mut target = ModuleStore::open(fixtures.join("encoder.pt"))?;
-    let mapping =
-        Mapping { rules: Rules::parse(r"backbone\.(.*) => encoder.$1", "example")?, matcher: Matcher::Auto };
+    let mapping = Mapping {
+        rules: Rules::parse(r"backbone\.(.*) => encoder.$1", "example")?,
+        matcher: Matcher::Auto,
+        source_order: None,
+    };
     let plan = Plan::build(&source, &target, &mapping)?;
     println!("{}", Report::new(&plan, &policy, None));
     let copied = copy::execute(&plan, &source, &target, &policy)?;

@@ -20,11 +20,19 @@ show() { printf '\n$ transplant %s\n' "$*"; }
 show inspect "$demo/state_dict.pth"
 transplant inspect "$demo/state_dict.pth" | tail -n 4
 
+# The order matcher aligns modules by structure; it never pairs two different
+# leaf names, so the root buffer (`temperature` here, `scale` there) needs a rule.
 show plan "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order
-transplant plan "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order
+status=0
+transplant plan "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order || status=$?
+[ "$status" = 3 ] || { echo "expected exit 3 (incomplete), got $status" >&2; exit 1; }
 
-show copy "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order -o "$out/restored.pt"
-transplant copy "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order -o "$out/restored.pt" | tail -n 3
+show plan "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order --map "'temperature=>scale'"
+transplant plan "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order --map 'temperature=>scale'
+
+show copy "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order --map "'temperature=>scale'" -o "$out/restored.pt"
+transplant copy "$demo/state_dict.pth" "$demo/renamed_module.pt" --match order --map 'temperature=>scale' \
+  -o "$out/restored.pt" | tail -n 3
 
 show verify "$demo/reference.pt" "$out/restored.pt" --input 4,3,8,8
 transplant verify "$demo/reference.pt" "$out/restored.pt" --input 4,3,8,8 --atol 0

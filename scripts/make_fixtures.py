@@ -319,11 +319,107 @@ def write_mapping_cases(out: str) -> None:
     torch.manual_seed(14)
     resnet = warm_up(torchvision.models.resnet18(weights=None), (2, 3, 64, 64), steps=2)
     torch.jit.save(torch.jit.script(resnet), os.path.join(out, "resnet18.pt"))
+    save_file(state(resnet), os.path.join(out, "resnet18.safetensors"))
     save_expected(os.path.join(out, "resnet18.expected.safetensors"), resnet, (2, 3, 64, 64))
     torch.manual_seed(15)
     renamed = RenamedResNet18().eval()
     assert [v.shape for v in renamed.state_dict().values()] == [v.shape for v in resnet.state_dict().values()]
     torch.jit.save(torch.jit.script(renamed), os.path.join(out, "renamed_resnet18.pt"))
+
+
+def seq_blocks(widths):
+    layers, c = [], 3
+    for w in widths:
+        layers.append(nn.Sequential(nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()))
+        c = w
+    return layers, c
+
+
+SEQ_WIDTHS = [8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16]
+
+
+def seq_net() -> nn.Module:
+    """A network built from Sequentials only: 12 conv-bn blocks (indices past 10,
+    which sort as text before 2), a classifier."""
+    layers, c = seq_blocks(SEQ_WIDTHS)
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+class SeqBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.conv(x)))
+
+
+class RenamedSeqNet(nn.Module):
+    """seq_net's layers in the same order, with attribute names."""
+
+    def __init__(self):
+        super().__init__()
+        blocks, c = [], 3
+        for w in SEQ_WIDTHS:
+            blocks.append(SeqBlock(c, w))
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Linear(c, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class NamedNet(nn.Module):
+    """Attribute-named children registered out of alphabetical order: two alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.z_proj = nn.Linear(16, 16)
+        self.a_proj = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.a_proj(F.relu(self.z_proj(x)))))
+
+
+class RenamedNamedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.second = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.bn(self.second(F.relu(self.first(x)))))
+
+
+def write_order_cases(out: str) -> None:
+    """Sources that keep no registration order (safetensors) for the order matcher."""
+    from safetensors.torch import save_file
+
+    def state(model):
+        return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(21)
+    seq = warm_up(seq_net(), (4, 3, 8, 8))
+    save_file(state(seq), os.path.join(out, "seq_net.safetensors"))
+    save_expected(os.path.join(out, "seq_net.expected.safetensors"), seq, (2, 3, 8, 8))
+    torch.manual_seed(22)
+    torch.jit.save(torch.jit.script(RenamedSeqNet().eval()), os.path.join(out, "renamed_seq_net.pt"))
+
+    torch.manual_seed(23)
+    named = warm_up(NamedNet(), (8, 16))
+    save_file(state(named), os.path.join(out, "named_net.safetensors"))
+    save_expected(os.path.join(out, "named_net.expected.safetensors"), named, (4, 16))
+    torch.jit.save(torch.jit.script(named), os.path.join(out, "named_net.pt"))
+    torch.manual_seed(24)
+    torch.jit.save(torch.jit.script(RenamedNamedNet().eval()), os.path.join(out, "renamed_named_net.pt"))
 
 
 class Malicious:
@@ -504,6 +600,7 @@ def main() -> None:
     write_bn_net(out)
     write_formats(out)
     write_mapping_cases(out)
+    write_order_cases(out)
     write_torch_save(out)
     write_examples(out)
     write_demo(out)

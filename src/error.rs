@@ -146,6 +146,14 @@ pub enum Error {
         /// Each problem, described.
         problems: Vec<String>,
     },
+    /// A model given to lend its registration order (`--order-from`) cannot.
+    #[error("--order-from {origin}: {problem}")]
+    OrderFrom {
+        /// The model that was to lend its order.
+        origin: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A saved plan was made for models whose entries have changed since.
     #[error("plan {plan} was made for another {side}: the entries of {store} changed (names, roles, dtypes or shapes); make the plan again")]
     PlanOutdated {
@@ -257,6 +265,7 @@ impl Error {
             | Error::Rule { .. }
             | Error::Device { .. }
             | Error::PlanRejected { .. }
+            | Error::OrderFrom { .. }
             | Error::PlanOutdated { .. }
             | Error::Verification { .. }
             | Error::CopyFailed { .. }

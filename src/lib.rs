@@ -4,6 +4,7 @@
 mod chunks;
 pub mod copy;
 pub mod diff;
+mod dotted;
 pub mod dtype;
 mod error;
 mod ffi;

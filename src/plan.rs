@@ -11,11 +11,12 @@ use sha2::{Digest, Sha256};
 use tch::Kind;
 
 use crate::chunks;
+use crate::dotted::module_and_leaf;
 use crate::dtype;
 use crate::error::{Error, Result};
-use crate::matching::{self, How, Item, Matcher};
+use crate::matching::{self, DtypeClass, How, Item, Matcher, ModuleMatch, Sequence, Unsure};
 use crate::rules::{Outcome, Rules};
-use crate::store::{Entry, Name, Role, Store};
+use crate::store::{Entry, EntryOrder, Name, Role, Store};
 
 /// How names are mapped: explicit rules first, then an automatic matcher.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +25,61 @@ pub struct Mapping {
     pub rules: Rules,
     /// The matcher for what the rules leave.
     pub matcher: Matcher,
+    /// The source's registration order, taken from another model with the same
+    /// names (`--order-from`), for a source that keeps none.
+    pub source_order: Option<NameOrder>,
+}
+
+/// The registration order of a model's names, lent to a source with the same
+/// names that lost its own (a safetensors file, say).
+#[derive(Debug, Clone)]
+pub struct NameOrder {
+    /// Where the order comes from, for messages.
+    pub origin: String,
+    /// The names in registration order.
+    pub names: Vec<Name>,
+}
+
+impl NameOrder {
+    /// The order of `store`'s entries, which must be its registration order.
+    pub fn of(store: &dyn Store) -> Result<Self> {
+        if store.entry_order() != EntryOrder::Registration {
+            return Err(Error::OrderFrom {
+                origin: store.origin().to_string(),
+                problem: format!("{} keeps no registration order of its own to lend", store.kind()),
+            });
+        }
+        Ok(Self {
+            origin: store.origin().to_string(),
+            names: store.entries().iter().map(|e| e.name.clone()).collect(),
+        })
+    }
+
+    /// The indices of `entries` in this order; every name must be in it.
+    fn sequence(&self, entries: &[Entry]) -> Result<Vec<usize>> {
+        let rank: HashMap<&str, usize> =
+            self.names.iter().enumerate().map(|(r, n)| (n.as_str(), r)).collect();
+        let missing: Vec<&str> =
+            entries.iter().filter(|e| !rank.contains_key(e.name.as_str())).map(|e| e.name.as_str()).collect();
+        if !missing.is_empty() {
+            let shown: Vec<&str> = missing.iter().take(8).copied().collect();
+            let more = if missing.len() > shown.len() {
+                format!(" and {} more", missing.len() - shown.len())
+            } else {
+                String::new()
+            };
+            return Err(Error::OrderFrom {
+                origin: self.origin.clone(),
+                problem: format!(
+                    "has no tensor named {}{more}: it must list every source name",
+                    shown.join(", ")
+                ),
+            });
+        }
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| rank[entries[i].name.as_str()]);
+        Ok(order)
+    }
 }
 
 impl Mapping {
@@ -49,7 +105,7 @@ impl Mapping {
                 rules.push(&rule.pattern, rule.action.clone(), rule.source.clone())?;
             }
         }
-        Ok(Self { rules, matcher })
+        Ok(Self { rules, matcher, source_order: None })
     }
 }
 
@@ -244,6 +300,51 @@ pub enum Finding {
         /// Its name.
         name: String,
     },
+    /// A module the order matcher left unpaired although the other side has
+    /// compatible ones: it could not tell which.
+    AmbiguousModule {
+        /// Side of the module.
+        side: Side,
+        /// The module path.
+        module: String,
+        /// Compatible modules of the other side (the first few).
+        candidates: Vec<String>,
+        /// How many more candidates there are.
+        more: usize,
+        /// Why it was not decided.
+        why: Unsure,
+    },
+    /// A side keeps no registration order: the order matcher put its modules in
+    /// natural order (indices as numbers).
+    OrderReconstructed {
+        /// The side.
+        side: Side,
+        /// Its store.
+        store: String,
+    },
+    /// The two module sequences differ too much to be aligned.
+    Unaligned {
+        /// Modules of the source.
+        source_modules: usize,
+        /// Modules of the target.
+        target_modules: usize,
+    },
+    /// A source and a target tensor left over hold as many elements (in equal
+    /// or other shapes), and nothing else left over does: a rule — with a
+    /// `reshape` where the shapes differ — may be what is missing.
+    CouldPair {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source shape.
+        source_shape: Vec<i64>,
+        /// Target shape.
+        target_shape: Vec<i64>,
+        /// A rule that would pair them, as written in a rules file, where the
+        /// shapes are equal (the rule language has no reshape yet).
+        rule: Option<String>,
+    },
 }
 
 impl Finding {
@@ -254,13 +355,25 @@ impl Finding {
             Finding::ShapeMismatch { .. } | Finding::Collision { .. } => Severity::Error,
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
-            Finding::NumBatchesTracked { .. } => Severity::Note,
+            Finding::NumBatchesTracked { .. }
+            | Finding::OrderReconstructed { .. }
+            | Finding::CouldPair { .. } => Severity::Note,
+            Finding::AmbiguousModule { .. } | Finding::Unaligned { .. } => escalate(Severity::Warning),
             Finding::UnusedRule { .. }
             | Finding::Ambiguous { .. }
             | Finding::PartialBatchNorm { .. }
             | Finding::RoleMismatch { .. }
             | Finding::Leftover { .. } => escalate(Severity::Warning),
         }
+    }
+}
+
+/// A module path as shown: the root module has no name.
+fn shown(module: &str) -> &str {
+    if module.is_empty() {
+        "(root)"
+    } else {
+        module
     }
 }
 
@@ -301,6 +414,43 @@ impl fmt::Display for Finding {
                 write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
             }
             Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::AmbiguousModule { side, module, candidates, more, why } => {
+                let more = if *more > 0 { format!(" and {more} more") } else { String::new() };
+                let why = match why {
+                    Unsure::Tie => "equally good alignments disagree",
+                    Unsure::PlaceUnknown => {
+                        "its store keeps no registration order and a module alike has no known order with it"
+                    }
+                };
+                write!(
+                    f,
+                    "ambiguous (order): {side} module {} could be {}{more} ({why}); left unpaired, add a rule",
+                    shown(module),
+                    candidates.iter().map(|c| shown(c)).collect::<Vec<_>>().join(", ")
+                )
+            }
+            Finding::OrderReconstructed { side, store } => write!(
+                f,
+                "{side} {store} keeps no registration order: modules were put in natural order \
+                 (indices as numbers); pairs marked `order, reconstructed` rest on it alone \
+                 (--order-from MODEL lends the real order)"
+            ),
+            Finding::Unaligned { source_modules, target_modules } => write!(
+                f,
+                "the order matcher gave up: {source_modules} source and {target_modules} target modules \
+                 differ too much to align; add rules"
+            ),
+            Finding::CouldPair { source, target, source_shape, target_shape, rule } => match rule {
+                Some(rule) => write!(
+                    f,
+                    "left over: {source} and {target} are both {source_shape:?}; the rule `{rule}` would pair them"
+                ),
+                None => write!(
+                    f,
+                    "left over: {source} {source_shape:?} and {target} {target_shape:?} hold as many \
+                     elements: they differ by a reshape"
+                ),
+            },
         }
     }
 }
@@ -316,12 +466,47 @@ pub struct Plan {
     pub matcher: Matcher,
     /// Every pair, in target order.
     pub pairs: Vec<Pair>,
+    /// The modules the order matcher aligned (empty for the other matchers).
+    pub modules: Vec<ModuleMatch>,
+    /// How each side was ordered, when the order matcher ran.
+    pub order: Option<Orders>,
     /// Source entries that go nowhere.
     pub source_leftovers: Vec<Leftover>,
     /// Target entries that receive nothing.
     pub target_leftovers: Vec<Leftover>,
     /// Everything found, whatever the policy.
     pub findings: Vec<Finding>,
+}
+
+/// The order a side's modules were aligned in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "order", rename_all = "snake_case")]
+pub enum OrderUsed {
+    /// The store's own registration order.
+    Registration,
+    /// Reconstructed from the names (natural order): the store keeps none.
+    Reconstructed,
+    /// Lent by another model (`--order-from`).
+    From {
+        /// That model.
+        model: String,
+    },
+}
+
+/// How both sides were ordered for the order matcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Orders {
+    /// The source's order.
+    pub source: OrderUsed,
+    /// The target's order.
+    pub target: OrderUsed,
+}
+
+impl Orders {
+    /// Whether either side's order was reconstructed from names.
+    pub fn reconstructed(&self) -> bool {
+        self.source == OrderUsed::Reconstructed || self.target == OrderUsed::Reconstructed
+    }
 }
 
 /// sha256 over every entry's name, role, dtype and shape: what a saved plan
@@ -345,16 +530,21 @@ pub fn entries_digest(entries: &[Entry]) -> String {
     Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn module_and_leaf(name: &str) -> (&str, &str) {
-    name.rsplit_once('.').unwrap_or(("", name))
-}
-
 fn is_floating(kind: Kind) -> bool {
     matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16)
 }
 
 fn is_complex(kind: Kind) -> bool {
     matches!(kind, Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble)
+}
+
+fn class_of(kind: Kind) -> DtypeClass {
+    match kind {
+        Kind::Bool => DtypeClass::Bool,
+        k if is_complex(k) => DtypeClass::Complex,
+        k if is_floating(k) => DtypeClass::Floating,
+        _ => DtypeClass::Integer,
+    }
 }
 
 /// The largest finite magnitude, or integer bounds, of a dtype.
@@ -433,6 +623,75 @@ fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
     }
 }
 
+/// Hints most worth giving per plan.
+const MAX_PAIR_HINTS: usize = 64;
+
+/// Left over on both sides with as many elements (`temperature [1]` and
+/// `scale [1]`; `[96, 1, 1]` and `[96]`): said, with the rule that would pair
+/// them, where the pairing is unique — by element count alone, or by element
+/// count and leaf name.
+fn pair_hints(
+    sources: &[Entry],
+    targets: &[Entry],
+    source_leftovers: &[Leftover],
+    target_leftovers: &[Leftover],
+    findings: &mut Vec<Finding>,
+) {
+    /// How many open leftovers a key has on each side, and the first of each.
+    #[derive(Default)]
+    struct Count {
+        sources: usize,
+        source: usize,
+        targets: usize,
+        target: usize,
+    }
+    let mut by_numel: HashMap<u64, Count> = HashMap::new();
+    let mut by_numel_and_leaf: HashMap<(u64, &str), Count> = HashMap::new();
+    for (list, entries, is_source) in [(source_leftovers, sources, true), (target_leftovers, targets, false)]
+    {
+        for l in list.iter().filter(|l| l.explained.is_none()) {
+            let e = &entries[l.index];
+            let numel = e.numel();
+            if numel == 0 {
+                continue;
+            }
+            for count in [
+                by_numel.entry(numel).or_default(),
+                by_numel_and_leaf.entry((numel, crate::dotted::leaf(&e.name))).or_default(),
+            ] {
+                if is_source {
+                    count.sources += 1;
+                    count.source = l.index;
+                } else {
+                    count.targets += 1;
+                    count.target = l.index;
+                }
+            }
+        }
+    }
+    let one_each = |c: &Count| (c.sources == 1 && c.targets == 1).then_some((c.source, c.target));
+    let mut hints: Vec<(usize, usize)> = by_numel.values().filter_map(one_each).collect();
+    hints.extend(
+        by_numel_and_leaf
+            .iter()
+            .filter(|((numel, _), _)| one_each(&by_numel[numel]).is_none())
+            .filter_map(|(_, c)| one_each(c)),
+    );
+    hints.sort_unstable();
+    for (i, j) in hints.into_iter().take(MAX_PAIR_HINTS) {
+        let (s, t) = (&sources[i], &targets[j]);
+        let rule = (s.shape == t.shape)
+            .then(|| format!("{} => {}", regex::escape(&s.name), t.name.replace('$', "$$")));
+        findings.push(Finding::CouldPair {
+            source: s.name.to_string(),
+            target: t.name.to_string(),
+            source_shape: s.shape.clone(),
+            target_shape: t.shape.clone(),
+            rule,
+        });
+    }
+}
+
 /// Accumulates a plan while it is being built.
 struct Builder<'a> {
     source: &'a dyn Store,
@@ -442,6 +701,8 @@ struct Builder<'a> {
     pairs: Vec<Pair>,
     findings: Vec<Finding>,
     source_explained: HashMap<usize, String>,
+    modules: Vec<ModuleMatch>,
+    order: Option<Orders>,
 }
 
 impl<'a> Builder<'a> {
@@ -453,6 +714,8 @@ impl<'a> Builder<'a> {
             pairs: Vec::with_capacity(source.entries().len().min(target.entries().len())),
             findings: Vec::new(),
             source_explained: HashMap::new(),
+            modules: Vec::new(),
+            order: None,
         }
     }
 
@@ -483,11 +746,21 @@ impl Plan {
     /// Maps `source` onto `target`: rules, then the matcher; then every finding.
     /// Reads tensor values only to decide whether a narrowing cast fits.
     pub fn build(source: &dyn Store, target: &dyn Store, mapping: &Mapping) -> Result<Self> {
-        Ok(Self::finish(Self::pair_up(source, target, mapping), mapping.matcher))
+        let lent = match &mapping.source_order {
+            Some(order) if mapping.matcher == Matcher::Order => Some(order.sequence(source.entries())?),
+            _ => None,
+        };
+        Ok(Self::finish(Self::pair_up(source, target, mapping, lent.as_deref()), mapping.matcher))
     }
 
-    /// Rules, then the matcher: every pair, and the findings about how they were made.
-    fn pair_up<'a>(source: &'a dyn Store, target: &'a dyn Store, mapping: &Mapping) -> Builder<'a> {
+    /// Rules, then the matcher: every pair, and the findings about how they were
+    /// made. `lent`: the source's indices in an order lent by `--order-from`.
+    fn pair_up<'a>(
+        source: &'a dyn Store,
+        target: &'a dyn Store,
+        mapping: &Mapping,
+        lent: Option<&[usize]>,
+    ) -> Builder<'a> {
         let (sources, targets) = (source.entries(), target.entries());
         // Two models of one architecture list the same names in the same order.
         // With no rules, the exact and auto matchers pair those by index and find
@@ -510,7 +783,7 @@ impl Plan {
                 return b;
             }
         }
-        Self::pair_by_rules_and_matcher(source, target, mapping)
+        Self::pair_by_rules_and_matcher(source, target, mapping, lent)
     }
 
     /// [`Plan::pair_up`] the long way: rules, collisions, then the matcher.
@@ -518,6 +791,7 @@ impl Plan {
         source: &'a dyn Store,
         target: &'a dyn Store,
         mapping: &Mapping,
+        lent: Option<&[usize]>,
     ) -> Builder<'a> {
         let (sources, targets) = (source.entries(), target.entries());
         let rules = &mapping.rules;
@@ -617,16 +891,46 @@ impl Plan {
         // record them (a checkpoint file's roles are guesses).
         let roles_known = !sources.iter().chain(targets).any(|e| e.role_inferred);
         let role = |e: &Entry| if roles_known { e.role } else { Role::Parameter };
-        let source_items: Vec<Item> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, e)| Item { name: &names[i], role: role(e), shape: &e.shape })
-            .collect();
-        let target_items: Vec<Item> =
-            targets.iter().map(|e| Item { name: &e.name, role: role(e), shape: &e.shape }).collect();
-        let matches =
-            matching::run(mapping.matcher, &source_items, &target_items, &taken_source, &taken_target);
-        for &(i, j, how) in &matches.pairs {
+        // The source as the matcher sees it: in its own order, or in one lent.
+        let sequence: Vec<usize> = lent.map_or_else(|| (0..sources.len()).collect(), <[usize]>::to_vec);
+        fn item<'x>(e: &'x Entry, name: &'x str, role: Role) -> Item<'x> {
+            Item { name, original: &e.name, role, class: class_of(e.dtype), shape: &e.shape }
+        }
+        let source_items: Vec<Item> =
+            sequence.iter().map(|&i| item(&sources[i], &names[i], role(&sources[i]))).collect();
+        let taken_in_sequence: Vec<bool> = sequence.iter().map(|&i| taken_source[i]).collect();
+        let target_items: Vec<Item> = targets.iter().map(|e| item(e, &e.name, role(e))).collect();
+        let own = |store: &dyn Store| match store.entry_order() {
+            EntryOrder::Registration => (Sequence::Registration, OrderUsed::Registration),
+            EntryOrder::Unknown => (Sequence::Natural, OrderUsed::Reconstructed),
+        };
+        let (source_sequence, source_order) = match (&mapping.source_order, lent) {
+            (Some(order), Some(_)) => {
+                (Sequence::Registration, OrderUsed::From { model: order.origin.clone() })
+            }
+            _ => own(source),
+        };
+        let (target_sequence, target_order) = own(target);
+        if mapping.matcher == Matcher::Order {
+            for (side, used, store) in
+                [(Side::Source, &source_order, source), (Side::Target, &target_order, target)]
+            {
+                if *used == OrderUsed::Reconstructed {
+                    b.findings.push(Finding::OrderReconstructed { side, store: store.origin().to_string() });
+                }
+            }
+            b.order = Some(Orders { source: source_order, target: target_order });
+        }
+        let matches = matching::run(
+            mapping.matcher,
+            &source_items,
+            &target_items,
+            &taken_in_sequence,
+            &taken_target,
+            (source_sequence, target_sequence),
+        );
+        for &(k, j, how) in &matches.pairs {
+            let i = sequence[k];
             taken_source[i] = true;
             taken_target[j] = true;
             b.pair(i, j, rule_of[i], how);
@@ -634,13 +938,13 @@ impl Plan {
         for a in &matches.ambiguities {
             let (name, candidates) = if a.from_source {
                 (
-                    sources[a.item].name.clone(),
+                    sources[sequence[a.item]].name.clone(),
                     a.candidates.iter().map(|&j| targets[j].name.to_string()).collect(),
                 )
             } else {
                 (
                     targets[a.item].name.clone(),
-                    a.candidates.iter().map(|&i| sources[i].name.to_string()).collect(),
+                    a.candidates.iter().map(|&k| sources[sequence[k]].name.to_string()).collect(),
                 )
             };
             let side = if a.from_source { Side::Source } else { Side::Target };
@@ -652,6 +956,19 @@ impl Plan {
                 paired: a.paired,
             });
         }
+        for a in matches.module_ambiguities {
+            b.findings.push(Finding::AmbiguousModule {
+                side: if a.from_source { Side::Source } else { Side::Target },
+                module: a.module,
+                candidates: a.candidates,
+                more: a.more,
+                why: a.why,
+            });
+        }
+        if let Some((source_modules, target_modules)) = matches.unaligned {
+            b.findings.push(Finding::Unaligned { source_modules, target_modules });
+        }
+        b.modules = matches.modules;
         b.pairs.sort_by_key(|p| p.target);
         b
     }
@@ -753,11 +1070,14 @@ impl Plan {
                 missing: missing.iter().map(leaf).collect(),
             });
         }
+        pair_hints(sources, targets, &source_leftovers, &target_leftovers, &mut b.findings);
         Plan {
             source: b.source.origin().to_string(),
             target: b.target.origin().to_string(),
             matcher,
             pairs: b.pairs,
+            modules: b.modules,
+            order: b.order,
             source_leftovers,
             target_leftovers,
             findings: b.findings,
@@ -989,6 +1309,7 @@ mod tests {
         let mapping = Mapping {
             rules: Rules::parse("a\\.(.*) => b.$1\n", "test").expect("rules"),
             matcher: Matcher::Exact,
+            source_order: None,
         };
         let plan = Plan::build(&source, &target, &mapping).expect("plan");
         let pairs: Vec<(usize, usize, String)> =
@@ -1018,9 +1339,10 @@ mod tests {
             let source = store(source_tensors.iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect());
             let target = store(base().iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect());
             for matcher in [Matcher::Exact, Matcher::Auto] {
-                let mapping = Mapping { rules: Rules::new(), matcher };
-                let short = Plan::finish(Plan::pair_up(&source, &target, &mapping), matcher);
-                let long = Plan::finish(Plan::pair_by_rules_and_matcher(&source, &target, &mapping), matcher);
+                let mapping = Mapping { rules: Rules::new(), matcher, source_order: None };
+                let short = Plan::finish(Plan::pair_up(&source, &target, &mapping, None), matcher);
+                let long =
+                    Plan::finish(Plan::pair_by_rules_and_matcher(&source, &target, &mapping, None), matcher);
                 assert_eq!((short.pairs.len(), short.findings.len()), (6, findings), "{:?}", short.findings);
                 assert_eq!(
                     serde_json::to_value(&short).expect("json"),

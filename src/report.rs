@@ -6,7 +6,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::copy::Copied;
-use crate::plan::{Cast, Finding, Plan, Policy, Severity, Side};
+use crate::matching::{How, ModuleMatch};
+use crate::plan::{Cast, Finding, Orders, Plan, Policy, Severity, Side};
 use crate::store::summary::human_bytes;
 
 /// One pair as reported.
@@ -18,6 +19,8 @@ pub struct ReportPair {
     pub target: String,
     /// What made the pair.
     pub provenance: String,
+    /// The matcher step that paired the (renamed) names.
+    pub how: How,
     /// The dtype conversion, if any.
     pub cast: Option<Cast>,
 }
@@ -59,6 +62,12 @@ pub struct Report {
     pub complete: bool,
     /// Whether the plan passes its check under the policy.
     pub ok: bool,
+    /// How each side was ordered, when the order matcher ran.
+    pub order: Option<Orders>,
+    /// Whether a side's order was reconstructed from its names (it keeps none).
+    pub order_reconstructed: bool,
+    /// The modules the order matcher aligned, each with the tensors paired in it.
+    pub modules: Vec<ModuleMatch>,
     /// Every pair.
     pub pairs: Vec<ReportPair>,
     /// Leftovers, source side then target side.
@@ -114,6 +123,9 @@ impl Report {
             matcher: plan.matcher.to_string(),
             complete: plan.is_complete(),
             ok: plan.check(policy).is_ok(),
+            order: plan.order.clone(),
+            order_reconstructed: plan.order.as_ref().is_some_and(Orders::reconstructed),
+            modules: plan.modules.clone(),
             pairs: plan
                 .pairs
                 .iter()
@@ -121,6 +133,7 @@ impl Report {
                     source: p.source_name.to_string(),
                     target: p.target_name.to_string(),
                     provenance: p.provenance(),
+                    how: p.how,
                     cast: p.cast.clone(),
                 })
                 .collect(),
@@ -157,14 +170,39 @@ impl fmt::Display for Report {
         writeln!(f, "{} -> {} (matcher: {})", self.source, self.target, self.matcher)?;
         let casts = self.pairs.iter().filter(|p| p.cast.is_some()).count();
         writeln!(f, "  pairs: {} ({casts} with a dtype cast)", self.pairs.len())?;
-        let width = self.pairs.iter().take(SHOWN).map(|p| p.target.len()).max().unwrap_or(0);
-        for p in self.pairs.iter().take(SHOWN) {
+        if let Some(order) = &self.order {
+            let describe = |o: &crate::plan::OrderUsed| match o {
+                crate::plan::OrderUsed::Registration => "registration".to_string(),
+                crate::plan::OrderUsed::Reconstructed => "reconstructed from names".to_string(),
+                crate::plan::OrderUsed::From { model } => format!("from {model}"),
+            };
+            writeln!(f, "  order: source {}, target {}", describe(&order.source), describe(&order.target))?;
+        }
+        // Pairs the order matcher made are shown a module a line.
+        let by_module = |p: &&ReportPair| p.how == How::Order || p.how == How::ReconstructedOrder;
+        if !self.modules.is_empty() {
+            let width = self.modules.iter().take(SHOWN).map(|m| m.target.len()).max().unwrap_or(0);
+            writeln!(f, "  module pairs: {}", self.modules.len())?;
+            for m in self.modules.iter().take(SHOWN) {
+                let plural = if m.tensors == 1 { "" } else { "s" };
+                writeln!(
+                    f,
+                    "    {:<width$} <- {}  ({}, {} tensor{plural})",
+                    m.target, m.source, m.how, m.tensors
+                )?;
+            }
+            more(f, self.modules.len())?;
+        }
+        let listed: Vec<&ReportPair> =
+            self.pairs.iter().filter(|p| self.modules.is_empty() || !by_module(p)).collect();
+        let width = listed.iter().take(SHOWN).map(|p| p.target.len()).max().unwrap_or(0);
+        for p in listed.iter().take(SHOWN) {
             let cast = p.cast.as_ref().map_or(String::new(), |c| {
                 format!("  [{} -> {}]", crate::dtype::name(c.from), crate::dtype::name(c.to))
             });
             writeln!(f, "    {:<width$} <- {}  ({}){cast}", p.target, p.source, p.provenance)?;
         }
-        more(f, self.pairs.len())?;
+        more(f, listed.len())?;
         for side in [Side::Source, Side::Target] {
             let list: Vec<&ReportLeftover> = self.leftovers.iter().filter(|l| l.side == side).collect();
             if list.is_empty() {

@@ -23,7 +23,9 @@ fn a_torch_save_state_dict_into_a_renamed_module_gives_identical_outputs_and_loa
     let (src, dst) = (fixture("demo/state_dict.pth"), fixture("demo/renamed_module.pt"));
     let before = (file_hash(&src), file_hash(&dst));
     let out = dir.path().join("restored.pt");
-    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--match", "order"]);
+    // The modules align by structure; the root buffer is called `temperature`
+    // in one and `scale` in the other, and only a rule pairs different leaves.
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--match", "order", "--map", "temperature=>scale"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(
         run.stdout.contains("verdict: complete") && run.stdout.contains("TorchScript module"),
@@ -173,7 +175,17 @@ fn a_saved_plan_replays_and_refuses_other_models() {
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("plan.json");
     let (src, dst) = (fixture("demo/state_dict.pth"), fixture("demo/renamed_module.pt"));
-    let run = transplant(["plan", s(&src), s(&dst), "--match", "order", "--save-plan", s(&plan)]);
+    let run = transplant([
+        "plan",
+        s(&src),
+        s(&dst),
+        "--match",
+        "order",
+        "--map",
+        "temperature=>scale",
+        "--save-plan",
+        s(&plan),
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let out = dir.path().join("out.pt");
     let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--plan", s(&plan)]);

@@ -12,7 +12,7 @@ use transplant::store::{self, Checkpoint, ModuleStore};
 use transplant::{copy, Format, Mapping, Matcher, Plan, Policy, Rules, Store};
 
 fn mapping(matcher: Matcher, rules: &str) -> Mapping {
-    Mapping { rules: Rules::parse(rules, "rules.txt").unwrap(), matcher }
+    Mapping { rules: Rules::parse(rules, "rules.txt").unwrap(), matcher, source_order: None }
 }
 
 fn plan(source: &dyn Store, target: &dyn Store, matcher: Matcher, rules: &str) -> Plan {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use super::{Entry, Store, StoreKind};
+use super::{Entry, EntryOrder, Store, StoreKind};
 use crate::error::{Error, Result};
 use crate::format::{self, npz, safetensors, tch_archive, torch_pickle, Format};
 
@@ -170,6 +170,14 @@ impl Store for Checkpoint {
     }
     fn kind(&self) -> StoreKind {
         StoreKind::Checkpoint(self.format)
+    }
+    /// A `torch.save` state dict keeps the order it was saved in; the other
+    /// formats do not record a registration order.
+    fn entry_order(&self) -> EntryOrder {
+        match self.format {
+            Format::TorchSave | Format::TorchSaveLegacy => EntryOrder::Registration,
+            _ => EntryOrder::Unknown,
+        }
     }
     fn entries(&self) -> &[Entry] {
         &self.entries

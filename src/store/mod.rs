@@ -227,7 +227,19 @@ impl fmt::Display for StoreKind {
     }
 }
 
-/// A model's named tensors, listed in registration order, with live handles.
+/// Whether a store lists its entries in the order the model registered them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryOrder {
+    /// `state_dict()` order: TorchScript modules, `torch.save` state dicts.
+    Registration,
+    /// Some other order (safetensors and sharded indexes sort their names,
+    /// `.npz` keeps whatever order it was given, tch keeps variables in a hash
+    /// map): the order matcher reconstructs one from the names.
+    Unknown,
+}
+
+/// A model's named tensors, with live handles.
 ///
 /// The mapping layer only needs this: it never knows which kind of store it has.
 ///
@@ -239,8 +251,11 @@ pub trait Store: Send + Sync {
     fn origin(&self) -> &str;
     /// What kind of store this is.
     fn kind(&self) -> StoreKind;
-    /// Every named tensor, in registration order.
+    /// Every named tensor, in registration order where the store knows it
+    /// (see [`Store::entry_order`]).
     fn entries(&self) -> &[Entry];
+    /// Whether [`Store::entries`] is the model's registration order.
+    fn entry_order(&self) -> EntryOrder;
     /// The live tensor of `entries()[index]`: it shares storage with the model, so
     /// an in-place write (under a no-grad guard) changes the model. `None` when
     /// `index` is out of range.
@@ -274,7 +289,7 @@ pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dy
 /// The role a file that does not record roles most likely gave `name`: BatchNorm
 /// statistics and non-floating tensors are buffers, everything else parameters.
 pub fn inferred_role(name: &str, dtype: Kind) -> Role {
-    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let leaf = crate::dotted::leaf(name);
     let floating = matches!(
         dtype,
         Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16 | Kind::ComplexFloat | Kind::ComplexDouble

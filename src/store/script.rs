@@ -3,7 +3,7 @@ use std::path::Path;
 
 use tch::{Device, Tensor};
 
-use super::{Entry, Store, StoreKind};
+use super::{Entry, EntryOrder, Store, StoreKind};
 use crate::error::Result;
 use crate::format;
 use crate::script_module::ScriptModule;
@@ -66,6 +66,9 @@ impl Store for ModuleStore {
     }
     fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+    fn entry_order(&self) -> EntryOrder {
+        EntryOrder::Registration
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)

@@ -1,11 +1,11 @@
 //! [`VarStoreView`]: a tch `nn::VarStore` seen as a store.
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use tch::{nn::VarStore, Tensor};
 
-use super::{Checkpoint, Entry, Role, Store, StoreKind};
+use super::{Checkpoint, Entry, EntryOrder, Role, Store, StoreKind};
+use crate::dotted::{leaf as leaf_of, module_and_leaf, natural_cmp};
 use crate::error::{Error, Result};
 use crate::ffi::tensor_identity;
 use crate::format::Format;
@@ -35,35 +35,6 @@ pub struct VarStoreView {
 }
 
 /// `a.2.b` before `a.10.b`: segments compared as numbers where both are numbers.
-fn natural_cmp(a: &str, b: &str) -> Ordering {
-    let mut left = a.split('.');
-    let mut right = b.split('.');
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) => {
-                let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(m), Ok(n)) => m.cmp(&n),
-                    _ => x.cmp(y),
-                };
-                if order != Ordering::Equal {
-                    return order;
-                }
-            }
-        }
-    }
-}
-
-fn leaf_of(name: &str) -> &str {
-    name.rsplit_once('.').map_or(name, |(_, leaf)| leaf)
-}
-
-fn module_of(name: &str) -> &str {
-    name.rsplit_once('.').map_or("", |(module, _)| module)
-}
-
 // SAFETY: as for `Checkpoint`: `&self` methods only read names and tensor handles.
 unsafe impl Sync for VarStoreView {}
 
@@ -85,16 +56,16 @@ impl VarStoreView {
         let mut module_rank: HashMap<&str, usize> = HashMap::new();
         for (name, _, rank) in &named {
             if let Some(rank) = rank {
-                let slot = module_rank.entry(module_of(name)).or_insert(*rank);
+                let slot = module_rank.entry(module_and_leaf(name).0).or_insert(*rank);
                 *slot = (*slot).min(*rank);
             }
         }
         named.sort_by(|(a, _, rank_a), (b, _, rank_b)| {
-            let module_a = module_rank.get(module_of(a)).copied().unwrap_or(usize::MAX);
-            let module_b = module_rank.get(module_of(b)).copied().unwrap_or(usize::MAX);
+            let module_a = module_rank.get(module_and_leaf(a).0).copied().unwrap_or(usize::MAX);
+            let module_b = module_rank.get(module_and_leaf(b).0).copied().unwrap_or(usize::MAX);
             module_a
                 .cmp(&module_b)
-                .then_with(|| natural_cmp(module_of(a), module_of(b)))
+                .then_with(|| natural_cmp(module_and_leaf(a).0, module_and_leaf(b).0))
                 // Parameters (weight first, then registration order) before buffers (by name).
                 .then_with(|| rank_a.is_none().cmp(&rank_b.is_none()))
                 .then_with(|| (leaf_of(b) == "weight").cmp(&(leaf_of(a) == "weight")))
@@ -130,6 +101,10 @@ impl Store for VarStoreView {
     }
     fn entries(&self) -> &[Entry] {
         &self.entries
+    }
+    /// tch keeps variables in a hash map: the order here is a reconstruction.
+    fn entry_order(&self) -> EntryOrder {
+        EntryOrder::Unknown
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)

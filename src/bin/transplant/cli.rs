@@ -134,6 +134,12 @@ pub struct MappingArgs {
     /// The matcher for what the rules leave.
     #[arg(long = "match", value_enum, default_value_t = MatchArg::Auto)]
     pub matcher: MatchArg,
+    /// With `--match order`: take the source's registration order from MODEL, a
+    /// model or file with the same names that keeps one (the source architecture
+    /// scripted with random weights, say), for a source that keeps none
+    /// (safetensors, .npz).
+    #[arg(long, value_name = "MODEL")]
+    pub order_from: Option<PathBuf>,
     /// The state dict inside a torch.save checkpoint dict of the source (`state_dict`, `a.b`).
     #[arg(long)]
     pub key: Option<String>,
@@ -148,7 +154,8 @@ pub enum MatchArg {
     Exact,
     /// Exact, then `module.`/`_orig_mod.` prefixes, then unique suffixes.
     Auto,
-    /// Registration order aligned by role and shape.
+    /// Modules aligned in registration order by their tensors' leaves, roles,
+    /// dtypes and shapes; tensors paired inside them by leaf name.
     Order,
 }
 

@@ -12,6 +12,7 @@ use clap::Parser;
 use serde::Serialize;
 use transplant::copy::{self, Options};
 use transplant::diff::{self, Tolerance};
+use transplant::plan::NameOrder;
 use transplant::store::{self, ModuleStore};
 use transplant::{outputs, transfer, Format, Mapping, Matcher, Plan, Policy, Report, ScriptModule, Summary};
 
@@ -68,7 +69,15 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
         MatchArg::Auto => Matcher::Auto,
         MatchArg::Order => Matcher::Order,
     };
-    let mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    let mut mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    if let Some(model) = &args.order_from {
+        anyhow::ensure!(
+            matcher == Matcher::Order,
+            "--order-from lends a registration order to the order matcher: add --match order"
+        );
+        let store = store::open(model).with_context(|| format!("--order-from {}", model.display()))?;
+        mapping.source_order = Some(NameOrder::of(store.as_ref())?);
+    }
     Ok((mapping, Policy { strict: args.strict, allow_lossy_casts: false }))
 }
 

@@ -1,0 +1,95 @@
+//! Dotted tensor names (`features.3.bn.running_mean`): the module path and the
+//! leaf, and the natural order of names. One place for both, imported by the
+//! matchers, the plan and the stores.
+use std::cmp::Ordering;
+
+/// `("features.3.bn", "running_mean")`; a name without a dot is a leaf of the root
+/// module `""`.
+pub fn module_and_leaf(name: &str) -> (&str, &str) {
+    name.rsplit_once('.').unwrap_or(("", name))
+}
+
+/// The leaf of a name: its last dot-separated part.
+pub fn leaf(name: &str) -> &str {
+    module_and_leaf(name).1
+}
+
+/// Whether a path segment is an index (`Sequential`/`ModuleList` children are
+/// named `0`, `1`, …).
+pub fn is_index(segment: &str) -> bool {
+    !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Compares two segments: indices as numbers (any length), before names, which
+/// compare as text.
+fn segment_cmp(x: &str, y: &str) -> Ordering {
+    match (is_index(x), is_index(y)) {
+        (true, true) => {
+            let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+            x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+        }
+        (true, false) => Ordering::Less,
+        (false, true) => Ordering::Greater,
+        (false, false) => x.cmp(y),
+    }
+}
+
+/// Natural order of dotted names: segment by segment, indices as numbers
+/// (`layer.2` before `layer.10`), a name before the names it is a prefix of
+/// (`a` before `a.b`: a module's own tensors come before its children's, as in
+/// PyTorch's `state_dict`).
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    if a == b {
+        return Ordering::Equal;
+    }
+    let (mut left, mut right) = (segments(a), segments(b));
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => match segment_cmp(x, y) {
+                Ordering::Equal => {}
+                order => return order,
+            },
+        }
+    }
+}
+
+/// The segments of a module path; the root module `""` has none.
+pub fn segments(path: &str) -> impl Iterator<Item = &str> {
+    (!path.is_empty()).then(|| path.split('.')).into_iter().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_compare_as_numbers_and_parents_come_first() {
+        let mut names = vec![
+            "features.10.0",
+            "features.2.1",
+            "features.2",
+            "classifier",
+            "features.2.0",
+            "",
+            "features.02a",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["", "classifier", "features.2", "features.2.0", "features.2.1", "features.10.0", "features.02a"]
+        );
+        assert_eq!(natural_cmp("a.99999999999999999999999", "a.100000000000000000000000"), Ordering::Less);
+        assert_eq!(natural_cmp("a.007", "a.7"), "a.007".cmp("a.7"), "equal numbers still order totally");
+    }
+
+    #[test]
+    fn module_and_leaf_split_at_the_last_dot() {
+        assert_eq!(module_and_leaf("a.b.weight"), ("a.b", "weight"));
+        assert_eq!(module_and_leaf("temperature"), ("", "temperature"));
+        assert_eq!(segments("").count(), 0);
+        assert_eq!(segments("a.0").collect::<Vec<_>>(), ["a", "0"]);
+    }
+}

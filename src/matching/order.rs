@@ -1,0 +1,348 @@
+//! The `order` matcher: modules aligned, tensors paired inside aligned modules
+//! by leaf name — never across leaves (DESIGN.md, "Matchers").
+//!
+//! 1. Entries are grouped into modules (the name without its leaf). A module's
+//!    signature is its leaves with role, dtype class and shape;
+//!    `num_batches_tracked` is left out of it (tch's `batch_norm` and old
+//!    checkpoints have none) and pairs only where both modules have one.
+//! 2. Modules are compatible when their signatures are equal. A conv with a bias
+//!    and one without are *not*: pairing the weight alone would leave half a
+//!    layer with the target's own values while the module looks transferred, and
+//!    loosening signatures makes the alignment guess more. Both stay over, and a
+//!    rule pairs them on purpose.
+//! 3. The two module sequences are aligned ([`super::align`]); name evidence
+//!    (equal non-index path segments) breaks ties. A module pair is made only
+//!    when every best alignment makes it; otherwise it is reported as ambiguous
+//!    and left over: position alone never decides.
+//! 4. A side without a registration order ([`Sequence::Natural`]) is put in
+//!    natural order, which is the registration order of indexed children
+//!    (`Sequential`, `ModuleList`) but not of named ones (`conv1`, `bn1`): a
+//!    module whose signature is shared by a module it has no known order with
+//!    (they differ first at a named segment) could be either, and is left over.
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use super::align::{align, Alignment};
+use super::{How, Item, Matches, ModuleAmbiguity, ModuleMatch, Sequence, Unsure};
+use crate::dotted::{is_index, leaf, module_and_leaf, natural_cmp, segments};
+use crate::store::Role;
+
+/// Tokens from here up never pair (modules with no signature, modules whose
+/// place is unknown): each module gets its own.
+const UNIQUE: u32 = 1 << 31;
+/// The leaf that is not part of a signature.
+const NBT: &str = "num_batches_tracked";
+/// Candidates listed per ambiguous module.
+const CANDIDATES_SHOWN: usize = 8;
+
+/// One module of one side, as the matcher sees it.
+struct Module<'a> {
+    /// Module path of the (renamed) names: what pairs.
+    path: &'a str,
+    /// Module path of the store's own names: what is shown, and what the
+    /// natural order and its unknowns are worked out on.
+    original: &'a str,
+    /// Indices of its entries.
+    leaves: Vec<usize>,
+    /// Its signature's token (equal tokens: compatible modules).
+    token: u32,
+}
+
+type Leaf<'a> = (&'a str, Role, super::DtypeClass, &'a [i64]);
+
+fn group<'a>(items: &[Item<'a>], taken: &[bool]) -> Vec<Module<'a>> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut modules: Vec<Module> = Vec::new();
+    for (i, item) in items.iter().enumerate().filter(|(i, _)| !taken[*i]) {
+        let path = module_and_leaf(item.name).0;
+        let at = *index.entry(path).or_insert_with(|| {
+            let original = module_and_leaf(item.original).0;
+            modules.push(Module { path, original, leaves: Vec::new(), token: 0 });
+            modules.len() - 1
+        });
+        modules[at].leaves.push(i);
+    }
+    modules
+}
+
+/// Linear orders of a natural-order side tried, when named siblings leave its
+/// order open: ascending, descending, and seeded shuffles of named siblings.
+const EXTENSIONS: u64 = 8;
+
+/// Compares two module paths in one linear extension of what a natural order
+/// knows: a module before its children, indices as numbers, and named
+/// siblings — whose order is lost — ascending (`extension` 0), descending (1)
+/// or shuffled by a seed.
+fn extension_cmp(a: &str, b: &str, extension: u64) -> Ordering {
+    let mut prefix_len = 0;
+    let (mut left, mut right) = (segments(a), segments(b));
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return natural_cmp(a, b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x == y => prefix_len += x.len() + 1,
+            (Some(x), Some(y)) => {
+                if is_index(x) || is_index(y) || extension == 0 {
+                    return natural_cmp(x, y);
+                }
+                if extension == 1 {
+                    return y.cmp(x);
+                }
+                let prefix = &a[..prefix_len];
+                let key = |segment: &str| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (extension, prefix, segment).hash(&mut h);
+                    h.finish()
+                };
+                return key(x).cmp(&key(y)).then_with(|| x.cmp(y));
+            }
+        }
+    }
+}
+
+/// The orders of a side's modules to align: its own, or for a natural-order
+/// side every extension tried (one when no named siblings leave it open).
+fn linear_orders(modules: &[Module], sequence: Sequence) -> Vec<Vec<usize>> {
+    let identity: Vec<usize> = (0..modules.len()).collect();
+    if sequence == Sequence::Registration {
+        return vec![identity];
+    }
+    let sorted = |extension: u64| {
+        let mut order = identity.clone();
+        order.sort_by(|&x, &y| {
+            extension_cmp(modules[x].original, modules[y].original, extension)
+                .then_with(|| natural_cmp(modules[x].path, modules[y].path))
+        });
+        order
+    };
+    let first = sorted(0);
+    if !has_named_siblings(modules) {
+        return vec![first];
+    }
+    std::iter::once(first).chain((1..EXTENSIONS).map(sorted)).collect()
+}
+
+/// Whether some module path has two named siblings (whose order is lost).
+fn has_named_siblings(modules: &[Module]) -> bool {
+    let mut first_named_child: HashMap<&str, &str> = HashMap::new();
+    modules.iter().any(|m| {
+        branches(m.original).any(|(prefix, child)| {
+            !is_index(child) && *first_named_child.entry(prefix).or_insert(child) != child
+        })
+    })
+}
+
+/// Gives every module the token of its signature; shared by both sides so that
+/// equal signatures get equal tokens.
+fn tokenize<'a>(
+    items: &[Item<'a>],
+    modules: &mut [Module<'a>],
+    ids: &mut HashMap<Vec<Leaf<'a>>, u32>,
+    unique: &mut u32,
+) {
+    for module in modules {
+        let mut signature: Vec<Leaf> = module
+            .leaves
+            .iter()
+            .map(|&i| &items[i])
+            .filter(|item| leaf(item.name) != NBT)
+            .map(|item| (leaf(item.name), item.role, item.class, item.shape))
+            .collect();
+        module.token = if signature.is_empty() {
+            *unique += 1;
+            *unique
+        } else {
+            signature.sort_unstable();
+            let next = ids.len() as u32;
+            *ids.entry(signature).or_insert(next)
+        };
+    }
+}
+
+/// `(prefix, child)` for every segment of a module path: `a.b.c` gives
+/// `("", "a")`, `("a", "b")`, `("a.b", "c")`.
+fn branches(path: &str) -> impl Iterator<Item = (&str, &str)> {
+    let mut start = 0usize;
+    segments(path).map(move |segment| {
+        let prefix = &path[..start.saturating_sub(1)];
+        start += segment.len() + 1;
+        (prefix, segment)
+    })
+}
+
+/// For a side in natural order: whether each module shares its signature with
+/// a module it has no known order with. Two modules have a known order when one
+/// contains the other or they first differ at two indices; at a named segment
+/// (`conv1` against `bn1`) the registration order is lost.
+fn place_unknown(modules: &[Module]) -> Vec<bool> {
+    #[derive(Clone, Copy)]
+    struct Children<'a> {
+        first: &'a str,
+        several: bool,
+        named: bool,
+    }
+    let mut children: HashMap<(&str, u32), Children> = HashMap::new();
+    for m in modules.iter().filter(|m| m.token < UNIQUE) {
+        for (prefix, child) in branches(m.original) {
+            let c = children.entry((prefix, m.token)).or_insert(Children {
+                first: child,
+                several: false,
+                named: false,
+            });
+            c.several |= c.first != child;
+            c.named |= !is_index(child);
+        }
+    }
+    modules
+        .iter()
+        .map(|m| {
+            m.token < UNIQUE
+                && branches(m.original).any(|(prefix, child)| {
+                    let c = children[&(prefix, m.token)];
+                    if is_index(child) {
+                        c.named
+                    } else {
+                        c.several
+                    }
+                })
+        })
+        .collect()
+}
+
+/// Name evidence that two module paths are the same module: equal named
+/// segments at equal distance from the end (indices are no evidence: inserting
+/// a layer renumbers a `Sequential`).
+fn evidence(a: &str, b: &str) -> u64 {
+    a.rsplit('.').zip(b.rsplit('.')).filter(|(x, y)| x == y && !x.is_empty() && !is_index(x)).count() as u64
+}
+
+/// Pairs what is free in `sources` and `targets` by module alignment.
+pub(super) fn run(
+    sources: &[Item],
+    targets: &[Item],
+    taken_source: &[bool],
+    taken_target: &[bool],
+    (source_sequence, target_sequence): (Sequence, Sequence),
+    out: &mut Matches,
+) {
+    let mut s = group(sources, taken_source);
+    let mut t = group(targets, taken_target);
+    // Modules whose place a reconstructed order cannot tell keep their places
+    // in the alignment (taking them out would look like a layer removed) but are
+    // never paired.
+    let mut ids = HashMap::new();
+    let mut unique = UNIQUE;
+    tokenize(sources, &mut s, &mut ids, &mut unique);
+    tokenize(targets, &mut t, &mut ids, &mut unique);
+
+    // Modules whose place a reconstructed order cannot tell: left over, each
+    // with the modules of the other side it could have been.
+    let unknown = |modules: &[Module], sequence: Sequence| match sequence {
+        Sequence::Natural => place_unknown(modules),
+        Sequence::Registration => vec![false; modules.len()],
+    };
+    let (unknown_s, unknown_t) = (unknown(&s, source_sequence), unknown(&t, target_sequence));
+    for (modules, others, unknown, from_source) in [(&s, &t, &unknown_s, true), (&t, &s, &unknown_t, false)] {
+        for (m, _) in modules.iter().zip(unknown).filter(|(_, u)| **u) {
+            let candidates: Vec<&Module> = others.iter().filter(|o| o.token == m.token).collect();
+            if !candidates.is_empty() {
+                out.module_ambiguities.push(ambiguity(
+                    m.original,
+                    from_source,
+                    &candidates,
+                    Unsure::PlaceUnknown,
+                ));
+            }
+        }
+    }
+    // Align in every linear order tried; a pair stands only if every one of
+    // them makes it in every best alignment.
+    let (s_orders, t_orders) = (linear_orders(&s, source_sequence), linear_orders(&t, target_sequence));
+    let tries = s_orders.len().max(t_orders.len());
+    let mut certain: Vec<(usize, usize)> = Vec::new();
+    for attempt in 0..tries {
+        let (so, to) = (&s_orders[attempt % s_orders.len()], &t_orders[attempt % t_orders.len()]);
+        let a: Vec<u32> = so.iter().map(|&i| s[i].token).collect();
+        let b: Vec<u32> = to.iter().map(|&j| t[j].token).collect();
+        let Alignment { certain: found, uncertain, gave_up } =
+            align(&a, &b, |i, j| evidence(s[so[i]].path, t[to[j]].path));
+        if gave_up {
+            out.unaligned = Some((s.len(), t.len()));
+            return;
+        }
+        let found: Vec<(usize, usize)> = found.into_iter().map(|(i, j)| (so[i], to[j])).collect();
+        if attempt == 0 {
+            for (i, candidates) in uncertain {
+                let candidates: Vec<&Module> = candidates.iter().map(|&j| &t[to[j]]).collect();
+                out.module_ambiguities.push(ambiguity(s[so[i]].original, true, &candidates, Unsure::Tie));
+            }
+            certain = found;
+        } else {
+            let kept: HashSet<(usize, usize)> = found.into_iter().collect();
+            let (stay, go): (Vec<_>, Vec<_>) = certain.into_iter().partition(|p| kept.contains(p));
+            // (Reported once per source module.)
+            for (i, j) in go {
+                out.module_ambiguities.push(ambiguity(s[i].original, true, &[&t[j]], Unsure::PlaceUnknown));
+            }
+            certain = stay;
+        }
+    }
+    certain.retain(|&(i, j)| !unknown_s[i] && !unknown_t[j]);
+    // One report per module: the first reason found.
+    let mut reported = HashSet::new();
+    out.module_ambiguities.retain(|a| reported.insert((a.from_source, a.module.clone())));
+    let reconstructed = source_sequence == Sequence::Natural || target_sequence == Sequence::Natural;
+    for (i, j) in certain {
+        let (sm, tm) = (&s[i], &t[j]);
+        let how = if reconstructed && evidence(sm.path, tm.path) == 0 {
+            How::ReconstructedOrder
+        } else {
+            How::Order
+        };
+        let by_leaf: HashMap<&str, usize> = tm.leaves.iter().map(|&y| (leaf(targets[y].name), y)).collect();
+        let mut tensors = 0;
+        for &x in &sm.leaves {
+            // Equal signatures have equal leaves; num_batches_tracked may be on one side only.
+            if let Some(&y) = by_leaf.get(leaf(sources[x].name)) {
+                out.pairs.push((x, y, how));
+                tensors += 1;
+            }
+        }
+        out.modules.push(ModuleMatch {
+            source: sm.original.to_string(),
+            target: tm.path.to_string(),
+            how,
+            tensors,
+        });
+    }
+}
+
+fn ambiguity(module: &str, from_source: bool, candidates: &[&Module], why: Unsure) -> ModuleAmbiguity {
+    ModuleAmbiguity {
+        from_source,
+        module: module.to_string(),
+        candidates: candidates.iter().take(CANDIDATES_SHOWN).map(|m| m.original.to_string()).collect(),
+        more: candidates.len().saturating_sub(CANDIDATES_SHOWN),
+        why,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branches_name_every_prefix_and_child() {
+        assert_eq!(branches("a.b.c").collect::<Vec<_>>(), [("", "a"), ("a", "b"), ("a.b", "c")]);
+        assert_eq!(branches("").count(), 0);
+    }
+
+    #[test]
+    fn evidence_counts_equal_names_not_indices() {
+        assert_eq!(evidence("encoder.layer1.0.conv1", "backbone.layer1.0.conv1"), 2);
+        assert_eq!(evidence("features.3", "blocks.3"), 0);
+        assert_eq!(evidence("", ""), 0);
+    }
+}
