@@ -419,7 +419,7 @@ impl fmt::Display for Finding {
                 let why = match why {
                     Unsure::Tie => "equally good alignments disagree",
                     Unsure::PlaceUnknown => {
-                        "its store keeps no registration order and a module alike has no known order with it"
+                        "its store keeps no registration order, and its signature occurs among siblings whose order is lost"
                     }
                 };
                 write!(

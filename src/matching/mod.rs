@@ -14,6 +14,7 @@
 //! pairs by leaf inside modules.
 mod align;
 mod order;
+mod tree;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -139,8 +140,8 @@ pub struct Ambiguity {
 pub enum Unsure {
     /// Equally good alignments pair it differently.
     Tie,
-    /// Its side has no registration order, and a module it has no known order
-    /// with shares its signature.
+    /// Its side has no registration order, and its signature occurs among
+    /// siblings whose order is lost.
     PlaceUnknown,
 }
 

@@ -14,18 +14,27 @@
 //!    (equal non-index path segments) breaks ties. A module pair is made only
 //!    when every best alignment makes it; otherwise it is reported as ambiguous
 //!    and left over: position alone never decides.
-//! 4. A side without a registration order ([`Sequence::Natural`]) is put in
-//!    natural order, which is the registration order of indexed children
-//!    (`Sequential`, `ModuleList`) but not of named ones (`conv1`, `bn1`): a
-//!    module whose signature is shared by a module it has no known order with
-//!    (they differ first at a named segment) could be either, and is left over.
-use std::cmp::Ordering;
+//! 4. A side without a registration order ([`Sequence::Natural`]) still shows
+//!    its module tree in its names ([`super::tree`]): indexed children are in
+//!    index order; named children whose subtrees all differ take the order of
+//!    the other side's identical subtree; other named children are *open*. The
+//!    alignment is repeated over the distinct orders of open groups (in turn,
+//!    then chosen by seeds), and a pair stands only if every one makes it. A
+//!    module whose signature occurs inside an open group is never paired by
+//!    position: the group's order would decide which module of that signature
+//!    lines up with which.
+//!
+//! With both orders known and the two models differing by layers added on one
+//! side, a pair that every best alignment makes is the true one (the true
+//! correspondence is one of the best alignments). On a reconstructed order that
+//! argument holds for the orders tried; `order_cases` checks the whole on random
+//! nested networks whose true correspondence is known.
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 
 use super::align::{align, Alignment};
+use super::tree::{SubtreeIds, Tree};
 use super::{How, Item, Matches, ModuleAmbiguity, ModuleMatch, Sequence, Unsure};
-use crate::dotted::{is_index, leaf, module_and_leaf, natural_cmp, segments};
+use crate::dotted::{is_index, leaf, module_and_leaf};
 use crate::store::Role;
 
 /// Tokens from here up never pair (modules with no signature, modules whose
@@ -66,74 +75,6 @@ fn group<'a>(items: &[Item<'a>], taken: &[bool]) -> Vec<Module<'a>> {
     modules
 }
 
-/// Linear orders of a natural-order side tried, when named siblings leave its
-/// order open: ascending, descending, and seeded shuffles of named siblings.
-const EXTENSIONS: u64 = 8;
-
-/// Compares two module paths in one linear extension of what a natural order
-/// knows: a module before its children, indices as numbers, and named
-/// siblings — whose order is lost — ascending (`extension` 0), descending (1)
-/// or shuffled by a seed.
-fn extension_cmp(a: &str, b: &str, extension: u64) -> Ordering {
-    let mut prefix_len = 0;
-    let (mut left, mut right) = (segments(a), segments(b));
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return natural_cmp(a, b),
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) if x == y => prefix_len += x.len() + 1,
-            (Some(x), Some(y)) => {
-                if is_index(x) || is_index(y) || extension == 0 {
-                    return natural_cmp(x, y);
-                }
-                if extension == 1 {
-                    return y.cmp(x);
-                }
-                let prefix = &a[..prefix_len];
-                let key = |segment: &str| {
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    (extension, prefix, segment).hash(&mut h);
-                    h.finish()
-                };
-                return key(x).cmp(&key(y)).then_with(|| x.cmp(y));
-            }
-        }
-    }
-}
-
-/// The orders of a side's modules to align: its own, or for a natural-order
-/// side every extension tried (one when no named siblings leave it open).
-fn linear_orders(modules: &[Module], sequence: Sequence) -> Vec<Vec<usize>> {
-    let identity: Vec<usize> = (0..modules.len()).collect();
-    if sequence == Sequence::Registration {
-        return vec![identity];
-    }
-    let sorted = |extension: u64| {
-        let mut order = identity.clone();
-        order.sort_by(|&x, &y| {
-            extension_cmp(modules[x].original, modules[y].original, extension)
-                .then_with(|| natural_cmp(modules[x].path, modules[y].path))
-        });
-        order
-    };
-    let first = sorted(0);
-    if !has_named_siblings(modules) {
-        return vec![first];
-    }
-    std::iter::once(first).chain((1..EXTENSIONS).map(sorted)).collect()
-}
-
-/// Whether some module path has two named siblings (whose order is lost).
-fn has_named_siblings(modules: &[Module]) -> bool {
-    let mut first_named_child: HashMap<&str, &str> = HashMap::new();
-    modules.iter().any(|m| {
-        branches(m.original).any(|(prefix, child)| {
-            !is_index(child) && *first_named_child.entry(prefix).or_insert(child) != child
-        })
-    })
-}
-
 /// Gives every module the token of its signature; shared by both sides so that
 /// equal signatures get equal tokens.
 fn tokenize<'a>(
@@ -159,56 +100,6 @@ fn tokenize<'a>(
             *ids.entry(signature).or_insert(next)
         };
     }
-}
-
-/// `(prefix, child)` for every segment of a module path: `a.b.c` gives
-/// `("", "a")`, `("a", "b")`, `("a.b", "c")`.
-fn branches(path: &str) -> impl Iterator<Item = (&str, &str)> {
-    let mut start = 0usize;
-    segments(path).map(move |segment| {
-        let prefix = &path[..start.saturating_sub(1)];
-        start += segment.len() + 1;
-        (prefix, segment)
-    })
-}
-
-/// For a side in natural order: whether each module shares its signature with
-/// a module it has no known order with. Two modules have a known order when one
-/// contains the other or they first differ at two indices; at a named segment
-/// (`conv1` against `bn1`) the registration order is lost.
-fn place_unknown(modules: &[Module]) -> Vec<bool> {
-    #[derive(Clone, Copy)]
-    struct Children<'a> {
-        first: &'a str,
-        several: bool,
-        named: bool,
-    }
-    let mut children: HashMap<(&str, u32), Children> = HashMap::new();
-    for m in modules.iter().filter(|m| m.token < UNIQUE) {
-        for (prefix, child) in branches(m.original) {
-            let c = children.entry((prefix, m.token)).or_insert(Children {
-                first: child,
-                several: false,
-                named: false,
-            });
-            c.several |= c.first != child;
-            c.named |= !is_index(child);
-        }
-    }
-    modules
-        .iter()
-        .map(|m| {
-            m.token < UNIQUE
-                && branches(m.original).any(|(prefix, child)| {
-                    let c = children[&(prefix, m.token)];
-                    if is_index(child) {
-                        c.named
-                    } else {
-                        c.several
-                    }
-                })
-        })
-        .collect()
 }
 
 /// Name evidence that two module paths are the same module: equal named
@@ -239,11 +130,16 @@ pub(super) fn run(
 
     // Modules whose place a reconstructed order cannot tell: left over, each
     // with the modules of the other side it could have been.
-    let unknown = |modules: &[Module], sequence: Sequence| match sequence {
-        Sequence::Natural => place_unknown(modules),
-        Sequence::Registration => vec![false; modules.len()],
-    };
-    let (unknown_s, unknown_t) = (unknown(&s, source_sequence), unknown(&t, target_sequence));
+    let (s_tokens, t_tokens): (Vec<u32>, Vec<u32>) =
+        (s.iter().map(|m| m.token).collect(), t.iter().map(|m| m.token).collect());
+    let mut s_tree = Tree::new(s.iter().map(|m| m.original), source_sequence);
+    let mut t_tree = Tree::new(t.iter().map(|m| m.original), target_sequence);
+    let mut subtrees = SubtreeIds::new();
+    s_tree.assign_ids(&s_tokens, &mut subtrees);
+    t_tree.assign_ids(&t_tokens, &mut subtrees);
+    s_tree.settle(&t_tree);
+    t_tree.settle(&s_tree);
+    let (unknown_s, unknown_t) = (s_tree.place_unknown(&s_tokens), t_tree.place_unknown(&t_tokens));
     for (modules, others, unknown, from_source) in [(&s, &t, &unknown_s, true), (&t, &s, &unknown_t, false)] {
         for (m, _) in modules.iter().zip(unknown).filter(|(_, u)| **u) {
             let candidates: Vec<&Module> = others.iter().filter(|o| o.token == m.token).collect();
@@ -259,7 +155,9 @@ pub(super) fn run(
     }
     // Align in every linear order tried; a pair stands only if every one of
     // them makes it in every best alignment.
-    let (s_orders, t_orders) = (linear_orders(&s, source_sequence), linear_orders(&t, target_sequence));
+    let tries = s_tree.attempts().max(t_tree.attempts());
+    let orders = |tree: &Tree| -> Vec<Vec<usize>> { (0..tries).map(|e| tree.linear(e)).collect() };
+    let (s_orders, t_orders) = (orders(&s_tree), orders(&t_tree));
     let tries = s_orders.len().max(t_orders.len());
     let mut certain: Vec<(usize, usize)> = Vec::new();
     for attempt in 0..tries {
@@ -332,12 +230,6 @@ fn ambiguity(module: &str, from_source: bool, candidates: &[&Module], why: Unsur
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn branches_name_every_prefix_and_child() {
-        assert_eq!(branches("a.b.c").collect::<Vec<_>>(), [("", "a"), ("a", "b"), ("a.b", "c")]);
-        assert_eq!(branches("").count(), 0);
-    }
 
     #[test]
     fn evidence_counts_equal_names_not_indices() {

@@ -163,16 +163,16 @@ fn named_children_of_lost_order_with_equal_signatures_are_left_over() {
     let mut t = vec![spec("first.weight", P, &[4, 4]), spec("second.weight", P, &[4, 4])];
     t.extend(bn("norm", 4));
     let (m, pairs) = order(&s, &t, SOURCE_SORTED);
-    // Sorted, `m` sits between the two; whether it pairs depends on where they
-    // were, so it is left over too — but nothing is paired wrongly.
-    assert!(pairs.iter().all(|(a, b)| a.starts_with("m.") && b.starts_with("norm.")), "{pairs:?}");
+    assert!(pairs.is_empty(), "{pairs:?}");
     let unplaced: Vec<&str> = m
         .module_ambiguities
         .iter()
         .filter(|a| a.why == Unsure::PlaceUnknown)
         .map(|a| a.module.as_str())
         .collect();
-    assert_eq!(unplaced, ["a", "z"]);
+    // All three sit in one group of siblings whose order is lost, and two are
+    // alike: none is paired by position.
+    assert_eq!(unplaced, ["a", "m", "z"]);
     // With the registration order known, all three pair.
     let mut registered = vec![spec("z.weight", P, &[4, 4]), spec("a.weight", P, &[4, 4])];
     registered.extend(bn("m", 4));
