@@ -40,8 +40,8 @@ fn seconds<T>(f: impl FnOnce() -> T) -> f64 {
 fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, into: Device) -> Result<()> {
     let (source, target) = (model(blocks, width, from)?, model(blocks, width, into)?);
     let (policy, mapping) = (Policy::default(), Mapping::default());
-    let verified = Options { verify: true, progress: false };
-    let unverified = Options { verify: false, progress: false };
+    let verified = Options { verify: true, progress: None };
+    let unverified = Options { verify: false, progress: None };
     let plan = Plan::build(&source, &target, &mapping)?;
     let bytes = copy::execute_with(&plan, &source, &target, &policy, unverified)?.bytes as i64;
     // The floor: one copy of the same bytes between the same devices (from

@@ -9,7 +9,6 @@
 //! moved and compared as bytes (in parallel when small), the rest go through
 //! libtorch's `copy_`, non-blocking with pinned staging where CUDA takes part
 //! and one synchronize at the end.
-use std::io::IsTerminal;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -20,18 +19,38 @@ use crate::ffi;
 use crate::plan::{Pair, Plan, Policy};
 use crate::store::Store;
 
-/// How to copy.
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
-    /// Compare every pair after copying (on by default; one more pass over the bytes).
-    pub verify: bool,
-    /// Show a progress bar on stderr for long copies, when stderr is a terminal.
-    pub progress: bool,
+/// Told how a copy advances. The library draws nothing itself: the command
+/// line turns this into a progress bar.
+pub trait Progress {
+    /// The copy starts, with `bytes` to write in all.
+    fn start(&self, bytes: u64);
+    /// `bytes` more were written.
+    fn advance(&self, bytes: u64);
+    /// The copy ended (done, or failed).
+    fn finish(&self);
 }
 
-impl Default for Options {
+/// How to copy.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// Compare every pair after copying (on by default; one more pass over the bytes).
+    pub verify: bool,
+    /// Told of the copy's progress, a batch (up to 64 MB) at a time.
+    pub progress: Option<&'a dyn Progress>,
+}
+
+impl Default for Options<'_> {
     fn default() -> Self {
-        Self { verify: true, progress: true }
+        Self { verify: true, progress: None }
+    }
+}
+
+impl std::fmt::Debug for Options<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("verify", &self.verify)
+            .field("progress", &self.progress.is_some())
+            .finish()
     }
 }
 
@@ -53,10 +72,8 @@ pub struct Copied {
 }
 
 /// Bytes per call into the shim: large enough to amortise the call, small
-/// enough for the progress bar to move.
+/// enough for a progress bar to move.
 const BATCH_BYTES: u64 = 64 << 20;
-/// Copies shorter than this show no progress bar.
-const PROGRESS_MIN_BYTES: u64 = 256 << 20;
 
 /// Checks `plan` under `policy`, then copies every pair from `source` into
 /// `target` and (with `options.verify`) verifies each: bit for bit equal to the
@@ -117,24 +134,22 @@ pub fn execute_with(
     if batches.last() != Some(&plan.pairs.len()) {
         batches.push(plan.pairs.len());
     }
-    let progress =
-        (options.progress && bytes >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
-            // indicatif's default style shows neither the message nor units.
-            let style = indicatif::ProgressStyle::with_template(
-                "{msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-            indicatif::ProgressBar::new(bytes).with_style(style).with_message("copying")
-        });
+    if let Some(progress) = options.progress {
+        progress.start(bytes);
+    }
     for window in batches.windows(2) {
         let (from, to) = (window[0], window[1]);
-        pairs.copy(from..to).map_err(copy_failed)?;
-        if let Some(bar) = &progress {
-            bar.inc((from..to).map(|k| pairs.bytes(k)).sum());
+        let written = pairs.copy(from..to).map_err(copy_failed);
+        if let Some(progress) = options.progress {
+            match written {
+                Ok(()) => progress.advance((from..to).map(|k| pairs.bytes(k)).sum()),
+                Err(_) => progress.finish(),
+            }
         }
+        written?;
     }
-    if let Some(bar) = progress {
-        bar.finish_and_clear();
+    if let Some(progress) = options.progress {
+        progress.finish();
     }
     let copy_seconds = start.elapsed().as_secs_f64();
 

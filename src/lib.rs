@@ -17,7 +17,6 @@ pub mod rules;
 mod script_module;
 pub mod slot;
 pub mod store;
-pub mod transfer;
 
 pub use error::{Error, Result};
 pub use format::Format;

@@ -126,7 +126,7 @@ fn verification_names_a_tensor_that_differs() {
         &source,
         &target,
         &Policy::default(),
-        Options { verify: false, progress: false },
+        Options { verify: false, progress: None },
     )
     .unwrap();
     copy::verify(&plan, &source, &target).unwrap();
@@ -203,7 +203,7 @@ fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
 fn verification_names_the_first_of_many_pairs_that_differ() {
     let (source, target) = (many(20_000, 1.0), many(20_000, 0.0));
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let quiet = Options { verify: false, progress: false };
+    let quiet = Options { verify: false, progress: None };
     copy::execute_with(&plan, &source, &target, &Policy::default(), quiet).unwrap();
     for name in ["t19999", "t15000"] {
         let _ = tensor_of(&target, name).shallow_clone().fill_(3.0);
@@ -283,4 +283,43 @@ fn overlapping_target_views_are_refused_only_where_their_values_disagree() {
     let message = copy::execute(&plan, &disagree, &target, &Policy::default()).unwrap_err().to_string();
     assert!(message.contains("a and b share memory"), "{message}");
     assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])), "the target was written");
+}
+
+#[test]
+fn progress_is_reported_to_an_observer_batch_by_batch() {
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+    impl copy::Progress for Log {
+        fn start(&self, bytes: u64) {
+            self.0.lock().unwrap().push(format!("start {bytes}"));
+        }
+        fn advance(&self, bytes: u64) {
+            self.0.lock().unwrap().push(format!("advance {bytes}"));
+        }
+        fn finish(&self) {
+            self.0.lock().unwrap().push("finish".into());
+        }
+    }
+    // 3 × 32 MB: two batches (64 MB, then 32 MB).
+    let opts = (Kind::Float, Device::Cpu);
+    let source =
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
+    let target =
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let log = Log::default();
+    let options = Options { verify: true, progress: Some(&log) };
+    let copied = copy::execute_with(&plan, &source, &target, &Policy::default(), options).unwrap();
+    assert_eq!(copied.bytes, 3 * (32 << 20));
+    let mb32 = 32u64 << 20;
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        [
+            format!("start {}", 3 * mb32),
+            format!("advance {}", 2 * mb32),
+            format!("advance {mb32}"),
+            "finish".into()
+        ]
+    );
 }

@@ -1,6 +1,8 @@
 //! The `transplant` command line: parse, call the library, print, map errors to
 //! exit statuses (0 complete, 1 error, 2 usage, 3 incomplete or different).
 mod cli;
+mod progress;
+mod transfer;
 
 use std::fmt::Display;
 use std::io::Write;
@@ -14,7 +16,7 @@ use transplant::copy::{self, Options};
 use transplant::diff::{self, Tolerance};
 use transplant::plan::NameOrder;
 use transplant::store::{self, ModuleStore};
-use transplant::{outputs, transfer, Format, Mapping, Matcher, Plan, Policy, Report, ScriptModule, Summary};
+use transplant::{outputs, Format, Mapping, Matcher, Plan, Policy, Report, ScriptModule, Summary};
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
 
@@ -140,8 +142,9 @@ fn run(command: Command) -> Result<Outcome> {
                     ),
                 );
             }
-            let copied =
-                copy::execute_with(&plan, source.as_ref(), target.as_ref(), &policy, Options::default())?;
+            let bar = progress::Bar::default();
+            let options = Options { progress: Some(&bar), ..Options::default() };
+            let copied = copy::execute_with(&plan, source.as_ref(), target.as_ref(), &policy, options)?;
             let written = transfer::write_output(target.as_ref(), &out)?;
             let report = Report::new(&plan, &policy, Some(copied));
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;

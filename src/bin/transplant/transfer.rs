@@ -1,4 +1,4 @@
-//! The steps a command-line transfer is made of, as library calls: open the
+//! The steps a command-line transfer is made of, from library calls: open the
 //! source and the target (placed on a device, converted to a dtype), refuse an
 //! output that would overwrite an input, and write the output in the target's
 //! kind or the state-dict format its extension names.
@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
 
-use crate::error::{Error, Result};
-use crate::format::{self, Format};
-use crate::script_module::ScriptModule;
-use crate::store::{self, Checkpoint, ModuleStore, Store, StoreKind};
+use transplant::format::{self, Format};
+use transplant::store::{self, Checkpoint, ModuleStore, Store, StoreKind};
+use transplant::{Error, Result, ScriptModule};
 
 /// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
 pub fn device(text: &str) -> Result<Device> {
