@@ -12,6 +12,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 use transplant::copy::{self, Options};
 use transplant::store::Checkpoint;
+use transplant::Target;
 use transplant::{Format, Mapping, Plan, Policy};
 
 fn model(blocks: usize, width: i64, device: Device) -> Result<Checkpoint> {
@@ -38,12 +39,12 @@ fn seconds<T>(f: impl FnOnce() -> T) -> f64 {
 }
 
 fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, into: Device) -> Result<()> {
-    let (source, target) = (model(blocks, width, from)?, model(blocks, width, into)?);
+    let (source, mut target) = (model(blocks, width, from)?, model(blocks, width, into)?);
     let (policy, mapping) = (Policy::default(), Mapping::default());
     let verified = Options { verify: true, progress: None };
     let unverified = Options { verify: false, progress: None };
     let plan = Plan::build(&source, &target, &mapping)?;
-    let bytes = copy::execute_with(&plan, &source, &target, &policy, unverified)?.bytes as i64;
+    let bytes = copy::execute_with(&plan, &source, &mut target, &policy, unverified)?.bytes as i64;
     // The floor: one copy of the same bytes between the same devices (from
     // pinned memory when the source is the host and the target a GPU).
     let mut flat_src = Tensor::randn([bytes / 4], (Kind::Float, from));
@@ -58,9 +59,9 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
         }
     };
     // The plan is returned, and so dropped after the clock stops.
-    let plan_and_copy = |options| {
-        let plan = Plan::build(&source, &target, &mapping).expect("plan");
-        copy::execute_with(&plan, &source, &target, &policy, options).expect("copy");
+    let plan_and_copy = |target: &mut dyn Target, options: Options| {
+        let plan = Plan::build(&source, &*target, &mapping).expect("plan");
+        copy::execute_with(&plan, &source, target, &policy, options).expect("copy");
         plan
     };
     // Each round times every step once, so that all of them meet the same
@@ -69,9 +70,9 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
     let mut best = [f64::MAX; 5];
     for _ in 0..rounds {
         let times = [
-            seconds(|| plan_and_copy(verified)),
+            seconds(|| plan_and_copy(&mut target, verified)),
             seconds(|| Plan::build(&source, &target, &mapping).expect("plan")),
-            seconds(|| copy::execute_with(&plan, &source, &target, &policy, unverified).expect("copy")),
+            seconds(|| copy::execute_with(&plan, &source, &mut target, &policy, unverified).expect("copy")),
             seconds(|| copy::verify(&plan, &source, &target).expect("verify")),
             seconds(&mut flat_copy),
         ];
@@ -81,7 +82,8 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
     }
     let [full, plan_only, copy_only, verify_only, flat] = best;
     // Then back to back, caches warm: plan + copy repeated, the flat copy repeated.
-    let warm_plan_copy = (0..rounds).map(|_| seconds(|| plan_and_copy(unverified))).fold(f64::MAX, f64::min);
+    let warm_plan_copy =
+        (0..rounds).map(|_| seconds(|| plan_and_copy(&mut target, unverified))).fold(f64::MAX, f64::min);
     let warm_flat = (0..rounds).map(|_| seconds(&mut flat_copy)).fold(f64::MAX, f64::min);
     println!(
         "{{\"model\": \"{name}\", \"from\": \"{from:?}\", \"into\": \"{into:?}\", \"tensors\": {}, \"bytes\": {bytes}, \"plan_copy_verify\": {full:.6}, \

@@ -1,12 +1,11 @@
 //! Planning speed: rules + auto matcher on 10k, 30k and 100k entries with 50
 //! rules, and the order matcher on two 30k-entry models a few layers apart.
 //! Run by `scripts/bench.sh`; prints times and the 100k/10k ratio (10 = linear).
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
-use transplant::store::{Entry, EntryOrder, Role, Store, StoreKind};
+use transplant::store::{Entry, EntryOrder, Role, Source, StoreKind};
 use transplant::{Mapping, Matcher, Plan, Rules};
 
 /// Entries without data: planning only reads names, roles, shapes and dtypes.
@@ -16,7 +15,7 @@ struct Listing {
     order: EntryOrder,
 }
 
-impl Store for Listing {
+impl Source for Listing {
     fn origin(&self) -> &str {
         "synthetic"
     }
@@ -31,9 +30,6 @@ impl Store for Listing {
     }
     fn tensor(&self, _: usize) -> Option<&Tensor> {
         None
-    }
-    fn save(&self, _: &Path) -> transplant::Result<()> {
-        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ mod support;
 
 use anyhow::{ensure, Result};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{copy, Mapping, Matcher, Plan, Policy, Report, Rules, Store};
+use transplant::{copy, Mapping, Matcher, Plan, Policy, Report, Rules, Source};
 
 fn main() -> Result<()> {
     let fixtures = support::fixtures()?;
@@ -22,7 +22,7 @@ fn main() -> Result<()> {
 
     println!("1. A BatchNorm in the source only\n");
     let source = ModuleStore::open(fixtures.join("mlp_bn.pt"))?;
-    let target = ModuleStore::open(fixtures.join("mlp.pt"))?;
+    let mut target = ModuleStore::open(fixtures.join("mlp.pt"))?;
     let by_name = Plan::build(&source, &target, &Mapping::default())?;
     println!("by name (auto): {} of {} target tensors paired", by_name.pairs.len(), target.entries().len());
     let by_order = Plan::build(&source, &target, &Mapping { matcher: Matcher::Order, ..Mapping::default() })?;
@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         by_order.pairs.iter().any(|p| p.source_name == "0.bias" && p.target_name == "0.bias"),
         "bias pairs with bias"
     );
-    copy::execute(&by_order, &source, &target, &policy)?;
+    copy::execute(&by_order, &source, &mut target, &policy)?;
 
     println!("2. A renamed backbone, through a rule\n");
     let source = Checkpoint::open(fixtures.join("backbone.safetensors"))?;
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     };
     let plan = Plan::build(&source, &target, &mapping)?;
     println!("{}", Report::new(&plan, &policy, None));
-    let copied = copy::execute(&plan, &source, &target, &policy)?;
+    let copied = copy::execute(&plan, &source, &mut target, &policy)?;
     println!("copied {} tensors (verified: {})", copied.tensors, copied.verified);
     let expected = fixtures.join("bn_net.expected.safetensors");
     target.module_mut().set_training(false)?;

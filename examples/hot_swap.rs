@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use tch::Tensor;
 use transplant::store::ModuleStore;
-use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Store};
+use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Source};
 
 const WORKERS: usize = 4;
 
@@ -119,7 +119,7 @@ fn main() -> Result<()> {
     let busy = serve(&slot, &input, &answers, Duration::from_secs(1), |stop| {
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) && i < 40 {
-            let source: &dyn Store = &weights[(i + 1) % 2];
+            let source: &dyn Source = &weights[(i + 1) % 2];
             if slot.swap_from(source, &mapping, &policy).is_ok() {
                 swaps.fetch_add(1, Ordering::Relaxed);
             }

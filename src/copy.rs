@@ -17,7 +17,7 @@ use tch::Tensor;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Pair, Plan, Policy};
-use crate::store::Store;
+use crate::store::{Source, Target};
 
 /// Told how a copy advances. The library draws nothing itself: the command
 /// line turns this into a progress bar.
@@ -82,15 +82,15 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// live tensor is checked for shape again before the first byte is written (the
 /// plan's check refused every mismatch its entries showed; this catches a
 /// tensor resized since).
-pub fn execute(plan: &Plan, source: &dyn Store, target: &dyn Store, policy: &Policy) -> Result<Copied> {
+pub fn execute(plan: &Plan, source: &dyn Source, target: &mut dyn Target, policy: &Policy) -> Result<Copied> {
     execute_with(plan, source, target, policy, Options::default())
 }
 
 /// [`execute`] with options.
 pub fn execute_with(
     plan: &Plan,
-    source: &dyn Store,
-    target: &dyn Store,
+    source: &dyn Source,
+    target: &mut dyn Target,
     policy: &Policy,
     options: Options,
 ) -> Result<Copied> {
@@ -100,10 +100,20 @@ pub fn execute_with(
         target: plan.target.clone(),
         problems: vec![problem],
     };
-    plan.ensure_fits(source, target)?;
-    let (targets, sources) = tensors_of(plan, source, target, |store, name, _| {
-        rejected(format!("{} has no tensor for {name}", store.origin()))
+    plan.ensure_fits(source, &*target)?;
+    let sources = source_tensors(plan, source, |name| {
+        rejected(format!("{} has no tensor for {name}", source.origin()))
     })?;
+    let target_origin = target.origin().to_string();
+    // One `&mut` per pair: a plan gives every target at most one source.
+    let mut slots: Vec<Option<&mut Tensor>> = target.tensors_mut().iter_mut().map(Some).collect();
+    let mut targets = Vec::with_capacity(plan.pairs.len());
+    for pair in &plan.pairs {
+        let slot = slots.get_mut(pair.target).and_then(Option::take);
+        targets.push(slot.ok_or_else(|| {
+            rejected(format!("{target_origin} has no tensor for {} (or it is named twice)", pair.target_name))
+        })?);
+    }
     let copy_failed = |(index, message): ffi::PairError| match index {
         Some(i) => Error::CopyFailed { target: plan.pairs[i].target_name.to_string(), message },
         None => Error::CopyFailed { target: plan.target.clone(), message },
@@ -112,7 +122,7 @@ pub fn execute_with(
     let _no_grad = tch::no_grad_guard();
     let start = Instant::now();
     // Every pair is checked (shapes) and described before any batch is written.
-    let pairs = ffi::Pairs::describe(&targets, &sources, true).map_err(copy_failed)?;
+    let mut pairs = ffi::Pairs::to_write(targets, &sources).map_err(copy_failed)?;
     if let Some((a, b)) = pairs.first_conflict() {
         let (a, b) = (&plan.pairs[a], &plan.pairs[b]);
         return Err(rejected(format!(
@@ -167,20 +177,16 @@ pub fn execute_with(
     })
 }
 
-/// The live tensors of every pair of `plan`: targets and sources, in pair order.
-fn tensors_of<'a>(
+/// The source tensor of every pair of `plan`, in pair order.
+fn source_tensors<'a>(
     plan: &Plan,
-    source: &'a dyn Store,
-    target: &'a dyn Store,
-    missing: impl Fn(&dyn Store, &str, &Pair) -> Error,
-) -> Result<(Vec<&'a Tensor>, Vec<&'a Tensor>)> {
-    let mut sources = Vec::with_capacity(plan.pairs.len());
-    let mut targets = Vec::with_capacity(plan.pairs.len());
-    for pair in &plan.pairs {
-        sources.push(source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name, pair))?);
-        targets.push(target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name, pair))?);
-    }
-    Ok((targets, sources))
+    source: &'a dyn Source,
+    missing: impl Fn(&str) -> Error,
+) -> Result<Vec<&'a Tensor>> {
+    plan.pairs
+        .iter()
+        .map(|pair| source.tensor(pair.source).ok_or_else(|| missing(&pair.source_name)))
+        .collect()
 }
 
 fn verification_failed(plan: &Plan, i: usize) -> Error {
@@ -201,13 +207,19 @@ fn compare(plan: &Plan, pairs: &ffi::Pairs) -> Result<()> {
 /// Checks that every pair of `plan` holds in `target` what it holds in `source`
 /// (bit for bit, after converting to the target's dtype and device); the error
 /// names the first pair that does not.
-pub fn verify(plan: &Plan, source: &dyn Store, target: &dyn Store) -> Result<()> {
-    let (targets, sources) = tensors_of(plan, source, target, |_, _, pair| Error::Verification {
+pub fn verify(plan: &Plan, source: &dyn Source, target: &dyn Source) -> Result<()> {
+    let missing = |pair: &Pair| Error::Verification {
         source_name: pair.source_name.to_string(),
         target: pair.target_name.to_string(),
-    })?;
+    };
+    let mut sources = Vec::with_capacity(plan.pairs.len());
+    let mut targets = Vec::with_capacity(plan.pairs.len());
+    for pair in &plan.pairs {
+        sources.push(source.tensor(pair.source).ok_or_else(|| missing(pair))?);
+        targets.push(target.tensor(pair.target).ok_or_else(|| missing(pair))?);
+    }
     // Tensors of other shapes cannot hold the same values.
-    let pairs = ffi::Pairs::describe(&targets, &sources, false).map_err(|(index, message)| match index {
+    let pairs = ffi::Pairs::to_read(&targets, &sources).map_err(|(index, message)| match index {
         Some(i) => verification_failed(plan, i),
         None => Error::CopyFailed { target: plan.target.clone(), message },
     })?;

@@ -7,7 +7,7 @@ use tch::{Device, Kind};
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Side};
-use crate::store::Store;
+use crate::store::Source;
 
 /// How close two tensors must be to count as the same:
 /// `|a - b| <= atol + rtol * |b|` everywhere (NaN matches NaN).
@@ -71,7 +71,7 @@ fn value(t: tch::Tensor, name: &str) -> Result<f64> {
 }
 
 /// Compares every pair of `plan` (A as source, B as target).
-pub fn compare(plan: &Plan, a: &dyn Store, b: &dyn Store, tolerance: Tolerance) -> Result<Diff> {
+pub fn compare(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -> Result<Diff> {
     let _no_grad = tch::no_grad_guard();
     let mut pairs = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {

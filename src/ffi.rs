@@ -102,38 +102,49 @@ impl Default for TpMove {
 
 /// Pairs of tensors (`dst[i]` receives `src[i]`) checked and described by the
 /// shim once, then copied and verified without reading their metadata again.
-/// Borrows the tensors for `'a`; they must not be resized or reallocated
-/// meanwhile (the stores hold them, and writing into a store from two places
-/// at once is a logic error anyway).
+/// Borrows the targets (mutably, when they are to be written) and the sources
+/// for `'a`, so they cannot be resized or reallocated meanwhile.
 pub(crate) struct Pairs<'a> {
+    /// Targets: from `&mut Tensor` when `writable`; else only ever read.
     dst: Vec<*mut torch_sys::C_tensor>,
+    /// Sources: only ever read. (The shim's signature takes `tp_tensor *`.)
     src: Vec<*mut torch_sys::C_tensor>,
     moves: Vec<TpMove>,
-    _tensors: PhantomData<&'a Tensor>,
+    writable: bool,
+    _tensors: PhantomData<(&'a mut Tensor, &'a Tensor)>,
 }
 
 /// A failed call: the failing pair's index, if known, and libtorch's message.
 pub(crate) type PairError = (Option<usize>, String);
 
+/// The shim reads through these pointers only.
+fn read_only(tensors: &[&Tensor]) -> Vec<*mut torch_sys::C_tensor> {
+    tensors.iter().map(|t| t.as_ptr().cast_mut()).collect()
+}
+
 impl<'a> Pairs<'a> {
-    /// Checks that every pair agrees in shape (else the lowest index that does
-    /// not, and nothing is written) and describes each. `for_writing`: the
-    /// pairs are about to be copied (targets' data is asked for as writable).
-    pub(crate) fn describe(
-        dst: &[&'a Tensor],
-        src: &[&'a Tensor],
-        for_writing: bool,
+    /// Pairs to be copied: checks that every pair agrees in shape (else the
+    /// lowest index that does not, and nothing is written) and describes each,
+    /// the targets' data asked for as writable.
+    pub(crate) fn to_write(dst: Vec<&'a mut Tensor>, src: &[&'a Tensor]) -> Result<Self, PairError> {
+        let dst = dst.into_iter().map(|t| t.as_mut_ptr()).collect();
+        Self::describe(dst, read_only(src), true)
+    }
+
+    /// Pairs to be compared only (nothing is written).
+    pub(crate) fn to_read(dst: &[&'a Tensor], src: &[&'a Tensor]) -> Result<Self, PairError> {
+        Self::describe(read_only(dst), read_only(src), false)
+    }
+
+    fn describe(
+        dst: Vec<*mut torch_sys::C_tensor>,
+        src: Vec<*mut torch_sys::C_tensor>,
+        writable: bool,
     ) -> Result<Self, PairError> {
         assert_eq!(dst.len(), src.len(), "pairs come in twos");
-        let pointers = |tensors: &[&Tensor]| -> Vec<*mut torch_sys::C_tensor> {
-            tensors.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
-        };
-        let mut pairs = Pairs {
-            dst: pointers(dst),
-            src: pointers(src),
-            moves: vec![TpMove::default(); dst.len()],
-            _tensors: PhantomData,
-        };
+        let n = dst.len();
+        let mut pairs =
+            Pairs { dst, src, moves: vec![TpMove::default(); n], writable, _tensors: PhantomData };
         let mut failed: i64 = -1;
         // SAFETY: both arrays hold `n` live `at::Tensor*` borrowed for `'a`; the
         // shim only reads them and writes `moves` (n entries) and `failed`.
@@ -141,8 +152,8 @@ impl<'a> Pairs<'a> {
             check(tp_describe_pairs(
                 pairs.dst.as_ptr(),
                 pairs.src.as_ptr(),
-                pairs.dst.len(),
-                c_int::from(for_writing),
+                n,
+                c_int::from(writable),
                 pairs.moves.as_mut_ptr(),
                 &mut failed,
             ))
@@ -223,12 +234,16 @@ impl<'a> Pairs<'a> {
 
     /// Copies the pairs in `range`, in place, in one call into the shim
     /// (`tp_copy_described`); errors give indices into all the pairs.
-    pub(crate) fn copy(&self, range: std::ops::Range<usize>) -> Result<(), PairError> {
+    pub(crate) fn copy(&mut self, range: std::ops::Range<usize>) -> Result<(), PairError> {
+        if !self.writable {
+            return Err((None, "these pairs were described for reading only".into()));
+        }
         let mut failed: i64 = -1;
         // SAFETY: the ranges are in bounds (slicing panics otherwise); the
         // tensors are live for `'a` and described by `moves`, whose pointers
-        // stay valid while they are not reallocated. The shim writes only into
-        // the targets' data and `failed`.
+        // stay valid while they are not reallocated (the borrows forbid it). The
+        // shim writes only into the targets' data, which came from `&mut
+        // Tensor`s (`writable`), and `failed`.
         let result = unsafe {
             let (dst, src, moves) =
                 (&self.dst[range.clone()], &self.src[range.clone()], &self.moves[range.clone()]);

@@ -26,4 +26,6 @@ pub use report::Report;
 pub use rules::Rules;
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::ModelSlot;
-pub use store::{Checkpoint, Entry, ModuleStore, Name, Role, Store, StoreKind, Summary, VarStoreView};
+pub use store::{
+    Checkpoint, Entry, ModuleStore, Name, Role, Source, StoreKind, Summary, Target, VarStoreView,
+};

@@ -16,7 +16,7 @@ use crate::dtype;
 use crate::error::{Error, Result};
 use crate::matching::{self, DtypeClass, How, Item, Matcher, ModuleMatch, Sequence, Unsure};
 use crate::rules::{Outcome, Rules};
-use crate::store::{Entry, EntryOrder, Name, Role, Store};
+use crate::store::{Entry, EntryOrder, Name, Role, Source};
 
 /// How names are mapped: explicit rules first, then an automatic matcher.
 #[derive(Debug, Clone, Default)]
@@ -42,7 +42,7 @@ pub struct NameOrder {
 
 impl NameOrder {
     /// The order of `store`'s entries, which must be its registration order.
-    pub fn of(store: &dyn Store) -> Result<Self> {
+    pub fn of(store: &dyn Source) -> Result<Self> {
         if store.entry_order() != EntryOrder::Registration {
             return Err(Error::OrderFrom {
                 origin: store.origin().to_string(),
@@ -585,7 +585,7 @@ fn lossy_reason(tensor: &tch::Tensor, from: Kind, to: Kind) -> Option<String> {
     }
     if to == Kind::Bool {
         let binary = values.f_eq(0.0).ok()?.f_logical_or(&values.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
-        if !binary.f_int64_value(&[]).ok().is_some_and(|v| v != 0) {
+        if binary.f_int64_value(&[]).ok().is_none_or(|v| v == 0) {
             return Some(format!("{from_name} values other than 0 and 1 cannot become bool"));
         }
     }
@@ -694,8 +694,8 @@ fn pair_hints(
 
 /// Accumulates a plan while it is being built.
 struct Builder<'a> {
-    source: &'a dyn Store,
-    target: &'a dyn Store,
+    source: &'a dyn Source,
+    target: &'a dyn Source,
     /// Each rule as written, rendered once.
     rule_texts: Vec<Arc<str>>,
     pairs: Vec<Pair>,
@@ -706,7 +706,7 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(source: &'a dyn Store, target: &'a dyn Store, rule_texts: Vec<Arc<str>>) -> Self {
+    fn new(source: &'a dyn Source, target: &'a dyn Source, rule_texts: Vec<Arc<str>>) -> Self {
         Builder {
             source,
             target,
@@ -745,7 +745,7 @@ impl<'a> Builder<'a> {
 impl Plan {
     /// Maps `source` onto `target`: rules, then the matcher; then every finding.
     /// Reads tensor values only to decide whether a narrowing cast fits.
-    pub fn build(source: &dyn Store, target: &dyn Store, mapping: &Mapping) -> Result<Self> {
+    pub fn build(source: &dyn Source, target: &dyn Source, mapping: &Mapping) -> Result<Self> {
         let lent = match &mapping.source_order {
             Some(order) if mapping.matcher == Matcher::Order => Some(order.sequence(source.entries())?),
             _ => None,
@@ -756,8 +756,8 @@ impl Plan {
     /// Rules, then the matcher: every pair, and the findings about how they were
     /// made. `lent`: the source's indices in an order lent by `--order-from`.
     fn pair_up<'a>(
-        source: &'a dyn Store,
-        target: &'a dyn Store,
+        source: &'a dyn Source,
+        target: &'a dyn Source,
         mapping: &Mapping,
         lent: Option<&[usize]>,
     ) -> Builder<'a> {
@@ -788,8 +788,8 @@ impl Plan {
 
     /// [`Plan::pair_up`] the long way: rules, collisions, then the matcher.
     fn pair_by_rules_and_matcher<'a>(
-        source: &'a dyn Store,
-        target: &'a dyn Store,
+        source: &'a dyn Source,
+        target: &'a dyn Source,
         mapping: &Mapping,
         lent: Option<&[usize]>,
     ) -> Builder<'a> {
@@ -900,7 +900,7 @@ impl Plan {
             sequence.iter().map(|&i| item(&sources[i], &names[i], role(&sources[i]))).collect();
         let taken_in_sequence: Vec<bool> = sequence.iter().map(|&i| taken_source[i]).collect();
         let target_items: Vec<Item> = targets.iter().map(|e| item(e, &e.name, role(e))).collect();
-        let own = |store: &dyn Store| match store.entry_order() {
+        let own = |store: &dyn Source| match store.entry_order() {
             EntryOrder::Registration => (Sequence::Registration, OrderUsed::Registration),
             EntryOrder::Unknown => (Sequence::Natural, OrderUsed::Reconstructed),
         };
@@ -1086,10 +1086,10 @@ impl Plan {
 
     /// Whether `source` and `target` list, at every paired index, the entries
     /// this plan paired (name, dtype and shape as planned).
-    pub fn fits(&self, source: &dyn Store, target: &dyn Store) -> bool {
+    pub fn fits(&self, source: &dyn Source, target: &dyn Source) -> bool {
         // Names are shared: against the stores the plan was made for, `Name`'s
         // equality finds the very same allocation without reading the strings.
-        let same = |store: &dyn Store, index: usize, name: &Name| {
+        let same = |store: &dyn Source, index: usize, name: &Name| {
             store.entries().get(index).is_some_and(|e| e.name == *name)
         };
         self.pairs
@@ -1098,7 +1098,7 @@ impl Plan {
     }
 
     /// `Ok` when [`Plan::fits`] `source` and `target`; else an error naming them.
-    pub fn ensure_fits(&self, source: &dyn Store, target: &dyn Store) -> Result<()> {
+    pub fn ensure_fits(&self, source: &dyn Source, target: &dyn Source) -> Result<()> {
         if self.fits(source, target) {
             return Ok(());
         }
@@ -1196,7 +1196,7 @@ impl Plan {
     /// The plan in its saved form, with the digests of `source` and `target`,
     /// which must be the stores it was made for. (The digests are only worked
     /// out here: most plans are never saved.)
-    pub fn to_file(&self, source: &dyn Store, target: &dyn Store) -> Result<PlanFile> {
+    pub fn to_file(&self, source: &dyn Source, target: &dyn Source) -> Result<PlanFile> {
         self.ensure_fits(source, target)?;
         Ok(PlanFile {
             version: PLAN_FILE_VERSION,
@@ -1220,7 +1220,7 @@ impl Plan {
 
     /// Writes the plan for `source` and `target` (the stores it was made for)
     /// as JSON, whole or not at all.
-    pub fn save(&self, path: &std::path::Path, source: &dyn Store, target: &dyn Store) -> Result<()> {
+    pub fn save(&self, path: &std::path::Path, source: &dyn Source, target: &dyn Source) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.to_file(source, target)?).map_err(|e| Error::Format {
             path: path.into(),
             format: "plan",
@@ -1233,7 +1233,7 @@ impl Plan {
 
     /// Rebuilds a saved plan for `source` and `target`, which must list exactly
     /// the entries (names, roles, dtypes, shapes) they listed when it was made.
-    pub fn replay(path: &std::path::Path, source: &dyn Store, target: &dyn Store) -> Result<Self> {
+    pub fn replay(path: &std::path::Path, source: &dyn Source, target: &dyn Source) -> Result<Self> {
         let bad = |message: String| Error::Format { path: path.into(), format: "plan", message };
         let text = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
         let file: PlanFile = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
@@ -1254,7 +1254,7 @@ impl Plan {
                 });
             }
         }
-        let index = |store: &dyn Store| -> HashMap<String, usize> {
+        let index = |store: &dyn Source| -> HashMap<String, usize> {
             store.entries().iter().enumerate().map(|(i, e)| (e.name.to_string(), i)).collect()
         };
         let (source_index, target_index) = (index(source), index(target));

@@ -20,7 +20,7 @@ use crate::copy::{self, Copied};
 use crate::error::{Error, Result};
 use crate::plan::{Mapping, Plan, Policy};
 use crate::script_module::ScriptModule;
-use crate::store::{self, ModuleStore, Store};
+use crate::store::{self, ModuleStore, Source};
 
 /// What a successful swap did.
 #[derive(Debug, Clone, Serialize)]
@@ -96,7 +96,7 @@ impl ModelSlot {
     /// verifies them, then makes the standby live. The plan must be complete
     /// (every tensor of the model gets a value); on any error the live model is
     /// untouched.
-    pub fn swap_from(&self, source: &dyn Store, mapping: &Mapping, policy: &Policy) -> Result<Swap> {
+    pub fn swap_from(&self, source: &dyn Source, mapping: &Mapping, policy: &Policy) -> Result<Swap> {
         let _one_at_a_time = self.swapping.lock().map_err(poisoned)?;
         let start = Instant::now();
         let retired = self.retired.lock().map_err(poisoned)?.take();
@@ -105,7 +105,7 @@ impl ModelSlot {
             // Still serving an earlier request (or none yet): a fresh copy.
             Some(Err(_)) | None => (self.current()?.deep_copy()?, false),
         };
-        let standby = ModuleStore::new(standby)?;
+        let mut standby = ModuleStore::new(standby)?;
         let result = Plan::build(source, &standby, mapping).and_then(|plan| {
             if !plan.is_complete() {
                 let open = plan.open_leftovers();
@@ -117,7 +117,7 @@ impl ModelSlot {
                     )],
                 });
             }
-            copy::execute(&plan, source, &standby, policy)
+            copy::execute(&plan, source, &mut standby, policy)
         });
         let copied = match result {
             Ok(copied) => copied,

@@ -1,11 +1,13 @@
 //! `transplant copy`.
 mod common;
 
+use transplant::Target;
+
 use std::path::Path;
 
 use common::{file_hash, fixture, read_back, store_records, transplant};
 use transplant::store::Checkpoint;
-use transplant::Store;
+use transplant::Source;
 
 fn copy(args: &[&str]) -> common::Run {
     let mut all = vec!["copy"];

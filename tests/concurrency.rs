@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use common::{bit_equal, fixture};
 use tch::{Device, Tensor};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{copy, Format, Mapping, ModelSlot, Plan, Policy, Report, ScriptModule, Store, VarStoreView};
+use transplant::{
+    copy, Format, Mapping, ModelSlot, Plan, Policy, Report, ScriptModule, Source, VarStoreView,
+};
 
 fn send_sync<T: Send + Sync>() {}
 
@@ -20,7 +22,7 @@ fn shareable_types_are_send_and_sync() {
     send_sync::<ModelSlot>();
     send_sync::<Plan>();
     send_sync::<Report>();
-    send_sync::<Box<dyn Store>>();
+    send_sync::<Box<dyn Source>>();
 }
 
 fn zeros_like(store: &ModuleStore) -> Checkpoint {
@@ -36,18 +38,18 @@ fn zeros_like(store: &ModuleStore) -> Checkpoint {
 fn two_threads_copying_from_one_source_match_serial_copies() {
     let source = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
     let policy = Policy::default();
-    let serial = zeros_like(&source);
+    let mut serial = zeros_like(&source);
     let plan = Plan::build(&source, &serial, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &serial, &policy).unwrap();
+    copy::execute(&plan, &source, &mut serial, &policy).unwrap();
 
-    let targets = [zeros_like(&source), zeros_like(&source)];
+    let mut targets = [zeros_like(&source), zeros_like(&source)];
     std::thread::scope(|scope| {
-        for target in &targets {
+        for target in &mut targets {
             let source = &source;
             scope.spawn(move || {
                 for _ in 0..20 {
-                    let plan = Plan::build(source, target, &Mapping::default()).unwrap();
-                    copy::execute(&plan, source, target, &Policy::default()).unwrap();
+                    let plan = Plan::build(source, &*target, &Mapping::default()).unwrap();
+                    copy::execute(&plan, source, &mut *target, &Policy::default()).unwrap();
                 }
             });
         }

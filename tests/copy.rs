@@ -7,14 +7,14 @@ use common::{bit_equal, fixture};
 use tch::{Device, Kind, Tensor};
 use transplant::copy::{self, Options};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{Format, Mapping, Plan, Policy, Report, Store};
+use transplant::{Format, Mapping, Plan, Policy, Report, Source};
 
 fn checkpoint(tensors: Vec<(&str, Tensor)>) -> Checkpoint {
     let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
     Checkpoint::from_tensors("memory", Format::Safetensors, tensors, BTreeMap::new()).unwrap()
 }
 
-fn tensor_of<'a>(store: &'a dyn Store, name: &str) -> &'a Tensor {
+fn tensor_of<'a>(store: &'a dyn Source, name: &str) -> &'a Tensor {
     let index = store.entries().iter().position(|e| e.name == name).unwrap();
     store.tensor(index).unwrap()
 }
@@ -27,11 +27,11 @@ fn grad_mode_on() -> bool {
 #[test]
 fn copies_in_place_without_reallocating_the_module_tensors() {
     let source = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
-    let target = ModuleStore::open(fixture("bn_net_b.pt")).unwrap();
+    let mut target = ModuleStore::open(fixture("bn_net_b.pt")).unwrap();
     let before: Vec<usize> =
         (0..target.entries().len()).map(|i| target.tensor(i).unwrap().data_ptr() as usize).collect();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.tensors, 20);
     assert!(copied.verified);
     let after: Vec<usize> =
@@ -49,13 +49,13 @@ fn copies_in_place_without_reallocating_the_module_tensors() {
 #[test]
 fn grad_mode_is_restored_after_a_copy_and_after_a_refused_one() {
     let source = checkpoint(vec![("w", Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
-    let target = checkpoint(vec![("w", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
+    let mut target = checkpoint(vec![("w", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert!(grad_mode_on());
-    let wrong = checkpoint(vec![("w", Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
+    let mut wrong = checkpoint(vec![("w", Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
     let bad = Plan::build(&source, &wrong, &Mapping::default()).unwrap();
-    assert!(copy::execute(&bad, &source, &wrong, &Policy::default()).is_err());
+    assert!(copy::execute(&bad, &source, &mut wrong, &Policy::default()).is_err());
     assert!(grad_mode_on());
 }
 
@@ -67,13 +67,13 @@ fn dtypes_are_converted_to_the_targets_and_integers_stay_integers() {
         ("bn.num_batches_tracked", Tensor::from(123i64)),
         ("ids", Tensor::from_slice(&[1i64, -2, 3])),
     ]);
-    let target = checkpoint(vec![
+    let mut target = checkpoint(vec![
         ("w", Tensor::zeros([4, 5], (Kind::Half, Device::Cpu))),
         ("bn.num_batches_tracked", Tensor::from(0i64)),
         ("ids", Tensor::zeros([3], (Kind::Int, Device::Cpu))),
     ]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.casts, 2);
     assert_eq!(tensor_of(&target, "w").kind(), Kind::Half);
     assert!(bit_equal(tensor_of(&target, "w"), &values.to_kind(Kind::Half)));
@@ -88,9 +88,9 @@ fn non_contiguous_sources_and_targets_copy_correctly() {
     let base = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([3, 4]);
     let source = checkpoint(vec![("w", base.tr())]);
     let holder = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
-    let target = checkpoint(vec![("w", holder.tr())]);
+    let mut target = checkpoint(vec![("w", holder.tr())]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert!(bit_equal(&holder, &base), "the transposed target view got the transposed values");
 }
 
@@ -100,10 +100,10 @@ fn large_copies_go_in_several_batches_and_stay_exact() {
     let big: Vec<(&str, Tensor)> =
         ["a", "b", "c"].into_iter().map(|n| (n, Tensor::randn([8 << 20], opts))).collect();
     let source = checkpoint(big.iter().map(|(n, t)| (*n, t.shallow_clone())).collect());
-    let target =
+    let mut target =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.bytes, 3 * (32 << 20));
     for (name, t) in &big {
         assert!(bit_equal(tensor_of(&target, name), t), "{name}");
@@ -116,7 +116,7 @@ fn verification_names_a_tensor_that_differs() {
         ("a", Tensor::ones([3], (Kind::Float, Device::Cpu))),
         ("b", Tensor::ones([2, 2], (Kind::Float, Device::Cpu))),
     ]);
-    let target = checkpoint(vec![
+    let mut target = checkpoint(vec![
         ("a", Tensor::zeros([3], (Kind::Float, Device::Cpu))),
         ("b", Tensor::zeros([2, 2], (Kind::Float, Device::Cpu))),
     ]);
@@ -124,7 +124,7 @@ fn verification_names_a_tensor_that_differs() {
     copy::execute_with(
         &plan,
         &source,
-        &target,
+        &mut target,
         &Policy::default(),
         Options { verify: false, progress: None },
     )
@@ -135,9 +135,9 @@ fn verification_names_a_tensor_that_differs() {
     assert!(message.contains("target b") && message.contains("source b"), "{message}");
     // NaN compares equal to the same NaN, bit for bit.
     let nan = checkpoint(vec![("a", Tensor::full([2], f64::NAN, (Kind::Float, Device::Cpu)))]);
-    let holder = checkpoint(vec![("a", Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
+    let mut holder = checkpoint(vec![("a", Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
     let plan = Plan::build(&nan, &holder, &Mapping::default()).unwrap();
-    copy::execute(&plan, &nan, &holder, &Policy::default()).unwrap();
+    copy::execute(&plan, &nan, &mut holder, &Policy::default()).unwrap();
 }
 
 #[test]
@@ -163,10 +163,10 @@ fn the_report_is_a_table_for_people_and_json_for_programs() {
         (0..40).map(|i| (format!("layer{i}.weight"), Tensor::ones([1], opts))).collect();
     let source = Checkpoint::from_tensors("many", Format::Safetensors, many, BTreeMap::new()).unwrap();
     let target_tensors = (0..40).map(|i| (format!("layer{i}.weight"), Tensor::zeros([1], opts))).collect();
-    let target =
+    let mut target =
         Checkpoint::from_tensors("many", Format::Safetensors, target_tensors, BTreeMap::new()).unwrap();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     let text = Report::new(&plan, &Policy::default(), Some(copied)).to_string();
     assert!(text.contains("… and 28 more"), "{text}");
     assert!(text.contains("verified bit for bit") && text.contains("verdict: complete"), "{text}");
@@ -185,13 +185,13 @@ fn many(n: usize, value: f64) -> Checkpoint {
 
 #[test]
 fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
-    let (source, target) = (many(20_000, 1.0), many(20_000, 0.0));
+    let (source, mut target) = (many(20_000, 1.0), many(20_000, 0.0));
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     // Someone changes the live target between the plan and the copy.
     for name in ["t17000", "t12345"] {
         let _ = tensor_of(&target, name).shallow_clone().resize_([2, 2]);
     }
-    let message = copy::execute(&plan, &source, &target, &Policy::default()).unwrap_err().to_string();
+    let message = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.contains("t12345") && message.contains("nothing was written"), "{message}");
     for i in 0..target.entries().len() {
         let sum = target.tensor(i).unwrap().abs().sum(Kind::Double).double_value(&[]);
@@ -201,10 +201,10 @@ fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
 
 #[test]
 fn verification_names_the_first_of_many_pairs_that_differ() {
-    let (source, target) = (many(20_000, 1.0), many(20_000, 0.0));
+    let (source, mut target) = (many(20_000, 1.0), many(20_000, 0.0));
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let quiet = Options { verify: false, progress: None };
-    copy::execute_with(&plan, &source, &target, &Policy::default(), quiet).unwrap();
+    copy::execute_with(&plan, &source, &mut target, &Policy::default(), quiet).unwrap();
     for name in ["t19999", "t15000"] {
         let _ = tensor_of(&target, name).shallow_clone().fill_(3.0);
     }
@@ -218,11 +218,11 @@ fn a_reshaped_target_in_a_later_batch_stops_the_earlier_batches_too() {
     let opts = (Kind::Float, Device::Cpu);
     let source =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
-    let target =
+    let mut target =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let _ = tensor_of(&target, "c").shallow_clone().resize_([2, 4 << 20]);
-    let message = copy::execute(&plan, &source, &target, &Policy::default()).unwrap_err().to_string();
+    let message = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.starts_with("copying into c failed: shape mismatch"), "{message}");
     assert!(message.contains("nothing was written"), "{message}");
     for name in ["a", "b"] {
@@ -242,11 +242,11 @@ fn floats(values: &[f32]) -> Tensor {
 fn tied_targets_that_would_receive_different_values_are_refused_before_writing() {
     // One target tensor under two names, as tied weights are.
     let tied = Tensor::zeros([4], (Kind::Float, Device::Cpu));
-    let target =
+    let mut target =
         checkpoint(vec![("emb.weight", tied.shallow_clone()), ("head.weight", tied.shallow_clone())]);
     let differing = checkpoint(vec![("emb.weight", floats(&[1.0; 4])), ("head.weight", floats(&[2.0; 4]))]);
     let plan = Plan::build(&differing, &target, &Mapping::default()).unwrap();
-    let message = copy::execute(&plan, &differing, &target, &Policy::default()).unwrap_err().to_string();
+    let message = copy::execute(&plan, &differing, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(
         message.contains("emb.weight and head.weight share memory")
             && message.contains("nothing was written"),
@@ -262,7 +262,7 @@ fn tied_targets_that_would_receive_different_values_are_refused_before_writing()
         checkpoint(vec![("emb.weight", shared.shallow_clone()), ("head.weight", shared.shallow_clone())]);
     for (source, value) in [(&equal, 3.0), (&tied_source, 4.0)] {
         let plan = Plan::build(source, &target, &Mapping::default()).unwrap();
-        copy::execute(&plan, source, &target, &Policy::default()).unwrap();
+        copy::execute(&plan, source, &mut target, &Policy::default()).unwrap();
         assert!(bit_equal(&tied, &floats(&[value; 4])));
     }
 }
@@ -270,17 +270,17 @@ fn tied_targets_that_would_receive_different_values_are_refused_before_writing()
 #[test]
 fn overlapping_target_views_are_refused_only_where_their_values_disagree() {
     let base = Tensor::zeros([6], (Kind::Float, Device::Cpu));
-    let target = checkpoint(vec![("a", base.narrow(0, 0, 4)), ("b", base.narrow(0, 2, 4))]);
+    let mut target = checkpoint(vec![("a", base.narrow(0, 0, 4)), ("b", base.narrow(0, 2, 4))]);
     // base[2..4] is a[2..4] and b[0..2]: both sources say 1 there.
     let agree = checkpoint(vec![("a", floats(&[1.0, 1.0, 1.0, 1.0])), ("b", floats(&[1.0, 1.0, 2.0, 2.0]))]);
     let plan = Plan::build(&agree, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &agree, &target, &Policy::default()).unwrap();
+    copy::execute(&plan, &agree, &mut target, &Policy::default()).unwrap();
     assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])));
 
     let disagree =
         checkpoint(vec![("a", floats(&[5.0, 5.0, 5.0, 5.0])), ("b", floats(&[6.0, 5.0, 7.0, 7.0]))]);
     let plan = Plan::build(&disagree, &target, &Mapping::default()).unwrap();
-    let message = copy::execute(&plan, &disagree, &target, &Policy::default()).unwrap_err().to_string();
+    let message = copy::execute(&plan, &disagree, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.contains("a and b share memory"), "{message}");
     assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])), "the target was written");
 }
@@ -305,12 +305,12 @@ fn progress_is_reported_to_an_observer_batch_by_batch() {
     let opts = (Kind::Float, Device::Cpu);
     let source =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
-    let target =
+    let mut target =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let log = Log::default();
     let options = Options { verify: true, progress: Some(&log) };
-    let copied = copy::execute_with(&plan, &source, &target, &Policy::default(), options).unwrap();
+    let copied = copy::execute_with(&plan, &source, &mut target, &Policy::default(), options).unwrap();
     assert_eq!(copied.bytes, 3 * (32 << 20));
     let mb32 = 32u64 << 20;
     assert_eq!(

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use transplant::store::Checkpoint;
-use transplant::{Format, Store};
+use transplant::Target;
+use transplant::{Format, Source};
 
 /// 288 MB of float32 under three names, all `fill`.
 fn write_model(path: &Path, fill: f64) {

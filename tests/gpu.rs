@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use common::{bit_equal, fixture};
 use tch::{Device, Kind, Tensor};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{copy, Format, Mapping, Plan, Policy, Store};
+use transplant::{copy, Format, Mapping, Plan, Policy, Source};
 
 fn cuda() -> Option<Device> {
     if tch::Cuda::is_available() {
@@ -39,9 +39,9 @@ fn store(device: Device, kind: Kind, fill: Option<f64>) -> Checkpoint {
     Checkpoint::from_tensors(format!("{device:?}"), Format::Safetensors, tensors, BTreeMap::new()).unwrap()
 }
 
-fn transfer(source: &Checkpoint, target: &Checkpoint) {
-    let plan = Plan::build(source, target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, source, target, &Policy::default()).unwrap();
+fn transfer(source: &Checkpoint, target: &mut Checkpoint) {
+    let plan = Plan::build(source, &*target, &Mapping::default()).unwrap();
+    let copied = copy::execute(&plan, source, &mut *target, &Policy::default()).unwrap();
     assert_eq!(copied.tensors, 4);
     for (i, e) in target.entries().iter().enumerate() {
         let got = target.tensor(i).unwrap();
@@ -54,34 +54,34 @@ fn transfer(source: &Checkpoint, target: &Checkpoint) {
 #[test]
 fn cpu_to_gpu() {
     let Some(gpu) = cuda() else { return };
-    transfer(&store(Device::Cpu, Kind::Float, None), &store(gpu, Kind::Float, Some(0.0)));
+    transfer(&store(Device::Cpu, Kind::Float, None), &mut store(gpu, Kind::Float, Some(0.0)));
 }
 
 #[test]
 fn gpu_to_gpu() {
     let Some(gpu) = cuda() else { return };
-    transfer(&store(gpu, Kind::Float, None), &store(gpu, Kind::Float, Some(0.0)));
+    transfer(&store(gpu, Kind::Float, None), &mut store(gpu, Kind::Float, Some(0.0)));
 }
 
 #[test]
 fn gpu_to_cpu() {
     let Some(gpu) = cuda() else { return };
-    transfer(&store(gpu, Kind::Float, None), &store(Device::Cpu, Kind::Float, Some(0.0)));
+    transfer(&store(gpu, Kind::Float, None), &mut store(Device::Cpu, Kind::Float, Some(0.0)));
 }
 
 #[test]
 fn cpu_float_into_gpu_bfloat16() {
     let Some(gpu) = cuda() else { return };
-    transfer(&store(Device::Cpu, Kind::Float, None), &store(gpu, Kind::BFloat16, Some(0.0)));
+    transfer(&store(Device::Cpu, Kind::Float, None), &mut store(gpu, Kind::BFloat16, Some(0.0)));
 }
 
 #[test]
 fn module_on_the_gpu_takes_a_cpu_module_state() {
     let Some(gpu) = cuda() else { return };
     let source = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
-    let target = ModuleStore::open_on(fixture("bn_net_b.pt"), gpu).unwrap();
+    let mut target = ModuleStore::open_on(fixture("bn_net_b.pt"), gpu).unwrap();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     let input = common::expected_tensor("bn_net.expected.safetensors", "input").to_device(gpu);
     let mut module = target.into_module();
     module.set_training(false).unwrap();

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::{file_hash, fixture, transplant};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{Format, Store};
+use transplant::Target;
+use transplant::{Format, Source};
 
 /// What a case must end in.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{bit_equal, expected_tensor, fixture};
 use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Store};
+use transplant::Target;
+use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Source};
 
 fn eval_output(path: &str, input: &tch::Tensor) -> tch::Tensor {
     let mut module = ScriptModule::load(fixture(path)).unwrap();
@@ -78,7 +79,7 @@ fn responses_are_never_a_mix_of_two_weight_sets() {
     let mut swaps = 0;
     let mut rejected = 0;
     for i in 0..24 {
-        let source: &dyn Store = if i % 2 == 0 { &weights_b } else { &weights_a };
+        let source: &dyn Source = if i % 2 == 0 { &weights_b } else { &weights_a };
         let swap = slot.swap_from(source, &mapping, &policy).unwrap();
         assert!(swap.copied.verified);
         swaps += 1;

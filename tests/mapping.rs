@@ -9,13 +9,13 @@ use tch::{Kind, Tensor};
 use transplant::matching::How;
 use transplant::plan::{Finding, Severity, Side};
 use transplant::store::{self, Checkpoint, ModuleStore};
-use transplant::{copy, Format, Mapping, Matcher, Plan, Policy, Rules, Store};
+use transplant::{copy, Format, Mapping, Matcher, Plan, Policy, Rules, Source};
 
 fn mapping(matcher: Matcher, rules: &str) -> Mapping {
     Mapping { rules: Rules::parse(rules, "rules.txt").unwrap(), matcher, source_order: None }
 }
 
-fn plan(source: &dyn Store, target: &dyn Store, matcher: Matcher, rules: &str) -> Plan {
+fn plan(source: &dyn Source, target: &dyn Source, matcher: Matcher, rules: &str) -> Plan {
     Plan::build(source, target, &mapping(matcher, rules)).unwrap()
 }
 
@@ -38,7 +38,7 @@ const STRICT: Policy = Policy { strict: true, allow_lossy_casts: false };
 
 #[test]
 fn identical_models_pair_everything_exactly_including_nested_buffers() {
-    let (source, target) = (module("bn_net_a.pt"), module("bn_net_b.pt"));
+    let (source, mut target) = (module("bn_net_a.pt"), module("bn_net_b.pt"));
     let plan = plan(&source, &target, Matcher::Auto, "");
     assert_eq!(plan.pairs.len(), 20);
     assert!(plan.pairs.iter().all(|p| p.how == How::Exact && p.source_name == p.target_name));
@@ -48,14 +48,14 @@ fn identical_models_pair_everything_exactly_including_nested_buffers() {
     );
     assert!(plan.is_complete());
     plan.check(&STRICT).unwrap();
-    copy::execute(&plan, &source, &target, &STRICT).unwrap();
+    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("bn_net.expected.safetensors", "output_a");
     assert!(eval_output(&target, "bn_net.expected.safetensors").allclose(&want, 1e-5, 1e-6, false));
 }
 
 #[test]
 fn batchnorm_in_the_source_only_is_left_out_by_the_order_matcher() {
-    let (source, target) = (module("mlp_bn.pt"), module("mlp.pt"));
+    let (source, mut target) = (module("mlp_bn.pt"), module("mlp.pt"));
     let plan = plan(&source, &target, Matcher::Order, "");
     assert_eq!(
         pair_names(&plan),
@@ -67,7 +67,7 @@ fn batchnorm_in_the_source_only_is_left_out_by_the_order_matcher() {
     assert!(!plan.is_complete(), "the BatchNorm's tensors go nowhere");
     plan.check(&Policy::default()).unwrap();
     assert!(plan.check(&STRICT).is_err(), "strict refuses leftovers");
-    copy::execute(&plan, &source, &target, &Policy::default()).unwrap();
+    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
     let weight = |s: &ModuleStore, name: &str| {
         let i = s.entries().iter().position(|e| e.name == name).unwrap();
         s.tensor(i).unwrap().shallow_clone()
@@ -96,21 +96,21 @@ fn wrapper_prefixes_are_stripped_by_the_auto_matcher() {
 #[test]
 fn backbone_renamed_to_encoder_by_a_rule_gives_the_same_outputs() {
     let source = Checkpoint::open(fixture("backbone.safetensors")).unwrap();
-    let target = module("encoder.pt");
+    let mut target = module("encoder.pt");
     let plan = plan(&source, &target, Matcher::Auto, "backbone\\.(.*) => encoder.$1\n");
     assert_eq!(plan.pairs.len(), 20);
     assert!(plan.is_complete());
     let by_rule =
         plan.pairs.iter().filter(|p| p.rule.as_deref() == Some("backbone\\.(.*) => encoder.$1")).count();
     assert_eq!(by_rule, 12, "the features' 12 tensors come through the rule");
-    copy::execute(&plan, &source, &target, &STRICT).unwrap();
+    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("bn_net.expected.safetensors", "output_a");
     assert!(eval_output(&target, "bn_net.expected.safetensors").allclose(&want, 1e-5, 1e-6, false));
 }
 
 #[test]
 fn torchvision_resnet18_into_the_same_network_with_other_names() {
-    let (source, target) = (module("resnet18.pt"), module("renamed_resnet18.pt"));
+    let (source, mut target) = (module("resnet18.pt"), module("renamed_resnet18.pt"));
     let names_shared =
         source.entries().iter().filter(|s| target.entries().iter().any(|t| t.name == s.name)).count();
     assert_eq!(names_shared, 0, "every name differs");
@@ -120,7 +120,7 @@ fn torchvision_resnet18_into_the_same_network_with_other_names() {
     assert!(plan.is_complete());
     assert!(!plan.findings.iter().any(|f| matches!(f, Finding::Ambiguous { .. })), "{:?}", plan.findings);
     plan.check(&STRICT).unwrap();
-    copy::execute(&plan, &source, &target, &STRICT).unwrap();
+    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("resnet18.expected.safetensors", "output");
     let got = eval_output(&target, "resnet18.expected.safetensors");
     let diff = (&got - &want).abs().max().double_value(&[]);
@@ -180,14 +180,14 @@ fn ambiguous_suffixes_are_reported_not_guessed() {
 
 #[test]
 fn shape_mismatch_is_caught_by_the_check_and_nothing_is_written() {
-    let (source, target) = (module("mlp_bn.pt"), module("mlp.pt"));
+    let (source, mut target) = (module("mlp_bn.pt"), module("mlp.pt"));
     let before = store_records(&target);
     // 1.weight is [64]; 2.bias is [10]; 0.* pair by name.
     let plan = plan(&source, &target, Matcher::Auto, "1\\.weight => 2.bias\n");
     let mismatch =
         plan.findings.iter().find(|f| matches!(f, Finding::ShapeMismatch { .. })).expect("mismatch");
     assert!(mismatch.to_string().contains("[64]") && mismatch.to_string().contains("[10]"), "{mismatch}");
-    let error = copy::execute(&plan, &source, &target, &Policy::default()).unwrap_err().to_string();
+    let error = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(error.contains("shape mismatch") && error.contains("nothing was written"), "{error}");
     assert_eq!(store_records(&target), before, "the target changed");
 }
@@ -205,7 +205,7 @@ fn lossy_casts_are_refused_unless_allowed() {
     let plan_ = plan(&source, &target, Matcher::Exact, "");
     assert!(plan_.pairs[0].cast.as_ref().unwrap().lossy.is_some());
     assert!(plan_.check(&Policy::default()).unwrap_err().to_string().contains("lossy cast"));
-    copy::execute(&plan_, &source, &target, &Policy { strict: false, allow_lossy_casts: true }).unwrap();
+    copy::execute(&plan_, &source, &mut target, &Policy { strict: false, allow_lossy_casts: true }).unwrap();
     // f32 -> f16 within range is a plain cast; out of range is lossy.
     target = Checkpoint::from_tensors(
         "half",
@@ -263,7 +263,7 @@ fn num_batches_tracked_missing_on_one_side_is_a_harmless_named_case() {
 fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
     let dir = tempfile::tempdir().unwrap();
     let source = Checkpoint::open(fixture("backbone.safetensors")).unwrap();
-    let target = module("encoder.pt");
+    let mut target = module("encoder.pt");
     let made = plan(&source, &target, Matcher::Auto, "backbone\\.(.*) => encoder.$1\n");
     let path = dir.path().join("plan.json");
     let other = module("bn_net_b.pt");
@@ -279,7 +279,7 @@ fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
     let replayed = Plan::replay(&path, &source, &target).unwrap();
     assert_eq!(pair_names(&replayed), pair_names(&made));
     assert!(replayed.pairs.iter().all(|p| p.how == How::Plan));
-    copy::execute(&replayed, &source, &target, &STRICT).unwrap();
+    copy::execute(&replayed, &source, &mut target, &STRICT).unwrap();
 
     let message = Plan::replay(&path, &source, &other).unwrap_err().to_string();
     assert!(message.contains("changed") && message.contains("target"), "{message}");
@@ -289,8 +289,8 @@ fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
 fn a_plan_refuses_to_run_on_other_stores() {
     let (source, target) = (module("bn_net_a.pt"), module("bn_net_b.pt"));
     let plan = plan(&source, &target, Matcher::Auto, "");
-    let other = store::open(fixture("mlp.pt")).unwrap();
-    assert!(copy::execute(&plan, &source, other.as_ref(), &Policy::default()).is_err());
+    let mut other = store::open(fixture("mlp.pt")).unwrap();
+    assert!(copy::execute(&plan, &source, other.as_mut(), &Policy::default()).is_err());
 }
 
 #[test]

@@ -10,7 +10,7 @@ use tch::Tensor;
 use transplant::matching::How;
 use transplant::plan::{Finding, NameOrder, OrderUsed};
 use transplant::store::{self, ModuleStore};
-use transplant::{copy, Mapping, Matcher, Plan, Policy, Store};
+use transplant::{copy, Mapping, Matcher, Plan, Policy, Source};
 
 const STRICT: Policy = Policy { strict: true, allow_lossy_casts: false };
 
@@ -51,7 +51,7 @@ fn a_sequential_network_saved_as_safetensors_goes_whole_into_a_renamed_module() 
     assert_eq!(names["3.weight"], "classifier.weight");
     assert_eq!(plan.modules.len(), 25, "12 conv + 12 BatchNorm + the classifier");
 
-    copy::execute(&plan, source.as_ref(), &target, &Policy::default()).unwrap();
+    copy::execute(&plan, source.as_ref(), &mut target, &Policy::default()).unwrap();
     let want = expected_tensor("seq_net.expected.safetensors", "output");
     let got = output_of(&target, "seq_net.expected.safetensors");
     assert!(got.equal(&want), "outputs differ by {}", (&got - &want).abs().max().double_value(&[]));
@@ -122,7 +122,7 @@ fn resnet18_as_safetensors_never_pairs_across_leaves_and_order_from_completes_it
     assert!(plan.is_complete(), "{:?}", plan.findings);
     assert_eq!(pairs_by_name(&plan), truth);
     assert!(plan.pairs.iter().all(|p| p.how == How::Order));
-    copy::execute(&plan, source.as_ref(), &target, &STRICT).unwrap();
+    copy::execute(&plan, source.as_ref(), &mut target, &STRICT).unwrap();
     let want = expected_tensor("resnet18.expected.safetensors", "output");
     let got = output_of(&target, "resnet18.expected.safetensors");
     let diff = (&got - &want).abs().max().double_value(&[]);

@@ -10,7 +10,8 @@ use common::{expected_records, fixture, read_back, record, sorted, store_records
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 use transplant::store::{self, Checkpoint, ModuleStore, VarStoreView};
-use transplant::{Format, Role, Store, StoreKind, Summary};
+use transplant::Target;
+use transplant::{Format, Role, Source, StoreKind, Summary};
 
 fn error_of<T: std::fmt::Debug>(result: transplant::Result<T>) -> String {
     result.expect_err("should fail").to_string()

@@ -8,7 +8,8 @@ use std::path::Path;
 use common::{fixture, parse_records, read_back, store_records, Record};
 use serde_json::Value;
 use transplant::store::{self, Checkpoint};
-use transplant::{Format, Store, StoreKind};
+use transplant::Target;
+use transplant::{Format, Source, StoreKind};
 
 fn expected(file: &str) -> (Option<String>, Vec<Record>, Value) {
     let text = std::fs::read_to_string(fixture("torch_save.expected.json")).unwrap();

@@ -42,15 +42,15 @@ fn varstore_to_script_and_back_agree_in_eval_mode() {
     assert!(max_diff(&before, &want) > 1e-3, "the module starts with other weights");
     let there = Plan::build(&rust, &module, &Mapping::default()).unwrap();
     assert!(there.is_complete());
-    copy::execute(&there, &rust, &module, &Policy { strict: true, allow_lossy_casts: false }).unwrap();
+    copy::execute(&there, &rust, &mut module, &Policy { strict: true, allow_lossy_casts: false }).unwrap();
     let got = module.module().forward(&[x.shallow_clone()]).unwrap().remove(0);
     assert!(max_diff(&got, &want) < 1e-5, "VarStore -> TorchScript: {}", max_diff(&got, &want));
 
     let fresh = nn::VarStore::new(Device::Cpu);
     let fresh_net = network(&fresh);
-    let view = VarStoreView::new(&fresh).unwrap();
+    let mut view = VarStoreView::new(&fresh).unwrap();
     let back = Plan::build(&module, &view, &Mapping::default()).unwrap();
-    copy::execute(&back, &module, &view, &Policy::default()).unwrap();
+    copy::execute(&back, &module, &mut view, &Policy::default()).unwrap();
     let again = tch::no_grad(|| fresh_net.forward_t(&x, false));
     assert!(max_diff(&again, &want) < 1e-5, "TorchScript -> VarStore: {}", max_diff(&again, &want));
 }

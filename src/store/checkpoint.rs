@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use super::{Entry, EntryOrder, Store, StoreKind};
+use super::{Entry, EntryOrder, Source, StoreKind, Target};
 use crate::error::{Error, Result};
 use crate::format::{self, npz, safetensors, tch_archive, torch_pickle, Format};
 
@@ -24,11 +24,16 @@ pub struct Checkpoint {
     key: Option<String>,
 }
 
-// SAFETY: `&self` methods only read (names, metadata, tensor handles); cloning
-// a tensor handle bumps an atomic reference count in libtorch, which is
-// thread-safe. Tensor *data* is written only through handles a caller takes
-// explicitly (a copy into this store as a target): doing that from two threads
-// at once races on plain numbers (torn values), never on memory layout.
+// SAFETY: the one field that is not `Sync` is `tensors: Vec<Tensor>` (tch's
+// `Tensor` is a raw handle, `Send` only). Through `&Checkpoint` the types allow
+// reading alone: entries, metadata, and `&Tensor` (`Source::tensor`), whose
+// `&self` methods read metadata and data or clone the handle (an atomic
+// reference count). Every write this crate makes goes through
+// `Target::tensors_mut(&mut self)` or `&mut self` methods, which the borrow
+// checker keeps exclusive. What remains is tch's own rule for any tensor handle
+// (a caller may `shallow_clone` it and write through the clone): a race there is
+// on element values, as with any `Tensor` sent to another thread, never on the
+// handle or the storage's layout.
 unsafe impl Sync for Checkpoint {}
 
 impl Checkpoint {
@@ -164,7 +169,7 @@ impl Checkpoint {
     }
 }
 
-impl Store for Checkpoint {
+impl Source for Checkpoint {
     fn origin(&self) -> &str {
         &self.origin
     }
@@ -187,6 +192,12 @@ impl Store for Checkpoint {
     }
     fn key(&self) -> Option<&str> {
         self.key.as_deref()
+    }
+}
+
+impl Target for Checkpoint {
+    fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
     }
     /// Writes in the format `path`'s extension names, else in the format read.
     fn save(&self, path: &Path) -> Result<()> {

@@ -239,31 +239,39 @@ pub enum EntryOrder {
     Unknown,
 }
 
-/// A model's named tensors, with live handles.
+/// A model's named tensors to read from: their entries, and read-only handles.
 ///
 /// The mapping layer only needs this: it never knows which kind of store it has.
 ///
-/// Stores are `Send + Sync`: one source can feed copies on several threads at
-/// once. Copying into one *target* from two threads at once is a logic error
-/// (the values would interleave), as with any shared buffer.
-pub trait Store: Send + Sync {
+/// Sources are `Send + Sync`: one source can feed copies on several threads at
+/// once. Through `&` a source only lends its entries and `&Tensor`s; this crate
+/// writes tensor data only through [`Target`], that is through `&mut`.
+pub trait Source: Send + Sync {
     /// Where the tensors come from (a path, or a description), for messages.
     fn origin(&self) -> &str;
     /// What kind of store this is.
     fn kind(&self) -> StoreKind;
     /// Every named tensor, in registration order where the store knows it
-    /// (see [`Store::entry_order`]).
+    /// (see [`Source::entry_order`]).
     fn entries(&self) -> &[Entry];
-    /// Whether [`Store::entries`] is the model's registration order.
+    /// Whether [`Source::entries`] is the model's registration order.
     fn entry_order(&self) -> EntryOrder;
-    /// The live tensor of `entries()[index]`: it shares storage with the model, so
-    /// an in-place write (under a no-grad guard) changes the model. `None` when
-    /// `index` is out of range.
+    /// The tensor of `entries()[index]`, `None` when `index` is out of range. It
+    /// shares storage with the model.
     fn tensor(&self, index: usize) -> Option<&Tensor>;
     /// For a checkpoint dict, the key its state dict was found under.
     fn key(&self) -> Option<&str> {
         None
     }
+}
+
+/// A model that receives a plan's writes: a live one (a loaded module, a
+/// `VarStore`) written in place, or a checkpoint held in memory until saved.
+pub trait Target: Source {
+    /// The tensors, in [`Source::entries`] order, to be written in place (under
+    /// a no-grad guard): each shares storage with the model, so writing into it
+    /// changes the model.
+    fn tensors_mut(&mut self) -> &mut [Tensor];
     /// Writes the store to `path` in its own kind (a module stays a module) or, for
     /// state-dict stores, in the format `path`'s extension names. The file appears
     /// whole or not at all.
@@ -272,13 +280,14 @@ pub trait Store: Send + Sync {
 
 /// Opens a model file of any supported kind, found from its content: a
 /// TorchScript module becomes a [`ModuleStore`], everything else a [`Checkpoint`].
-pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Store>> {
+/// The file is only read; writes into the result stay in memory until saved.
+pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Target>> {
     open_with_key(path, None)
 }
 
 /// [`open`], with `key` picking the state dict inside a `torch.save`
 /// checkpoint dict (see [`Checkpoint::open_with_key`]).
-pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dyn Store>> {
+pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dyn Target>> {
     let path = path.as_ref();
     match format::sniff(path)? {
         Format::TorchScript if key.is_none() => Ok(Box::new(ModuleStore::open(path)?)),

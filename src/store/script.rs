@@ -3,7 +3,7 @@ use std::path::Path;
 
 use tch::{Device, Tensor};
 
-use super::{Entry, EntryOrder, Store, StoreKind};
+use super::{Entry, EntryOrder, Source, StoreKind, Target};
 use crate::error::Result;
 use crate::format;
 use crate::script_module::ScriptModule;
@@ -18,8 +18,8 @@ pub struct ModuleStore {
     tensors: Vec<Tensor>,
 }
 
-// SAFETY: as for `Checkpoint`: `&self` methods only read; the module itself is
-// `Sync` (see `ScriptModule`).
+// SAFETY: as for `Checkpoint` (shared access reads; writes take `&mut self`
+// through `Target`); the module itself is `Sync` (see `ScriptModule`).
 unsafe impl Sync for ModuleStore {}
 
 impl ModuleStore {
@@ -57,7 +57,7 @@ impl ModuleStore {
     }
 }
 
-impl Store for ModuleStore {
+impl Source for ModuleStore {
     fn origin(&self) -> &str {
         self.module.origin()
     }
@@ -72,6 +72,12 @@ impl Store for ModuleStore {
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)
+    }
+}
+
+impl Target for ModuleStore {
+    fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
     }
     /// Saves the module (a module stays a module, whatever the extension).
     fn save(&self, path: &Path) -> Result<()> {

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Entry, Role, Store};
+use super::{Entry, Role, Source};
 use crate::dtype;
 
 /// Count and bytes of the entries of one role and dtype.
@@ -43,7 +43,7 @@ pub struct Summary {
 
 impl Summary {
     /// Describes `store`.
-    pub fn of(store: &dyn Store) -> Self {
+    pub fn of(store: &dyn Source) -> Self {
         let entries = store.entries().to_vec();
         let mut totals: BTreeMap<(Role, &'static str), Total> = BTreeMap::new();
         for entry in &entries {

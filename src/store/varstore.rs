@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::{nn::VarStore, Tensor};
 
-use super::{Checkpoint, Entry, EntryOrder, Role, Store, StoreKind};
+use super::{Checkpoint, Entry, EntryOrder, Role, Source, StoreKind, Target};
 use crate::dotted::{leaf as leaf_of, module_and_leaf, natural_cmp};
 use crate::error::{Error, Result};
 use crate::ffi::tensor_identity;
@@ -35,7 +35,8 @@ pub struct VarStoreView {
 }
 
 /// `a.2.b` before `a.10.b`: segments compared as numbers where both are numbers.
-// SAFETY: as for `Checkpoint`: `&self` methods only read names and tensor handles.
+// SAFETY: as for `Checkpoint`: shared access reads names and `&Tensor`s; writes
+// take `&mut self` through `Target`.
 unsafe impl Sync for VarStoreView {}
 
 impl VarStoreView {
@@ -92,7 +93,7 @@ impl VarStoreView {
     }
 }
 
-impl Store for VarStoreView {
+impl Source for VarStoreView {
     fn origin(&self) -> &str {
         &self.origin
     }
@@ -108,6 +109,12 @@ impl Store for VarStoreView {
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)
+    }
+}
+
+impl Target for VarStoreView {
+    fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
     }
     /// Writes the variables as tch's `.ot` (what `VarStore::load` reads), or in the
     /// state-dict format `path`'s extension names.

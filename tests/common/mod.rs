@@ -90,7 +90,7 @@ pub fn record(name: &str, tensor: &Tensor) -> Record {
 }
 
 /// Every tensor of a store, described.
-pub fn store_records(store: &dyn transplant::Store) -> Vec<Record> {
+pub fn store_records(store: &dyn transplant::Source) -> Vec<Record> {
     store
         .entries()
         .iter()

@@ -115,7 +115,7 @@ fn run(command: Command) -> Result<Outcome> {
                 DtypeArg::F64 => tch::Kind::Double,
             });
             let source = transfer::open_source(&src, args.key.as_deref())?;
-            let target = transfer::open_target(&dst, device, dtype)?;
+            let mut target = transfer::open_target(&dst, device, dtype)?;
             let plan = match &plan {
                 Some(file) => Plan::replay(file, source.as_ref(), target.as_ref())?,
                 None => Plan::build(source.as_ref(), target.as_ref(), &mapping)?,
@@ -144,7 +144,7 @@ fn run(command: Command) -> Result<Outcome> {
             }
             let bar = progress::Bar::default();
             let options = Options { progress: Some(&bar), ..Options::default() };
-            let copied = copy::execute_with(&plan, source.as_ref(), target.as_ref(), &policy, options)?;
+            let copied = copy::execute_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
             let written = transfer::write_output(target.as_ref(), &out)?;
             let report = Report::new(&plan, &policy, Some(copied));
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 use transplant::format::{self, Format};
-use transplant::store::{self, Checkpoint, ModuleStore, Store, StoreKind};
+use transplant::store::{self, Checkpoint, ModuleStore, StoreKind, Target};
 use transplant::{Error, Result, ScriptModule};
 
 /// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
@@ -45,13 +45,13 @@ pub fn device(text: &str) -> Result<Device> {
 }
 
 /// Opens the model to copy from (`key`: see [`store::open_with_key`]).
-pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Store>> {
+pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
     store::open_with_key(path, key)
 }
 
 /// Opens the model to copy into, its tensors on `device` and, with `dtype`,
 /// its floating tensors converted to that dtype.
-pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Store>> {
+pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
     match format::sniff(path)? {
         Format::TorchScript => {
             let mut module = ScriptModule::load_on(path, device)?;
@@ -119,7 +119,7 @@ pub struct Written {
 /// module stays a module, with its code and the new tensors), unless `out`'s
 /// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
 /// `.ot`, `.npz`), which then gets the target's state dict.
-pub fn write_output(target: &dyn Store, out: &Path) -> Result<Written> {
+pub fn write_output(target: &dyn Target, out: &Path) -> Result<Written> {
     let asked = format::for_extension(out);
     let own = match target.kind() {
         StoreKind::Checkpoint(f) => Some(f),
