@@ -10,10 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
-use transplant::copy::{self, Options};
-use transplant::store::Checkpoint;
-use transplant::Target;
-use transplant::{Format, Mapping, Plan, Policy};
+use transplant::{copy_with, verify, Checkpoint, CopyOptions, Format, Mapping, Plan, Policy, Target};
 
 fn model(blocks: usize, width: i64, device: Device) -> Result<Checkpoint> {
     let opts = (Kind::Float, device);
@@ -41,10 +38,10 @@ fn seconds<T>(f: impl FnOnce() -> T) -> f64 {
 fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, into: Device) -> Result<()> {
     let (source, mut target) = (model(blocks, width, from)?, model(blocks, width, into)?);
     let (policy, mapping) = (Policy::default(), Mapping::default());
-    let verified = Options { verify: true, progress: None };
-    let unverified = Options { verify: false, progress: None };
+    let verified = CopyOptions { verify: true, progress: None };
+    let unverified = CopyOptions { verify: false, progress: None };
     let plan = Plan::build(&source, &target, &mapping)?;
-    let bytes = copy::execute_with(&plan, &source, &mut target, &policy, unverified)?.bytes as i64;
+    let bytes = copy_with(&plan, &source, &mut target, &policy, unverified)?.bytes as i64;
     // The floor: one copy of the same bytes between the same devices (from
     // pinned memory when the source is the host and the target a GPU).
     let mut flat_src = Tensor::randn([bytes / 4], (Kind::Float, from));
@@ -59,9 +56,9 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
         }
     };
     // The plan is returned, and so dropped after the clock stops.
-    let plan_and_copy = |target: &mut dyn Target, options: Options| {
+    let plan_and_copy = |target: &mut dyn Target, options: CopyOptions| {
         let plan = Plan::build(&source, &*target, &mapping).expect("plan");
-        copy::execute_with(&plan, &source, target, &policy, options).expect("copy");
+        copy_with(&plan, &source, target, &policy, options).expect("copy");
         plan
     };
     // Each round times every step once, so that all of them meet the same
@@ -72,8 +69,8 @@ fn bench(name: &str, blocks: usize, width: i64, rounds: usize, from: Device, int
         let times = [
             seconds(|| plan_and_copy(&mut target, verified)),
             seconds(|| Plan::build(&source, &target, &mapping).expect("plan")),
-            seconds(|| copy::execute_with(&plan, &source, &mut target, &policy, unverified).expect("copy")),
-            seconds(|| copy::verify(&plan, &source, &target).expect("verify")),
+            seconds(|| copy_with(&plan, &source, &mut target, &policy, unverified).expect("copy")),
+            seconds(|| verify(&plan, &source, &target).expect("verify")),
             seconds(&mut flat_copy),
         ];
         for (best, time) in best.iter_mut().zip(times) {

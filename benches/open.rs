@@ -17,7 +17,7 @@ fn main() -> Result<()> {
     let path = std::env::args().skip(1).find(|a| !a.starts_with("--")).context("usage: open FILE")?;
     let before = status("VmRSS:")?;
     let start = Instant::now();
-    let store = transplant::store::open(&path)?;
+    let store = transplant::open(&path)?;
     let bytes: u64 = store.entries().iter().map(|e| e.bytes()).sum();
     let seconds = start.elapsed().as_secs_f64();
     let added = status("VmRSS:")?.saturating_sub(before);

@@ -5,8 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
-use transplant::store::{Entry, EntryOrder, Role, Source, StoreKind};
-use transplant::{Mapping, Matcher, Plan, Rules};
+use transplant::{Entry, EntryOrder, Mapping, Matcher, Plan, Role, Rules, Source, StoreKind};
 
 /// Entries without data: planning only reads names, roles, shapes and dtypes.
 struct Listing {

@@ -13,8 +13,7 @@
 mod support;
 
 use anyhow::{ensure, Result};
-use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{copy, Mapping, Matcher, Plan, Policy, Report, Rules, Source};
+use transplant::{copy, Checkpoint, Mapping, Matcher, ModuleStore, Plan, Policy, Report, Rules, Source};
 
 fn main() -> Result<()> {
     let fixtures = support::fixtures()?;
@@ -32,7 +31,7 @@ fn main() -> Result<()> {
         by_order.pairs.iter().any(|p| p.source_name == "0.bias" && p.target_name == "0.bias"),
         "bias pairs with bias"
     );
-    copy::execute(&by_order, &source, &mut target, &policy)?;
+    copy(&by_order, &source, &mut target, &policy)?;
 
     println!("2. A renamed backbone, through a rule\n");
     let source = Checkpoint::open(fixtures.join("backbone.safetensors"))?;
@@ -44,7 +43,7 @@ fn main() -> Result<()> {
     };
     let plan = Plan::build(&source, &target, &mapping)?;
     println!("{}", Report::new(&plan, &policy, None));
-    let copied = copy::execute(&plan, &source, &mut target, &policy)?;
+    let copied = copy(&plan, &source, &mut target, &policy)?;
     println!("copied {} tensors (verified: {})", copied.tensors, copied.verified);
     let expected = fixtures.join("bn_net.expected.safetensors");
     target.module_mut().set_training(false)?;

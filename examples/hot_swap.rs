@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use tch::Tensor;
-use transplant::store::ModuleStore;
-use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Source};
+use transplant::{Mapping, ModelSlot, ModuleStore, Policy, ScriptModule, Source};
 
 const WORKERS: usize = 4;
 

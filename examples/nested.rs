@@ -9,8 +9,7 @@
 mod support;
 
 use anyhow::{ensure, Result};
-use transplant::store::ModuleStore;
-use transplant::{copy, Mapping, Plan, Policy, Role, Source};
+use transplant::{copy, Mapping, ModuleStore, Plan, Policy, Role, Source};
 
 fn main() -> Result<()> {
     let fixtures = support::fixtures()?;
@@ -29,7 +28,7 @@ fn main() -> Result<()> {
         .any(|e| e.name == "blocks.encoder.0.1.norm.running_var" && e.role == Role::Buffer));
 
     let plan = Plan::build(&source, &target, &Mapping::default())?;
-    let copied = copy::execute(&plan, &source, &mut target, &Policy { strict: true, ..Policy::default() })?;
+    let copied = copy(&plan, &source, &mut target, &Policy { strict: true, ..Policy::default() })?;
     println!("copied {} tensors ({} bytes), every one verified", copied.tensors, copied.bytes);
 
     let expected = fixtures.join("nested.expected.safetensors");

@@ -20,8 +20,7 @@ mod support;
 use anyhow::{ensure, Result};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use transplant::store::ModuleStore;
-use transplant::{copy, Mapping, Plan, Policy, Report, Source, VarStoreView};
+use transplant::{copy, Mapping, ModuleStore, Plan, Policy, Report, Source, VarStoreView};
 
 /// The network of small_mlp.pt, in tch: layers under the same paths as PyTorch's.
 fn network(vs: &nn::VarStore) -> impl ModuleT {
@@ -54,7 +53,7 @@ fn main() -> Result<()> {
     let plan = Plan::build(&rust_model, &module, &Mapping::default())?;
     println!("{}\n", Report::new(&plan, &Policy::default(), None));
     ensure!(plan.is_complete(), "every tensor pairs (the missing num_batches_tracked is explained)");
-    copy::execute(&plan, &rust_model, &mut module, &Policy { strict: true, ..Policy::default() })?;
+    copy(&plan, &rust_model, &mut module, &Policy { strict: true, ..Policy::default() })?;
     module.module_mut().set_training(false)?;
     let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
     let from_rust = tch::no_grad(|| net.forward_t(&x, false));
@@ -68,7 +67,7 @@ fn main() -> Result<()> {
     let fresh_net = network(&fresh);
     let mut fresh_view = VarStoreView::new(&fresh)?;
     let back = Plan::build(&module, &fresh_view, &Mapping::default())?;
-    copy::execute(&back, &module, &mut fresh_view, &Policy::default())?;
+    copy(&back, &module, &mut fresh_view, &Policy::default())?;
     let again = tch::no_grad(|| fresh_net.forward_t(&x, false));
     let diff = support::max_abs_diff(&again, &from_script)?;
     println!("TorchScript -> VarStore: eval outputs agree to {diff:.2e}");

@@ -12,8 +12,9 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use crate::dtype;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Pair, Plan, Policy};
@@ -32,22 +33,22 @@ pub trait Progress {
 
 /// How to copy.
 #[derive(Clone, Copy)]
-pub struct Options<'a> {
+pub struct CopyOptions<'a> {
     /// Compare every pair after copying (on by default; one more pass over the bytes).
     pub verify: bool,
     /// Told of the copy's progress, a batch (up to 64 MB) at a time.
     pub progress: Option<&'a dyn Progress>,
 }
 
-impl Default for Options<'_> {
+impl Default for CopyOptions<'_> {
     fn default() -> Self {
         Self { verify: true, progress: None }
     }
 }
 
-impl std::fmt::Debug for Options<'_> {
+impl std::fmt::Debug for CopyOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Options")
+        f.debug_struct("CopyOptions")
             .field("verify", &self.verify)
             .field("progress", &self.progress.is_some())
             .finish()
@@ -82,17 +83,17 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// live tensor is checked for shape again before the first byte is written (the
 /// plan's check refused every mismatch its entries showed; this catches a
 /// tensor resized since).
-pub fn execute(plan: &Plan, source: &dyn Source, target: &mut dyn Target, policy: &Policy) -> Result<Copied> {
-    execute_with(plan, source, target, policy, Options::default())
+pub fn copy(plan: &Plan, source: &dyn Source, target: &mut dyn Target, policy: &Policy) -> Result<Copied> {
+    copy_with(plan, source, target, policy, CopyOptions::default())
 }
 
-/// [`execute`] with options.
-pub fn execute_with(
+/// [`copy`] with options.
+pub fn copy_with(
     plan: &Plan,
     source: &dyn Source,
     target: &mut dyn Target,
     policy: &Policy,
-    options: Options,
+    options: CopyOptions,
 ) -> Result<Copied> {
     plan.check(policy)?;
     let rejected = |problem: String| Error::PlanRejected {
@@ -104,6 +105,28 @@ pub fn execute_with(
     let sources = source_tensors(plan, source, |name| {
         rejected(format!("{} has no tensor for {name}", source.origin()))
     })?;
+    if !policy.allow_lossy_casts {
+        let lost: Vec<String> = plan
+            .pairs
+            .iter()
+            .zip(&sources)
+            .filter_map(|(pair, tensor)| {
+                let cast = pair.cast.as_ref()?;
+                let why = value_loss(tensor, cast.from, cast.to)?;
+                Some(format!(
+                    "lossy cast: {} -> {}: {why} (allow lossy casts to proceed)",
+                    pair.source_name, pair.target_name
+                ))
+            })
+            .collect();
+        if !lost.is_empty() {
+            return Err(Error::PlanRejected {
+                from: plan.source.clone(),
+                target: plan.target.clone(),
+                problems: lost,
+            });
+        }
+    }
     let target_origin = target.origin().to_string();
     // One `&mut` per pair: a plan gives every target at most one source.
     let mut slots: Vec<Option<&mut Tensor>> = target.tensors_mut().iter_mut().map(Some).collect();
@@ -175,6 +198,30 @@ pub fn execute_with(
         verified: options.verify,
         verify_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Why converting `tensor` (of `from`) to `to` loses information because of
+/// its values: out of `to`'s range, or not 0/1 for a bool. (Losses whatever the
+/// values, such as float to integer, are the plan's findings.)
+fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
+    if from == to || dtype::static_loss(from, to).is_some() || tensor.numel() == 0 {
+        return None;
+    }
+    let (lo, hi) = dtype::range(to)?;
+    let values = tensor.f_to_kind(Kind::Double).ok()?;
+    let (min, max) =
+        (values.f_min().ok()?.f_double_value(&[]).ok()?, values.f_max().ok()?.f_double_value(&[]).ok()?);
+    let to_name = dtype::name(to);
+    if min < lo || max > hi {
+        return Some(format!("values {min}..{max} do not fit {to_name} ({lo}..{hi})"));
+    }
+    if to == Kind::Bool {
+        let binary = values.f_eq(0.0).ok()?.f_logical_or(&values.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
+        if binary.f_int64_value(&[]).ok().is_none_or(|v| v == 0) {
+            return Some(format!("{} values other than 0 and 1 cannot become bool", dtype::name(from)));
+        }
+    }
+    None
 }
 
 /// The source tensor of every pair of `plan`, in pair order.

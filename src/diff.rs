@@ -71,7 +71,7 @@ fn value(t: tch::Tensor, name: &str) -> Result<f64> {
 }
 
 /// Compares every pair of `plan` (A as source, B as target).
-pub fn compare(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -> Result<Diff> {
+pub fn diff(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -> Result<Diff> {
     let _no_grad = tch::no_grad_guard();
     let mut pairs = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {

@@ -52,6 +52,72 @@ pub fn size(kind: Kind) -> usize {
     kind.elt_size_in_bytes()
 }
 
+/// The kind of number a tensor holds: modules whose leaves differ in it are not
+/// the same layer (a float cast to another float is a cast, not a new kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DtypeClass {
+    /// Floating point of any width.
+    Floating,
+    /// Complex of any width.
+    Complex,
+    /// Integers, signed or not.
+    Integer,
+    /// Booleans.
+    Bool,
+}
+
+/// Floating point of any width.
+pub fn is_floating(kind: Kind) -> bool {
+    matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16)
+}
+
+/// Complex of any width.
+pub fn is_complex(kind: Kind) -> bool {
+    matches!(kind, Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble)
+}
+
+/// The kind of number `kind` holds.
+pub fn class(kind: Kind) -> DtypeClass {
+    match kind {
+        Kind::Bool => DtypeClass::Bool,
+        k if is_complex(k) => DtypeClass::Complex,
+        k if is_floating(k) => DtypeClass::Floating,
+        _ => DtypeClass::Integer,
+    }
+}
+
+/// The largest finite magnitude, or integer bounds, of a dtype (`None`: any
+/// value fits, as far as a check needs to know).
+pub fn range(kind: Kind) -> Option<(f64, f64)> {
+    Some(match kind {
+        Kind::Half => (-65504.0, 65504.0),
+        Kind::BFloat16 | Kind::Float => (-f32::MAX as f64, f32::MAX as f64),
+        Kind::Uint8 => (0.0, 255.0),
+        Kind::Int8 => (-128.0, 127.0),
+        Kind::Int16 => (i16::MIN as f64, i16::MAX as f64),
+        Kind::Int => (i32::MIN as f64, i32::MAX as f64),
+        Kind::Bool => (0.0, 1.0),
+        _ => return None,
+    })
+}
+
+/// Why converting any `from` tensor to `to` loses information, whatever its
+/// values: the imaginary part dropped, fractions truncated. (Whether the values
+/// fit `to`'s range is checked by the copy, which reads them.)
+pub fn static_loss(from: Kind, to: Kind) -> Option<String> {
+    if from == to {
+        return None;
+    }
+    let (from_name, to_name) = (name(from), name(to));
+    if is_complex(from) && !is_complex(to) {
+        return Some(format!("{from_name} to {to_name} drops the imaginary part"));
+    }
+    if (is_floating(from) || is_complex(from)) && !(is_floating(to) || is_complex(to)) {
+        return Some(format!("{from_name} to {to_name} truncates fractions"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

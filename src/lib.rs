@@ -1,31 +1,51 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+// The stages, from the bottom up (the README's architecture section): each
+// module imports only those above it in this list.
+mod atomic;
 mod chunks;
-pub mod copy;
-pub mod diff;
+mod copy;
+mod diff;
 mod dotted;
-pub mod dtype;
+mod dtype;
+mod entry;
 mod error;
 mod ffi;
-pub mod format;
-pub mod matching;
-pub mod outputs;
-pub mod plan;
-pub mod report;
-pub mod rules;
+mod format;
+mod matching;
+mod outputs;
+mod plan;
+mod report;
+mod rules;
 mod script_module;
-pub mod slot;
-pub mod store;
+mod slot;
+mod store;
 
+pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
+pub use diff::{diff, Diff, TensorDiff, Tolerance};
+pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
-pub use format::Format;
-pub use matching::Matcher;
-pub use plan::{Mapping, Plan, Policy};
-pub use report::Report;
-pub use rules::Rules;
-pub use script_module::{NamedTensor, ScriptModule};
-pub use slot::ModelSlot;
-pub use store::{
-    Checkpoint, Entry, ModuleStore, Name, Role, Source, StoreKind, Summary, Target, VarStoreView,
+pub use format::{sniff, Format};
+pub use matching::{How, Matcher, ModuleMatch, Unsure};
+pub use outputs::{compare_outputs, OutputComparison, OutputDiff};
+pub use plan::{
+    Cast, Finding, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,
+    Policy, Severity, Side,
 };
+pub use report::{Report, ReportLeftover, ReportPair, ReportProblem};
+pub use rules::{Action, Rule, RuleSource, Rules};
+pub use script_module::{NamedTensor, ScriptModule};
+pub use slot::{ModelSlot, Swap};
+pub use store::{
+    open, open_with_key, Checkpoint, ModuleStore, Source, StoreKind, Summary, Target, Total, VarStoreView,
+};
+
+/// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted bytes.
+/// Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::format::pickle::Machine as PickleMachine;
+    pub use crate::format::safetensors::read as read_safetensors;
+    pub use crate::format::torch_pickle::read as read_torch_save;
+}

@@ -51,7 +51,7 @@ impl OutputComparison {
 
 /// Runs `a` and `b` in eval mode on float32 inputs of `shapes`, drawn from a
 /// normal distribution seeded with `seed`, and compares the outputs.
-pub fn compare(
+pub fn compare_outputs(
     a: &mut ScriptModule,
     b: &mut ScriptModule,
     shapes: &[Vec<i64>],

@@ -280,21 +280,6 @@ impl Rules {
         self.rules.is_empty()
     }
 
-    /// What the rules do to each entry's name, in order; large lists are split
-    /// across the machine's cores.
-    pub fn apply_all(&self, entries: &[crate::store::Entry]) -> Vec<Outcome> {
-        const PER_THREAD: usize = 8192;
-        if self.rules.is_empty() {
-            return vec![Outcome::Kept; entries.len()];
-        }
-        crate::chunks::map(entries.len(), PER_THREAD, |range| {
-            entries[range].iter().map(|e| self.apply(&e.name)).collect::<Vec<_>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect()
-    }
-
     /// What the first matching rule does to `name`.
     pub fn apply(&self, name: &str) -> Outcome {
         let first = self.first.get_or_init(|| {

@@ -6,9 +6,9 @@ use std::ptr;
 
 use tch::{Device, Tensor};
 
+use crate::entry::{device_name, Role};
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::store::{device_name, Role};
 
 /// One parameter or buffer of a module, with a tensor that shares its storage.
 #[derive(Debug)]

@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::copy::{self, Copied};
+use crate::copy::{copy, Copied};
 use crate::error::{Error, Result};
 use crate::plan::{Mapping, Plan, Policy};
 use crate::script_module::ScriptModule;
@@ -117,7 +117,7 @@ impl ModelSlot {
                     )],
                 });
             }
-            copy::execute(&plan, source, &mut standby, policy)
+            copy(&plan, source, &mut standby, policy)
         });
         let copied = match result {
             Ok(copied) => copied,

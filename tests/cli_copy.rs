@@ -1,13 +1,11 @@
 //! `transplant copy`.
 mod common;
 
-use transplant::Target;
+use transplant::{Checkpoint, Source, Target};
 
 use std::path::Path;
 
 use common::{file_hash, fixture, read_back, store_records, transplant};
-use transplant::store::Checkpoint;
-use transplant::Source;
 
 fn copy(args: &[&str]) -> common::Run {
     let mut all = vec!["copy"];
@@ -206,7 +204,7 @@ fn a_tied_torchscript_target_is_refused_when_its_two_sources_differ_and_copied_w
     let dst = fixture("tied_lm.pt");
     let before = file_hash(&dst);
     // The module really shares one tensor between its two names.
-    let module = transplant::store::ModuleStore::open(&dst).unwrap();
+    let module = transplant::ModuleStore::open(&dst).unwrap();
     let pointers: Vec<usize> = (0..2).map(|i| module.tensor(i).unwrap().data_ptr() as usize).collect();
     assert_eq!(module.entries().len(), 2);
     assert_eq!(pointers[0], pointers[1], "embed.weight and head.weight are not tied in the fixture");
@@ -225,7 +223,7 @@ fn a_tied_torchscript_target_is_refused_when_its_two_sources_differ_and_copied_w
 
     let run = copy(&[s(&fixture("tied_equal.safetensors")), s(&dst), "-o", s(&out)]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    let written = transplant::store::ModuleStore::open(&out).unwrap();
+    let written = transplant::ModuleStore::open(&out).unwrap();
     let source = Checkpoint::open(fixture("tied_equal.safetensors")).unwrap();
     for i in 0..2 {
         assert!(common::bit_equal(written.tensor(i).unwrap(), source.tensor(i).unwrap()));

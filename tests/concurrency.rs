@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use common::{bit_equal, fixture};
 use tch::{Device, Tensor};
-use transplant::store::{Checkpoint, ModuleStore};
 use transplant::{
-    copy, Format, Mapping, ModelSlot, Plan, Policy, Report, ScriptModule, Source, VarStoreView,
+    copy, Checkpoint, Format, Mapping, ModelSlot, ModuleStore, Plan, Policy, Report, ScriptModule, Source,
+    VarStoreView,
 };
 
 fn send_sync<T: Send + Sync>() {}
@@ -40,7 +40,7 @@ fn two_threads_copying_from_one_source_match_serial_copies() {
     let policy = Policy::default();
     let mut serial = zeros_like(&source);
     let plan = Plan::build(&source, &serial, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &mut serial, &policy).unwrap();
+    copy(&plan, &source, &mut serial, &policy).unwrap();
 
     let mut targets = [zeros_like(&source), zeros_like(&source)];
     std::thread::scope(|scope| {
@@ -49,7 +49,7 @@ fn two_threads_copying_from_one_source_match_serial_copies() {
             scope.spawn(move || {
                 for _ in 0..20 {
                     let plan = Plan::build(source, &*target, &Mapping::default()).unwrap();
-                    copy::execute(&plan, source, &mut *target, &Policy::default()).unwrap();
+                    copy(&plan, source, &mut *target, &Policy::default()).unwrap();
                 }
             });
         }

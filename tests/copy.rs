@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 
 use common::{bit_equal, fixture};
 use tch::{Device, Kind, Tensor};
-use transplant::copy::{self, Options};
-use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{Format, Mapping, Plan, Policy, Report, Source};
+use transplant::{
+    copy, copy_with, verify, Checkpoint, CopyOptions, Format, Mapping, ModuleStore, Plan, Policy, Progress,
+    Report, Source,
+};
 
 fn checkpoint(tensors: Vec<(&str, Tensor)>) -> Checkpoint {
     let tensors = tensors.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
@@ -31,7 +32,7 @@ fn copies_in_place_without_reallocating_the_module_tensors() {
     let before: Vec<usize> =
         (0..target.entries().len()).map(|i| target.tensor(i).unwrap().data_ptr() as usize).collect();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    let copied = copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.tensors, 20);
     assert!(copied.verified);
     let after: Vec<usize> =
@@ -51,11 +52,11 @@ fn grad_mode_is_restored_after_a_copy_and_after_a_refused_one() {
     let source = checkpoint(vec![("w", Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
     let mut target = checkpoint(vec![("w", Tensor::zeros([3], (Kind::Float, Device::Cpu)))]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert!(grad_mode_on());
     let mut wrong = checkpoint(vec![("w", Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
     let bad = Plan::build(&source, &wrong, &Mapping::default()).unwrap();
-    assert!(copy::execute(&bad, &source, &mut wrong, &Policy::default()).is_err());
+    assert!(copy(&bad, &source, &mut wrong, &Policy::default()).is_err());
     assert!(grad_mode_on());
 }
 
@@ -73,7 +74,7 @@ fn dtypes_are_converted_to_the_targets_and_integers_stay_integers() {
         ("ids", Tensor::zeros([3], (Kind::Int, Device::Cpu))),
     ]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    let copied = copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.casts, 2);
     assert_eq!(tensor_of(&target, "w").kind(), Kind::Half);
     assert!(bit_equal(tensor_of(&target, "w"), &values.to_kind(Kind::Half)));
@@ -90,7 +91,7 @@ fn non_contiguous_sources_and_targets_copy_correctly() {
     let holder = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
     let mut target = checkpoint(vec![("w", holder.tr())]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert!(bit_equal(&holder, &base), "the transposed target view got the transposed values");
 }
 
@@ -103,7 +104,7 @@ fn large_copies_go_in_several_batches_and_stay_exact() {
     let mut target =
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    let copied = copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     assert_eq!(copied.bytes, 3 * (32 << 20));
     for (name, t) in &big {
         assert!(bit_equal(tensor_of(&target, name), t), "{name}");
@@ -121,23 +122,17 @@ fn verification_names_a_tensor_that_differs() {
         ("b", Tensor::zeros([2, 2], (Kind::Float, Device::Cpu))),
     ]);
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute_with(
-        &plan,
-        &source,
-        &mut target,
-        &Policy::default(),
-        Options { verify: false, progress: None },
-    )
-    .unwrap();
-    copy::verify(&plan, &source, &target).unwrap();
+    copy_with(&plan, &source, &mut target, &Policy::default(), CopyOptions { verify: false, progress: None })
+        .unwrap();
+    verify(&plan, &source, &target).unwrap();
     let _ = tensor_of(&target, "b").shallow_clone().fill_(5.0);
-    let message = copy::verify(&plan, &source, &target).unwrap_err().to_string();
+    let message = verify(&plan, &source, &target).unwrap_err().to_string();
     assert!(message.contains("target b") && message.contains("source b"), "{message}");
     // NaN compares equal to the same NaN, bit for bit.
     let nan = checkpoint(vec![("a", Tensor::full([2], f64::NAN, (Kind::Float, Device::Cpu)))]);
     let mut holder = checkpoint(vec![("a", Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
     let plan = Plan::build(&nan, &holder, &Mapping::default()).unwrap();
-    copy::execute(&plan, &nan, &mut holder, &Policy::default()).unwrap();
+    copy(&plan, &nan, &mut holder, &Policy::default()).unwrap();
 }
 
 #[test]
@@ -166,7 +161,7 @@ fn the_report_is_a_table_for_people_and_json_for_programs() {
     let mut target =
         Checkpoint::from_tensors("many", Format::Safetensors, target_tensors, BTreeMap::new()).unwrap();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    let copied = copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     let text = Report::new(&plan, &Policy::default(), Some(copied)).to_string();
     assert!(text.contains("… and 28 more"), "{text}");
     assert!(text.contains("verified bit for bit") && text.contains("verdict: complete"), "{text}");
@@ -191,7 +186,7 @@ fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
     for name in ["t17000", "t12345"] {
         let _ = tensor_of(&target, name).shallow_clone().resize_([2, 2]);
     }
-    let message = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
+    let message = copy(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.contains("t12345") && message.contains("nothing was written"), "{message}");
     for i in 0..target.entries().len() {
         let sum = target.tensor(i).unwrap().abs().sum(Kind::Double).double_value(&[]);
@@ -203,12 +198,12 @@ fn a_target_reshaped_after_planning_is_refused_before_any_pair_is_written() {
 fn verification_names_the_first_of_many_pairs_that_differ() {
     let (source, mut target) = (many(20_000, 1.0), many(20_000, 0.0));
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    let quiet = Options { verify: false, progress: None };
-    copy::execute_with(&plan, &source, &mut target, &Policy::default(), quiet).unwrap();
+    let quiet = CopyOptions { verify: false, progress: None };
+    copy_with(&plan, &source, &mut target, &Policy::default(), quiet).unwrap();
     for name in ["t19999", "t15000"] {
         let _ = tensor_of(&target, name).shallow_clone().fill_(3.0);
     }
-    let message = copy::verify(&plan, &source, &target).unwrap_err().to_string();
+    let message = verify(&plan, &source, &target).unwrap_err().to_string();
     assert!(message.contains("target t15000"), "{message}");
 }
 
@@ -222,7 +217,7 @@ fn a_reshaped_target_in_a_later_batch_stops_the_earlier_batches_too() {
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let _ = tensor_of(&target, "c").shallow_clone().resize_([2, 4 << 20]);
-    let message = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
+    let message = copy(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.starts_with("copying into c failed: shape mismatch"), "{message}");
     assert!(message.contains("nothing was written"), "{message}");
     for name in ["a", "b"] {
@@ -246,7 +241,7 @@ fn tied_targets_that_would_receive_different_values_are_refused_before_writing()
         checkpoint(vec![("emb.weight", tied.shallow_clone()), ("head.weight", tied.shallow_clone())]);
     let differing = checkpoint(vec![("emb.weight", floats(&[1.0; 4])), ("head.weight", floats(&[2.0; 4]))]);
     let plan = Plan::build(&differing, &target, &Mapping::default()).unwrap();
-    let message = copy::execute(&plan, &differing, &mut target, &Policy::default()).unwrap_err().to_string();
+    let message = copy(&plan, &differing, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(
         message.contains("emb.weight and head.weight share memory")
             && message.contains("nothing was written"),
@@ -262,7 +257,7 @@ fn tied_targets_that_would_receive_different_values_are_refused_before_writing()
         checkpoint(vec![("emb.weight", shared.shallow_clone()), ("head.weight", shared.shallow_clone())]);
     for (source, value) in [(&equal, 3.0), (&tied_source, 4.0)] {
         let plan = Plan::build(source, &target, &Mapping::default()).unwrap();
-        copy::execute(&plan, source, &mut target, &Policy::default()).unwrap();
+        copy(&plan, source, &mut target, &Policy::default()).unwrap();
         assert!(bit_equal(&tied, &floats(&[value; 4])));
     }
 }
@@ -274,13 +269,13 @@ fn overlapping_target_views_are_refused_only_where_their_values_disagree() {
     // base[2..4] is a[2..4] and b[0..2]: both sources say 1 there.
     let agree = checkpoint(vec![("a", floats(&[1.0, 1.0, 1.0, 1.0])), ("b", floats(&[1.0, 1.0, 2.0, 2.0]))]);
     let plan = Plan::build(&agree, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &agree, &mut target, &Policy::default()).unwrap();
+    copy(&plan, &agree, &mut target, &Policy::default()).unwrap();
     assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])));
 
     let disagree =
         checkpoint(vec![("a", floats(&[5.0, 5.0, 5.0, 5.0])), ("b", floats(&[6.0, 5.0, 7.0, 7.0]))]);
     let plan = Plan::build(&disagree, &target, &Mapping::default()).unwrap();
-    let message = copy::execute(&plan, &disagree, &mut target, &Policy::default()).unwrap_err().to_string();
+    let message = copy(&plan, &disagree, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(message.contains("a and b share memory"), "{message}");
     assert!(bit_equal(&base, &floats(&[1.0, 1.0, 1.0, 1.0, 2.0, 2.0])), "the target was written");
 }
@@ -290,7 +285,7 @@ fn progress_is_reported_to_an_observer_batch_by_batch() {
     use std::sync::Mutex;
     #[derive(Default)]
     struct Log(Mutex<Vec<String>>);
-    impl copy::Progress for Log {
+    impl Progress for Log {
         fn start(&self, bytes: u64) {
             self.0.lock().unwrap().push(format!("start {bytes}"));
         }
@@ -309,8 +304,8 @@ fn progress_is_reported_to_an_observer_batch_by_batch() {
         checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let log = Log::default();
-    let options = Options { verify: true, progress: Some(&log) };
-    let copied = copy::execute_with(&plan, &source, &mut target, &Policy::default(), options).unwrap();
+    let options = CopyOptions { verify: true, progress: Some(&log) };
+    let copied = copy_with(&plan, &source, &mut target, &Policy::default(), options).unwrap();
     assert_eq!(copied.bytes, 3 * (32 << 20));
     let mb32 = 32u64 << 20;
     assert_eq!(

@@ -8,9 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
-use transplant::store::Checkpoint;
-use transplant::Target;
-use transplant::{Format, Source};
+use transplant::{Checkpoint, Format, Source, Target};
 
 /// 288 MB of float32 under three names, all `fill`.
 fn write_model(path: &Path, fill: f64) {

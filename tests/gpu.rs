@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use common::{bit_equal, fixture};
 use tch::{Device, Kind, Tensor};
-use transplant::store::{Checkpoint, ModuleStore};
-use transplant::{copy, Format, Mapping, Plan, Policy, Source};
+use transplant::{copy, Checkpoint, Format, Mapping, ModuleStore, Plan, Policy, Source};
 
 fn cuda() -> Option<Device> {
     if tch::Cuda::is_available() {
@@ -41,7 +40,7 @@ fn store(device: Device, kind: Kind, fill: Option<f64>) -> Checkpoint {
 
 fn transfer(source: &Checkpoint, target: &mut Checkpoint) {
     let plan = Plan::build(source, &*target, &Mapping::default()).unwrap();
-    let copied = copy::execute(&plan, source, &mut *target, &Policy::default()).unwrap();
+    let copied = copy(&plan, source, &mut *target, &Policy::default()).unwrap();
     assert_eq!(copied.tensors, 4);
     for (i, e) in target.entries().iter().enumerate() {
         let got = target.tensor(i).unwrap();
@@ -81,7 +80,7 @@ fn module_on_the_gpu_takes_a_cpu_module_state() {
     let source = ModuleStore::open(fixture("bn_net_a.pt")).unwrap();
     let mut target = ModuleStore::open_on(fixture("bn_net_b.pt"), gpu).unwrap();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
-    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     let input = common::expected_tensor("bn_net.expected.safetensors", "input").to_device(gpu);
     let mut module = target.into_module();
     module.set_training(false).unwrap();

@@ -10,9 +10,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use common::{file_hash, fixture, transplant};
-use transplant::store::{Checkpoint, ModuleStore};
-use transplant::Target;
-use transplant::{Format, Source};
+use transplant::{Checkpoint, Format, ModuleStore, Source, Target};
 
 /// What a case must end in.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{bit_equal, expected_tensor, fixture};
-use transplant::store::{Checkpoint, ModuleStore};
-use transplant::Target;
-use transplant::{Mapping, ModelSlot, Policy, ScriptModule, Source};
+use transplant::{Checkpoint, Mapping, ModelSlot, ModuleStore, Policy, ScriptModule, Source, Target};
 
 fn eval_output(path: &str, input: &tch::Tensor) -> tch::Tensor {
     let mut module = ScriptModule::load(fixture(path)).unwrap();

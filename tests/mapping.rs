@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use common::{expected_tensor, fixture, store_records};
 use tch::{Kind, Tensor};
-use transplant::matching::How;
-use transplant::plan::{Finding, Severity, Side};
-use transplant::store::{self, Checkpoint, ModuleStore};
-use transplant::{copy, Format, Mapping, Matcher, Plan, Policy, Rules, Source};
+use transplant::{
+    copy, Checkpoint, Finding, Format, How, Mapping, Matcher, ModuleStore, Plan, Policy, Rules, Severity,
+    Side, Source,
+};
 
 fn mapping(matcher: Matcher, rules: &str) -> Mapping {
     Mapping { rules: Rules::parse(rules, "rules.txt").unwrap(), matcher, source_order: None }
@@ -48,7 +48,7 @@ fn identical_models_pair_everything_exactly_including_nested_buffers() {
     );
     assert!(plan.is_complete());
     plan.check(&STRICT).unwrap();
-    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
+    copy(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("bn_net.expected.safetensors", "output_a");
     assert!(eval_output(&target, "bn_net.expected.safetensors").allclose(&want, 1e-5, 1e-6, false));
 }
@@ -67,7 +67,7 @@ fn batchnorm_in_the_source_only_is_left_out_by_the_order_matcher() {
     assert!(!plan.is_complete(), "the BatchNorm's tensors go nowhere");
     plan.check(&Policy::default()).unwrap();
     assert!(plan.check(&STRICT).is_err(), "strict refuses leftovers");
-    copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap();
+    copy(&plan, &source, &mut target, &Policy::default()).unwrap();
     let weight = |s: &ModuleStore, name: &str| {
         let i = s.entries().iter().position(|e| e.name == name).unwrap();
         s.tensor(i).unwrap().shallow_clone()
@@ -103,7 +103,7 @@ fn backbone_renamed_to_encoder_by_a_rule_gives_the_same_outputs() {
     let by_rule =
         plan.pairs.iter().filter(|p| p.rule.as_deref() == Some("backbone\\.(.*) => encoder.$1")).count();
     assert_eq!(by_rule, 12, "the features' 12 tensors come through the rule");
-    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
+    copy(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("bn_net.expected.safetensors", "output_a");
     assert!(eval_output(&target, "bn_net.expected.safetensors").allclose(&want, 1e-5, 1e-6, false));
 }
@@ -120,7 +120,7 @@ fn torchvision_resnet18_into_the_same_network_with_other_names() {
     assert!(plan.is_complete());
     assert!(!plan.findings.iter().any(|f| matches!(f, Finding::Ambiguous { .. })), "{:?}", plan.findings);
     plan.check(&STRICT).unwrap();
-    copy::execute(&plan, &source, &mut target, &STRICT).unwrap();
+    copy(&plan, &source, &mut target, &STRICT).unwrap();
     let want = expected_tensor("resnet18.expected.safetensors", "output");
     let got = eval_output(&target, "resnet18.expected.safetensors");
     let diff = (&got - &want).abs().max().double_value(&[]);
@@ -187,7 +187,7 @@ fn shape_mismatch_is_caught_by_the_check_and_nothing_is_written() {
     let mismatch =
         plan.findings.iter().find(|f| matches!(f, Finding::ShapeMismatch { .. })).expect("mismatch");
     assert!(mismatch.to_string().contains("[64]") && mismatch.to_string().contains("[10]"), "{mismatch}");
-    let error = copy::execute(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
+    let error = copy(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
     assert!(error.contains("shape mismatch") && error.contains("nothing was written"), "{error}");
     assert_eq!(store_records(&target), before, "the target changed");
 }
@@ -205,7 +205,7 @@ fn lossy_casts_are_refused_unless_allowed() {
     let plan_ = plan(&source, &target, Matcher::Exact, "");
     assert!(plan_.pairs[0].cast.as_ref().unwrap().lossy.is_some());
     assert!(plan_.check(&Policy::default()).unwrap_err().to_string().contains("lossy cast"));
-    copy::execute(&plan_, &source, &mut target, &Policy { strict: false, allow_lossy_casts: true }).unwrap();
+    copy(&plan_, &source, &mut target, &Policy { strict: false, allow_lossy_casts: true }).unwrap();
     // f32 -> f16 within range is a plain cast; out of range is lossy.
     target = Checkpoint::from_tensors(
         "half",
@@ -223,8 +223,13 @@ fn lossy_casts_are_refused_unless_allowed() {
         BTreeMap::new(),
     )
     .unwrap();
+    // The plan reads no values; the copy checks them before writing anything.
     let overflow = plan(&big, &target, Matcher::Exact, "");
-    assert!(overflow.pairs[0].cast.as_ref().unwrap().lossy.as_ref().unwrap().contains("do not fit float16"));
+    assert!(overflow.pairs[0].cast.as_ref().unwrap().lossy.is_none());
+    let refused = copy(&overflow, &big, &mut target, &Policy::default()).unwrap_err().to_string();
+    assert!(refused.contains("do not fit float16") && refused.contains("nothing was written"), "{refused}");
+    assert_eq!(target.tensor(0).unwrap().abs().sum(Kind::Double).double_value(&[]), 0.0, "written");
+    copy(&overflow, &big, &mut target, &Policy { strict: false, allow_lossy_casts: true }).unwrap();
 }
 
 #[test]
@@ -274,12 +279,12 @@ fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(json["pairs"].as_array().unwrap().len(), 20);
     assert!(json["pairs"][0]["provenance"].is_string());
-    assert_eq!(json["target_digest"], transplant::plan::entries_digest(target.entries()).as_str());
+    assert_eq!(json["target_digest"], transplant::PlanFile::digest(target.entries()).as_str());
 
     let replayed = Plan::replay(&path, &source, &target).unwrap();
     assert_eq!(pair_names(&replayed), pair_names(&made));
     assert!(replayed.pairs.iter().all(|p| p.how == How::Plan));
-    copy::execute(&replayed, &source, &mut target, &STRICT).unwrap();
+    copy(&replayed, &source, &mut target, &STRICT).unwrap();
 
     let message = Plan::replay(&path, &source, &other).unwrap_err().to_string();
     assert!(message.contains("changed") && message.contains("target"), "{message}");
@@ -289,8 +294,8 @@ fn a_saved_plan_replays_without_rules_and_refuses_changed_models() {
 fn a_plan_refuses_to_run_on_other_stores() {
     let (source, target) = (module("bn_net_a.pt"), module("bn_net_b.pt"));
     let plan = plan(&source, &target, Matcher::Auto, "");
-    let mut other = store::open(fixture("mlp.pt")).unwrap();
-    assert!(copy::execute(&plan, &source, other.as_mut(), &Policy::default()).is_err());
+    let mut other = transplant::open(fixture("mlp.pt")).unwrap();
+    assert!(copy(&plan, &source, other.as_mut(), &Policy::default()).is_err());
 }
 
 #[test]

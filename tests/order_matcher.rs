@@ -7,10 +7,10 @@ use std::collections::HashMap;
 
 use common::{expected_tensor, fixture, transplant};
 use tch::Tensor;
-use transplant::matching::How;
-use transplant::plan::{Finding, NameOrder, OrderUsed};
-use transplant::store::{self, ModuleStore};
-use transplant::{copy, Mapping, Matcher, Plan, Policy, Source};
+use transplant::{
+    copy, Checkpoint, Finding, Format, How, Mapping, Matcher, ModuleStore, NameOrder, OrderUsed, Plan,
+    Policy, Source,
+};
 
 const STRICT: Policy = Policy { strict: true, allow_lossy_casts: false };
 
@@ -33,7 +33,7 @@ fn output_of(module: &ModuleStore, expected_file: &str) -> Tensor {
 
 #[test]
 fn a_sequential_network_saved_as_safetensors_goes_whole_into_a_renamed_module() {
-    let source = store::open(fixture("seq_net.safetensors")).unwrap();
+    let source = transplant::open(fixture("seq_net.safetensors")).unwrap();
     let mut target = ModuleStore::open(fixture("renamed_seq_net.pt")).unwrap();
     target.module_mut().set_training(false).unwrap();
     let plan = Plan::build(source.as_ref(), &target, &order(None)).unwrap();
@@ -51,7 +51,7 @@ fn a_sequential_network_saved_as_safetensors_goes_whole_into_a_renamed_module() 
     assert_eq!(names["3.weight"], "classifier.weight");
     assert_eq!(plan.modules.len(), 25, "12 conv + 12 BatchNorm + the classifier");
 
-    copy::execute(&plan, source.as_ref(), &mut target, &Policy::default()).unwrap();
+    copy(&plan, source.as_ref(), &mut target, &Policy::default()).unwrap();
     let want = expected_tensor("seq_net.expected.safetensors", "output");
     let got = output_of(&target, "seq_net.expected.safetensors");
     assert!(got.equal(&want), "outputs differ by {}", (&got - &want).abs().max().double_value(&[]));
@@ -59,7 +59,7 @@ fn a_sequential_network_saved_as_safetensors_goes_whole_into_a_renamed_module() 
 
 #[test]
 fn attribute_named_children_without_their_order_are_left_over_never_swapped() {
-    let source = store::open(fixture("named_net.safetensors")).unwrap();
+    let source = transplant::open(fixture("named_net.safetensors")).unwrap();
     let target = ModuleStore::open(fixture("renamed_named_net.pt")).unwrap();
     let plan = Plan::build(source.as_ref(), &target, &order(None)).unwrap();
     // Registered z_proj, a_proj, norm, head; stored sorted a_proj, head, norm, z_proj.
@@ -103,7 +103,7 @@ fn attribute_named_children_without_their_order_are_left_over_never_swapped() {
 /// into a renamed module. Every BatchNorm used to be paired crosswise.
 #[test]
 fn resnet18_as_safetensors_never_pairs_across_leaves_and_order_from_completes_it() {
-    let source = store::open(fixture("resnet18.safetensors")).unwrap();
+    let source = transplant::open(fixture("resnet18.safetensors")).unwrap();
     let scripted = ModuleStore::open(fixture("resnet18.pt")).unwrap();
     let mut target = ModuleStore::open(fixture("renamed_resnet18.pt")).unwrap();
     target.module_mut().set_training(false).unwrap();
@@ -122,7 +122,7 @@ fn resnet18_as_safetensors_never_pairs_across_leaves_and_order_from_completes_it
     assert!(plan.is_complete(), "{:?}", plan.findings);
     assert_eq!(pairs_by_name(&plan), truth);
     assert!(plan.pairs.iter().all(|p| p.how == How::Order));
-    copy::execute(&plan, source.as_ref(), &mut target, &STRICT).unwrap();
+    copy(&plan, source.as_ref(), &mut target, &STRICT).unwrap();
     let want = expected_tensor("resnet18.expected.safetensors", "output");
     let got = output_of(&target, "resnet18.expected.safetensors");
     let diff = (&got - &want).abs().max().double_value(&[]);
@@ -210,8 +210,6 @@ fn order_from_must_name_every_source_tensor_and_needs_the_order_matcher() {
 #[test]
 fn leftovers_that_differ_by_a_reshape_or_a_name_are_explained() {
     use std::collections::BTreeMap;
-    use transplant::store::Checkpoint;
-    use transplant::Format;
     let ckpt = |tensors: &[(&str, &[i64])]| {
         let named = tensors
             .iter()

@@ -9,9 +9,7 @@ use std::path::Path;
 use common::{expected_records, fixture, read_back, record, sorted, store_records};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
-use transplant::store::{self, Checkpoint, ModuleStore, VarStoreView};
-use transplant::Target;
-use transplant::{Format, Role, Source, StoreKind, Summary};
+use transplant::{Checkpoint, Format, ModuleStore, Role, Source, StoreKind, Summary, Target, VarStoreView};
 
 fn error_of<T: std::fmt::Debug>(result: transplant::Result<T>) -> String {
     result.expect_err("should fail").to_string()
@@ -293,11 +291,11 @@ fn open_finds_the_kind_from_content_not_extension() {
     for (source, name, kind) in cases {
         let path = dir.path().join(name);
         std::fs::copy(fixture(source), &path).unwrap();
-        assert_eq!(store::open(&path).unwrap().kind(), kind, "{source} as {name}");
+        assert_eq!(transplant::open(&path).unwrap().kind(), kind, "{source} as {name}");
     }
     let saved = dir.path().join("state.safetensors");
     std::fs::copy(fixture("not_a_module.pt"), &saved).unwrap();
-    assert_eq!(store::open(&saved).unwrap().kind(), StoreKind::Checkpoint(Format::TorchSave));
+    assert_eq!(transplant::open(&saved).unwrap().kind(), StoreKind::Checkpoint(Format::TorchSave));
 }
 
 #[test]
@@ -324,7 +322,7 @@ fn summary_counts_roles_dtypes_and_bytes() {
 // --- bad input: every case an error naming the file, never a panic or abort ---
 
 fn assert_refused(path: &Path, what: &str) {
-    match store::open(path) {
+    match transplant::open(path) {
         Ok(_) => panic!("{what}: {} opened", path.display()),
         Err(error) => {
             let message = error.to_string();
@@ -384,12 +382,12 @@ fn empty_files_folders_and_unknown_content_are_refused() {
     let empty = dir.path().join("empty.safetensors");
     std::fs::write(&empty, b"").unwrap();
     assert_refused(&empty, "empty file");
-    assert!(error_of(store::open(&empty).map(|_| ())).contains("empty"));
+    assert!(error_of(transplant::open(&empty).map(|_| ())).contains("empty"));
     assert_refused(dir.path(), "a directory");
     let text = dir.path().join("notes.pt");
     std::fs::write(&text, b"just some text, not a model\n").unwrap();
     assert_refused(&text, "text");
-    assert!(error_of(store::open(&text).map(|_| ())).contains("unknown file kind"));
+    assert!(error_of(transplant::open(&text).map(|_| ())).contains("unknown file kind"));
     let missing = dir.path().join("missing.safetensors");
     assert_refused(&missing, "missing file");
 }
@@ -414,8 +412,8 @@ fn tch_archive_is_told_from_a_module_by_content() {
     VarStoreView::new(&vs).unwrap().save(&ot).unwrap();
     let renamed = dir.path().join("weights.pt");
     std::fs::copy(&ot, &renamed).unwrap();
-    assert_eq!(store::open(&renamed).unwrap().kind(), StoreKind::Checkpoint(Format::TchArchive));
+    assert_eq!(transplant::open(&renamed).unwrap().kind(), StoreKind::Checkpoint(Format::TchArchive));
     let module = dir.path().join("module.ot.pt");
     std::fs::copy(fixture("bn_net_a.pt"), &module).unwrap();
-    assert_eq!(store::open(&module).unwrap().kind(), StoreKind::Module);
+    assert_eq!(transplant::open(&module).unwrap().kind(), StoreKind::Module);
 }

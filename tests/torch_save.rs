@@ -7,9 +7,7 @@ use std::path::Path;
 
 use common::{fixture, parse_records, read_back, store_records, Record};
 use serde_json::Value;
-use transplant::store::{self, Checkpoint};
-use transplant::Target;
-use transplant::{Format, Source, StoreKind};
+use transplant::{Checkpoint, Format, Source, StoreKind, Target};
 
 fn expected(file: &str) -> (Option<String>, Vec<Record>, Value) {
     let text = std::fs::read_to_string(fixture("torch_save.expected.json")).unwrap();
@@ -103,7 +101,7 @@ fn a_pickle_that_would_run_a_command_is_refused_and_runs_nothing() {
 
 #[test]
 fn the_legacy_format_is_refused_with_how_to_resave() {
-    let message = store::open(path("legacy.pth")).map(|_| ()).unwrap_err().to_string();
+    let message = transplant::open(path("legacy.pth")).map(|_| ()).unwrap_err().to_string();
     assert!(
         message.contains("legacy") && message.contains("torch.save(torch.load(path), new_path)"),
         "{message}"

@@ -5,8 +5,7 @@ mod common;
 use common::fixture;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use transplant::store::ModuleStore;
-use transplant::{copy, Mapping, Plan, Policy, VarStoreView};
+use transplant::{copy, Mapping, ModuleStore, Plan, Policy, VarStoreView};
 
 fn network(vs: &nn::VarStore) -> impl ModuleT {
     let root = vs.root();
@@ -42,7 +41,7 @@ fn varstore_to_script_and_back_agree_in_eval_mode() {
     assert!(max_diff(&before, &want) > 1e-3, "the module starts with other weights");
     let there = Plan::build(&rust, &module, &Mapping::default()).unwrap();
     assert!(there.is_complete());
-    copy::execute(&there, &rust, &mut module, &Policy { strict: true, allow_lossy_casts: false }).unwrap();
+    copy(&there, &rust, &mut module, &Policy { strict: true, allow_lossy_casts: false }).unwrap();
     let got = module.module().forward(&[x.shallow_clone()]).unwrap().remove(0);
     assert!(max_diff(&got, &want) < 1e-5, "VarStore -> TorchScript: {}", max_diff(&got, &want));
 
@@ -50,7 +49,7 @@ fn varstore_to_script_and_back_agree_in_eval_mode() {
     let fresh_net = network(&fresh);
     let mut view = VarStoreView::new(&fresh).unwrap();
     let back = Plan::build(&module, &view, &Mapping::default()).unwrap();
-    copy::execute(&back, &module, &mut view, &Policy::default()).unwrap();
+    copy(&back, &module, &mut view, &Policy::default()).unwrap();
     let again = tch::no_grad(|| fresh_net.forward_t(&x, false));
     assert!(max_diff(&again, &want) < 1e-5, "TorchScript -> VarStore: {}", max_diff(&again, &want));
 }

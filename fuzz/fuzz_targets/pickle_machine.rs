@@ -3,6 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut machine = transplant::format::pickle::Machine::default();
+    let mut machine = transplant::fuzzing::PickleMachine::default();
     let _ = machine.run(data);
 });

@@ -9,5 +9,5 @@ fuzz_target!(|data: &[u8]| {
     let mut bytes = (data.len().min(1 << 20) as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(data);
     std::fs::write(&path, bytes).expect("write");
-    let _ = transplant::format::safetensors::read(&path);
+    let _ = transplant::fuzzing::read_safetensors(&path);
 });

@@ -6,7 +6,7 @@ fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("model.bin");
     std::fs::write(&path, data).expect("write");
-    if transplant::format::sniff(&path).is_ok() {
-        let _ = transplant::store::open(&path);
+    if transplant::sniff(&path).is_ok() {
+        let _ = transplant::open(&path);
     }
 });

@@ -7,5 +7,5 @@ fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("fuzz.pth");
     std::fs::write(&path, data).expect("write");
-    let _ = transplant::format::torch_pickle::read(&path, None);
+    let _ = transplant::fuzzing::read_torch_save(&path, None);
 });

@@ -8,8 +8,7 @@ pub mod torch_pickle;
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -32,6 +31,30 @@ pub enum Format {
     Npz,
 }
 
+impl Format {
+    /// The formats a file's extension asks for when writing, if any.
+    pub fn for_extension(path: &Path) -> Option<Format> {
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let format = if name.ends_with(".safetensors") {
+            Format::Safetensors
+        } else if name.ends_with(".ot") {
+            Format::TchArchive
+        } else if name.ends_with(".npz") {
+            Format::Npz
+        } else if name.ends_with(".pth") || name.ends_with(".bin") || name.ends_with(".ckpt") {
+            Format::TorchSave
+        } else if name.ends_with(".pt") {
+            // `.pt` is used for modules and state dicts alike; the caller decides.
+            return None;
+        } else if name.ends_with(".index.json") {
+            Format::SafetensorsIndex
+        } else {
+            return None;
+        };
+        Some(format)
+    }
+}
+
 impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -44,28 +67,6 @@ impl fmt::Display for Format {
             Format::Npz => "npz",
         })
     }
-}
-
-/// The formats a file's extension asks for when writing, if any.
-pub fn for_extension(path: &Path) -> Option<Format> {
-    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
-    let format = if name.ends_with(".safetensors") {
-        Format::Safetensors
-    } else if name.ends_with(".ot") {
-        Format::TchArchive
-    } else if name.ends_with(".npz") {
-        Format::Npz
-    } else if name.ends_with(".pth") || name.ends_with(".bin") || name.ends_with(".ckpt") {
-        Format::TorchSave
-    } else if name.ends_with(".pt") {
-        // `.pt` is used for modules and state dicts alike; the caller decides.
-        return None;
-    } else if name.ends_with(".index.json") {
-        Format::SafetensorsIndex
-    } else {
-        return None;
-    };
-    Some(format)
 }
 
 /// How far a compressed zip entry may expand: deflate itself cannot exceed
@@ -128,7 +129,7 @@ const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// Tells which [`Format`] a file is in, from its content (magic bytes, archive
 /// entries), not from its extension — except where two formats share one
-/// container and only the extension tells them apart (see [`tch_archive`]).
+/// container and only the extension tells them apart (see `tch_archive`).
 pub fn sniff(path: &Path) -> Result<Format> {
     let metadata = std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
     if metadata.is_dir() {
@@ -199,60 +200,4 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
         format: "zip archive",
         message: "neither a PyTorch archive (no data.pkl) nor an npz (entries not all .npy)".into(),
     })
-}
-
-/// Removes `.NAME.transplant-tmp-PID-N` files that a killed earlier write left
-/// in `folder`: those whose process is gone (Linux: no /proc/PID).
-fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
-    let Some(name) = name.to_str() else { return };
-    let prefix = format!(".{name}.transplant-tmp-");
-    let Ok(entries) = std::fs::read_dir(folder) else { return };
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// Writes `path` whole or not at all: `write` fills a temporary file in the same
-/// folder, which is flushed to disk and renamed over `path` only if it succeeded.
-/// The temporary file is named `.NAME.transplant-tmp-PID-N` and removed on
-/// failure; one left by a process that was killed is removed by the next write
-/// to the same path. Errors name `path`, not the temporary file.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let io = |source| Error::Io { path: path.into(), source };
-    let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    static WRITES: AtomicU64 = AtomicU64::new(0);
-    remove_stale_temporaries(&folder, name);
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(
-        ".transplant-tmp-{}-{}",
-        std::process::id(),
-        WRITES.fetch_add(1, Ordering::Relaxed)
-    ));
-    let temp = folder.join(temp_name);
-    let written = write(&temp).map_err(|error| error.with_path(&temp, path));
-    let result = written.and_then(|()| {
-        let file = File::options().read(true).write(true).open(&temp).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temp, path).map_err(io)?;
-        // Make the rename itself durable; not every filesystem allows syncing a folder.
-        if let Ok(dir) = File::open(&folder) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
 }

@@ -204,7 +204,7 @@ fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
 }
 
 /// Writes `tensors` as an uncompressed `.npz` that `numpy.load` reads (directly:
-/// callers wanting atomicity go through [`super::write_atomically`]).
+/// callers wanting atomicity go through [`crate::atomic::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
     let file = File::create(path).map_err(io)?;

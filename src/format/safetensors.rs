@@ -156,7 +156,7 @@ impl View for &Bytes {
 }
 
 /// Writes `tensors` and `metadata` as a `.safetensors` file at `path` (directly:
-/// callers wanting atomicity go through [`super::write_atomically`]).
+/// callers wanting atomicity go through [`crate::atomic::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut prepared = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {

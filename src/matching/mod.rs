@@ -21,7 +21,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::store::Role;
+use crate::dtype::DtypeClass;
+use crate::entry::Role;
 
 /// Which automatic matcher pairs what the rules did not decide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -77,20 +78,6 @@ impl fmt::Display for How {
             How::Plan => "plan file",
         })
     }
-}
-
-/// The kind of number a tensor holds: modules whose leaves differ in it are not
-/// the same layer (a float cast to another float is a cast, not a new kind).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DtypeClass {
-    /// Floating point of any width.
-    Floating,
-    /// Complex of any width.
-    Complex,
-    /// Integers, signed or not.
-    Integer,
-    /// Booleans.
-    Bool,
 }
 
 /// How a side lists its entries.

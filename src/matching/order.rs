@@ -35,7 +35,7 @@ use super::align::{align, Alignment};
 use super::tree::{SubtreeIds, Tree};
 use super::{How, Item, Matches, ModuleAmbiguity, ModuleMatch, Sequence, Unsure};
 use crate::dotted::{is_index, leaf, module_and_leaf};
-use crate::store::Role;
+use crate::entry::Role;
 
 /// Tokens from here up never pair (modules with no signature, modules whose
 /// place is unknown): each module gets its own.
@@ -58,7 +58,7 @@ struct Module<'a> {
     token: u32,
 }
 
-type Leaf<'a> = (&'a str, Role, super::DtypeClass, &'a [i64]);
+type Leaf<'a> = (&'a str, Role, crate::dtype::DtypeClass, &'a [i64]);
 
 fn group<'a>(items: &[Item<'a>], taken: &[bool]) -> Vec<Module<'a>> {
     let mut index: HashMap<&str, usize> = HashMap::new();

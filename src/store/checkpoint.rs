@@ -4,16 +4,17 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use super::{Entry, EntryOrder, Source, StoreKind, Target};
+use super::{Source, StoreKind, Target};
+use crate::entry::{Entry, EntryOrder};
 use crate::error::{Error, Result};
 use crate::format::{self, npz, safetensors, tch_archive, torch_pickle, Format};
 
 /// Named tensors of a state-dict file (safetensors, sharded safetensors, `.ot`,
 /// `.npz`), held in memory or mapped. The tensors are writable: writes change the
-/// checkpoint in memory, never the file it was read from, until [`Store::save`].
+/// checkpoint in memory, never the file it was read from, until [`Target::save`].
 ///
 /// Files do not record whether a tensor was a parameter or a buffer; the role is
-/// inferred ([`super::inferred_role`]).
+/// inferred (`inferred_role`).
 #[derive(Debug)]
 pub struct Checkpoint {
     origin: String,
@@ -44,7 +45,7 @@ impl Checkpoint {
 
     /// Opens a state-dict file; for a `torch.save` checkpoint dict, `key` picks
     /// the state dict inside it (`state_dict`, `model_ema`, nested as `a.b`);
-    /// without one the unique dict of tensors is picked and [`Store::key`] says which.
+    /// without one the unique dict of tensors is picked and [`Source::key`] says which.
     pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Self> {
         let path = path.as_ref();
         Self::open_as(path, format::sniff(path)?, key)
@@ -151,7 +152,7 @@ impl Checkpoint {
     /// Writes the checkpoint to `path` in `format`, whole or not at all.
     pub fn save_as(&self, path: &Path, format: Format) -> Result<()> {
         let named = self.named_tensors();
-        format::write_atomically(path, |temp| match format {
+        crate::atomic::write_atomically(path, |temp| match format {
             Format::Safetensors => safetensors::write(temp, &named, &self.metadata),
             Format::TchArchive => tch_archive::write(temp, &named),
             Format::Npz => npz::write(temp, &named),
@@ -201,7 +202,7 @@ impl Target for Checkpoint {
     }
     /// Writes in the format `path`'s extension names, else in the format read.
     fn save(&self, path: &Path) -> Result<()> {
-        let format = match format::for_extension(path) {
+        let format = match Format::for_extension(path) {
             Some(format) => format,
             None if self.format == Format::SafetensorsIndex => Format::Safetensors,
             None => self.format,

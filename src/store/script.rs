@@ -3,9 +3,9 @@ use std::path::Path;
 
 use tch::{Device, Tensor};
 
-use super::{Entry, EntryOrder, Source, StoreKind, Target};
+use super::{Source, StoreKind, Target};
+use crate::entry::{Entry, EntryOrder};
 use crate::error::Result;
-use crate::format;
 use crate::script_module::ScriptModule;
 
 /// A TorchScript module's parameters and buffers, in `state_dict()` order, with
@@ -81,6 +81,6 @@ impl Target for ModuleStore {
     }
     /// Saves the module (a module stays a module, whatever the extension).
     fn save(&self, path: &Path) -> Result<()> {
-        format::write_atomically(path, |temp| self.module.save(temp))
+        crate::atomic::write_atomically(path, |temp| self.module.save(temp))
     }
 }

@@ -4,8 +4,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Entry, Role, Source};
+use super::Source;
 use crate::dtype;
+use crate::entry::{device_name, Entry, Role};
 
 /// Count and bytes of the entries of one role and dtype.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -112,7 +113,7 @@ impl fmt::Display for Summary {
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
                 shape_text(&entry.shape),
-                super::device_name(entry.device),
+                device_name(entry.device),
                 human_bytes(entry.bytes())
             )?;
         }

@@ -4,8 +4,9 @@ use std::path::Path;
 
 use tch::{nn::VarStore, Tensor};
 
-use super::{Checkpoint, Entry, EntryOrder, Role, Source, StoreKind, Target};
+use super::{Checkpoint, Source, StoreKind, Target};
 use crate::dotted::{leaf as leaf_of, module_and_leaf, natural_cmp};
+use crate::entry::{Entry, EntryOrder, Role};
 use crate::error::{Error, Result};
 use crate::ffi::tensor_identity;
 use crate::format::Format;

@@ -12,11 +12,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
-use transplant::copy::{self, Options};
-use transplant::diff::{self, Tolerance};
-use transplant::plan::NameOrder;
-use transplant::store::{self, ModuleStore};
-use transplant::{outputs, Format, Mapping, Matcher, Plan, Policy, Report, ScriptModule, Summary};
+use transplant::{
+    compare_outputs, copy_with, diff, CopyOptions, Format, Mapping, Matcher, ModuleStore, NameOrder, Plan,
+    Policy, Report, ScriptModule, Summary, Tolerance,
+};
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
 
@@ -77,7 +76,7 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
             matcher == Matcher::Order,
             "--order-from lends a registration order to the order matcher: add --match order"
         );
-        let store = store::open(model).with_context(|| format!("--order-from {}", model.display()))?;
+        let store = transplant::open(model).with_context(|| format!("--order-from {}", model.display()))?;
         mapping.source_order = Some(NameOrder::of(store.as_ref())?);
     }
     Ok((mapping, Policy { strict: args.strict, allow_lossy_casts: false }))
@@ -86,7 +85,7 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
 fn run(command: Command) -> Result<Outcome> {
     match command {
         Command::Inspect { model, key, json } => {
-            let store = store::open_with_key(&model, key.as_deref())?;
+            let store = transplant::open_with_key(&model, key.as_deref())?;
             emit(json, &Summary::of(store.as_ref()))?;
             Ok(Outcome::Complete)
         }
@@ -143,8 +142,8 @@ fn run(command: Command) -> Result<Outcome> {
                 );
             }
             let bar = progress::Bar::default();
-            let options = Options { progress: Some(&bar), ..Options::default() };
-            let copied = copy::execute_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
+            let options = CopyOptions { progress: Some(&bar), ..CopyOptions::default() };
+            let copied = copy_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
             let written = transfer::write_output(target.as_ref(), &out)?;
             let report = Report::new(&plan, &policy, Some(copied));
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;
@@ -161,15 +160,15 @@ fn run(command: Command) -> Result<Outcome> {
         Command::Diff { a, b, mapping: args, rtol, atol, json } => {
             let (mapping, _) = mapping(&args)?;
             let first = transfer::open_source(&a, args.key.as_deref())?;
-            let second = store::open(&b)?;
+            let second = transplant::open(&b)?;
             let plan = Plan::build(first.as_ref(), second.as_ref(), &mapping)?;
-            let diff = diff::compare(&plan, first.as_ref(), second.as_ref(), Tolerance { rtol, atol })?;
+            let diff = diff(&plan, first.as_ref(), second.as_ref(), Tolerance { rtol, atol })?;
             emit(json, &diff)?;
             Ok(if diff.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
         Command::Verify { a, b, inputs, atol, seed, json } => {
             let (mut first, mut second) = (module(&a)?, module(&b)?);
-            let comparison = outputs::compare(&mut first, &mut second, &inputs, seed, atol)?;
+            let comparison = compare_outputs(&mut first, &mut second, &inputs, seed, atol)?;
             emit(json, &comparison)?;
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
@@ -178,7 +177,7 @@ fn run(command: Command) -> Result<Outcome> {
 
 /// Loads a TorchScript module, or says why a file is not one.
 fn module(path: &Path) -> Result<ScriptModule> {
-    let kind = transplant::format::sniff(path)?;
+    let kind = transplant::sniff(path)?;
     anyhow::ensure!(
         kind == Format::TorchScript,
         "{}: verify runs TorchScript modules, and this is a {kind}",

@@ -3,7 +3,7 @@ use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use transplant::copy::Progress;
+use transplant::Progress;
 
 /// Copies shorter than this show no progress bar.
 const MIN_BYTES: u64 = 256 << 20;

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
 
-use transplant::format::{self, Format};
-use transplant::store::{self, Checkpoint, ModuleStore, StoreKind, Target};
-use transplant::{Error, Result, ScriptModule};
+use transplant::{Checkpoint, Error, Format, ModuleStore, Result, ScriptModule, StoreKind, Target};
 
 /// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
 pub fn device(text: &str) -> Result<Device> {
@@ -46,13 +44,13 @@ pub fn device(text: &str) -> Result<Device> {
 
 /// Opens the model to copy from (`key`: see [`store::open_with_key`]).
 pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
-    store::open_with_key(path, key)
+    transplant::open_with_key(path, key)
 }
 
 /// Opens the model to copy into, its tensors on `device` and, with `dtype`,
 /// its floating tensors converted to that dtype.
 pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
-    match format::sniff(path)? {
+    match transplant::sniff(path)? {
         Format::TorchScript => {
             let mut module = ScriptModule::load_on(path, device)?;
             if dtype.is_some() {
@@ -120,7 +118,7 @@ pub struct Written {
 /// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
 /// `.ot`, `.npz`), which then gets the target's state dict.
 pub fn write_output(target: &dyn Target, out: &Path) -> Result<Written> {
-    let asked = format::for_extension(out);
+    let asked = Format::for_extension(out);
     let own = match target.kind() {
         StoreKind::Checkpoint(f) => Some(f),
         _ => None,

@@ -1,0 +1,64 @@
+//! Writing a file whole or not at all: a temporary file in the same folder,
+//! synced, then renamed over the destination. Used by every writer (formats,
+//! stores, plan files).
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// Removes `.NAME.transplant-tmp-PID-N` files that a killed earlier write left
+/// in `folder`: those whose process is gone (Linux: no /proc/PID).
+fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
+    let Some(name) = name.to_str() else { return };
+    let prefix = format!(".{name}.transplant-tmp-");
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `path` whole or not at all: `write` fills a temporary file in the same
+/// folder, which is flushed to disk and renamed over `path` only if it succeeded.
+/// The temporary file is named `.NAME.transplant-tmp-PID-N` and removed on
+/// failure; one left by a process that was killed is removed by the next write
+/// to the same path. Errors name `path`, not the temporary file.
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let io = |source| Error::Io { path: path.into(), source };
+    let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    remove_stale_temporaries(&folder, name);
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(
+        ".transplant-tmp-{}-{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temp = folder.join(temp_name);
+    let written = write(&temp).map_err(|error| error.with_path(&temp, path));
+    let result = written.and_then(|()| {
+        let file = File::options().read(true).write(true).open(&temp).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&temp, path).map_err(io)?;
+        // Make the rename itself durable; not every filesystem allows syncing a folder.
+        if let Ok(dir) = File::open(&folder) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}

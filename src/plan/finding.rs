@@ -1,0 +1,265 @@
+//! What a plan can find ([`Finding`]), how serious each is under a policy
+//! ([`Severity`]), and how each reads.
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{Policy, Side};
+use crate::entry::Role;
+use crate::matching::{How, Unsure};
+
+/// How serious a finding is under a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Worth knowing, never a failure.
+    Note,
+    /// Reported; an error under `strict`.
+    Warning,
+    /// The plan cannot be executed.
+    Error,
+}
+
+/// Something the plan found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// Shapes differ: never broadcast.
+    ShapeMismatch {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source shape.
+        source_shape: Vec<i64>,
+        /// Target shape.
+        target_shape: Vec<i64>,
+        /// What paired them.
+        provenance: String,
+    },
+    /// Several sources end on one target name.
+    Collision {
+        /// The target name.
+        target: String,
+        /// Each source and the rule that renamed it.
+        sources: Vec<(String, String)>,
+    },
+    /// A cast that loses information.
+    LossyCast {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// A rule that matched no source name.
+    UnusedRule {
+        /// The rule as written.
+        rule: String,
+        /// Where it was written.
+        at: String,
+    },
+    /// A name with several equally good candidates.
+    Ambiguous {
+        /// Side of the name.
+        side: Side,
+        /// The name.
+        name: String,
+        /// Its candidates on the other side.
+        candidates: Vec<String>,
+        /// The matcher step.
+        how: How,
+        /// Whether a pair was still made (by position); if not, all stay left over.
+        paired: bool,
+    },
+    /// Some tensors of a target BatchNorm get values and others do not.
+    PartialBatchNorm {
+        /// The module (`features.0.bn`).
+        module: String,
+        /// Tensors of it that get values.
+        copied: Vec<String>,
+        /// Tensors of it that keep their own values.
+        missing: Vec<String>,
+    },
+    /// A `num_batches_tracked` with no counterpart on the other side (tch's
+    /// `nn::batch_norm` and old checkpoints have none): harmless, it only counts
+    /// training batches.
+    NumBatchesTracked {
+        /// The side that has it.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+    /// A parameter copied onto a buffer, or the reverse.
+    RoleMismatch {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source role.
+        source_role: Role,
+        /// Target role.
+        target_role: Role,
+    },
+    /// An entry that nothing paired.
+    Leftover {
+        /// Its side.
+        side: Side,
+        /// Its name.
+        name: String,
+    },
+    /// A module the order matcher left unpaired although the other side has
+    /// compatible ones: it could not tell which.
+    AmbiguousModule {
+        /// Side of the module.
+        side: Side,
+        /// The module path.
+        module: String,
+        /// Compatible modules of the other side (the first few).
+        candidates: Vec<String>,
+        /// How many more candidates there are.
+        more: usize,
+        /// Why it was not decided.
+        why: Unsure,
+    },
+    /// A side keeps no registration order: the order matcher put its modules in
+    /// natural order (indices as numbers).
+    OrderReconstructed {
+        /// The side.
+        side: Side,
+        /// Its store.
+        store: String,
+    },
+    /// The two module sequences differ too much to be aligned.
+    Unaligned {
+        /// Modules of the source.
+        source_modules: usize,
+        /// Modules of the target.
+        target_modules: usize,
+    },
+    /// A source and a target tensor left over hold as many elements (in equal
+    /// or other shapes), and nothing else left over does: a rule — with a
+    /// `reshape` where the shapes differ — may be what is missing.
+    CouldPair {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Source shape.
+        source_shape: Vec<i64>,
+        /// Target shape.
+        target_shape: Vec<i64>,
+        /// A rule that would pair them, as written in a rules file, where the
+        /// shapes are equal (the rule language has no reshape yet).
+        rule: Option<String>,
+    },
+}
+
+impl Finding {
+    /// How serious this finding is under `policy`.
+    pub fn severity(&self, policy: &Policy) -> Severity {
+        let escalate = |s| if policy.strict { Severity::Error } else { s };
+        match self {
+            Finding::ShapeMismatch { .. } | Finding::Collision { .. } => Severity::Error,
+            Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
+            Finding::LossyCast { .. } => escalate(Severity::Warning),
+            Finding::NumBatchesTracked { .. }
+            | Finding::OrderReconstructed { .. }
+            | Finding::CouldPair { .. } => Severity::Note,
+            Finding::AmbiguousModule { .. } | Finding::Unaligned { .. } => escalate(Severity::Warning),
+            Finding::UnusedRule { .. }
+            | Finding::Ambiguous { .. }
+            | Finding::PartialBatchNorm { .. }
+            | Finding::RoleMismatch { .. }
+            | Finding::Leftover { .. } => escalate(Severity::Warning),
+        }
+    }
+}
+
+/// A module path as shown: the root module has no name.
+fn shown(module: &str) -> &str {
+    if module.is_empty() {
+        "(root)"
+    } else {
+        module
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => write!(
+                f,
+                "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
+                 shapes must be equal, nothing is broadcast"
+            ),
+            Finding::Collision { target, sources } => {
+                let list: Vec<String> = sources.iter().map(|(s, r)| format!("{s} (by {r})")).collect();
+                write!(f, "collision: {} all map to {target}", list.join(", "))
+            }
+            Finding::LossyCast { source, target, reason } => {
+                write!(f, "lossy cast: {source} -> {target}: {reason} (allow lossy casts to proceed)")
+            }
+            Finding::UnusedRule { rule, at } => write!(f, "unused rule at {at}: `{rule}` matched no source name"),
+            Finding::Ambiguous { side, name, candidates, how, paired } => write!(
+                f,
+                "ambiguous ({how}): {side} {name} could pair with {}{}",
+                candidates.join(", "),
+                if *paired { "; paired by position, confirm or add a rule" } else { "; left unpaired, add a rule" }
+            ),
+            Finding::PartialBatchNorm { module, copied, missing } => write!(
+                f,
+                "BatchNorm {module} copied in part: {} get values, {} keep the target's (eval outputs will differ)",
+                copied.join(", "),
+                missing.join(", ")
+            ),
+            Finding::NumBatchesTracked { side, name } => write!(
+                f,
+                "{side} {name} has no counterpart (harmless: it only counts training batches; \
+                 tch's batch_norm and old checkpoints have none)"
+            ),
+            Finding::RoleMismatch { source, target, source_role, target_role } => {
+                write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
+            }
+            Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::AmbiguousModule { side, module, candidates, more, why } => {
+                let more = if *more > 0 { format!(" and {more} more") } else { String::new() };
+                let why = match why {
+                    Unsure::Tie => "equally good alignments disagree",
+                    Unsure::PlaceUnknown => {
+                        "its store keeps no registration order, and its signature occurs among siblings whose order is lost"
+                    }
+                };
+                write!(
+                    f,
+                    "ambiguous (order): {side} module {} could be {}{more} ({why}); left unpaired, add a rule",
+                    shown(module),
+                    candidates.iter().map(|c| shown(c)).collect::<Vec<_>>().join(", ")
+                )
+            }
+            Finding::OrderReconstructed { side, store } => write!(
+                f,
+                "{side} {store} keeps no registration order: modules were put in natural order \
+                 (indices as numbers); pairs marked `order, reconstructed` rest on it alone \
+                 (--order-from MODEL lends the real order)"
+            ),
+            Finding::Unaligned { source_modules, target_modules } => write!(
+                f,
+                "the order matcher gave up: {source_modules} source and {target_modules} target modules \
+                 differ too much to align; add rules"
+            ),
+            Finding::CouldPair { source, target, source_shape, target_shape, rule } => match rule {
+                Some(rule) => write!(
+                    f,
+                    "left over: {source} and {target} are both {source_shape:?}; the rule `{rule}` would pair them"
+                ),
+                None => write!(
+                    f,
+                    "left over: {source} {source_shape:?} and {target} {target_shape:?} hold as many \
+                     elements: they differ by a reshape"
+                ),
+            },
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The plan: every pair (with the rule or matcher that made it and the cast it
+//! needs), everything left over on both sides, and every finding — all known
+//! before a single tensor is written. [`Plan::check`] applies a [`Policy`].
+//!
+//! - `mapping.rs`: how names are mapped ([`Mapping`]: rules, a matcher, a lent order);
+//! - `build.rs`: [`Plan::build`], in steps: rules, collisions, renamed pairs,
+//!   the matcher, then what follows from the pairs;
+//! - `finding.rs`: what a plan can find, and how serious each is;
+//! - `file.rs`: plans saved as JSON and replayed.
+//!
+//! A plan reads names, roles, dtypes and shapes; it never reads tensor values
+//! or writes a file except as asked ([`Plan::save`]).
+mod build;
+mod file;
+mod finding;
+mod mapping;
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tch::Kind;
+
+pub use file::{PlanFile, PlannedPair};
+pub use finding::{Finding, Severity};
+pub use mapping::{Mapping, NameOrder};
+
+use crate::dtype;
+use crate::entry::Name;
+use crate::error::{Error, Result};
+use crate::matching::{How, Matcher, ModuleMatch};
+use crate::store::Source;
+
+/// What a check tolerates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Leftovers, unused rules, ambiguities and warnings become errors.
+    pub strict: bool,
+    /// Casts that can lose information (float → integer, values out of the
+    /// target type's range) are allowed.
+    pub allow_lossy_casts: bool,
+}
+
+/// A dtype conversion a pair needs (the target keeps its dtype).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cast {
+    /// Source dtype.
+    #[serde(serialize_with = "kind_name")]
+    pub from: Kind,
+    /// Target dtype.
+    #[serde(serialize_with = "kind_name")]
+    pub to: Kind,
+    /// Why the cast loses information, when it does.
+    pub lossy: Option<String>,
+}
+
+fn kind_name<S: serde::Serializer>(kind: &Kind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(dtype::name(*kind))
+}
+
+/// One source tensor going into one target tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair {
+    /// Index of the source entry.
+    pub source: usize,
+    /// Index of the target entry.
+    pub target: usize,
+    /// Source name.
+    pub source_name: Name,
+    /// Target name.
+    pub target_name: Name,
+    /// The rule that renamed the source, as written (`pattern => replacement`).
+    pub rule: Option<Arc<str>>,
+    /// The matcher step that paired the (renamed) names.
+    pub how: How,
+    /// The dtype conversion, if the dtypes differ.
+    pub cast: Option<Cast>,
+}
+
+impl Pair {
+    /// `rule … then exact`, `suffix`, `order`: what made this pair.
+    pub fn provenance(&self) -> String {
+        match &self.rule {
+            Some(rule) if self.how == How::Exact => format!("rule `{rule}`"),
+            Some(rule) => format!("rule `{rule}` + {}", self.how),
+            None => self.how.to_string(),
+        }
+    }
+}
+
+/// Which side of the transfer an entry is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The model copied from.
+    Source,
+    /// The model copied into.
+    Target,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+/// An entry that takes no part in the transfer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Leftover {
+    /// Source or target.
+    pub side: Side,
+    /// Index of the entry on its side.
+    pub index: usize,
+    /// Its name.
+    pub name: Name,
+    /// Why it is left over, when that is expected (skipped by a rule, a
+    /// `num_batches_tracked` with no counterpart); `None` when nothing paired it.
+    pub explained: Option<String>,
+}
+
+/// The whole transfer, decided and checked before anything is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Where the source tensors come from.
+    pub source: String,
+    /// Where the target tensors live.
+    pub target: String,
+    /// The matcher used.
+    pub matcher: Matcher,
+    /// Every pair, in target order.
+    pub pairs: Vec<Pair>,
+    /// The modules the order matcher aligned (empty for the other matchers).
+    pub modules: Vec<ModuleMatch>,
+    /// How each side was ordered, when the order matcher ran.
+    pub order: Option<Orders>,
+    /// Source entries that go nowhere.
+    pub source_leftovers: Vec<Leftover>,
+    /// Target entries that receive nothing.
+    pub target_leftovers: Vec<Leftover>,
+    /// Everything found, whatever the policy.
+    pub findings: Vec<Finding>,
+}
+
+/// The order a side's modules were aligned in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "order", rename_all = "snake_case")]
+pub enum OrderUsed {
+    /// The store's own registration order.
+    Registration,
+    /// Reconstructed from the names (natural order): the store keeps none.
+    Reconstructed,
+    /// Lent by another model (`--order-from`).
+    From {
+        /// That model.
+        model: String,
+    },
+}
+
+/// How both sides were ordered for the order matcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Orders {
+    /// The source's order.
+    pub source: OrderUsed,
+    /// The target's order.
+    pub target: OrderUsed,
+}
+
+impl Orders {
+    /// Whether either side's order was reconstructed from names.
+    pub fn reconstructed(&self) -> bool {
+        self.source == OrderUsed::Reconstructed || self.target == OrderUsed::Reconstructed
+    }
+}
+
+impl Plan {
+    /// Whether `source` and `target` list, at every paired index, the entries
+    /// this plan paired (name, dtype and shape as planned).
+    pub fn fits(&self, source: &dyn Source, target: &dyn Source) -> bool {
+        // Names are shared: against the stores the plan was made for, `Name`'s
+        // equality finds the very same allocation without reading the strings.
+        let same = |store: &dyn Source, index: usize, name: &Name| {
+            store.entries().get(index).is_some_and(|e| e.name == *name)
+        };
+        self.pairs
+            .iter()
+            .all(|p| same(source, p.source, &p.source_name) && same(target, p.target, &p.target_name))
+    }
+
+    /// `Ok` when [`Plan::fits`] `source` and `target`; else an error naming them.
+    pub fn ensure_fits(&self, source: &dyn Source, target: &dyn Source) -> Result<()> {
+        if self.fits(source, target) {
+            return Ok(());
+        }
+        Err(Error::PlanRejected {
+            from: self.source.clone(),
+            target: self.target.clone(),
+            problems: vec![format!(
+                "{} -> {} are not the stores this plan was made for",
+                source.origin(),
+                target.origin()
+            )],
+        })
+    }
+
+    /// The findings with their severity under `policy`, most serious first.
+    pub fn problems(&self, policy: &Policy) -> Vec<(Severity, &Finding)> {
+        let mut out: Vec<(Severity, &Finding)> =
+            self.findings.iter().map(|f| (f.severity(policy), f)).collect();
+        out.sort_by_key(|(severity, _)| std::cmp::Reverse(*severity));
+        out
+    }
+
+    /// `Ok` when no finding is an error under `policy`; else an error listing them.
+    pub fn check(&self, policy: &Policy) -> Result<()> {
+        let errors: Vec<String> = self
+            .problems(policy)
+            .into_iter()
+            .filter(|(s, _)| *s == Severity::Error)
+            .map(|(_, f)| f.to_string())
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PlanRejected {
+                from: self.source.clone(),
+                target: self.target.clone(),
+                problems: errors,
+            })
+        }
+    }
+
+    /// How many entries, on both sides, are left over without an explanation.
+    pub fn open_leftovers(&self) -> usize {
+        self.source_leftovers.iter().chain(&self.target_leftovers).filter(|l| l.explained.is_none()).count()
+    }
+
+    /// Whether every target entry receives a value and every source entry goes
+    /// somewhere, apart from what is explained (skipped by a rule, a
+    /// `num_batches_tracked` with no counterpart).
+    pub fn is_complete(&self) -> bool {
+        self.open_leftovers() == 0
+            && !self
+                .findings
+                .iter()
+                .any(|f| matches!(f, Finding::Collision { .. } | Finding::ShapeMismatch { .. }))
+    }
+}
