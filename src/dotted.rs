@@ -2,6 +2,8 @@
 //! leaf, and the natural order of names. One place for both, imported by the
 //! matchers, the plan and the stores.
 use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 /// `("features.3.bn", "running_mean")`; a name without a dot is a leaf of the root
 /// module `""`.
@@ -61,6 +63,31 @@ pub fn segments(path: &str) -> impl Iterator<Item = &str> {
     (!path.is_empty()).then(|| path.split('.')).into_iter().flatten()
 }
 
+/// Finds names among a list of unique names, trying first the position a name
+/// is expected at: two models of one architecture list the same names in the
+/// same order, so that is where a name usually is, and the index of every name
+/// is only built on the first miss.
+pub struct NameLookup<'a> {
+    names: Vec<&'a str>,
+    index: OnceLock<HashMap<&'a str, usize>>,
+}
+
+impl<'a> NameLookup<'a> {
+    /// A lookup over `names` (unique).
+    pub fn new(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Self { names: names.into_iter().collect(), index: OnceLock::new() }
+    }
+
+    /// The position of `name`, checking `expected` first.
+    pub fn find(&self, name: &str, expected: usize) -> Option<usize> {
+        if self.names.get(expected) == Some(&name) {
+            return Some(expected);
+        }
+        let index = self.index.get_or_init(|| self.names.iter().enumerate().map(|(j, n)| (*n, j)).collect());
+        index.get(name).copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +110,15 @@ mod tests {
         );
         assert_eq!(natural_cmp("a.99999999999999999999999", "a.100000000000000000000000"), Ordering::Less);
         assert_eq!(natural_cmp("a.007", "a.7"), "a.007".cmp("a.7"), "equal numbers still order totally");
+    }
+
+    #[test]
+    fn lookups_try_the_expected_place_then_the_index() {
+        let lookup = NameLookup::new(["a", "b", "c"]);
+        assert_eq!(lookup.find("b", 1), Some(1));
+        assert!(lookup.index.get().is_none(), "no index built while names are where expected");
+        assert_eq!(lookup.find("c", 0), Some(2));
+        assert_eq!(lookup.find("z", 0), None);
     }
 
     #[test]

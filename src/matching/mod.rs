@@ -21,6 +21,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::dotted::NameLookup;
 use crate::dtype::DtypeClass;
 use crate::entry::Role;
 
@@ -223,19 +224,23 @@ pub fn run(
     out
 }
 
+/// Pairs equal names. (Names are unique within a store, and renamed duplicates
+/// were set aside as collisions, so a name has one exact match at most.)
 fn exact(sources: &[Item], targets: &[Item], fs: &mut [bool], ft: &mut [bool], out: &mut Matches) {
-    // Models of one architecture list the same names in the same order: pair
-    // those without hashing. (Names are unique within a store, and renamed
-    // duplicates were set aside as collisions, so an equal name at the same
-    // index is the one exact match.)
-    for (i, (s, t)) in sources.iter().zip(targets).enumerate() {
-        if !fs[i] && !ft[i] && s.name == t.name {
+    if !fs.contains(&false) || !ft.contains(&false) {
+        return;
+    }
+    let lookup = NameLookup::new(targets.iter().map(|t| t.name));
+    for (i, s) in sources.iter().enumerate() {
+        if fs[i] {
+            continue;
+        }
+        if let Some(j) = lookup.find(s.name, i).filter(|&j| !ft[j]) {
             fs[i] = true;
-            ft[i] = true;
-            out.pairs.push((i, i, How::Exact));
+            ft[j] = true;
+            out.pairs.push((i, j, How::Exact));
         }
     }
-    by_key(sources, targets, fs, ft, out, How::Exact, |n| n);
 }
 
 /// Pairs entries whose `key(name)` is equal and unique on both sides.
