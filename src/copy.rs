@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::ffi;
-use crate::plan::{Pair, Plan, Policy};
+use crate::plan::{Plan, Policy};
 use crate::store::{Source, Target};
 
 /// Told how a copy advances. The library draws nothing itself: the command
@@ -255,15 +255,15 @@ fn compare(plan: &Plan, pairs: &ffi::Pairs) -> Result<()> {
 /// (bit for bit, after converting to the target's dtype and device); the error
 /// names the first pair that does not.
 pub fn verify(plan: &Plan, source: &dyn Source, target: &dyn Source) -> Result<()> {
-    let missing = |pair: &Pair| Error::Verification {
-        source_name: pair.source_name.to_string(),
-        target: pair.target_name.to_string(),
+    let missing = |store: &dyn Source, name: &str| Error::MissingTensor {
+        store: store.origin().to_string(),
+        tensor: name.to_string(),
     };
     let mut sources = Vec::with_capacity(plan.pairs.len());
     let mut targets = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {
-        sources.push(source.tensor(pair.source).ok_or_else(|| missing(pair))?);
-        targets.push(target.tensor(pair.target).ok_or_else(|| missing(pair))?);
+        sources.push(source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name))?);
+        targets.push(target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name))?);
     }
     // Tensors of other shapes cannot hold the same values.
     let pairs = ffi::Pairs::to_read(&targets, &sources).map_err(|(index, message)| match index {

@@ -75,11 +75,12 @@ pub fn diff(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -
     let _no_grad = tch::no_grad_guard();
     let mut pairs = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {
-        let missing = || Error::Verification {
-            source_name: pair.source_name.to_string(),
-            target: pair.target_name.to_string(),
+        let missing = |store: &dyn Source, name: &str| Error::MissingTensor {
+            store: store.origin().to_string(),
+            tensor: name.to_string(),
         };
-        let (x, y) = (a.tensor(pair.source).ok_or_else(missing)?, b.tensor(pair.target).ok_or_else(missing)?);
+        let x = a.tensor(pair.source).ok_or_else(|| missing(a, &pair.source_name))?;
+        let y = b.tensor(pair.target).ok_or_else(|| missing(b, &pair.target_name))?;
         let (ex, ey) = (&a.entries()[pair.source], &b.entries()[pair.target]);
         let dtypes = (ex.dtype != ey.dtype)
             .then(|| (dtype::name(ex.dtype).to_string(), dtype::name(ey.dtype).to_string()));

@@ -154,6 +154,14 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// A store lacks a tensor a plan pairs: the plan was made for other models.
+    #[error("{store} has no tensor {tensor}: the plan was made for other models")]
+    MissingTensor {
+        /// The store.
+        store: String,
+        /// The tensor the plan names.
+        tensor: String,
+    },
     /// A saved plan was made for models whose entries have changed since.
     #[error("plan {plan} was made for another {side}: the entries of {store} changed (names, roles, dtypes or shapes); make the plan again")]
     PlanOutdated {
@@ -268,6 +276,7 @@ impl Error {
             | Error::OrderFrom { .. }
             | Error::PlanOutdated { .. }
             | Error::Verification { .. }
+            | Error::MissingTensor { .. }
             | Error::CopyFailed { .. }
             | Error::Tensor { .. } => {}
         }

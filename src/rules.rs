@@ -10,7 +10,9 @@
 //! target name (`$1`, `${name}`). Rules are tried in order and the first that
 //! matches decides; a name no rule matches keeps its name. Every rule is compiled
 //! when parsed (a bad pattern is an error naming where the rule came from), and
-//! candidates are found with one `RegexSet`, so mapping many names stays cheap.
+//! the first rule that matches a name is found by one regex of all patterns
+//! (built on first use; tried one by one if too large), so mapping many names
+//! stays cheap.
 use std::fmt;
 use std::path::Path;
 use std::sync::OnceLock;

@@ -190,7 +190,12 @@ fn a_saved_plan_replays_and_refuses_other_models() {
     let out = dir.path().join("out.pt");
     let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--plan", s(&plan)]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stdout.contains("plan file"), "{}", run.stdout);
+    // Replayed pairs keep what made them, and the plan the matcher it was made with.
+    assert!(
+        run.stdout.contains("(plan file: order)") && run.stdout.contains("(matcher: order)"),
+        "{}",
+        run.stdout
+    );
     let other = dir.path().join("other.pt");
     let run = copy(&[s(&src), s(&fixture("bn_net_b.pt")), "-o", s(&other), "--plan", s(&plan)]);
     assert_eq!(run.code, 1);

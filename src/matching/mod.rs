@@ -19,14 +19,14 @@ mod tree;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dotted::NameLookup;
 use crate::dtype::DtypeClass;
 use crate::entry::Role;
 
 /// Which automatic matcher pairs what the rules did not decide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Matcher {
     /// Names must be equal after the rules.

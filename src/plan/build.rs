@@ -79,6 +79,7 @@ impl<'a> Builder<'a> {
             rule: rule.map(|r| Arc::clone(&self.rule_texts[r])),
             how,
             cast,
+            recorded: None,
         }
     }
 }

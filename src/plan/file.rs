@@ -55,6 +55,10 @@ pub struct PlanFile {
     pub source_leftovers: Vec<String>,
     /// Target names left over.
     pub target_leftovers: Vec<String>,
+    /// The matcher the plan was made with (absent in files written before it
+    /// was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<Matcher>,
 }
 
 /// One pair of a saved plan.
@@ -101,6 +105,7 @@ impl Plan {
                 .collect(),
             source_leftovers: self.source_leftovers.iter().map(|l| l.name.to_string()).collect(),
             target_leftovers: self.target_leftovers.iter().map(|l| l.name.to_string()).collect(),
+            matcher: Some(self.matcher),
         })
     }
 
@@ -157,8 +162,11 @@ impl Plan {
                 return Err(bad(format!("target tensor {} is named by two pairs", p.target)));
             }
             b.pair(i, j, None, How::Plan);
+            if let Some(pair) = b.pairs.last_mut() {
+                pair.recorded = Some(p.provenance.as_str().into());
+            }
         }
         b.pairs.sort_by_key(|p| p.target);
-        Ok(Self::finish(b, Matcher::Exact))
+        Ok(Self::finish(b, file.matcher.unwrap_or(Matcher::Exact)))
     }
 }

@@ -78,6 +78,9 @@ pub struct Pair {
     pub how: How,
     /// The dtype conversion, if the dtypes differ.
     pub cast: Option<Cast>,
+    /// For a pair replayed from a plan file: what made it when the plan was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<Arc<str>>,
 }
 
 impl Pair {
@@ -86,7 +89,10 @@ impl Pair {
         match &self.rule {
             Some(rule) if self.how == How::Exact => format!("rule `{rule}`"),
             Some(rule) => format!("rule `{rule}` + {}", self.how),
-            None => self.how.to_string(),
+            None => match (&self.recorded, self.how) {
+                (Some(recorded), How::Plan) => format!("plan file: {recorded}"),
+                _ => self.how.to_string(),
+            },
         }
     }
 }
@@ -179,8 +185,10 @@ impl Orders {
 }
 
 impl Plan {
-    /// Whether `source` and `target` list, at every paired index, the entries
-    /// this plan paired (name, dtype and shape as planned).
+    /// Whether `source` and `target` list, at every paired index, an entry of
+    /// the name this plan paired there. (Dtypes and shapes are checked again,
+    /// on the live tensors, by the copy; a saved plan is replayed only on stores
+    /// whose entries' digests are unchanged.)
     pub fn fits(&self, source: &dyn Source, target: &dyn Source) -> bool {
         // Names are shared: against the stores the plan was made for, `Name`'s
         // equality finds the very same allocation without reading the strings.

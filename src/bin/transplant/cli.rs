@@ -79,7 +79,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Compare two models tensor by tensor (after mapping B's names to A's).
+    /// Compare two models tensor by tensor (A's names mapped onto B's by the
+    /// rules and the matcher, as `plan A B` would).
     Diff {
         /// The first model.
         a: PathBuf,
