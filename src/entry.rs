@@ -1,8 +1,9 @@
 //! The shared vocabulary of every stage: a tensor's [`Name`], its [`Role`], the
 //! [`Entry`] that describes it, and whether a store lists entries in
-//! [`EntryOrder::Registration`]. Everything above imports these; this imports
-//! nothing above it.
+//! [`EntryOrder::Registration`], and the [`Format`] a model file is in.
+//! Everything above imports these; this imports nothing above it.
 use std::fmt;
+use std::path::Path;
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -213,5 +214,62 @@ pub fn inferred_role(name: &str, dtype: Kind) -> Role {
         Role::Buffer
     } else {
         Role::Parameter
+    }
+}
+
+/// A kind of model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// A TorchScript module (`torch.jit.save`).
+    TorchScript,
+    /// A `torch.save` zip archive (PyTorch ≥ 1.6).
+    TorchSave,
+    /// A `torch.save` file in the legacy, pre-1.6 (non-zip) format.
+    TorchSaveLegacy,
+    /// A `.safetensors` file.
+    Safetensors,
+    /// A Hugging Face `*.safetensors.index.json` naming the shards of one checkpoint.
+    SafetensorsIndex,
+    /// What tch's `VarStore::save` / `Tensor::save_multi` writes (`.ot`).
+    TchArchive,
+    /// A numpy `.npz` archive of `.npy` arrays.
+    Npz,
+}
+
+impl Format {
+    /// The formats a file's extension asks for when writing, if any.
+    pub fn for_extension(path: &Path) -> Option<Format> {
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let format = if name.ends_with(".safetensors") {
+            Format::Safetensors
+        } else if name.ends_with(".ot") {
+            Format::TchArchive
+        } else if name.ends_with(".npz") {
+            Format::Npz
+        } else if name.ends_with(".pth") || name.ends_with(".bin") || name.ends_with(".ckpt") {
+            Format::TorchSave
+        } else if name.ends_with(".pt") {
+            // `.pt` is used for modules and state dicts alike; the caller decides.
+            return None;
+        } else if name.ends_with(".index.json") {
+            Format::SafetensorsIndex
+        } else {
+            return None;
+        };
+        Some(format)
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::TorchScript => "TorchScript module",
+            Format::TorchSave => "torch.save checkpoint",
+            Format::TorchSaveLegacy => "legacy torch.save checkpoint",
+            Format::Safetensors => "safetensors",
+            Format::SafetensorsIndex => "sharded safetensors index",
+            Format::TchArchive => "tch archive (.ot)",
+            Format::Npz => "npz",
+        })
     }
 }

@@ -84,7 +84,7 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// Its format.
-        format: crate::format::Format,
+        format: crate::entry::Format,
         /// What to do instead.
         hint: String,
     },
@@ -132,7 +132,7 @@ pub enum Error {
     #[error("rule at {at}: {message}")]
     Rule {
         /// Where the rule was written.
-        at: crate::rules::RuleSource,
+        at: String,
         /// What is wrong.
         message: String,
     },

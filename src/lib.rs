@@ -3,24 +3,24 @@
 
 // The stages, from the bottom up (the README's architecture section): each
 // module imports only those above it in this list.
-mod atomic;
-mod chunks;
-mod copy;
-mod diff;
-mod dotted;
 mod dtype;
+mod dotted;
 mod entry;
 mod error;
+mod atomic;
 mod ffi;
+mod chunks;
 mod format;
-mod matching;
-mod outputs;
-mod plan;
-mod report;
-mod rules;
 mod script_module;
-mod slot;
 mod store;
+mod rules;
+mod matching;
+mod plan;
+mod copy;
+mod diff;
+mod outputs;
+mod report;
+mod slot;
 
 pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};

@@ -202,9 +202,11 @@ impl Rules {
         let mut words = line.splitn(2, char::is_whitespace);
         match (words.next(), words.next()) {
             (Some("skip"), Some(pattern)) => self.push(pattern.trim(), Action::Skip, source),
-            (Some("skip"), None) => Err(Error::Rule { at: source, message: "`skip` needs a pattern".into() }),
+            (Some("skip"), None) => {
+                Err(Error::Rule { at: source.to_string(), message: "`skip` needs a pattern".into() })
+            }
             _ => Err(Error::Rule {
-                at: source,
+                at: source.to_string(),
                 message: format!("cannot read {line:?}: expected `PATTERN => REPLACEMENT` or `skip PATTERN`"),
             }),
         }
@@ -216,7 +218,7 @@ impl Rules {
         let source = RuleSource::Flag { flag: "--map", index: self.flags[0] };
         let Some((pattern, replacement)) = spec.split_once("=>") else {
             return Err(Error::Rule {
-                at: source,
+                at: source.to_string(),
                 message: format!("{spec:?} is not of the form PATTERN=>REPLACEMENT"),
             });
         };
@@ -233,12 +235,12 @@ impl Rules {
     /// Adds one rule after the others.
     pub fn push(&mut self, pattern: &str, action: Action, source: RuleSource) -> Result<()> {
         if pattern.is_empty() {
-            return Err(Error::Rule { at: source, message: "empty pattern".into() });
+            return Err(Error::Rule { at: source.to_string(), message: "empty pattern".into() });
         }
         if pattern.contains(char::is_whitespace) {
             let first = pattern.split_whitespace().next().unwrap_or_default();
             return Err(Error::Rule {
-                at: source,
+                at: source.to_string(),
                 message: format!(
                     "pattern {pattern:?} contains a space, which no tensor name has \
                      (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`)"
@@ -246,12 +248,12 @@ impl Rules {
             });
         }
         let regex = Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
-            at: source.clone(),
+            at: source.to_string(),
             message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
         })?;
         if let Action::Rename(replacement) = &action {
             if replacement.is_empty() {
-                return Err(Error::Rule { at: source, message: "empty replacement".into() });
+                return Err(Error::Rule { at: source.to_string(), message: "empty replacement".into() });
             }
             let names: Vec<&str> = regex.capture_names().flatten().collect();
             for group in group_references(replacement) {
@@ -261,7 +263,7 @@ impl Rules {
                 };
                 if !known {
                     return Err(Error::Rule {
-                        at: source,
+                        at: source.to_string(),
                         message: format!("replacement {replacement:?} refers to ${group}, which {pattern:?} does not capture"),
                     });
                 }

@@ -8,6 +8,10 @@
 //! (no copy); tensors are views into their storage with the pickled offset,
 //! sizes and strides, so tied weights stay tied and non-contiguous tensors stay
 //! correct. Every offset, size and stride is checked against the storage.
+//!
+//! Long because the reader and the writer of one format sit together, so that
+//! what one writes the other reads: the record layout, the pickle opcodes, the
+//! storage keys and how views share them.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Cursor, Read, Write};
