@@ -16,3 +16,17 @@ for example in identical different_arch nested varstore_to_script hot_swap; do
 done
 
 cargo test
+
+# A service that depends on the library: built as its own crate (sharing this
+# target folder), with none of the CLI's dependencies, and run without
+# LD_LIBRARY_PATH: it must find libtorch through its rpath and answer exactly as
+# the reference model does.
+echo "== embed/: a crate that depends on tch-transplant" >&2
+CARGO_TARGET_DIR="$root/target" cargo build --quiet --manifest-path embed/Cargo.toml
+if cargo tree --manifest-path embed/Cargo.toml -e normal --prefix none | grep -qE '^(clap|anyhow|indicatif) '; then
+  echo "embed/ compiles the CLI's dependencies (clap, anyhow or indicatif)" >&2
+  exit 1
+fi
+demo="$root/target/fixtures/demo"
+env -u LD_LIBRARY_PATH "$root/target/debug/transplant-embed" \
+  "$demo/state_dict.pth" "$demo/renamed_module.pt" "$demo/reference.pt"
