@@ -11,6 +11,9 @@
 //! dict), cycles cannot leak, and nothing is dropped recursively however deep
 //! the nesting. Every length is checked against the bytes left; limits bound
 //! the work and memory a hostile file can cause.
+//!
+//! Long because it is one state machine: every opcode it accepts, and the
+//! bounds each one checks, read in one place.
 use std::collections::HashMap;
 use std::rc::Rc;
 

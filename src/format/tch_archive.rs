@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// a tch archive's code defines no method at all (one `class Module` listing its
 /// tensors); a module has at least `forward`. The `.ot` extension decides too.
 pub(crate) fn is_tch_archive<R: Read + Seek>(path: &Path, archive: &mut zip::ZipArchive<R>) -> bool {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ot")) {
+    if super::Format::for_extension(path) == Some(super::Format::TchArchive) {
         return true;
     }
     let code: Vec<String> = archive
