@@ -207,14 +207,19 @@ fn verification_names_the_first_of_many_pairs_that_differ() {
     assert!(message.contains("target t15000"), "{message}");
 }
 
+/// Three 32 MB tensors of ones, and of zeros: two copy batches (64 MB, then 32 MB).
+fn three_by_32_mb() -> (Checkpoint, Checkpoint) {
+    let opts = (Kind::Float, Device::Cpu);
+    let filled = |f: fn([i64; 1], (Kind, Device)) -> Tensor| {
+        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, f([8 << 20], opts))).collect())
+    };
+    (filled(Tensor::ones), filled(Tensor::zeros))
+}
+
 #[test]
 fn a_reshaped_target_in_a_later_batch_stops_the_earlier_batches_too() {
     // 3 × 32 MB: the first two pairs fill one 64 MB batch, the third goes in another.
-    let opts = (Kind::Float, Device::Cpu);
-    let source =
-        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
-    let mut target =
-        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
+    let (source, mut target) = three_by_32_mb();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let _ = tensor_of(&target, "c").shallow_clone().resize_([2, 4 << 20]);
     let message = copy(&plan, &source, &mut target, &Policy::default()).unwrap_err().to_string();
@@ -297,11 +302,7 @@ fn progress_is_reported_to_an_observer_batch_by_batch() {
         }
     }
     // 3 × 32 MB: two batches (64 MB, then 32 MB).
-    let opts = (Kind::Float, Device::Cpu);
-    let source =
-        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::ones([8 << 20], opts))).collect());
-    let mut target =
-        checkpoint(["a", "b", "c"].into_iter().map(|n| (n, Tensor::zeros([8 << 20], opts))).collect());
+    let (source, mut target) = three_by_32_mb();
     let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
     let log = Log::default();
     let options = CopyOptions { verify: true, progress: Some(&log) };

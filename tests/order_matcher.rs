@@ -173,36 +173,19 @@ fn plan_json_shows_module_pairs_and_the_reconstructed_order() {
 #[test]
 fn order_from_must_name_every_source_tensor_and_needs_the_order_matcher() {
     let (src, dst) = (fixture("named_net.safetensors"), fixture("renamed_named_net.pt"));
-    let run = transplant([
-        "plan",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        "--match",
-        "order",
-        "--order-from",
-        dst.to_str().unwrap(),
-    ]);
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", src.to_str().unwrap(), dst.to_str().unwrap()];
+        args.extend(extra);
+        transplant(args)
+    };
+    let run = plan(&["--match", "order", "--order-from", dst.to_str().unwrap()]);
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert!(run.stderr.contains("--order-from") && run.stderr.contains("a_proj.weight"), "{}", run.stderr);
-    let run = transplant([
-        "plan",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        "--order-from",
-        fixture("named_net.pt").to_str().unwrap(),
-    ]);
+    let run = plan(&["--order-from", fixture("named_net.pt").to_str().unwrap()]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("--match order"), "{}", run.stderr);
     // A file that keeps no order of its own cannot lend one.
-    let run = transplant([
-        "plan",
-        src.to_str().unwrap(),
-        dst.to_str().unwrap(),
-        "--match",
-        "order",
-        "--order-from",
-        src.to_str().unwrap(),
-    ]);
+    let run = plan(&["--match", "order", "--order-from", src.to_str().unwrap()]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("no registration order"), "{}", run.stderr);
 }
