@@ -31,6 +31,7 @@ fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
 /// to the same path. Errors name `path`, not the temporary file.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
+    check_destination(path)?;
     let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -61,4 +62,22 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// Refuses a destination that exists and is not a regular file: a device node,
+/// a FIFO, a socket or a folder would be replaced by a regular file (as root,
+/// `/dev/null` itself), and a symbolic link is refused rather than followed or
+/// replaced (writing through it would change a file that was not named).
+fn check_destination(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let reason = if meta.file_type().is_symlink() {
+        "is a symbolic link: name the file it points to, or another path; nothing was written"
+    } else if meta.is_dir() {
+        "is a directory; nothing was written"
+    } else if !meta.is_file() {
+        "exists and is not a regular file (a device, FIFO or socket); nothing was written"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Output { path: path.into(), reason: reason.into() })
 }

@@ -269,3 +269,33 @@ fn a_long_copy_shows_progress_on_a_terminal_and_none_when_stderr_is_not_one() {
     assert!(run.status.success(), "{shown}");
     assert!(shown.contains("copying"), "no progress bar on a terminal: {shown:?}");
 }
+
+/// OUT that exists and is not a regular file is refused, nothing written: a device node (as root, `/dev/null` would be replaced), a
+/// FIFO (opening it would block), a symbolic link (neither followed nor replaced).
+#[test]
+fn an_out_that_is_a_device_a_fifo_or_a_symlink_is_refused() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (fixture("bn_net_a.pt"), fixture("bn_net_b.pt"));
+    let fifo = dir.path().join("out.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let pointed = dir.path().join("real.pt");
+    std::fs::write(&pointed, b"keep me").unwrap();
+    let link = dir.path().join("link.pt");
+    std::os::unix::fs::symlink(&pointed, &link).unwrap();
+    for (out, why) in [
+        (Path::new("/dev/null"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+        (link.as_path(), "symbolic link"),
+    ] {
+        let run = copy(&[s(&src), s(&dst), "-o", s(out)]);
+        assert_eq!(run.code, 1, "{}: {}", out.display(), run.stdout);
+        assert!(run.stderr.contains(why), "{}: {}", out.display(), run.stderr);
+    }
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null replaced");
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&pointed).unwrap(), b"keep me");
+}

@@ -98,3 +98,28 @@ fn bad_rules_exit_1_naming_the_rule_and_usage_errors_exit_2() {
     let run = transplant(["plan", src.to_str().unwrap()]);
     assert_eq!(run.code, 2);
 }
+
+#[test]
+fn save_plan_never_overwrites_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.pt"), dir.path().join("dst.pt"));
+    std::fs::copy(fixture("bn_net_a.pt"), &src).unwrap();
+    std::fs::copy(fixture("bn_net_b.pt"), &dst).unwrap();
+    let rules = dir.path().join("rules.txt");
+    std::fs::write(&rules, "nothing\\.(.*) => x.$1\n").unwrap();
+    let before = (file_hash(&src), file_hash(&dst), file_hash(&rules));
+    for input in [&src, &dst, &rules] {
+        let run = transplant([
+            "plan",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+            "--save-plan",
+            input.to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, 1, "{}", run.stdout);
+        assert!(run.stderr.contains("inputs are never modified"), "{}", run.stderr);
+    }
+    assert_eq!((file_hash(&src), file_hash(&dst), file_hash(&rules)), before);
+}

@@ -90,6 +90,9 @@ fn run(command: Command) -> Result<Outcome> {
             Ok(Outcome::Complete)
         }
         Command::Plan { src, dst, mapping: args, save_plan, json } => {
+            if let Some(path) = &save_plan {
+                transfer::check_output(path, &inputs(&[&src, &dst], &args, None))?;
+            }
             let (mapping, policy) = mapping(&args)?;
             let source = transfer::open_source(&src, args.key.as_deref())?;
             let target = transfer::open_target(&dst, tch::Device::Cpu, None)?;
@@ -104,7 +107,7 @@ fn run(command: Command) -> Result<Outcome> {
             Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
         }
         Command::Copy { src, dst, out, mapping: args, plan, device, dtype, allow_partial, json } => {
-            transfer::check_output(&out, &[&src, &dst])?;
+            transfer::check_output(&out, &inputs(&[&src, &dst], &args, plan.as_deref()))?;
             let (mapping, policy) = mapping(&args)?;
             let device = transfer::device(&device)?;
             let dtype = dtype.map(|d| match d {
@@ -173,6 +176,16 @@ fn run(command: Command) -> Result<Outcome> {
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
     }
+}
+
+/// Every file a command reads: the models, and the rules, order and plan files.
+/// None of them may be written.
+fn inputs<'a>(models: &[&'a Path], args: &'a MappingArgs, plan: Option<&'a Path>) -> Vec<&'a Path> {
+    let mut all = models.to_vec();
+    all.extend(args.rules.as_deref());
+    all.extend(args.order_from.as_deref());
+    all.extend(plan);
+    all
 }
 
 /// Loads a TorchScript module, or says why a file is not one.

@@ -84,7 +84,8 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// Refuses an output path that names one of the inputs or a folder.
+/// Refuses an output path that names one of the inputs or a folder. (The
+/// library refuses special files and symbolic links where it writes.)
 pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
     if out.is_dir() {
         return Err(Error::Output { path: out.into(), reason: "is a directory".into() });
