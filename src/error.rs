@@ -216,6 +216,22 @@ pub enum Error {
         /// Why it cannot be used.
         reason: String,
     },
+    /// An input is a device, FIFO or socket, not a regular file.
+    #[error("{path}: not a regular file (a device, FIFO or socket); refused")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file is larger than what is read of its kind.
+    #[error("{path}: larger than {limit} bytes, the most a {what} may be; refused")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What kind of file it is.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
     /// An output path cannot be used.
     #[error("output {path} {reason}")]
     Output {
@@ -254,6 +270,8 @@ impl Error {
             | Error::SaveModule { path, .. }
             | Error::NotAFile { path }
             | Error::EmptyFile { path }
+            | Error::NotRegular { path }
+            | Error::TooLarge { path, .. }
             | Error::UnknownFormat { path }
             | Error::Format { path, .. }
             | Error::Unsupported { path, .. }

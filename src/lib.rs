@@ -7,7 +7,7 @@ mod dtype;
 mod dotted;
 mod entry;
 mod error;
-mod atomic;
+mod files;
 mod ffi;
 mod chunks;
 mod format;

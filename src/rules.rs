@@ -102,6 +102,9 @@ pub enum Outcome {
     },
 }
 
+/// The largest rules file read.
+const MAX_RULES_BYTES: u64 = 16 << 20;
+
 /// An ordered list of compiled rules.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
@@ -191,7 +194,9 @@ impl Rules {
 
     /// Reads and parses a rules file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let bytes = crate::files::read_bounded(path, MAX_RULES_BYTES, "rules file")?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::Rule { at: path.display().to_string(), message: "not UTF-8 text".into() })?;
         Self::parse(&text, &path.display().to_string())
     }
 

@@ -74,14 +74,11 @@ const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// entries), not from its extension — except where two formats share one
 /// container and only the extension tells them apart (see `tch_archive`).
 pub fn sniff(path: &Path) -> Result<Format> {
-    let metadata = std::fs::metadata(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    if metadata.is_dir() {
-        return Err(Error::NotAFile { path: path.into() });
-    }
+    let mut file = crate::files::open_regular(path)?;
+    let metadata = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?;
     if metadata.len() == 0 {
         return Err(Error::EmptyFile { path: path.into() });
     }
-    let mut file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
     let mut head = [0u8; 16];
     let read = read_up_to(&mut file, &mut head).map_err(|source| Error::Io { path: path.into(), source })?;
     let head = &head[..read];
@@ -99,7 +96,7 @@ pub fn sniff(path: &Path) -> Result<Format> {
     }
     let text_start = head.iter().position(|b| !b.is_ascii_whitespace());
     if text_start.is_some_and(|i| head[i] == b'{') && metadata.len() <= MAX_INDEX_BYTES {
-        let text = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let text = crate::files::read_bounded(path, MAX_INDEX_BYTES, "sharded index")?;
         if let Ok(serde_json::Value::Object(root)) = serde_json::from_slice(&text) {
             if root.contains_key("weight_map") {
                 return Ok(Format::SafetensorsIndex);

@@ -151,7 +151,7 @@ fn read_npy(reader: &mut impl Read, declared_size: u64) -> std::result::Result<T
 
 /// Reads every array of an `.npz`, in archive order, named without `.npy`.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let file = crate::files::open_regular(path)?;
     let mut archive =
         zip::ZipArchive::new(BufReader::new(file)).map_err(|e| format_error(path, e.to_string()))?;
     let mut tensors = Vec::with_capacity(archive.len());
@@ -204,7 +204,7 @@ fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
 }
 
 /// Writes `tensors` as an uncompressed `.npz` that `numpy.load` reads (directly:
-/// callers wanting atomicity go through [`crate::atomic::write_atomically`]).
+/// callers wanting atomicity go through [`crate::files::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
     let file = File::create(path).map_err(io)?;

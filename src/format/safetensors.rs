@@ -3,7 +3,6 @@
 //! Hugging Face sharded checkpoints (`*.safetensors.index.json`).
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Component, Path};
 use std::sync::Arc;
 
@@ -64,7 +63,7 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// Reads a `.safetensors` file: header checked by the `safetensors` crate (offsets
 /// inside the file, no overlaps), data mapped privately, tensors in file order.
 pub fn read(path: &Path) -> Result<Contents> {
-    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let file = crate::files::open_regular(path)?;
     let len = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
     if len == 0 {
         return Err(Error::EmptyFile { path: path.into() });
@@ -156,7 +155,7 @@ impl View for &Bytes {
 }
 
 /// Writes `tensors` and `metadata` as a `.safetensors` file at `path` (directly:
-/// callers wanting atomicity go through [`crate::atomic::write_atomically`]).
+/// callers wanting atomicity go through [`crate::files::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut prepared = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
@@ -176,7 +175,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<Stri
 /// but its shard lacks, and a tensor a shard holds that the index does not name
 /// are errors naming both files.
 pub fn read_sharded(index: &Path) -> Result<Contents> {
-    let text = std::fs::read(index).map_err(|source| Error::Io { path: index.into(), source })?;
+    let text = crate::files::read_bounded(index, super::MAX_INDEX_BYTES, "sharded index")?;
     let bad_index =
         |message: String| Error::Format { path: index.into(), format: "safetensors index", message };
     let root: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad_index(e.to_string()))?;

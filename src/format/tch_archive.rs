@@ -38,6 +38,7 @@ const MAX_CODE_BYTES: u64 = 1 << 20;
 
 /// Reads every tensor of a `.ot` file, in the file's order.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    crate::files::open_regular(path)?;
     let tensors = Tensor::load_multi(path).map_err(|e| Error::Format {
         path: path.into(),
         format: "tch archive (.ot)",

@@ -468,7 +468,7 @@ fn to_json(machine: &Machine, v: &Value, depth: usize) -> serde_json::Value {
 
 /// Reads a `torch.save` zip archive's state dict (`key` picks it inside a checkpoint dict).
 pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
-    let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let file = crate::files::open_regular(path)?;
     // SAFETY: a private (copy-on-write) map, as for safetensors: writes into the
     // tensors never reach the file; the map lives as long as any tensor over it.
     let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
@@ -617,7 +617,7 @@ impl Pickler {
 
 /// Writes `tensors` as a `torch.save` zip archive of an `OrderedDict` state
 /// dict, with `_metadata` from `metadata_json` when given (directly: callers
-/// wanting atomicity go through [`crate::atomic::write_atomically`]). Each tensor gets a
+/// wanting atomicity go through [`crate::files::write_atomically`]). Each tensor gets a
 /// storage of its own, contiguous.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&str>) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };

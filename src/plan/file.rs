@@ -73,6 +73,8 @@ pub struct PlannedPair {
 }
 
 const PLAN_FILE_VERSION: u32 = 1;
+/// The largest plan file read (a plan of 100,000 pairs is about 20 MB).
+const MAX_PLAN_BYTES: u64 = 512 << 20;
 
 impl PlanFile {
     /// The digest a plan file records for a store with these entries (sha256
@@ -117,7 +119,7 @@ impl Plan {
             format: "plan",
             message: e.to_string(),
         })?;
-        crate::atomic::write_atomically(path, |temp| {
+        crate::files::write_atomically(path, |temp| {
             std::fs::write(temp, &json).map_err(|source| Error::Io { path: temp.into(), source })
         })
     }
@@ -126,7 +128,7 @@ impl Plan {
     /// the entries (names, roles, dtypes, shapes) they listed when it was made.
     pub fn replay(path: &std::path::Path, source: &dyn Source, target: &dyn Source) -> Result<Self> {
         let bad = |message: String| Error::Format { path: path.into(), format: "plan", message };
-        let text = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+        let text = crate::files::read_bounded(path, MAX_PLAN_BYTES, "plan file")?;
         let file: PlanFile = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if file.version != PLAN_FILE_VERSION {
             return Err(bad(format!(

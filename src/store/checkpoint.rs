@@ -152,7 +152,7 @@ impl Checkpoint {
     /// Writes the checkpoint to `path` in `format`, whole or not at all.
     pub fn save_as(&self, path: &Path, format: Format) -> Result<()> {
         let named = self.named_tensors();
-        crate::atomic::write_atomically(path, |temp| match format {
+        crate::files::write_atomically(path, |temp| match format {
             Format::Safetensors => safetensors::write(temp, &named, &self.metadata),
             Format::TchArchive => tch_archive::write(temp, &named),
             Format::Npz => npz::write(temp, &named),

@@ -81,6 +81,6 @@ impl Target for ModuleStore {
     }
     /// Saves the module (a module stays a module, whatever the extension).
     fn save(&self, path: &Path) -> Result<()> {
-        crate::atomic::write_atomically(path, |temp| self.module.save(temp))
+        crate::files::write_atomically(path, |temp| self.module.save(temp))
     }
 }

@@ -1,7 +1,11 @@
-//! Writing a file whole or not at all: a temporary file in the same folder,
-//! synced, then renamed over the destination. Used by every writer (formats,
-//! stores, plan files).
+//! Files, safely: inputs are regular files, opened without blocking and read
+//! within a bound; outputs are written whole or not at all (a temporary file
+//! in the same folder, synced, then renamed over the destination), never over
+//! a special file or through a symbolic link. Every reader and writer of the
+//! crate goes through here.
 use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -80,4 +84,39 @@ fn check_destination(path: &Path) -> Result<()> {
         return Ok(());
     };
     Err(Error::Output { path: path.into(), reason: reason.into() })
+}
+
+/// Opens an input that must be a regular file. Opening never blocks (a FIFO
+/// would wait for a writer): the file is opened non-blocking, then refused
+/// unless it is a regular file.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| Error::Io { path: path.into(), source })?;
+    let meta = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?;
+    if meta.is_dir() {
+        return Err(Error::NotAFile { path: path.into() });
+    }
+    if !meta.is_file() {
+        return Err(Error::NotRegular { path: path.into() });
+    }
+    Ok(file)
+}
+
+/// Reads a regular file of at most `limit` bytes whole (`what` names it in the
+/// error): a device such as `/dev/zero` is refused, not read until memory runs out.
+pub(crate) fn read_bounded(path: &Path, limit: u64, what: &'static str) -> Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let len = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?.len();
+    if len > limit {
+        return Err(Error::TooLarge { path: path.into(), what, limit });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|source| Error::Io { path: path.into(), source })?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::TooLarge { path: path.into(), what, limit });
+    }
+    Ok(bytes)
 }
