@@ -232,6 +232,16 @@ pub enum Error {
         /// The bound.
         limit: u64,
     },
+    /// Model inputs asked for would hold more elements than allowed.
+    #[error("inputs {shapes:?} hold {} elements, more than the {limit} allowed", elements.map_or("too many".to_string(), |n| n.to_string()))]
+    InputTooLarge {
+        /// The shapes asked for.
+        shapes: Vec<Vec<i64>>,
+        /// Their elements together (`None`: more than a u64 holds).
+        elements: Option<u64>,
+        /// The bound.
+        limit: u64,
+    },
     /// An output path cannot be used.
     #[error("output {path} {reason}")]
     Output {
@@ -294,6 +304,7 @@ impl Error {
             | Error::OrderFrom { .. }
             | Error::PlanOutdated { .. }
             | Error::Verification { .. }
+            | Error::InputTooLarge { .. }
             | Error::MissingTensor { .. }
             | Error::CopyFailed { .. }
             | Error::Tensor { .. } => {}

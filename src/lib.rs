@@ -28,7 +28,7 @@ pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
 pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};
-pub use outputs::{compare_outputs, OutputComparison, OutputDiff};
+pub use outputs::{compare_outputs, OutputComparison, OutputDiff, MAX_INPUT_ELEMENTS};
 pub use plan::{
     Cast, Finding, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,
     Policy, Severity, Side,

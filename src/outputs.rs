@@ -49,23 +49,40 @@ impl OutputComparison {
     }
 }
 
+/// Input elements [`compare_outputs`] makes at most unless told otherwise (all
+/// inputs together: 1 GiB of float32).
+pub const MAX_INPUT_ELEMENTS: u64 = 1 << 28;
+
 /// Runs `a` and `b` in eval mode on float32 inputs of `shapes`, drawn from a
-/// normal distribution seeded with `seed`, and compares the outputs.
+/// normal distribution seeded with `seed`, and compares the outputs. The inputs
+/// together hold at most `max_elements` (checked before anything is allocated).
 pub fn compare_outputs(
     a: &mut ScriptModule,
     b: &mut ScriptModule,
     shapes: &[Vec<i64>],
     seed: i64,
     atol: f64,
+    max_elements: u64,
 ) -> Result<OutputComparison> {
+    let elements = shapes.iter().try_fold(0u64, |total, shape| {
+        let n = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))?;
+        total.checked_add(n)
+    });
+    if elements.is_none_or(|n| n > max_elements) {
+        return Err(Error::InputTooLarge { shapes: shapes.to_vec(), elements, limit: max_elements });
+    }
     a.set_training(false)?;
     b.set_training(false)?;
     tch::manual_seed(seed);
-    let inputs: Vec<Tensor> =
-        shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu))).collect();
+    let input_error = |source| Error::Tensor { tensor: "input".into(), source };
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::f_randn(s.as_slice(), (Kind::Float, Device::Cpu)).map_err(input_error))
+        .collect::<Result<_>>()?;
     let run = |m: &ScriptModule| -> Result<Vec<Tensor>> {
         let device = m.named_tensors()?.first().map_or(Device::Cpu, |n| n.tensor.device());
-        let moved: Vec<Tensor> = inputs.iter().map(|t| t.to_device(device)).collect();
+        let moved: Vec<Tensor> =
+            inputs.iter().map(|t| t.f_to_device(device).map_err(input_error)).collect::<Result<_>>()?;
         m.forward(&moved)
     };
     let (out_a, out_b) = (run(a)?, run(b)?);
@@ -74,10 +91,14 @@ pub fn compare_outputs(
         let (shape_a, shape_b) = (x.size(), y.size());
         let max_abs = if shape_a == shape_b {
             let err = |source| Error::Tensor { tensor: format!("output {index}"), source };
-            let delta = (x.f_to_device(Device::Cpu).map_err(err)?.to_kind(Kind::Double)
-                - y.f_to_device(Device::Cpu).map_err(err)?.to_kind(Kind::Double))
-            .abs();
-            Some(if delta.numel() == 0 { 0.0 } else { delta.max().f_double_value(&[]).map_err(err)? })
+            let as_double = |t: &Tensor| t.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double));
+            let delta =
+                as_double(x).and_then(|x| x.f_sub(&as_double(y)?)).and_then(|d| d.f_abs()).map_err(err)?;
+            Some(if delta.numel() == 0 {
+                0.0
+            } else {
+                delta.f_max().and_then(|m| m.f_double_value(&[])).map_err(err)?
+            })
         } else {
             None
         };

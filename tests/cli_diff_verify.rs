@@ -79,3 +79,25 @@ fn verify_refuses_bad_shapes_and_non_modules() {
     assert_eq!(run.code, 1, "a shape the model cannot take is an error: {}", run.stderr);
     assert!(run.stderr.contains("forward"), "{}", run.stderr);
 }
+
+#[test]
+fn verify_refuses_inputs_beyond_its_bound_before_allocating() {
+    let a = fixture("bn_net_a.pt");
+    let a = a.to_str().unwrap();
+    // 10^15 elements (once a panic inside tch), 2.7e9 (once an unbounded allocation),
+    // and more than a u64 holds.
+    for shape in ["100000,100000,100000", "1,3,30000,30000", "4294967296,4294967296,4294967296"] {
+        let run = transplant(["verify", a, a, "--input", shape]);
+        assert_eq!(run.code, 1, "{shape}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("--max-input-elements") && run.stderr.contains("elements"),
+            "{}",
+            run.stderr
+        );
+    }
+    // The bound is a flag.
+    let run = transplant(["verify", a, a, "--input", "4,3,8,8", "--max-input-elements", "100"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let run = transplant(["verify", a, a, "--input", "4,3,8,8", "--max-input-elements", "768"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

@@ -114,6 +114,9 @@ pub enum Command {
         /// Seed of the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: i64,
+        /// Most elements all inputs may hold together (checked before allocating).
+        #[arg(long, default_value_t = transplant::MAX_INPUT_ELEMENTS, value_name = "N")]
+        max_input_elements: u64,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,

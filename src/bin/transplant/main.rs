@@ -169,9 +169,17 @@ fn run(command: Command) -> Result<Outcome> {
             emit(json, &diff)?;
             Ok(if diff.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
-        Command::Verify { a, b, inputs, atol, seed, json } => {
+        Command::Verify { a, b, inputs, atol, seed, max_input_elements, json } => {
             let (mut first, mut second) = (module(&a)?, module(&b)?);
-            let comparison = compare_outputs(&mut first, &mut second, &inputs, seed, atol)?;
+            let comparison =
+                match compare_outputs(&mut first, &mut second, &inputs, seed, atol, max_input_elements) {
+                    Err(error @ transplant::Error::InputTooLarge { .. }) => {
+                        return Err(anyhow::Error::new(error).context(
+                            "verify's inputs are bounded (--max-input-elements N raises the bound)",
+                        ))
+                    }
+                    other => other?,
+                };
             emit(json, &comparison)?;
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
