@@ -208,6 +208,11 @@ fn hostile_archives_are_refused() {
         refuse(&archive(&tensor_pickle(4, 0, &[3, 3], &[3, 1]), storage), "sizes × strides past the storage");
     assert!(message.contains("reaches past its storage"), "{message}");
     refuse(&archive(&tensor_pickle(4, 3, &[2], &[1]), storage), "offset past the storage");
+    // Views whose elements overlap: 200 elements over 4 (stride 0), a 2×2 over 3.
+    for (size, stride) in [(&[200u8][..], &[0u8][..]), (&[2, 2], &[1, 1])] {
+        let message = refuse(&archive(&tensor_pickle(4, 0, size, stride), storage), "an overlapping view");
+        assert!(message.contains("reaches elements twice"), "{message}");
+    }
     let message =
         refuse(&archive(&tensor_pickle(200, 0, &[2], &[1]), storage), "storage smaller than declared");
     assert!(message.contains("storage 0"), "{message}");

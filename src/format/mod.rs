@@ -66,6 +66,28 @@ pub(crate) fn prepare<T>(
 }
 
 /// The start of every legacy `torch.save` file: a pickled magic number.
+/// Whether a view of `size` and `stride` reaches one element through two
+/// indices (a zero stride on a dimension longer than one, or strides too small
+/// for the sizes below them). Such a view holds more elements than bytes back
+/// it — a `[2^28]` view of stride 0 over 4 floats reads as 1 GB — and no state
+/// dict holds one, so readers refuse them.
+pub(crate) fn overlapping(size: &[i64], stride: &[i64]) -> bool {
+    let mut dims: Vec<(i64, i64)> =
+        size.iter().zip(stride).filter(|(&n, _)| n > 1).map(|(&n, &s)| (s, n)).collect();
+    dims.sort_unstable();
+    let mut needed: i64 = 1;
+    for (s, n) in dims {
+        if s < needed {
+            return true;
+        }
+        needed = match s.checked_mul(n) {
+            Some(reach) => reach,
+            None => return false,
+        };
+    }
+    false
+}
+
 const LEGACY_TORCH_MAGIC: [u8; 12] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8];
 /// Index files larger than this are not read as JSON.
 const MAX_INDEX_BYTES: u64 = 64 << 20;
@@ -140,4 +162,20 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
         format: "zip archive",
         message: "neither a PyTorch archive (no data.pkl) nor an npz (entries not all .npy)".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_views_are_told_apart_from_strided_ones() {
+        assert!(overlapping(&[1 << 28], &[0]));
+        assert!(overlapping(&[4, 4], &[1, 1]));
+        assert!(overlapping(&[3, 4], &[2, 1]));
+        assert!(!overlapping(&[3, 4], &[4, 1]));
+        assert!(!overlapping(&[4, 3], &[1, 4]), "a transposed view");
+        assert!(!overlapping(&[1, 5], &[0, 1]), "a zero stride on a dimension of one");
+        assert!(!overlapping(&[], &[]));
+    }
 }

@@ -44,6 +44,17 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
         format: "tch archive (.ot)",
         message: e.to_string(),
     })?;
+    if let Some((name, t)) = tensors.iter().find(|(_, t)| super::overlapping(&t.size(), &t.stride())) {
+        return Err(Error::Format {
+            path: path.into(),
+            format: "tch archive (.ot)",
+            message: format!(
+                "tensor {name}: a view of sizes {:?}, strides {:?} reaches elements twice: refused",
+                t.size(),
+                t.stride()
+            ),
+        });
+    }
     Ok(tensors.into_iter().map(|(name, tensor)| (name.replace('|', "."), tensor)).collect())
 }
 

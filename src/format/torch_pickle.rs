@@ -309,6 +309,15 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
     if offset < 0 || size.iter().chain(&stride).any(|&d| d < 0) {
         return Err(bad(path, "negative offset, size or stride"));
     }
+    if super::overlapping(&size, &stride) {
+        return Err(bad(
+            path,
+            format!(
+                "a tensor view of sizes {size:?}, strides {stride:?} reaches elements twice (an expanded \
+                 tensor?): refused; save a contiguous copy"
+            ),
+        ));
+    }
     // The last element the view reaches must lie inside the storage.
     let empty = size.contains(&0);
     if !empty {
