@@ -113,3 +113,26 @@ fn absurd_requests_are_refused_quickly_in_bounded_memory() {
     let message = refused_within_bounds(&bomb, "a 512 MB zip bomb");
     assert!(message.contains("zip bomb"), "{message}");
 }
+
+#[test]
+fn a_safetensors_header_listing_millions_of_empty_tensors_is_refused_by_the_entry_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.safetensors");
+    // 1.77 million zero-size tensors in a ~97 MB header (under safetensors' own
+    // 100 MB header bound): once 2.4 GB and 16 s to inspect.
+    let mut header = String::with_capacity(100 << 20);
+    header.push('{');
+    for i in 0..1_770_000 {
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!("\"t{i}\":{{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}"));
+    }
+    header.push('}');
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(header.as_bytes()).unwrap();
+    drop(file);
+    let message = refused_within_bounds(&path, "1.77 million empty tensors");
+    assert!(message.contains("more than the 1048576"), "{message}");
+}

@@ -66,6 +66,23 @@ pub(crate) fn prepare<T>(
 }
 
 /// The start of every legacy `torch.save` file: a pickled magic number.
+/// The most tensors one file (or sharded index) may list. The largest models
+/// hold tens of thousands; a header that lists millions of empty tensors costs
+/// memory per entry and is refused before they are made.
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+/// Refuses more than [`MAX_ENTRIES`] entries (`count` may be an upper bound).
+pub(crate) fn check_entries(path: &Path, format: &'static str, count: usize) -> Result<()> {
+    if count > MAX_ENTRIES {
+        return Err(Error::Format {
+            path: path.into(),
+            format,
+            message: format!("lists {count} tensors, more than the {MAX_ENTRIES} read from one file"),
+        });
+    }
+    Ok(())
+}
+
 /// Whether a view of `size` and `stride` reaches one element through two
 /// indices (a zero stride on a dimension longer than one, or strides too small
 /// for the sizes below them). Such a view holds more elements than bytes back

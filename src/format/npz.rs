@@ -154,6 +154,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = crate::files::open_regular(path)?;
     let mut archive =
         zip::ZipArchive::new(BufReader::new(file)).map_err(|e| format_error(path, e.to_string()))?;
+    super::check_entries(path, "npz", archive.len())?;
     let mut tensors = Vec::with_capacity(archive.len());
     for index in 0..archive.len() {
         let mut entry = archive.by_index(index).map_err(|e| format_error(path, e.to_string()))?;

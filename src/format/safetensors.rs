@@ -73,6 +73,17 @@ pub fn read(path: &Path) -> Result<Contents> {
     // the usual contract of memory-mapped model loading (safetensors, PyTorch mmap=True).
     let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
         .map_err(|source| Error::Io { path: path.into(), source })?;
+    // Count the entries before the header is parsed into one object each: every
+    // tensor has exactly one `data_offsets` (an upper bound if a name holds it too).
+    let header = map.get(8..).and_then(|rest| {
+        let len = usize::try_from(u64::from_le_bytes(map.get(..8)?.try_into().ok()?)).ok()?;
+        rest.get(..len)
+    });
+    if let Some(header) = header {
+        let marker = b"data_offsets";
+        let count = header.windows(marker.len()).filter(|w| w == marker).count();
+        super::check_entries(path, "safetensors", count)?;
+    }
     let (header_len, metadata) =
         SafeTensors::read_metadata(&map).map_err(|e| format_error(path, e.to_string()))?;
     let data_start = 8 + header_len;
@@ -190,6 +201,7 @@ pub fn read_sharded(index: &Path) -> Result<Contents> {
             metadata.insert(key.clone(), value);
         }
     }
+    super::check_entries(index, "sharded index", weight_map.len())?;
     let folder = index.parent().unwrap_or(Path::new("."));
     let mut shard_of: HashMap<&str, &str> = HashMap::new();
     let mut shards: Vec<&str> = Vec::new();

@@ -520,6 +520,7 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
     }
     let (items, attrs) =
         dict_items(&machine, &chosen).ok_or_else(|| bad(path, "the state dict is not a dict"))?;
+    super::check_entries(path, "torch.save checkpoint", items.len())?;
     let mut tensors = Vec::with_capacity(items.len());
     let mut skipped = 0;
     for (k, v) in items {
