@@ -4,6 +4,7 @@ use std::fmt;
 use serde::Serialize;
 use tch::{Device, Kind};
 
+use crate::dotted::escaped;
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Side};
@@ -138,7 +139,7 @@ const SHOWN: usize = 20;
 
 impl fmt::Display for Diff {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "A: {}\nB: {}", self.a, self.b)?;
+        writeln!(f, "A: {}\nB: {}", escaped(&self.a), escaped(&self.b))?;
         let identical = self.pairs.iter().filter(|p| p.identical).count();
         let close = self.pairs.iter().filter(|p| p.close && !p.identical).count();
         writeln!(
@@ -150,7 +151,11 @@ impl fmt::Display for Diff {
             self.differing
         )?;
         for p in self.pairs.iter().filter(|p| !p.close).take(SHOWN) {
-            let name = if p.a == p.b { p.a.clone() } else { format!("{} / {}", p.a, p.b) };
+            let name = if p.a == p.b {
+                escaped(&p.a).into_owned()
+            } else {
+                format!("{} / {}", escaped(&p.a), escaped(&p.b))
+            };
             match (&p.shapes, p.max_abs) {
                 (Some((sa, sb)), _) => writeln!(f, "    {name}: shapes differ {sa:?} vs {sb:?}")?,
                 (None, Some(abs)) => {

@@ -63,6 +63,27 @@ pub fn segments(path: &str) -> impl Iterator<Item = &str> {
     (!path.is_empty()).then(|| path.split('.')).into_iter().flatten()
 }
 
+/// `text` as a terminal may show it: control characters written as escapes
+/// (`\n`, `\t`, `\x1b`), so that a name read from a file can neither start a
+/// line of its own (a forged `verdict:`) nor send escape sequences. JSON output
+/// is not escaped this way: it is exact.
+pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Finds names among a list of unique names, trying first the position a name
 /// is expected at: two models of one architecture list the same names in the
 /// same order, so that is where a name usually is, and the index of every name
@@ -110,6 +131,14 @@ mod tests {
         );
         assert_eq!(natural_cmp("a.99999999999999999999999", "a.100000000000000000000000"), Ordering::Less);
         assert_eq!(natural_cmp("a.007", "a.7"), "a.007".cmp("a.7"), "equal numbers still order totally");
+    }
+
+    #[test]
+    fn control_characters_are_shown_as_escapes() {
+        assert_eq!(escaped("fc.weight"), "fc.weight");
+        assert_eq!(escaped("a\nverdict: complete"), "a\\nverdict: complete");
+        assert_eq!(escaped("\u{1b}[31mred"), "\\x1b[31mred");
+        assert_eq!(escaped("tab\there\u{7f}"), "tab\\there\\x7f");
     }
 
     #[test]

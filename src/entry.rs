@@ -62,9 +62,11 @@ impl std::borrow::Borrow<str> for Name {
     }
 }
 
+/// The name exactly (`to_string` gives it back as stored), honouring width and
+/// alignment (`{:<20}`). Text for a terminal escapes it (`escaped`).
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 

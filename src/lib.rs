@@ -24,6 +24,7 @@ mod slot;
 
 pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};
+pub use dotted::escaped;
 pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
 pub use format::{sniff, Format};

@@ -118,7 +118,7 @@ pub fn compare_outputs(
 
 impl fmt::Display for OutputComparison {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "A: {}\nB: {}", self.a, self.b)?;
+        writeln!(f, "A: {}\nB: {}", crate::dotted::escaped(&self.a), crate::dotted::escaped(&self.b))?;
         writeln!(f, "  inputs {:?} (normal, seed {}), eval mode", self.inputs, self.seed)?;
         if let Some((na, nb)) = self.counts {
             writeln!(f, "  A gives {na} outputs, B gives {nb}")?;

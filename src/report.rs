@@ -6,6 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::copy::Copied;
+use crate::dotted::escaped;
 use crate::matching::{How, ModuleMatch};
 use crate::plan::{Cast, Finding, Orders, Plan, Policy, Severity, Side};
 use crate::store::summary::human_bytes;
@@ -158,6 +159,11 @@ impl Report {
     }
 }
 
+/// Characters a name takes on a terminal, once escaped.
+fn shown_len(text: &str) -> usize {
+    escaped(text).chars().count()
+}
+
 fn more(f: &mut fmt::Formatter<'_>, total: usize) -> fmt::Result {
     if total > SHOWN {
         writeln!(f, "    … and {} more", total - SHOWN)?;
@@ -167,40 +173,44 @@ fn more(f: &mut fmt::Formatter<'_>, total: usize) -> fmt::Result {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} -> {} (matcher: {})", self.source, self.target, self.matcher)?;
+        writeln!(f, "{} -> {} (matcher: {})", escaped(&self.source), escaped(&self.target), self.matcher)?;
         let casts = self.pairs.iter().filter(|p| p.cast.is_some()).count();
         writeln!(f, "  pairs: {} ({casts} with a dtype cast)", self.pairs.len())?;
         if let Some(order) = &self.order {
             let describe = |o: &crate::plan::OrderUsed| match o {
                 crate::plan::OrderUsed::Registration => "registration".to_string(),
                 crate::plan::OrderUsed::Reconstructed => "reconstructed from names".to_string(),
-                crate::plan::OrderUsed::From { model } => format!("from {model}"),
+                crate::plan::OrderUsed::From { model } => format!("from {}", escaped(model)),
             };
             writeln!(f, "  order: source {}, target {}", describe(&order.source), describe(&order.target))?;
         }
         // Pairs the order matcher made are shown a module a line.
         let by_module = |p: &&ReportPair| p.how == How::Order || p.how == How::ReconstructedOrder;
         if !self.modules.is_empty() {
-            let width = self.modules.iter().take(SHOWN).map(|m| m.target.len()).max().unwrap_or(0);
+            let width = self.modules.iter().take(SHOWN).map(|m| shown_len(&m.target)).max().unwrap_or(0);
             writeln!(f, "  module pairs: {}", self.modules.len())?;
             for m in self.modules.iter().take(SHOWN) {
                 let plural = if m.tensors == 1 { "" } else { "s" };
                 writeln!(
                     f,
                     "    {:<width$} <- {}  ({}, {} tensor{plural})",
-                    m.target, m.source, m.how, m.tensors
+                    escaped(&m.target),
+                    escaped(&m.source),
+                    m.how,
+                    m.tensors
                 )?;
             }
             more(f, self.modules.len())?;
         }
         let listed: Vec<&ReportPair> =
             self.pairs.iter().filter(|p| self.modules.is_empty() || !by_module(p)).collect();
-        let width = listed.iter().take(SHOWN).map(|p| p.target.len()).max().unwrap_or(0);
+        let width = listed.iter().take(SHOWN).map(|p| shown_len(&p.target)).max().unwrap_or(0);
         for p in listed.iter().take(SHOWN) {
             let cast = p.cast.as_ref().map_or(String::new(), |c| {
                 format!("  [{} -> {}]", crate::dtype::name(c.from), crate::dtype::name(c.to))
             });
-            writeln!(f, "    {:<width$} <- {}  ({}){cast}", p.target, p.source, p.provenance)?;
+            let (target, source, how) = (escaped(&p.target), escaped(&p.source), escaped(&p.provenance));
+            writeln!(f, "    {target:<width$} <- {source}  ({how}){cast}")?;
         }
         more(f, listed.len())?;
         for side in [Side::Source, Side::Target] {
@@ -211,9 +221,11 @@ impl fmt::Display for Report {
             writeln!(f, "  left over in the {side} ({}):", list.len())?;
             for l in list.iter().take(SHOWN) {
                 match (&l.explained, &l.did_you_mean) {
-                    (Some(why), _) => writeln!(f, "    {} ({why})", l.name)?,
-                    (None, Some(near)) => writeln!(f, "    {} (did you mean {near}?)", l.name)?,
-                    (None, None) => writeln!(f, "    {}", l.name)?,
+                    (Some(why), _) => writeln!(f, "    {} ({})", escaped(&l.name), escaped(why))?,
+                    (None, Some(near)) => {
+                        writeln!(f, "    {} (did you mean {}?)", escaped(&l.name), escaped(near))?
+                    }
+                    (None, None) => writeln!(f, "    {}", escaped(&l.name))?,
                 }
             }
             more(f, list.len())?;

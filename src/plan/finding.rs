@@ -186,9 +186,25 @@ fn shown(module: &str) -> &str {
     }
 }
 
+/// One line; names in it are shown escaped (see `dotted::escaped`).
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        f.write_str(&crate::dotted::escaped(&self.raw().to_string()))
+    }
+}
+
+/// A finding's text before escaping.
+struct Raw<'a>(&'a Finding);
+
+impl Finding {
+    fn raw(&self) -> Raw<'_> {
+        Raw(self)
+    }
+}
+
+impl fmt::Display for Raw<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
             Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => write!(
                 f,
                 "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \

@@ -5,6 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::Source;
+use crate::dotted::escaped;
 use crate::dtype;
 use crate::entry::{device_name, Entry, Role};
 
@@ -96,10 +97,13 @@ fn shape_text(shape: &[i64]) -> String {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
-            Some(key) => writeln!(f, "{} ({}, state dict under key {key:?})", self.origin, self.kind)?,
-            None => writeln!(f, "{} ({})", self.origin, self.kind)?,
+            Some(key) => {
+                writeln!(f, "{} ({}, state dict under key {key:?})", escaped(&self.origin), self.kind)?
+            }
+            None => writeln!(f, "{} ({})", escaped(&self.origin), self.kind)?,
         }
-        let name_width = self.entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+        let name_width =
+            self.entries.iter().map(|e| escaped(&e.name).chars().count()).max().unwrap_or(4).max(4);
         writeln!(
             f,
             "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
@@ -109,7 +113,7 @@ impl fmt::Display for Summary {
             writeln!(
                 f,
                 "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
-                entry.name,
+                escaped(&entry.name),
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
                 shape_text(&entry.shape),

@@ -33,10 +33,16 @@ fn main() -> ExitCode {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Incomplete) => ExitCode::from(3),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", shown(&format!("{error:#}")));
             ExitCode::from(1)
         }
     }
+}
+
+/// An error message as a terminal may show it: control characters other than
+/// the message's own line breaks escaped (names in it come from files).
+fn shown(message: &str) -> String {
+    message.split('\n').map(|line| transplant::escaped(line).into_owned()).collect::<Vec<_>>().join("\n")
 }
 
 /// Prints `value`: as one JSON document on stdout with `json`, else as text.
