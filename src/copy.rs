@@ -114,7 +114,7 @@ pub fn copy_with(
                 let cast = pair.cast.as_ref()?;
                 let why = value_loss(tensor, cast.from, cast.to)?;
                 Some(format!(
-                    "lossy cast: {} -> {}: {why} (allow lossy casts to proceed)",
+                    "lossy cast: {} -> {}: {why} (allow it with --allow-lossy, Policy::allow_lossy_casts in the library)",
                     pair.source_name, pair.target_name
                 ))
             })

@@ -299,3 +299,30 @@ fn an_out_that_is_a_device_a_fifo_or_a_symlink_is_refused() {
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read(&pointed).unwrap(), b"keep me");
 }
+
+#[test]
+fn a_lossy_cast_is_refused_naming_the_flag_and_allow_lossy_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src.safetensors"), dir.path().join("dst.safetensors"));
+    let ckpt = |kind: tch::Kind| {
+        let t = tch::Tensor::full([3], 2.5, (kind, tch::Device::Cpu));
+        Checkpoint::from_tensors(
+            "t",
+            transplant::Format::Safetensors,
+            vec![("w".into(), t)],
+            Default::default(),
+        )
+        .unwrap()
+    };
+    ckpt(tch::Kind::Float).save(&src).unwrap();
+    ckpt(tch::Kind::Int64).save(&dst).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out)]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stderr.contains("lossy cast") && run.stderr.contains("--allow-lossy"), "{}", run.stderr);
+    assert!(!out.exists());
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--allow-lossy"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let written = Checkpoint::open(&out).unwrap();
+    assert_eq!(written.tensor(0).unwrap().int64_value(&[0]), 2, "float 2.5 truncated into int64");
+}

@@ -215,7 +215,7 @@ impl fmt::Display for Raw<'_> {
                 write!(f, "collision: {} all map to {target}", list.join(", "))
             }
             Finding::LossyCast { source, target, reason } => {
-                write!(f, "lossy cast: {source} -> {target}: {reason} (allow lossy casts to proceed)")
+                write!(f, "lossy cast: {source} -> {target}: {reason} (allow it with --allow-lossy, Policy::allow_lossy_casts in the library)")
             }
             Finding::UnusedRule { rule, at } => write!(f, "unused rule at {at}: `{rule}` matched no source name"),
             Finding::Ambiguous { side, name, candidates, how, paired } => write!(

@@ -75,6 +75,10 @@ pub enum Command {
         /// Write the result even if some tensors have no counterpart (exit 3).
         #[arg(long)]
         allow_partial: bool,
+        /// Allow casts that lose information (float to integer, values out of the
+        /// target dtype's range); each is still reported.
+        #[arg(long)]
+        allow_lossy: bool,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,

@@ -112,9 +112,21 @@ fn run(command: Command) -> Result<Outcome> {
             plan.check(&policy)?;
             Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
         }
-        Command::Copy { src, dst, out, mapping: args, plan, device, dtype, allow_partial, json } => {
+        Command::Copy {
+            src,
+            dst,
+            out,
+            mapping: args,
+            plan,
+            device,
+            dtype,
+            allow_partial,
+            allow_lossy,
+            json,
+        } => {
             transfer::check_output(&out, &inputs(&[&src, &dst], &args, plan.as_deref()))?;
-            let (mapping, policy) = mapping(&args)?;
+            let (mapping, mut policy) = mapping(&args)?;
+            policy.allow_lossy_casts = allow_lossy;
             let device = transfer::device(&device)?;
             let dtype = dtype.map(|d| match d {
                 DtypeArg::Bf16 => tch::Kind::BFloat16,
