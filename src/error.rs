@@ -270,6 +270,44 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The variant's name in snake case (`plan_rejected`), for programs.
+    pub fn kind(&self) -> String {
+        let debug = format!("{self:?}");
+        let name: String = debug.chars().take_while(char::is_ascii_alphanumeric).collect();
+        let mut kind = String::with_capacity(name.len() + 4);
+        for (i, c) in name.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                kind.push('_');
+            }
+            kind.push(c.to_ascii_lowercase());
+        }
+        kind
+    }
+
+    /// The file the error concerns, when it concerns one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::NulInPath { path }
+            | Error::Io { path, .. }
+            | Error::LoadModule { path, .. }
+            | Error::SaveModule { path, .. }
+            | Error::NotAFile { path }
+            | Error::EmptyFile { path }
+            | Error::NotRegular { path }
+            | Error::TooLarge { path, .. }
+            | Error::UnknownFormat { path }
+            | Error::Format { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::UnsupportedDtype { path, .. }
+            | Error::Unrepresentable { path, .. }
+            | Error::Output { path, .. }
+            | Error::NoSuchKey { path, .. }
+            | Error::AmbiguousKey { path, .. } => Some(path),
+            Error::PlanOutdated { plan, .. } => Some(plan),
+            _ => None,
+        }
+    }
+
     /// The same error, naming `to` wherever it named the file `from` (a temporary
     /// file stands for its destination in messages).
     pub(crate) fn with_path(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {

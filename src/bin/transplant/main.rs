@@ -8,6 +8,7 @@ use std::fmt::Display;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -28,14 +29,55 @@ enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--json` promises one JSON document on stdout, usage errors included.
+    let json = std::env::args().skip(1).any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(usage) if usage.use_stderr() => {
+            if json {
+                print_json(
+                    &serde_json::json!({ "error": { "kind": "usage", "message": usage.to_string() } }),
+                );
+            }
+            let _ = usage.print();
+            return ExitCode::from(2);
+        }
+        Err(help) => {
+            let _ = help.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     match run(cli.command) {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Incomplete) => ExitCode::from(3),
         Err(error) => {
+            if json && !EMITTED.load(Ordering::Relaxed) {
+                print_json(&serde_json::json!({ "error": error_json(&error) }));
+            }
             eprintln!("error: {}", shown(&format!("{error:#}")));
             ExitCode::from(1)
         }
+    }
+}
+
+/// Whether a JSON document was printed on stdout already (the report of a
+/// refused copy carries its error): a second one is never printed.
+static EMITTED: AtomicBool = AtomicBool::new(false);
+
+/// An error as JSON: its kind, its whole message, and the file it concerns.
+fn error_json(error: &anyhow::Error) -> serde_json::Value {
+    let library = error.chain().find_map(|e| e.downcast_ref::<transplant::Error>());
+    serde_json::json!({
+        "kind": library.map_or("error".to_string(), transplant::Error::kind),
+        "message": format!("{error:#}"),
+        "file": library.and_then(transplant::Error::path),
+    })
+}
+
+fn print_json(value: &serde_json::Value) {
+    if let Ok(text) = serde_json::to_string_pretty(value) {
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
+        EMITTED.store(true, Ordering::Relaxed);
     }
 }
 
@@ -49,6 +91,7 @@ fn shown(message: &str) -> String {
 /// A closed stdout (`transplant inspect … | head`) is not an error.
 fn emit<T: Serialize + Display>(json: bool, value: &T) -> Result<()> {
     let text = if json { serde_json::to_string_pretty(value)? } else { value.to_string() };
+    EMITTED.fetch_or(json, Ordering::Relaxed);
     match writeln!(std::io::stdout().lock(), "{text}") {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
@@ -108,8 +151,11 @@ fn run(command: Command) -> Result<Outcome> {
                     .with_context(|| format!("saving the plan to {}", path.display()))?;
             }
             let report = Report::new(&plan, &policy, None);
-            emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "plan_file": save_plan }) })?;
-            plan.check(&policy)?;
+            let checked = plan.check(&policy).map_err(anyhow::Error::new);
+            let error = checked.as_ref().err().map(error_json);
+            let extra = serde_json::json!({ "plan_file": save_plan, "error": error });
+            emit(json, &WithExtra { value: &report, extra })?;
+            checked?;
             Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
         }
         Command::Copy {
@@ -143,7 +189,13 @@ fn run(command: Command) -> Result<Outcome> {
             let refused = |plan: &Plan, why: anyhow::Error| -> Result<Outcome> {
                 let report = Report::new(plan, &policy, None);
                 if json {
-                    emit(true, &report)?;
+                    emit(
+                        true,
+                        &WithExtra {
+                            value: &report,
+                            extra: serde_json::json!({ "error": error_json(&why) }),
+                        },
+                    )?;
                 } else {
                     eprintln!("{report}");
                 }
