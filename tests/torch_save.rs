@@ -244,6 +244,26 @@ fn hostile_archives_are_refused() {
     assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
 }
 
+/// Two members of one name: PyTorch and transplant could read different ones.
+#[test]
+fn archives_with_a_member_twice_are_refused() {
+    use std::io::Write;
+    let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let good = tensor_pickle(4, 0, &[4], &[1]);
+    for twice in ["archive/data.pkl", "archive/data/0"] {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file("archive/data.pkl", options).unwrap();
+        zip.write_all(&good).unwrap();
+        zip.start_file("archive/data/0", options).unwrap();
+        zip.write_all(&[0u8; 16]).unwrap();
+        zip.start_file(twice, options).unwrap();
+        zip.write_all(if twice.ends_with("pkl") { &good[..] } else { &[1u8; 16][..] }).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        let message = refuse(&bytes, &format!("{twice} twice"));
+        assert!(message.contains("two members named") && message.contains(twice), "{message}");
+    }
+}
+
 #[test]
 fn truncated_torch_save_files_are_refused() {
     let valid = std::fs::read(path("training.pth")).unwrap();

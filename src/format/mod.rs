@@ -66,6 +66,37 @@ pub(crate) fn prepare<T>(
 }
 
 /// The start of every legacy `torch.save` file: a pickled magic number.
+/// Refuses a zip archive that holds two members of one name: readers differ on
+/// which one they take (the first, the last), so one file would mean two things.
+pub(crate) fn check_unique_members<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    format: &'static str,
+    archive: &mut zip::ZipArchive<R>,
+) -> Result<()> {
+    // The archive indexes members by name, one per name: fewer names than
+    // members means a name is held twice.
+    if archive.file_names().count() == archive.len() {
+        return Ok(());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(archive.len());
+    let mut twice = String::new();
+    for index in 0..archive.len() {
+        if let Ok(member) = archive.by_index_raw(index) {
+            if !seen.insert(member.name().to_string()) {
+                twice = member.name().to_string();
+                break;
+            }
+        }
+    }
+    Err(Error::Format {
+        path: path.into(),
+        format,
+        message: format!(
+            "holds two members named {twice:?}: refused (readers would disagree on which is meant)"
+        ),
+    })
+}
+
 /// The most tensors one file (or sharded index) may list. The largest models
 /// hold tens of thousands; a header that lists millions of empty tensors costs
 /// memory per entry and is refused before they are made.
@@ -162,6 +193,7 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
         format: "zip archive",
         message: e.to_string(),
     })?;
+    check_unique_members(path, "zip archive", &mut archive)?;
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     if !names.is_empty() && names.iter().all(|n| n.ends_with(".npy")) {
         return Ok(Format::Npz);

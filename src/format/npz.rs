@@ -78,6 +78,15 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn parse_header(header: &str) -> std::result::Result<Header, String> {
+    // A key written twice is read as the first here and as the last by numpy:
+    // one file, two meanings. Refused.
+    for key in ["descr", "fortran_order", "shape"] {
+        let times =
+            header.matches(&format!("'{key}'")).count() + header.matches(&format!("\"{key}\"")).count();
+        if times > 1 {
+            return Err(format!("'{key}' appears {times} times in the header"));
+        }
+    }
     let descr = field(header, "descr").ok_or("no 'descr' in header")?;
     let kind = kind_of(descr.trim_matches(['\'', '"']))?;
     let fortran_order = match field(header, "fortran_order") {
@@ -154,6 +163,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = crate::files::open_regular(path)?;
     let mut archive =
         zip::ZipArchive::new(BufReader::new(file)).map_err(|e| format_error(path, e.to_string()))?;
+    super::check_unique_members(path, FORMAT, &mut archive)?;
     super::check_entries(path, "npz", archive.len())?;
     let mut tensors = Vec::with_capacity(archive.len());
     for index in 0..archive.len() {
@@ -234,6 +244,8 @@ mod tests {
 
     #[test]
     fn parses_what_numpy_writes() {
+        let twice = parse_header("{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (3,), }");
+        assert!(twice.unwrap_err().contains("'descr' appears 2 times"));
         let h = parse_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }").unwrap();
         assert_eq!(h, Header { kind: Kind::Float, fortran_order: false, shape: vec![3, 4] });
         let h = parse_header("{'descr': '|b1', 'fortran_order': True, 'shape': (5,), }").unwrap();

@@ -488,6 +488,7 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
     let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
     let view: &[u8] = &map;
     let mut zip = zip::ZipArchive::new(Cursor::new(view)).map_err(|e| bad(path, e.to_string()))?;
+    super::check_unique_members(path, FORMAT, &mut zip)?;
     let pickle_name = zip
         .file_names()
         .filter(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
