@@ -73,7 +73,8 @@ pub struct Report {
     pub pairs: Vec<ReportPair>,
     /// Leftovers, source side then target side.
     pub leftovers: Vec<ReportLeftover>,
-    /// Findings, most serious first.
+    /// Findings, most serious first — except a `num_batches_tracked` with no
+    /// counterpart, a note that its leftover entry already explains.
     pub problems: Vec<ReportProblem>,
     /// What the copy did, when one ran.
     pub copy: Option<Copied>,
@@ -142,6 +143,7 @@ impl Report {
             problems: plan
                 .problems(policy)
                 .into_iter()
+                .filter(|(_, f)| !matches!(f, Finding::NumBatchesTracked { .. }))
                 .map(|(severity, f)| ReportProblem { severity, message: f.to_string(), finding: f.clone() })
                 .collect(),
             copy,

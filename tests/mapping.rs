@@ -308,3 +308,24 @@ fn counters_left_over_on_both_sides_are_not_explained_away() {
     assert!(nbt.explained.is_none(), "the target has counters left over too: they should pair");
     assert!(!by_name.findings.iter().any(|f| matches!(f, Finding::NumBatchesTracked { .. })));
 }
+
+#[test]
+fn a_report_names_each_unmatched_num_batches_tracked_once() {
+    // tch's batch_norm has no num_batches_tracked: the source's are left over, explained.
+    let mut source_tensors = vec![("bn.weight", &[4i64][..]), ("bn.bias", &[4]), ("bn.running_mean", &[4])];
+    source_tensors.push(("bn.running_var", &[4]));
+    let source = checkpoint(&source_tensors);
+    let mut with_nbt: Vec<(String, Tensor)> = source_tensors
+        .iter()
+        .map(|(n, s)| (n.to_string(), Tensor::ones(*s, (Kind::Float, tch::Device::Cpu))))
+        .collect();
+    with_nbt.push(("bn.num_batches_tracked".into(), Tensor::from(7i64)));
+    let source_nbt = Checkpoint::from_tensors("nbt", Format::Safetensors, with_nbt, BTreeMap::new()).unwrap();
+    let plan = plan(&source_nbt, &source, Matcher::Exact, "");
+    let report = transplant::Report::new(&plan, &Policy::default(), None);
+    let text = report.to_string();
+    assert_eq!(text.matches("bn.num_batches_tracked").count(), 1, "{text}");
+    assert!(text.contains("harmless"), "{text}");
+    let json = serde_json::to_string(&report).unwrap();
+    assert_eq!(json.matches("\"bn.num_batches_tracked\"").count(), 1, "{json}");
+}

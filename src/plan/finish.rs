@@ -139,7 +139,10 @@ impl Plan {
         for (i, e) in sources.iter().enumerate().filter(|(i, _)| !paired_source[*i]) {
             let mut explained = b.source_explained.get(&i).cloned();
             if explained.is_none() && is_nbt(&e.name) && !target_nbt_open {
-                explained = Some("num_batches_tracked with no counterpart".into());
+                explained = Some(
+                    "num_batches_tracked with no counterpart: harmless, it only counts training batches"
+                        .into(),
+                );
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.to_string() });
             } else if explained.is_none() {
                 b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.to_string() });
@@ -150,7 +153,11 @@ impl Plan {
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
             let explained = if is_nbt(&e.name) && !source_nbt_open {
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.to_string() });
-                Some("num_batches_tracked with no counterpart: keeps its value".into())
+                Some(
+                    "num_batches_tracked with no counterpart: keeps its value (harmless, it only counts \
+                     training batches)"
+                        .into(),
+                )
             } else {
                 b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.to_string() });
                 None
