@@ -138,8 +138,12 @@ pub fn copy_with(
         })?);
     }
     let copy_failed = |(index, message): ffi::PairError| match index {
-        Some(i) => Error::CopyFailed { target: plan.pairs[i].target_name.to_string(), message },
-        None => Error::CopyFailed { target: plan.target.clone(), message },
+        Some(i) => Error::CopyFailed {
+            store: plan.target.clone(),
+            tensor: Some(plan.pairs[i].target_name.to_string()),
+            message,
+        },
+        None => Error::CopyFailed { store: plan.target.clone(), tensor: None, message },
     };
 
     let _no_grad = tch::no_grad_guard();
@@ -242,9 +246,11 @@ fn verification_failed(plan: &Plan, i: usize) -> Error {
 }
 
 fn compare(plan: &Plan, pairs: &ffi::Pairs) -> Result<()> {
-    let mismatch = pairs
-        .first_mismatch()
-        .map_err(|message| Error::CopyFailed { target: plan.target.clone(), message })?;
+    let mismatch = pairs.first_mismatch().map_err(|message| Error::CopyFailed {
+        store: plan.target.clone(),
+        tensor: None,
+        message,
+    })?;
     match mismatch {
         Some(i) => Err(verification_failed(plan, i)),
         None => Ok(()),
@@ -268,7 +274,7 @@ pub fn verify(plan: &Plan, source: &dyn Source, target: &dyn Source) -> Result<(
     // Tensors of other shapes cannot hold the same values.
     let pairs = ffi::Pairs::to_read(&targets, &sources).map_err(|(index, message)| match index {
         Some(i) => verification_failed(plan, i),
-        None => Error::CopyFailed { target: plan.target.clone(), message },
+        None => Error::CopyFailed { store: plan.target.clone(), tensor: None, message },
     })?;
     compare(plan, &pairs)
 }

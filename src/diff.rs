@@ -67,8 +67,12 @@ impl Diff {
     }
 }
 
-fn value(t: tch::Tensor, name: &str) -> Result<f64> {
-    t.f_double_value(&[]).map_err(|source| Error::Tensor { tensor: name.to_string(), source })
+fn value(t: tch::Tensor, store: &str, name: &str) -> Result<f64> {
+    t.f_double_value(&[]).map_err(|source| Error::Tensor {
+        store: store.to_string(),
+        tensor: name.to_string(),
+        source,
+    })
 }
 
 /// Compares every pair of `plan` (A as source, B as target).
@@ -96,7 +100,11 @@ pub fn diff(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -
             dtypes,
         };
         if diff.shapes.is_none() {
-            let err = |source| Error::Tensor { tensor: pair.target_name.to_string(), source };
+            let err = |source| Error::Tensor {
+                store: b.origin().to_string(),
+                tensor: pair.target_name.to_string(),
+                source,
+            };
             let (x64, y64) = (
                 x.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
                 y.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double)).map_err(err)?,
@@ -108,13 +116,13 @@ pub fn diff(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -
                 diff.max_rel = Some(0.0);
             } else {
                 let delta = (&x64 - &y64).abs().nan_to_num(0.0, None, None);
-                diff.max_abs = Some(value(delta.max(), &pair.target_name)?);
+                diff.max_abs = Some(value(delta.max(), b.origin(), &pair.target_name)?);
                 let scale = y64.abs();
                 let rel = delta.where_self(&scale.gt(0.0), &scale.zeros_like())
                     / scale.clamp_min(f64::MIN_POSITIVE);
-                diff.max_rel = Some(value(rel.max(), &pair.target_name)?);
+                diff.max_rel = Some(value(rel.max(), b.origin(), &pair.target_name)?);
                 let close = x64.f_isclose(&y64, tolerance.rtol, tolerance.atol, true).map_err(err)?;
-                diff.close = value(close.all().to_kind(Kind::Int64), &pair.target_name)? != 0.0;
+                diff.close = value(close.all().to_kind(Kind::Int64), b.origin(), &pair.target_name)? != 0.0;
             }
         }
         pairs.push(diff);

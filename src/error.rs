@@ -172,11 +172,13 @@ pub enum Error {
         /// The store that changed.
         store: String,
     },
-    /// libtorch failed while copying into a target tensor.
-    #[error("copying into {target} failed: {message}")]
+    /// libtorch failed while copying into a target.
+    #[error("copying into {store}{} failed: {message}", tensor.as_ref().map_or(String::new(), |t| format!(", tensor {t},")))]
     CopyFailed {
-        /// The target tensor (or store).
-        target: String,
+        /// The target (its file, or a description).
+        store: String,
+        /// The target tensor, when one is known.
+        tensor: Option<String>,
         /// libtorch's explanation.
         message: String,
     },
@@ -257,8 +259,10 @@ pub enum Error {
         what: &'static str,
     },
     /// A libtorch operation on a named tensor failed.
-    #[error("tensor {tensor}: {source}")]
+    #[error("tensor {tensor} of {store}: {source}")]
     Tensor {
+        /// Where the tensor is (a file, or a description).
+        store: String,
         /// The tensor's name.
         tensor: String,
         /// tch's error.

@@ -74,7 +74,8 @@ pub fn compare_outputs(
     a.set_training(false)?;
     b.set_training(false)?;
     tch::manual_seed(seed);
-    let input_error = |source| Error::Tensor { tensor: "input".into(), source };
+    let input_error =
+        |source| Error::Tensor { store: "verify's inputs".into(), tensor: "input".into(), source };
     let inputs: Vec<Tensor> = shapes
         .iter()
         .map(|s| Tensor::f_randn(s.as_slice(), (Kind::Float, Device::Cpu)).map_err(input_error))
@@ -90,7 +91,11 @@ pub fn compare_outputs(
     for (index, (x, y)) in out_a.iter().zip(&out_b).enumerate() {
         let (shape_a, shape_b) = (x.size(), y.size());
         let max_abs = if shape_a == shape_b {
-            let err = |source| Error::Tensor { tensor: format!("output {index}"), source };
+            let err = |source| Error::Tensor {
+                store: format!("{} and {}", a.origin(), b.origin()),
+                tensor: format!("output {index}"),
+                source,
+            };
             let as_double = |t: &Tensor| t.f_to_device(Device::Cpu).and_then(|t| t.f_to_kind(Kind::Double));
             let delta =
                 as_double(x).and_then(|x| x.f_sub(&as_double(y)?)).and_then(|d| d.f_abs()).map_err(err)?;

@@ -54,3 +54,11 @@ fn inspect_errors_name_the_file_and_exit_1() {
         transplant(["inspect", fixture("torch_save/two_models.pth").to_str().unwrap(), "--key", "model_ema"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
 }
+
+#[test]
+fn an_error_names_the_file_and_says_its_cause_once() {
+    let run = transplant(["inspect", "/nonexistent/model.pt"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("/nonexistent/model.pt"), "{}", run.stderr);
+    assert_eq!(run.stderr.matches("No such file or directory").count(), 1, "{}", run.stderr);
+}

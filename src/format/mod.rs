@@ -58,10 +58,9 @@ pub(crate) fn prepare<T>(
         format,
         reason: format!("{format} has no {} dtype", crate::dtype::name(kind)),
     })?;
-    let data = tensor
-        .f_to_device(tch::Device::Cpu)
-        .and_then(|t| t.f_contiguous())
-        .map_err(|source| Error::Tensor { tensor: name.to_string(), source })?;
+    let data = tensor.f_to_device(tch::Device::Cpu).and_then(|t| t.f_contiguous()).map_err(|source| {
+        Error::Tensor { store: path.display().to_string(), tensor: name.to_string(), source }
+    })?;
     Ok((typed, data))
 }
 

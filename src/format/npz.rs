@@ -227,9 +227,11 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         let (descr, tensor) = super::prepare(path, FORMAT, name, tensor, descr_of)?;
         let len = tensor.numel() * dtype::size(tensor.kind());
         let mut data = vec![0u8; len];
-        tensor
-            .f_copy_data_u8(&mut data, tensor.numel())
-            .map_err(|source| Error::Tensor { tensor: name.clone(), source })?;
+        tensor.f_copy_data_u8(&mut data, tensor.numel()).map_err(|source| Error::Tensor {
+            store: path.display().to_string(),
+            tensor: name.clone(),
+            source,
+        })?;
         archive.start_file(format!("{name}.npy"), options).map_err(|e| format_error(path, e.to_string()))?;
         archive.write_all(&npy_header(descr, &tensor.size())).map_err(io)?;
         archive.write_all(&data).map_err(io)?;

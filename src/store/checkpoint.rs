@@ -126,7 +126,11 @@ impl Checkpoint {
                 .f_to_device(device)
                 .and_then(|t| t.f_to_kind(kind))
                 .and_then(|t| t.f_contiguous())
-                .map_err(|source| Error::Tensor { tensor: entry.name.to_string(), source })?;
+                .map_err(|source| Error::Tensor {
+                    store: self.origin.clone(),
+                    tensor: entry.name.to_string(),
+                    source,
+                })?;
             tensors.push((entry.name.to_string(), moved));
         }
         let mut out = Self::from_tensors(self.origin.clone(), self.format, tensors, self.metadata.clone())?;

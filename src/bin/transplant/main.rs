@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             if json && !EMITTED.load(Ordering::Relaxed) {
                 print_json(&serde_json::json!({ "error": error_json(&error) }));
             }
-            eprintln!("error: {}", shown(&format!("{error:#}")));
+            eprintln!("error: {}", shown(&message(&error)));
             ExitCode::from(1)
         }
     }
@@ -64,12 +64,29 @@ fn main() -> ExitCode {
 /// refused copy carries its error): a second one is never printed.
 static EMITTED: AtomicBool = AtomicBool::new(false);
 
+/// The whole chain of an error, each cause once: the library's messages already
+/// end with their source's (`x.pt: No such file or directory`), which a plain
+/// `{:#}` would repeat.
+fn message(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.ends_with(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
 /// An error as JSON: its kind, its whole message, and the file it concerns.
 fn error_json(error: &anyhow::Error) -> serde_json::Value {
     let library = error.chain().find_map(|e| e.downcast_ref::<transplant::Error>());
     serde_json::json!({
         "kind": library.map_or("error".to_string(), transplant::Error::kind),
-        "message": format!("{error:#}"),
+        "message": message(&error),
         "file": library.and_then(transplant::Error::path),
     })
 }
