@@ -86,7 +86,7 @@ fn error_json(error: &anyhow::Error) -> serde_json::Value {
     let library = error.chain().find_map(|e| e.downcast_ref::<transplant::Error>());
     serde_json::json!({
         "kind": library.map_or("error".to_string(), transplant::Error::kind),
-        "message": message(&error),
+        "message": message(error),
         "file": library.and_then(transplant::Error::path),
     })
 }
