@@ -49,4 +49,9 @@ pub mod fuzzing {
     pub use crate::format::pickle::Machine as PickleMachine;
     pub use crate::format::safetensors::read as read_safetensors;
     pub use crate::format::torch_pickle::read as read_torch_save;
+
+    /// Parses an `.npy` header dict literal; `Err` says why it was refused.
+    pub fn npy_header(text: &str) -> Result<(), String> {
+        crate::format::npz::parse_header(text).map(|_| ())
+    }
 }

@@ -62,7 +62,7 @@ fn kind_of(descr: &str) -> std::result::Result<Kind, String> {
 
 /// What an `.npy` header says.
 #[derive(Debug, PartialEq)]
-struct Header {
+pub(crate) struct Header {
     kind: Kind,
     fortran_order: bool,
     shape: Vec<i64>,
@@ -77,7 +77,7 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
-fn parse_header(header: &str) -> std::result::Result<Header, String> {
+pub(crate) fn parse_header(header: &str) -> std::result::Result<Header, String> {
     // A key written twice is read as the first here and as the last by numpy:
     // one file, two meanings. Refused.
     for key in ["descr", "fortran_order", "shape"] {
