@@ -273,6 +273,34 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Matches the variants that name a file: `$path` binds their `path`, `$plan`
+/// a saved plan's path; every other variant gives `$none`. (The one list of
+/// which variants name a file.)
+macro_rules! file_of {
+    ($error:expr, $path:ident => $with_path:expr, $plan:ident => $with_plan:expr, $none:expr) => {
+        match $error {
+            Error::NulInPath { path: $path }
+            | Error::Io { path: $path, .. }
+            | Error::LoadModule { path: $path, .. }
+            | Error::SaveModule { path: $path, .. }
+            | Error::NotAFile { path: $path }
+            | Error::EmptyFile { path: $path }
+            | Error::NotRegular { path: $path }
+            | Error::TooLarge { path: $path, .. }
+            | Error::UnknownFormat { path: $path }
+            | Error::Format { path: $path, .. }
+            | Error::Unsupported { path: $path, .. }
+            | Error::UnsupportedDtype { path: $path, .. }
+            | Error::Unrepresentable { path: $path, .. }
+            | Error::Output { path: $path, .. }
+            | Error::NoSuchKey { path: $path, .. }
+            | Error::AmbiguousKey { path: $path, .. } => $with_path,
+            Error::PlanOutdated { plan: $plan, .. } => $with_plan,
+            _ => $none,
+        }
+    };
+}
+
 impl Error {
     /// The variant's name in snake case (`plan_rejected`), for programs.
     pub fn kind(&self) -> String {
@@ -290,67 +318,18 @@ impl Error {
 
     /// The file the error concerns, when it concerns one.
     pub fn path(&self) -> Option<&std::path::Path> {
-        match self {
-            Error::NulInPath { path }
-            | Error::Io { path, .. }
-            | Error::LoadModule { path, .. }
-            | Error::SaveModule { path, .. }
-            | Error::NotAFile { path }
-            | Error::EmptyFile { path }
-            | Error::NotRegular { path }
-            | Error::TooLarge { path, .. }
-            | Error::UnknownFormat { path }
-            | Error::Format { path, .. }
-            | Error::Unsupported { path, .. }
-            | Error::UnsupportedDtype { path, .. }
-            | Error::Unrepresentable { path, .. }
-            | Error::Output { path, .. }
-            | Error::NoSuchKey { path, .. }
-            | Error::AmbiguousKey { path, .. } => Some(path),
-            Error::PlanOutdated { plan, .. } => Some(plan),
-            _ => None,
-        }
+        file_of!(self, path => Some(path.as_path()), plan => Some(plan.as_path()), None)
     }
 
     /// The same error, naming `to` wherever it named the file `from` (a temporary
     /// file stands for its destination in messages).
     pub(crate) fn with_path(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {
-        match &mut self {
-            Error::NulInPath { path }
-            | Error::Io { path, .. }
-            | Error::LoadModule { path, .. }
-            | Error::SaveModule { path, .. }
-            | Error::NotAFile { path }
-            | Error::EmptyFile { path }
-            | Error::NotRegular { path }
-            | Error::TooLarge { path, .. }
-            | Error::UnknownFormat { path }
-            | Error::Format { path, .. }
-            | Error::Unsupported { path, .. }
-            | Error::UnsupportedDtype { path, .. }
-            | Error::Unrepresentable { path, .. }
-            | Error::Output { path, .. }
-            | Error::NoSuchKey { path, .. }
-            | Error::AmbiguousKey { path, .. } => {
-                if path == from {
-                    *path = to.to_path_buf();
-                }
+        let rename = |path: &mut std::path::PathBuf| {
+            if path == from {
+                *path = to.to_path_buf();
             }
-            Error::Module { .. }
-            | Error::Shard { .. }
-            | Error::DuplicateName { .. }
-            | Error::Poisoned { .. }
-            | Error::Rule { .. }
-            | Error::Device { .. }
-            | Error::PlanRejected { .. }
-            | Error::OrderFrom { .. }
-            | Error::PlanOutdated { .. }
-            | Error::Verification { .. }
-            | Error::InputTooLarge { .. }
-            | Error::MissingTensor { .. }
-            | Error::CopyFailed { .. }
-            | Error::Tensor { .. } => {}
-        }
+        };
+        file_of!(&mut self, path => rename(path), _plan => (), ());
         self
     }
 }
