@@ -183,6 +183,103 @@ fn build_corpus(dir: &Path, dst: &Path) -> Vec<Case> {
             out: None,
         });
     }
+    // Round two: special files, overlapping views, members and keys twice.
+    let fifo = corpus.join("model.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    let zero = PathBuf::from("/dev/zero");
+    for (what, args, names) in [
+        ("a FIFO as SRC", vec![fifo.clone()], "model.fifo"),
+        (
+            "a FIFO as rules",
+            vec![good_src.clone(), dst.to_path_buf(), "--rules".into(), fifo.clone()],
+            "model.fifo",
+        ),
+        (
+            "/dev/zero as rules",
+            vec![good_src.clone(), dst.to_path_buf(), "--rules".into(), zero.clone()],
+            "/dev/zero",
+        ),
+        (
+            "/dev/zero as a plan",
+            vec![good_src.clone(), dst.to_path_buf(), "--plan".into(), zero.clone()],
+            "/dev/zero",
+        ),
+    ] {
+        let out = outs.join(format!("out{}.pt", cases.len()));
+        let mut all: Vec<OsString> = vec!["copy".into()];
+        if args.len() == 1 {
+            all.extend([args[0].clone().into_os_string(), dst.as_os_str().to_owned()]);
+        } else {
+            all.extend(args.into_iter().map(PathBuf::into_os_string));
+        }
+        all.extend(["-o".into(), out.clone().into_os_string()]);
+        cases.push(Case {
+            what: what.into(),
+            args: all,
+            expect: Expect::Error,
+            names: names.into(),
+            out: Some(out),
+        });
+    }
+    let pickle_view = |size: u8, stride: u8| -> Vec<u8> {
+        // {'w': _rebuild_tensor_v2(storage('0', 4 floats), 0, (size,), (stride,), False, OrderedDict())}
+        let mut p = vec![0x80, 2, b'}', b'X', 1, 0, 0, 0, b'w'];
+        p.extend_from_slice(
+            b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n",
+        );
+        p.extend_from_slice(b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00(K");
+        p.extend_from_slice(&[size, b't', b'(', b'K', stride, b't']);
+        p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtRs.");
+        p
+    };
+    let zip_of = |members: &[(&str, Vec<u8>)]| -> Vec<u8> {
+        use std::io::Write;
+        let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, data) in members {
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    };
+    let npy = |header: &str| -> Vec<u8> {
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        let padded = format!("{header:<118}\n");
+        bytes.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(padded.as_bytes());
+        bytes.extend_from_slice(&[0u8; 12]);
+        bytes
+    };
+    for (what, name, bytes) in [
+        (
+            "an overlapping view",
+            "view.pth",
+            zip_of(&[("archive/data.pkl", pickle_view(200, 0)), ("archive/data/0", vec![0; 16])]),
+        ),
+        (
+            "data.pkl twice",
+            "twice.pth",
+            zip_of(&[
+                ("archive/data.pkl", pickle_view(4, 1)),
+                ("archive/data/0", vec![0; 16]),
+                ("archive/data.pkl", pickle_view(2, 1)),
+            ]),
+        ),
+        (
+            "an .npy header with descr twice",
+            "descr.npz",
+            zip_of(&[(
+                "w.npy",
+                npy("{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (3,), }"),
+            )]),
+        ),
+    ] {
+        let path = corpus.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        copy_case(&mut cases, what.into(), path, Expect::Error);
+    }
     let out = outs.join("nowhere/deeper/out.pt");
     let args = os(&[&"copy", &good_src, &dst, &"-o", &out]);
     cases.push(Case {
