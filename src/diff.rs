@@ -115,14 +115,23 @@ pub fn diff(plan: &Plan, a: &dyn Source, b: &dyn Source, tolerance: Tolerance) -
                 diff.max_abs = Some(0.0);
                 diff.max_rel = Some(0.0);
             } else {
-                let delta = (&x64 - &y64).abs().nan_to_num(0.0, None, None);
-                diff.max_abs = Some(value(delta.max(), b.origin(), &pair.target_name)?);
-                let scale = y64.abs();
-                let rel = delta.where_self(&scale.gt(0.0), &scale.zeros_like())
-                    / scale.clamp_min(f64::MIN_POSITIVE);
-                diff.max_rel = Some(value(rel.max(), b.origin(), &pair.target_name)?);
+                // Every operation on tensors of file-given sizes through the f_ variants:
+                // an allocation that fails is an error naming the tensor, not a panic.
+                let delta =
+                    x64.f_sub(&y64).and_then(|d| d.f_abs()).and_then(|d| d.f_nan_to_num(0.0, None, None));
+                let delta = delta.map_err(err)?;
+                diff.max_abs = Some(value(delta.f_max().map_err(err)?, b.origin(), &pair.target_name)?);
+                let rel = y64.f_abs().and_then(|scale| {
+                    let zeros = scale.f_zeros_like()?;
+                    delta
+                        .f_where_self(&scale.f_gt(0.0)?, &zeros)?
+                        .f_div(&scale.f_clamp_min(f64::MIN_POSITIVE)?)
+                });
+                diff.max_rel =
+                    Some(value(rel.and_then(|r| r.f_max()).map_err(err)?, b.origin(), &pair.target_name)?);
                 let close = x64.f_isclose(&y64, tolerance.rtol, tolerance.atol, true).map_err(err)?;
-                diff.close = value(close.all().to_kind(Kind::Int64), b.origin(), &pair.target_name)? != 0.0;
+                let all = close.f_all().and_then(|a| a.f_to_kind(Kind::Int64)).map_err(err)?;
+                diff.close = value(all, b.origin(), &pair.target_name)? != 0.0;
             }
         }
         pairs.push(diff);
