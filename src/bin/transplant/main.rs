@@ -35,7 +35,8 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(usage) if usage.use_stderr() => {
             if json {
-                print_json(
+                let _ = emit(
+                    true,
                     &serde_json::json!({ "error": { "kind": "usage", "message": usage.to_string() } }),
                 );
             }
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Incomplete) => ExitCode::from(3),
         Err(error) => {
             if json && !EMITTED.load(Ordering::Relaxed) {
-                print_json(&serde_json::json!({ "error": error_json(&error) }));
+                let _ = emit(true, &serde_json::json!({ "error": error_json(&error) }));
             }
             eprintln!("error: {}", shown(&message(&error)));
             ExitCode::from(1)
@@ -89,13 +90,6 @@ fn error_json(error: &anyhow::Error) -> serde_json::Value {
         "message": message(error),
         "file": library.and_then(transplant::Error::path),
     })
-}
-
-fn print_json(value: &serde_json::Value) {
-    if let Ok(text) = serde_json::to_string_pretty(value) {
-        let _ = writeln!(std::io::stdout().lock(), "{text}");
-        EMITTED.store(true, Ordering::Relaxed);
-    }
 }
 
 /// An error message as a terminal may show it: control characters other than
