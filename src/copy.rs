@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Plan, Policy};
 use crate::store::{Source, Target};
+use crate::transform::{Op, Transform};
 
 /// Told how a copy advances. The library draws nothing itself: the command
 /// line turns this into a progress bar.
@@ -102,9 +103,20 @@ pub fn copy_with(
         problems: vec![problem],
     };
     plan.ensure_fits(source, &*target)?;
-    let sources = source_tensors(plan, source, |name| {
+    let raw = source_tensors(plan, source, |name| {
         rejected(format!("{} has no tensor for {name}", source.origin()))
     })?;
+    let transform_failed = |k: usize, side: &str, e: tch::TchError| Error::CopyFailed {
+        store: plan.target.clone(),
+        tensor: Some(plan.pairs[k].target_name.to_string()),
+        message: format!("the transform's view of the {side} failed: {e} (nothing was written)"),
+    };
+    // A transform's source is a view of it (or a reshaped copy, where no view
+    // can express the ops); its target a view of a region of the target.
+    let source_views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
+        .map_err(|(k, e)| transform_failed(k, "source", e))?;
+    let sources: Vec<&Tensor> =
+        raw.iter().zip(&source_views).map(|(&t, view)| view.as_ref().unwrap_or(t)).collect();
     if !policy.allow_lossy_casts {
         let lost: Vec<String> = plan
             .pairs
@@ -128,11 +140,36 @@ pub fn copy_with(
         }
     }
     let target_origin = target.origin().to_string();
-    // One `&mut` per pair: a plan gives every target at most one source.
-    let mut slots: Vec<Option<&mut Tensor>> = target.tensors_mut().iter_mut().map(Some).collect();
+    let all_targets = target.tensors_mut();
+    let in_range: Vec<&Tensor> = plan
+        .pairs
+        .iter()
+        .map(|p| {
+            all_targets.get(p.target).ok_or_else(|| {
+                rejected(format!(
+                    "{target_origin} has no tensor for {} (or it is named twice)",
+                    p.target_name
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut regions = transformed(plan, &in_range, |t| &t.target_ops, |t, x| t.target_view(x))
+        .map_err(|(k, e)| transform_failed(k, "target", e))?;
+    drop(in_range);
+    // One `&mut` per pair: a plan gives every target one source, or regions of
+    // it (which it checked tile the target) to several.
+    let mut slots: Vec<Option<&mut Tensor>> = all_targets.iter_mut().map(Some).collect();
+    for (pair, region) in plan.pairs.iter().zip(&regions) {
+        if region.is_some() {
+            slots[pair.target] = None;
+        }
+    }
     let mut targets = Vec::with_capacity(plan.pairs.len());
-    for pair in &plan.pairs {
-        let slot = slots.get_mut(pair.target).and_then(Option::take);
+    for (pair, region) in plan.pairs.iter().zip(regions.iter_mut()) {
+        let slot = match region {
+            Some(view) => Some(view),
+            None => slots.get_mut(pair.target).and_then(Option::take),
+        };
         targets.push(slot.ok_or_else(|| {
             rejected(format!("{target_origin} has no tensor for {} (or it is named twice)", pair.target_name))
         })?);
@@ -228,6 +265,25 @@ fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
     None
 }
 
+/// Each pair's `tensors[k]` seen through its transform's ops (`None` where it
+/// has none); the error gives the pair's index.
+fn transformed(
+    plan: &Plan,
+    tensors: &[&Tensor],
+    ops: impl Fn(&Transform) -> &Vec<Op>,
+    view: impl Fn(&Transform, &Tensor) -> std::result::Result<Tensor, tch::TchError>,
+) -> std::result::Result<Vec<Option<Tensor>>, (usize, tch::TchError)> {
+    plan.pairs
+        .iter()
+        .zip(tensors)
+        .enumerate()
+        .map(|(k, (pair, tensor))| match &pair.transform {
+            Some(t) if !ops(t).is_empty() => view(t, tensor).map(Some).map_err(|e| (k, e)),
+            _ => Ok(None),
+        })
+        .collect()
+}
+
 /// The source tensor of every pair of `plan`, in pair order.
 fn source_tensors<'a>(
     plan: &Plan,
@@ -265,12 +321,26 @@ pub fn verify(plan: &Plan, source: &dyn Source, target: &dyn Source) -> Result<(
         store: store.origin().to_string(),
         tensor: name.to_string(),
     };
-    let mut sources = Vec::with_capacity(plan.pairs.len());
-    let mut targets = Vec::with_capacity(plan.pairs.len());
+    let mut raw_sources = Vec::with_capacity(plan.pairs.len());
+    let mut raw_targets = Vec::with_capacity(plan.pairs.len());
     for pair in &plan.pairs {
-        sources.push(source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name))?);
-        targets.push(target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name))?);
+        raw_sources.push(source.tensor(pair.source).ok_or_else(|| missing(source, &pair.source_name))?);
+        raw_targets.push(target.tensor(pair.target).ok_or_else(|| missing(target, &pair.target_name))?);
     }
+    // What was written is compared with the transformed source.
+    let view_failed = |(k, e): (usize, tch::TchError)| Error::CopyFailed {
+        store: plan.target.clone(),
+        tensor: Some(plan.pairs[k].target_name.to_string()),
+        message: format!("the transform's view failed: {e}"),
+    };
+    let source_views =
+        transformed(plan, &raw_sources, |t| &t.source_ops, |t, x| t.source_view(x)).map_err(view_failed)?;
+    let target_views =
+        transformed(plan, &raw_targets, |t| &t.target_ops, |t, x| t.target_view(x)).map_err(view_failed)?;
+    let sources: Vec<&Tensor> =
+        raw_sources.iter().zip(&source_views).map(|(&t, v)| v.as_ref().unwrap_or(t)).collect();
+    let targets: Vec<&Tensor> =
+        raw_targets.iter().zip(&target_views).map(|(&t, v)| v.as_ref().unwrap_or(t)).collect();
     // Tensors of other shapes cannot hold the same values.
     let pairs = ffi::Pairs::to_read(&targets, &sources).map_err(|(index, message)| match index {
         Some(i) => verification_failed(plan, i),

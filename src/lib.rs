@@ -13,6 +13,7 @@ mod chunks;
 mod format;
 mod script_module;
 mod store;
+mod transform;
 mod rules;
 mod matching;
 mod plan;
@@ -41,6 +42,7 @@ pub use slot::{ModelSlot, Swap};
 pub use store::{
     open, open_with_key, Checkpoint, ModuleStore, Source, StoreKind, Summary, Target, Total, VarStoreView,
 };
+pub use transform::{Op, Transform};
 
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted bytes.
 /// Not part of the API.

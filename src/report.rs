@@ -10,6 +10,7 @@ use crate::dotted::escaped;
 use crate::matching::{How, ModuleMatch};
 use crate::plan::{Cast, Finding, Orders, Plan, Policy, Severity, Side};
 use crate::store::summary::human_bytes;
+use crate::transform::{shape_text, Transform};
 
 /// One pair as reported.
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +25,10 @@ pub struct ReportPair {
     pub how: How,
     /// The dtype conversion, if any.
     pub cast: Option<Cast>,
+    /// The transform (ops on the source, the target region, both tensors'
+    /// shapes), if a rule gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transform: Option<Transform>,
 }
 
 /// One leftover as reported.
@@ -137,6 +142,7 @@ impl Report {
                     provenance: p.provenance(),
                     how: p.how,
                     cast: p.cast.clone(),
+                    transform: p.transform.clone(),
                 })
                 .collect(),
             leftovers,
@@ -206,13 +212,24 @@ impl fmt::Display for Report {
         }
         let listed: Vec<&ReportPair> =
             self.pairs.iter().filter(|p| self.modules.is_empty() || !by_module(p)).collect();
-        let width = listed.iter().take(SHOWN).map(|p| shown_len(&p.target)).max().unwrap_or(0);
+        // A transformed pair shows the target region and the source's ops
+        // (`qkv.weight[narrow(0, 0, 64)] <- q.weight`, `gamma <- ls | reshape(-1)`)
+        // and both tensors' shapes.
+        let target_shown = |p: &ReportPair| {
+            let region = p.transform.as_ref().map_or(String::new(), Transform::target_text);
+            format!("{}{region}", escaped(&p.target))
+        };
+        let width = listed.iter().take(SHOWN).map(|p| target_shown(p).chars().count()).max().unwrap_or(0);
         for p in listed.iter().take(SHOWN) {
             let cast = p.cast.as_ref().map_or(String::new(), |c| {
                 format!("  [{} -> {}]", crate::dtype::name(c.from), crate::dtype::name(c.to))
             });
-            let (target, source, how) = (escaped(&p.target), escaped(&p.source), escaped(&p.provenance));
-            writeln!(f, "    {target:<width$} <- {source}  ({how}){cast}")?;
+            let (source, how) = (escaped(&p.source), escaped(&p.provenance));
+            let (ops, shapes) = p.transform.as_ref().map_or((String::new(), String::new()), |t| {
+                let shapes = format!("  {} -> {}", shape_text(&t.source_shape), shape_text(&t.target_shape));
+                (t.source_text(), shapes)
+            });
+            writeln!(f, "    {:<width$} <- {source}{ops}  ({how}){shapes}{cast}", target_shown(p))?;
         }
         more(f, listed.len())?;
         for side in [Side::Source, Side::Target] {

@@ -1,14 +1,20 @@
-//! The rename/skip rule language (DESIGN.md, "The rule language").
+//! The rule language (DESIGN.md, "The rule language").
 //!
 //! ```text
 //! # comment
 //! backbone\.(.*)            => encoder.$1
+//! (.*)\.layer_scale         => $1.gamma | reshape(-1)
+//! (.*)\.qkv\.weight         => $1.q.weight, $1.k.weight, $1.v.weight | split(0)
+//! (.*)\.q\.w + (.*)\.k\.w   => $1.kv.w | cat(0)
 //! skip   head\..*
 //! ```
 //!
 //! A pattern matches the **whole** source name; the replacement is the whole
 //! target name (`$1`, `${name}`). Rules are tried in order and the first that
-//! matches decides; a name no rule matches keeps its name. Every rule is compiled
+//! matches decides; a name no rule matches keeps its name. A rename may carry
+//! transforms (`| OP`, see [`crate::transform`]); `split` makes several targets
+//! of one source, `cat` one target of several sources (one per pattern, those
+//! whose captures are equal forming a group). Every rule is compiled
 //! when parsed (a bad pattern is an error naming where the rule came from), and
 //! the first rule that matches a name is found by one regex of all patterns
 //! (built on first use; tried one by one if too large), so mapping many names
@@ -22,6 +28,7 @@ use regex_automata::meta;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::transform::Op;
 
 /// Where a rule was written: a file and line, or a command-line flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,8 +63,27 @@ impl fmt::Display for RuleSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
-    /// Rename to this replacement (`$1`, `${name}` expanded).
+    /// Rename to this replacement (`$1`, `${name}` expanded); the rule's ops
+    /// apply to the source.
     Rename(String),
+    /// `=> A, B | split(D[, S1, S2])`: one source into several targets, parts
+    /// along `dim` (equal, or of the given sizes), after the rule's ops.
+    Split {
+        /// The targets, in order.
+        targets: Vec<String>,
+        /// The dimension split.
+        dim: i64,
+        /// The parts' sizes; `None`: equal parts.
+        sizes: Option<Vec<i64>>,
+    },
+    /// `A + B => T | cat(D)`: one source per pattern, concatenated along `dim`
+    /// in the order written; the rule's ops apply to the concatenation.
+    Cat {
+        /// The target.
+        target: String,
+        /// The dimension concatenated.
+        dim: i64,
+    },
     /// Leave the name out of the transfer.
     Skip,
 }
@@ -65,21 +91,38 @@ pub enum Action {
 /// One compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// The pattern as written.
+    /// The pattern as written; for a `cat`, the patterns joined by ` + `.
     pub pattern: String,
     /// What it does.
     pub action: Action,
+    /// Transforms: of the source (a rename), before the split, or after the
+    /// concatenation.
+    pub ops: Vec<Op>,
     /// Where it was written.
     pub source: RuleSource,
-    regex: Regex,
+    /// One regex per pattern (a `cat` has several).
+    regexes: Vec<Regex>,
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ops: String = self.ops.iter().map(|op| format!(" | {op}")).collect();
         match &self.action {
-            Action::Rename(replacement) => write!(f, "{} => {}", self.pattern, replacement),
+            Action::Rename(replacement) => write!(f, "{} => {replacement}{ops}", self.pattern),
+            Action::Split { targets, dim, sizes } => {
+                let sizes: String = sizes.iter().flatten().map(|s| format!(", {s}")).collect();
+                write!(f, "{} => {}{ops} | split({dim}{sizes})", self.pattern, targets.join(", "))
+            }
+            Action::Cat { target, dim } => write!(f, "{} => {target} | cat({dim}){ops}", self.pattern),
             Action::Skip => write!(f, "skip {}", self.pattern),
         }
+    }
+}
+
+impl Rule {
+    /// The patterns: one, or a `cat`'s members in order.
+    pub fn patterns(&self) -> Vec<&str> {
+        self.regexes.iter().map(|r| &r.as_str()[4..r.as_str().len() - 2]).collect()
     }
 }
 
@@ -94,6 +137,25 @@ pub enum Outcome {
         to: String,
         /// Index of the rule in [`Rules::rules`].
         rule: usize,
+    },
+    /// Rule `rule` splits it into these targets, in order.
+    Split {
+        /// The new names.
+        to: Vec<String>,
+        /// Index of the rule in [`Rules::rules`].
+        rule: usize,
+    },
+    /// It is member `member` of rule `rule`'s concatenation into `to`; the
+    /// sources of one rule with equal `key`s (their captures) form one group.
+    Member {
+        /// The target's name.
+        to: String,
+        /// Index of the rule in [`Rules::rules`].
+        rule: usize,
+        /// Which pattern it matched, from 0.
+        member: usize,
+        /// The pattern's captures, in order.
+        key: Vec<String>,
     },
     /// Rule `rule` skips it.
     Skipped {
@@ -110,9 +172,11 @@ const MAX_RULES_BYTES: u64 = 16 << 20;
 pub struct Rules {
     rules: Vec<Rule>,
     /// All patterns in one regex, built on first use; a match's pattern id is the
-    /// first rule that matches. `None` inside if too large to build: then the
-    /// rules are tried one by one.
+    /// first pattern that matches (see `patterns`). `None` inside if too large to
+    /// build: then the rules are tried one by one.
     first: OnceLock<Option<meta::Regex>>,
+    /// Each pattern of the one regex: its rule and member.
+    patterns: Vec<(usize, usize)>,
     flags: [usize; 2],
 }
 
@@ -172,6 +236,188 @@ fn group_references(replacement: &str) -> Vec<String> {
     refs
 }
 
+/// A chain's steps as written: ops, a split (last) or a cat (first).
+enum Step {
+    Op(Op),
+    Split { dim: i64, sizes: Option<Vec<i64>> },
+    Cat { dim: i64 },
+}
+
+/// Parses `name(1, -2, 3)`.
+fn parse_step(text: &str) -> std::result::Result<Step, String> {
+    let text = text.trim();
+    let (name, args) = text
+        .strip_suffix(')')
+        .and_then(|t| t.split_once('('))
+        .ok_or_else(|| format!("cannot read {text:?}: expected an op such as `reshape(-1)` or `split(0)`"))?;
+    let name = name.trim();
+    let args: Vec<i64> = if args.trim().is_empty() {
+        Vec::new()
+    } else {
+        args.split(',')
+            .map(|a| a.trim().parse::<i64>().map_err(|_| format!("{name}: {:?} is not an integer", a.trim())))
+            .collect::<std::result::Result<_, _>>()?
+    };
+    let count = |n: usize| {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(format!("{name} takes {n} argument(s), {text:?} has {}", args.len()))
+        }
+    };
+    let some = || {
+        if args.is_empty() {
+            Err(format!("{name} needs at least one argument"))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match name {
+        "reshape" => {
+            some()?;
+            if args.iter().filter(|&&d| d == -1).count() > 1 {
+                return Err(format!("{text}: only one dimension can be -1"));
+            }
+            if let Some(bad) = args.iter().find(|&&d| d < -1) {
+                return Err(format!("{text}: {bad} is not a size"));
+            }
+            Step::Op(Op::Reshape { shape: args })
+        }
+        "transpose" => {
+            count(2)?;
+            Step::Op(Op::Transpose { dims: [args[0], args[1]] })
+        }
+        "permute" => {
+            some()?;
+            Step::Op(Op::Permute { dims: args })
+        }
+        "narrow" => {
+            count(3)?;
+            if args[2] < 0 {
+                return Err(format!("{text}: a length cannot be negative"));
+            }
+            Step::Op(Op::Narrow { dim: args[0], start: args[1], length: args[2] })
+        }
+        "split" => {
+            some()?;
+            let sizes = (args.len() > 1).then(|| args[1..].to_vec());
+            if let Some(bad) = sizes.iter().flatten().find(|&&s| s <= 0) {
+                return Err(format!("{text}: part size {bad} is not positive"));
+            }
+            Step::Split { dim: args[0], sizes }
+        }
+        "cat" => {
+            count(1)?;
+            Step::Cat { dim: args[0] }
+        }
+        other => {
+            return Err(format!(
+                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split and cat"
+            ))
+        }
+    })
+}
+
+/// What a `PATTERN[ + PATTERN]... => TARGET[, TARGET]... [| OP]...` line says.
+fn parse_rename(left: &str, right: &str) -> std::result::Result<(Vec<String>, Action, Vec<Op>), String> {
+    // Patterns hold no spaces, so ` + ` separates the members of a cat.
+    let words: Vec<&str> = left.split_whitespace().collect();
+    let mut patterns = Vec::new();
+    for (k, word) in words.iter().enumerate() {
+        match (k % 2, *word) {
+            (0, "+") => return Err("`+` needs a pattern on each side".into()),
+            (0, pattern) => patterns.push(pattern.to_string()),
+            (_, "+") => {}
+            (_, _) => {
+                let first = words[0];
+                return Err(format!(
+                    "pattern {left:?} contains a space, which no tensor name has \
+                     (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`; \
+                     members of a cat are joined by ` + `)"
+                ));
+            }
+        }
+    }
+    if words.len() % 2 == 0 && !words.is_empty() {
+        return Err("`+` needs a pattern on each side".into());
+    }
+    let mut parts = right.split('|');
+    let targets: Vec<String> =
+        parts.next().unwrap_or_default().split(',').map(|t| t.trim().to_string()).collect();
+    let steps = parts.map(parse_step).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut ops = Vec::new();
+    let (mut split, mut cat) = (None, None);
+    for (k, step) in steps.into_iter().enumerate() {
+        match step {
+            Step::Op(op) => {
+                if cat.is_some() && matches!(op, Op::Narrow { .. }) {
+                    return Err("narrow after cat: the concatenation is written into the target as views, \
+                                and a narrowed target region cannot be one; narrow the target's sources instead"
+                        .into());
+                }
+                if split.is_some() {
+                    return Err("split ends a chain: no op can follow it".into());
+                }
+                ops.push(op);
+            }
+            Step::Split { dim, sizes } => {
+                if split.is_some() {
+                    return Err("a rule splits once".into());
+                }
+                split = Some((dim, sizes));
+            }
+            Step::Cat { dim } => {
+                if k != 0 {
+                    return Err("cat starts a chain: it must be the first op".into());
+                }
+                cat = Some(dim);
+            }
+        }
+    }
+    if targets.iter().any(String::is_empty) {
+        return Err(if targets.len() == 1 {
+            "empty replacement".into()
+        } else {
+            "an empty target in the list".into()
+        });
+    }
+    let action = match (split, cat) {
+        (Some(_), Some(_)) => {
+            return Err("a rule either splits (one to many) or concatenates (many to one)".into())
+        }
+        (Some((dim, sizes)), None) => {
+            if targets.len() < 2 {
+                return Err("split makes several targets: list them, `=> A, B | split(D)`".into());
+            }
+            if let Some(sizes) = &sizes {
+                if sizes.len() != targets.len() {
+                    return Err(format!("split gives {} sizes for {} targets", sizes.len(), targets.len()));
+                }
+            }
+            Action::Split { targets, dim, sizes }
+        }
+        (None, Some(dim)) => {
+            if patterns.len() < 2 {
+                return Err("cat joins several sources: `A + B => T | cat(D)`".into());
+            }
+            if targets.len() != 1 {
+                return Err("cat makes one target".into());
+            }
+            Action::Cat { target: targets.into_iter().next().unwrap_or_default(), dim }
+        }
+        (None, None) => {
+            if targets.len() > 1 {
+                return Err("several targets need `| split(D)`".into());
+            }
+            if patterns.len() > 1 {
+                return Err("several patterns need `| cat(D)`".into());
+            }
+            Action::Rename(targets.into_iter().next().unwrap_or_default())
+        }
+    };
+    Ok((patterns, action, ops))
+}
+
 impl Rules {
     /// No rules.
     pub fn new() -> Self {
@@ -201,8 +447,8 @@ impl Rules {
     }
 
     fn push_line(&mut self, line: &str, source: RuleSource) -> Result<()> {
-        if let Some((pattern, replacement)) = line.split_once("=>") {
-            return self.push(pattern.trim(), Action::Rename(replacement.trim().to_string()), source);
+        if let Some((left, right)) = line.split_once("=>") {
+            return self.push_rename(left, right, source);
         }
         let mut words = line.splitn(2, char::is_whitespace);
         match (words.next(), words.next()) {
@@ -217,7 +463,17 @@ impl Rules {
         }
     }
 
-    /// Adds a `--map 'PATTERN=>REPLACEMENT'` rule.
+    fn push_rename(&mut self, left: &str, right: &str, source: RuleSource) -> Result<()> {
+        let (patterns, action, ops) =
+            parse_rename(left, right).map_err(|message| Error::Rule { at: source.to_string(), message })?;
+        if patterns.is_empty() {
+            return Err(Error::Rule { at: source.to_string(), message: "empty pattern".into() });
+        }
+        self.add(patterns, action, ops, source)
+    }
+
+    /// Adds a `--map 'PATTERN=>REPLACEMENT'` rule (any form a rules file
+    /// takes: transforms, split, cat).
     pub fn add_map(&mut self, spec: &str) -> Result<()> {
         self.flags[0] += 1;
         let source = RuleSource::Flag { flag: "--map", index: self.flags[0] };
@@ -227,7 +483,7 @@ impl Rules {
                 message: format!("{spec:?} is not of the form PATTERN=>REPLACEMENT"),
             });
         };
-        self.push(pattern.trim(), Action::Rename(replacement.trim().to_string()), source)
+        self.push_rename(pattern, replacement, source)
     }
 
     /// Adds a `--skip PATTERN` rule.
@@ -237,44 +493,89 @@ impl Rules {
         self.push(pattern.trim(), Action::Skip, source)
     }
 
-    /// Adds one rule after the others.
+    /// Adds one rule of one pattern, with no transforms, after the others.
     pub fn push(&mut self, pattern: &str, action: Action, source: RuleSource) -> Result<()> {
-        if pattern.is_empty() {
-            return Err(Error::Rule { at: source.to_string(), message: "empty pattern".into() });
+        self.add(vec![pattern.to_string()], action, Vec::new(), source)
+    }
+
+    /// Adds the rules of `other` after these, keeping where each was written.
+    pub fn extend(&mut self, other: &Rules) -> Result<()> {
+        for rule in &other.rules {
+            let patterns = rule.patterns().into_iter().map(str::to_string).collect();
+            self.add(patterns, rule.action.clone(), rule.ops.clone(), rule.source.clone())?;
         }
-        if pattern.contains(char::is_whitespace) {
-            let first = pattern.split_whitespace().next().unwrap_or_default();
-            return Err(Error::Rule {
-                at: source.to_string(),
-                message: format!(
-                    "pattern {pattern:?} contains a space, which no tensor name has \
-                     (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`)"
-                ),
-            });
-        }
-        let regex = Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
-            at: source.to_string(),
-            message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
-        })?;
-        if let Action::Rename(replacement) = &action {
-            if replacement.is_empty() {
-                return Err(Error::Rule { at: source.to_string(), message: "empty replacement".into() });
+        Ok(())
+    }
+
+    fn add(&mut self, patterns: Vec<String>, action: Action, ops: Vec<Op>, source: RuleSource) -> Result<()> {
+        let at = || source.to_string();
+        let mut regexes = Vec::with_capacity(patterns.len());
+        for pattern in &patterns {
+            if pattern.is_empty() {
+                return Err(Error::Rule { at: at(), message: "empty pattern".into() });
             }
-            let names: Vec<&str> = regex.capture_names().flatten().collect();
-            for group in group_references(replacement) {
-                let known = match group.parse::<usize>() {
-                    Ok(n) => n < regex.captures_len(),
-                    Err(_) => names.contains(&group.as_str()),
-                };
-                if !known {
-                    return Err(Error::Rule {
-                        at: source.to_string(),
-                        message: format!("replacement {replacement:?} refers to ${group}, which {pattern:?} does not capture"),
-                    });
+            if pattern.contains(char::is_whitespace) {
+                let first = pattern.split_whitespace().next().unwrap_or_default();
+                return Err(Error::Rule {
+                    at: at(),
+                    message: format!(
+                        "pattern {pattern:?} contains a space, which no tensor name has \
+                         (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`)"
+                    ),
+                });
+            }
+            regexes.push(Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
+                at: at(),
+                message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
+            })?);
+        }
+        let replacements: Vec<&String> = match &action {
+            Action::Rename(to) => vec![to],
+            Action::Split { targets, .. } => targets.iter().collect(),
+            Action::Cat { target, .. } => vec![target],
+            Action::Skip => {
+                if !ops.is_empty() {
+                    return Err(Error::Rule { at: at(), message: "a skip takes no ops".into() });
+                }
+                Vec::new()
+            }
+        };
+        for replacement in replacements {
+            if replacement.is_empty() {
+                return Err(Error::Rule { at: at(), message: "empty replacement".into() });
+            }
+            for (pattern, regex) in patterns.iter().zip(&regexes) {
+                let names: Vec<&str> = regex.capture_names().flatten().collect();
+                for group in group_references(replacement) {
+                    let known = match group.parse::<usize>() {
+                        Ok(n) => n < regex.captures_len(),
+                        Err(_) => names.contains(&group.as_str()),
+                    };
+                    if !known {
+                        return Err(Error::Rule {
+                            at: at(),
+                            message: format!(
+                                "replacement {replacement:?} refers to ${group}, which {pattern:?} does not capture"
+                            ),
+                        });
+                    }
                 }
             }
         }
-        self.rules.push(Rule { pattern: pattern.to_string(), action, source, regex });
+        if regexes.len() > 1 {
+            let counts: Vec<usize> = regexes.iter().map(Regex::captures_len).collect();
+            if counts.iter().any(|&c| c != counts[0]) {
+                return Err(Error::Rule {
+                    at: at(),
+                    message: "the patterns of a cat must capture as many groups each: \
+                              sources whose captures are equal form one group"
+                        .into(),
+                });
+            }
+        }
+        let rule = self.rules.len();
+        self.patterns.extend((0..regexes.len()).map(|member| (rule, member)));
+        self.rules.push(Rule { pattern: patterns.join(" + "), action, ops, source, regexes });
         self.first = OnceLock::new();
         Ok(())
     }
@@ -292,23 +593,35 @@ impl Rules {
     /// What the first matching rule does to `name`.
     pub fn apply(&self, name: &str) -> Outcome {
         let first = self.first.get_or_init(|| {
-            let patterns: Vec<String> = self.rules.iter().map(|r| anchored(&r.pattern)).collect();
+            let patterns: Vec<&str> = self.rules.iter().flat_map(|r| &r.regexes).map(Regex::as_str).collect();
             meta::Regex::new_many(&patterns).ok()
         });
-        let rule = match first {
-            Some(first) => first.find(name).map(|m| m.pattern().as_usize()),
-            None => self.rules.iter().position(|r| r.regex.is_match(name)),
+        let found = match first {
+            Some(first) => first.find(name).map(|m| self.patterns[m.pattern().as_usize()]),
+            None => self.rules.iter().enumerate().find_map(|(rule, r)| {
+                r.regexes.iter().position(|regex| regex.is_match(name)).map(|member| (rule, member))
+            }),
         };
-        let Some(rule) = rule else { return Outcome::Kept };
-        match &self.rules[rule].action {
+        let Some((rule, member)) = found else { return Outcome::Kept };
+        let r = &self.rules[rule];
+        let Some(captures) = r.regexes[member].captures(name) else { return Outcome::Kept };
+        let expand = |replacement: &str| {
+            let mut to = String::new();
+            captures.expand(replacement, &mut to);
+            to
+        };
+        match &r.action {
             Action::Skip => Outcome::Skipped { rule },
-            Action::Rename(replacement) => {
-                let mut to = String::new();
-                if let Some(captures) = self.rules[rule].regex.captures(name) {
-                    captures.expand(replacement, &mut to);
-                }
-                Outcome::Renamed { to, rule }
+            Action::Rename(replacement) => Outcome::Renamed { to: expand(replacement), rule },
+            Action::Split { targets, .. } => {
+                Outcome::Split { to: targets.iter().map(|t| expand(t)).collect(), rule }
             }
+            Action::Cat { target, .. } => Outcome::Member {
+                to: expand(target),
+                rule,
+                member,
+                key: captures.iter().skip(1).map(|c| c.map_or("", |c| c.as_str()).to_string()).collect(),
+            },
         }
     }
 }

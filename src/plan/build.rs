@@ -13,8 +13,9 @@ use crate::dtype;
 use crate::entry::{Entry, EntryOrder, Role};
 use crate::error::Result;
 use crate::matching::{self, How, Item, Matcher, ModuleMatch, Sequence};
-use crate::rules::{Outcome, Rules};
+use crate::rules::{Action, Outcome, Rules};
 use crate::store::Source;
+use crate::transform::{normalize, shape_after, shape_text, Op, Transform};
 
 /// Pairs per core above which pairing and checking pairs is split across cores.
 pub(super) const PAIRS_PER_THREAD: usize = 8192;
@@ -39,6 +40,9 @@ pub(super) struct Builder<'a> {
     pub(super) target: &'a dyn Source,
     /// Each rule as written, rendered once.
     pub(super) rule_texts: Vec<Arc<str>>,
+    /// Each rule's ops on the source, for a rename with transforms (empty for
+    /// the others: a split's and a cat's pairs get their transforms made).
+    pub(super) rule_ops: Vec<Vec<Op>>,
     pub(super) pairs: Vec<Pair>,
     pub(super) findings: Vec<Finding>,
     pub(super) source_explained: HashMap<usize, String>,
@@ -52,6 +56,7 @@ impl<'a> Builder<'a> {
             source,
             target,
             rule_texts,
+            rule_ops: Vec::new(),
             pairs: Vec::with_capacity(source.entries().len().min(target.entries().len())),
             findings: Vec::new(),
             source_explained: HashMap::new(),
@@ -61,7 +66,26 @@ impl<'a> Builder<'a> {
     }
 
     pub(super) fn pair(&mut self, i: usize, j: usize, rule: Option<usize>, how: How) {
-        let pair = self.make_pair(i, j, rule, how);
+        let ops = rule.and_then(|r| self.rule_ops.get(r)).filter(|ops| !ops.is_empty());
+        let transform = ops.map(|ops| Transform { source_ops: ops.clone(), ..Transform::default() });
+        self.pair_with(i, j, rule, how, transform);
+    }
+
+    /// A pair with its transform (whose shapes are filled in here).
+    pub(super) fn pair_with(
+        &mut self,
+        i: usize,
+        j: usize,
+        rule: Option<usize>,
+        how: How,
+        transform: Option<Transform>,
+    ) {
+        let mut pair = self.make_pair(i, j, rule, how);
+        pair.transform = transform.map(|mut t| {
+            t.source_shape = self.source.entries()[i].shape.clone();
+            t.target_shape = self.target.entries()[j].shape.clone();
+            t
+        });
         self.pairs.push(pair);
     }
 
@@ -80,6 +104,7 @@ impl<'a> Builder<'a> {
             how,
             cast,
             recorded: None,
+            transform: None,
         }
     }
 }
@@ -94,6 +119,45 @@ pub(super) struct Renamed<'a> {
     taken_source: Vec<bool>,
     /// Target entries paired.
     taken_target: Vec<bool>,
+    /// Sources a `split` rule makes several targets of.
+    splits: Vec<SplitOf>,
+    /// Sources a `cat` rule joins with others.
+    members: Vec<MemberOf>,
+    /// The complete groups of `cat` rules.
+    groups: Vec<Group>,
+}
+
+/// A source split by a rule.
+struct SplitOf {
+    source: usize,
+    rule: usize,
+    to: Vec<String>,
+    live: bool,
+}
+
+/// A source that is one member of a `cat`.
+struct MemberOf {
+    source: usize,
+    rule: usize,
+    member: usize,
+    to: String,
+    key: Vec<String>,
+}
+
+/// A `cat` rule's sources for one target, one per pattern, in order.
+struct Group {
+    rule: usize,
+    to: String,
+    sources: Vec<usize>,
+    live: bool,
+}
+
+/// What claims a new name: a source (renamed or not), a part of a split, a group.
+#[derive(Clone, Copy)]
+enum Claim {
+    Source(usize),
+    Part(usize),
+    Group(usize),
 }
 
 impl<'a> Builder<'a> {
@@ -106,6 +170,9 @@ impl<'a> Builder<'a> {
             rule_of: vec![None; sources.len()],
             taken_source: vec![false; sources.len()],
             taken_target: vec![false; targets.len()],
+            splits: Vec::new(),
+            members: Vec::new(),
+            groups: Vec::new(),
         };
         let mut fired = vec![false; rules.rules().len()];
         for (i, (entry, outcome)) in sources.iter().zip(apply_rules(rules, sources)).enumerate() {
@@ -115,6 +182,20 @@ impl<'a> Builder<'a> {
                     fired[rule] = true;
                     r.rule_of[i] = Some(rule);
                     r.names.push(Cow::Owned(to));
+                }
+                Outcome::Split { to, rule } => {
+                    fired[rule] = true;
+                    r.rule_of[i] = Some(rule);
+                    r.taken_source[i] = true;
+                    r.names.push(Cow::Borrowed(&entry.name));
+                    r.splits.push(SplitOf { source: i, rule, to, live: true });
+                }
+                Outcome::Member { to, rule, member, key } => {
+                    fired[rule] = true;
+                    r.rule_of[i] = Some(rule);
+                    r.taken_source[i] = true;
+                    r.names.push(Cow::Borrowed(&entry.name));
+                    r.members.push(MemberOf { source: i, rule, member, to, key });
                 }
                 Outcome::Skipped { rule } => {
                     fired[rule] = true;
@@ -133,42 +214,267 @@ impl<'a> Builder<'a> {
         r
     }
 
-    /// Collisions: one new name reached by several sources, a rule among them,
-    /// is an error naming every source and rule; none of them is paired. (Store
-    /// names are unique, so without renames there are none.)
+    /// The groups of `cat` rules: sources of one rule with equal captures,
+    /// one per pattern. A group lacking a member, or with two sources for one,
+    /// is an error; its sources are set aside.
+    fn form_groups(&mut self, rules: &Rules, r: &mut Renamed) {
+        let sources = self.source.entries();
+        let mut index: HashMap<(usize, &[String]), usize> = HashMap::new();
+        let mut found: Vec<(usize, &str, Vec<Vec<usize>>)> = Vec::new();
+        for m in &r.members {
+            let members = rules.rules()[m.rule].patterns().len();
+            let g = *index.entry((m.rule, &m.key)).or_insert_with(|| {
+                found.push((m.rule, &m.to, vec![Vec::new(); members]));
+                found.len() - 1
+            });
+            found[g].2[m.member].push(m.source);
+        }
+        for (rule, to, members) in found {
+            let patterns = rules.rules()[rule].patterns();
+            let text = rules.rules()[rule].to_string();
+            let all: Vec<usize> = members.iter().flatten().copied().collect();
+            let set_aside = |b: &mut Self, why: String| {
+                for &i in &all {
+                    b.source_explained.insert(i, why.clone());
+                }
+            };
+            if let Some(twice) = members.iter().find(|m| m.len() > 1) {
+                let sources =
+                    twice.iter().map(|&i| (sources[i].name.to_string(), format!("rule `{text}`"))).collect();
+                set_aside(self, format!("collides on {to}"));
+                self.findings.push(Finding::Collision { target: to.to_string(), sources });
+                continue;
+            }
+            if members.iter().any(Vec::is_empty) {
+                let found = (patterns.iter().zip(&members))
+                    .filter_map(|(p, m)| m.first().map(|&i| (p.to_string(), sources[i].name.to_string())))
+                    .collect();
+                let missing = (patterns.iter().zip(&members))
+                    .filter(|(_, m)| m.is_empty())
+                    .map(|(p, _)| p.to_string())
+                    .collect();
+                set_aside(self, format!("its group for {to} is incomplete"));
+                self.findings.push(Finding::IncompleteGroup {
+                    rule: text,
+                    target: to.to_string(),
+                    found,
+                    missing,
+                });
+                continue;
+            }
+            r.groups.push(Group { rule, to: to.to_string(), sources: all, live: true });
+        }
+    }
+
+    /// Collisions: one new name claimed several times (by sources, parts of a
+    /// split, groups of a cat), a rule among them, is an error naming every
+    /// source and rule; none of them is paired. (Store names are unique, so
+    /// without renames there are none.)
     fn set_aside_collisions(&mut self, rules: &Rules, r: &mut Renamed) {
         let sources = self.source.entries();
         if !r.rule_of.iter().any(Option::is_some) {
             return;
         }
-        let mut first_with_name: HashMap<&str, usize> = HashMap::with_capacity(sources.len());
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut group_of: HashMap<usize, usize> = HashMap::new();
-        for i in (0..sources.len()).filter(|&i| !r.taken_source[i]) {
-            let first = *first_with_name.entry(&r.names[i]).or_insert(i);
-            if first != i {
-                let group = *group_of.entry(first).or_insert_with(|| {
-                    groups.push(vec![first]);
-                    groups.len() - 1
+        self.form_groups(rules, r);
+        let mut claims: Vec<(&str, Claim)> = Vec::with_capacity(sources.len());
+        claims.extend(
+            (0..sources.len()).filter(|&i| !r.taken_source[i]).map(|i| (&*r.names[i], Claim::Source(i))),
+        );
+        for (k, split) in r.splits.iter().enumerate() {
+            claims.extend(split.to.iter().map(|t| (t.as_str(), Claim::Part(k))));
+        }
+        claims.extend(r.groups.iter().enumerate().map(|(g, group)| (group.to.as_str(), Claim::Group(g))));
+        let mut first_with_name: HashMap<&str, usize> = HashMap::with_capacity(claims.len());
+        let mut same: Vec<Vec<usize>> = Vec::new();
+        let mut same_of: HashMap<usize, usize> = HashMap::new();
+        for (c, (name, _)) in claims.iter().enumerate() {
+            let first = *first_with_name.entry(name).or_insert(c);
+            if first != c {
+                let k = *same_of.entry(first).or_insert_with(|| {
+                    same.push(vec![first]);
+                    same.len() - 1
                 });
-                groups[group].push(i);
+                same[k].push(c);
             }
         }
-        for group in groups.into_iter().filter(|g| g.iter().any(|&i| r.rule_of[i].is_some())) {
-            let name = r.names[group[0]].to_string();
-            let sources_named = group
-                .iter()
-                .map(|&i| {
-                    let how = r.rule_of[i]
-                        .map_or("its own name".to_string(), |k| format!("rule `{}`", rules.rules()[k]));
-                    (sources[i].name.to_string(), how)
-                })
-                .collect();
-            for &i in &group {
-                r.taken_source[i] = true;
-                self.source_explained.insert(i, format!("collides on {name}"));
+        let by_rule = |claim: Claim| match claim {
+            Claim::Source(i) => r.rule_of[i].is_some(),
+            Claim::Part(_) | Claim::Group(_) => true,
+        };
+        let mut set_aside: Vec<(String, Vec<Claim>)> = Vec::new();
+        for list in same.into_iter().filter(|l| l.iter().any(|&c| by_rule(claims[c].1))) {
+            set_aside.push((claims[list[0]].0.to_string(), list.iter().map(|&c| claims[c].1).collect()));
+        }
+        for (name, list) in set_aside {
+            let mut sources_named = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for claim in list {
+                let (members, rule): (Vec<usize>, Option<usize>) = match claim {
+                    Claim::Source(i) => (vec![i], r.rule_of[i]),
+                    Claim::Part(k) => {
+                        r.splits[k].live = false;
+                        (vec![r.splits[k].source], Some(r.splits[k].rule))
+                    }
+                    Claim::Group(g) => {
+                        r.groups[g].live = false;
+                        (r.groups[g].sources.clone(), Some(r.groups[g].rule))
+                    }
+                };
+                for i in members.into_iter().filter(|&i| seen.insert(i)) {
+                    let how =
+                        rule.map_or("its own name".to_string(), |k| format!("rule `{}`", rules.rules()[k]));
+                    sources_named.push((sources[i].name.to_string(), how));
+                    r.taken_source[i] = true;
+                    self.source_explained.insert(i, format!("collides on {name}"));
+                }
             }
             self.findings.push(Finding::Collision { target: name, sources: sources_named });
+        }
+    }
+
+    /// The problem of a transform, as a finding: an error naming the rule,
+    /// the tensors and the shapes.
+    fn transform_problem(&mut self, rule: usize, sources: &[usize], targets: &[&str], problem: String) {
+        let entries = self.source.entries();
+        let mut tensors: Vec<String> = sources
+            .iter()
+            .map(|&i| format!("{} {}", entries[i].name, shape_text(&entries[i].shape)))
+            .collect();
+        tensors.extend(targets.iter().map(|t| t.to_string()));
+        for &i in sources {
+            self.source_explained.insert(i, "its rule's transform cannot apply".into());
+        }
+        self.findings.push(Finding::Transform { rule: self.rule_texts[rule].to_string(), tensors, problem });
+    }
+
+    /// A target name a rule made, if the target has it and it is still free.
+    fn free_target(
+        &self,
+        lookup: &NameLookup,
+        name: &str,
+        r: &Renamed,
+    ) -> std::result::Result<usize, String> {
+        match lookup.find(name, 0) {
+            Some(j) if !r.taken_target[j] => Ok(j),
+            Some(_) => Err(format!("{name} already receives another source")),
+            None => Err(format!("the target has no tensor {name}")),
+        }
+    }
+
+    /// Splits: each part a narrow of the source (after the rule's ops) into
+    /// its own target; sizes checked against the source's shape.
+    fn pair_splits(&mut self, rules: &Rules, lookup: &NameLookup, r: &mut Renamed) {
+        let sources = self.source.entries();
+        for k in 0..r.splits.len() {
+            if !r.splits[k].live {
+                continue;
+            }
+            let (i, rule) = (r.splits[k].source, r.splits[k].rule);
+            let Action::Split { dim, sizes, .. } = &rules.rules()[rule].action else { continue };
+            let ops = &rules.rules()[rule].ops;
+            let names: Vec<&str> = r.splits[k].to.iter().map(String::as_str).collect();
+            let parts = (|| {
+                let shape = shape_after(ops, &sources[i].shape)?;
+                let d = normalize(*dim, shape.len(), &shape)?;
+                let size = shape[d];
+                let sizes = match sizes {
+                    Some(sizes) if sizes.iter().sum::<i64>() != size => {
+                        return Err(format!(
+                            "the parts add up to {}, dimension {dim} of {} has {size}",
+                            sizes.iter().sum::<i64>(),
+                            shape_text(&shape)
+                        ))
+                    }
+                    Some(sizes) => sizes.clone(),
+                    None if size % names.len() as i64 != 0 => {
+                        return Err(format!(
+                            "dimension {dim} of {} ({size}) does not split into {} equal parts",
+                            shape_text(&shape),
+                            names.len()
+                        ))
+                    }
+                    None => vec![size / names.len() as i64; names.len()],
+                };
+                let targets =
+                    names.iter().map(|n| self.free_target(lookup, n, r)).collect::<Result<Vec<_>, _>>()?;
+                Ok((d as i64, sizes, targets))
+            })();
+            match parts {
+                Err(problem) => self.transform_problem(rule, &[i], &names, problem),
+                Ok((d, sizes, targets)) => {
+                    let mut start = 0;
+                    for (size, j) in sizes.into_iter().zip(targets) {
+                        let mut source_ops = ops.clone();
+                        source_ops.push(Op::Narrow { dim: d, start, length: size });
+                        start += size;
+                        r.taken_target[j] = true;
+                        let transform = Transform { source_ops, ..Transform::default() };
+                        self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Concatenations: each member written into its slice of the target (the
+    /// slice seen through the inverse of the ops after `cat`).
+    fn pair_groups(&mut self, rules: &Rules, lookup: &NameLookup, r: &mut Renamed) {
+        let (sources, targets) = (self.source.entries(), self.target.entries());
+        for g in 0..r.groups.len() {
+            if !r.groups[g].live {
+                continue;
+            }
+            let (rule, members) = (r.groups[g].rule, r.groups[g].sources.clone());
+            let Action::Cat { dim, .. } = &rules.rules()[rule].action else { continue };
+            let ops = &rules.rules()[rule].ops;
+            let to = r.groups[g].to.clone();
+            let regions = (|| {
+                let shapes: Vec<&[i64]> = members.iter().map(|&i| sources[i].shape.as_slice()).collect();
+                let d = normalize(*dim, shapes[0].len(), shapes[0])?;
+                let fits = |s: &&[i64]| {
+                    s.len() == shapes[0].len() && (0..s.len()).all(|k| k == d || s[k] == shapes[0][k])
+                };
+                if !shapes.iter().all(fits) {
+                    let list: Vec<String> = shapes.iter().map(|s| shape_text(s)).collect();
+                    return Err(format!("cannot concatenate {} along dimension {dim}", list.join(", ")));
+                }
+                let mut shape = shapes[0].to_vec();
+                shape[d] = shapes.iter().map(|s| s[d]).sum();
+                // The inverse of the ops after cat, from the target back to the concatenation.
+                let mut back = Vec::new();
+                for op in ops {
+                    let next = op.shape(&shape)?;
+                    back.extend(op.inverse(&shape)?);
+                    shape = next;
+                }
+                back.reverse();
+                let j = self.free_target(lookup, &to, r)?;
+                if targets[j].shape != shape {
+                    return Err(format!(
+                        "the result is {}, {to} is {}",
+                        shape_text(&shape),
+                        shape_text(&targets[j].shape)
+                    ));
+                }
+                let mut start = 0;
+                let regions = shapes.iter().map(|s| {
+                    let mut target_ops = back.clone();
+                    target_ops.push(Op::Narrow { dim: d as i64, start, length: s[d] });
+                    start += s[d];
+                    target_ops
+                });
+                Ok((j, regions.collect::<Vec<_>>()))
+            })();
+            match regions {
+                Err(problem) => self.transform_problem(rule, &members, &[&to], problem),
+                Ok((j, regions)) => {
+                    r.taken_target[j] = true;
+                    for (i, target_ops) in members.into_iter().zip(regions) {
+                        let transform = Transform { target_ops, ..Transform::default() };
+                        self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
+                    }
+                }
+            }
         }
     }
 
@@ -202,8 +508,24 @@ impl<'a> Builder<'a> {
         fn item<'x>(e: &'x Entry, name: &'x str, role: Role) -> Item<'x> {
             Item { name, original: &e.name, role, class: dtype::class(e.dtype), shape: &e.shape }
         }
-        let source_items: Vec<Item> =
-            sequence.iter().map(|&i| item(&sources[i], &r.names[i], role(&sources[i]))).collect();
+        // A source renamed by a rule with transforms is matched by the shape it
+        // will have.
+        let transformed: Vec<Option<Vec<i64>>> = (0..sources.len())
+            .map(|i| {
+                let ops = self.rule_ops.get(r.rule_of[i]?)?;
+                (!ops.is_empty()).then(|| shape_after(ops, &sources[i].shape).ok()).flatten()
+            })
+            .collect();
+        let source_items: Vec<Item> = sequence
+            .iter()
+            .map(|&i| {
+                let mut it = item(&sources[i], &r.names[i], role(&sources[i]));
+                if let Some(shape) = &transformed[i] {
+                    it.shape = shape;
+                }
+                it
+            })
+            .collect();
         let taken_in_sequence: Vec<bool> = sequence.iter().map(|&i| r.taken_source[i]).collect();
         let target_items: Vec<Item> = targets.iter().map(|e| item(e, &e.name, role(e))).collect();
         let (sequences, orders) = self.orders(mapping, lent.is_some());
@@ -336,9 +658,20 @@ impl Plan {
     ) -> Builder<'a> {
         let rule_texts = mapping.rules.rules().iter().map(|r| Arc::from(r.to_string())).collect();
         let mut b = Builder::new(source, target, rule_texts);
+        b.rule_ops = mapping
+            .rules
+            .rules()
+            .iter()
+            .map(|r| if matches!(r.action, Action::Rename(_)) { r.ops.clone() } else { Vec::new() })
+            .collect();
         let mut renamed = b.rename(&mapping.rules);
         b.set_aside_collisions(&mapping.rules, &mut renamed);
         b.pair_renamed(&mut renamed);
+        if !renamed.splits.is_empty() || !renamed.groups.is_empty() {
+            let lookup = NameLookup::new(target.entries().iter().map(|t| t.name.as_str()));
+            b.pair_splits(&mapping.rules, &lookup, &mut renamed);
+            b.pair_groups(&mapping.rules, &lookup, &mut renamed);
+        }
         b.run_matcher(mapping, lent, &mut renamed);
         b.pairs.sort_by_key(|p| p.target);
         b

@@ -13,6 +13,7 @@ use crate::entry::{Entry, Role};
 use crate::error::{Error, Result};
 use crate::matching::{How, Matcher};
 use crate::store::Source;
+use crate::transform::Transform;
 
 /// sha256 over every entry's name, role, dtype and shape: what a saved plan
 /// must find unchanged to be replayed.
@@ -70,6 +71,9 @@ pub struct PlannedPair {
     pub target: String,
     /// What made the pair when the plan was built.
     pub provenance: String,
+    /// The pair's transform (a view of the source, a region of the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<Transform>,
 }
 
 const PLAN_FILE_VERSION: u32 = 1;
@@ -103,6 +107,7 @@ impl Plan {
                     source: p.source_name.to_string(),
                     target: p.target_name.to_string(),
                     provenance: p.provenance(),
+                    transform: p.transform.clone(),
                 })
                 .collect(),
             source_leftovers: self.source_leftovers.iter().map(|l| l.name.to_string()).collect(),
@@ -160,10 +165,13 @@ impl Plan {
             let j = *target_index
                 .get(&p.target)
                 .ok_or_else(|| bad(format!("target has no tensor {}", p.target)))?;
-            if std::mem::replace(&mut used_target[j], true) {
+            // Several pairs fill one target only region by region (a cat's
+            // members); the plan checks that the regions tile it.
+            let region = p.transform.as_ref().is_some_and(|t| !t.target_ops.is_empty());
+            if std::mem::replace(&mut used_target[j], true) && !region {
                 return Err(bad(format!("target tensor {} is named by two pairs", p.target)));
             }
-            b.pair(i, j, None, How::Plan);
+            b.pair_with(i, j, None, How::Plan, p.transform.clone());
             if let Some(pair) = b.pairs.last_mut() {
                 pair.recorded = Some(p.provenance.as_str().into());
             }

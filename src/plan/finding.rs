@@ -150,9 +150,33 @@ pub enum Finding {
         source_shape: Vec<i64>,
         /// Target shape.
         target_shape: Vec<i64>,
-        /// A rule that would pair them, as written in a rules file, where the
-        /// shapes are equal (the rule language has no reshape yet).
+        /// A rule that would pair them, as written in a rules file (with a
+        /// `reshape` where the shapes differ).
         rule: Option<String>,
+    },
+    /// A transform that cannot apply to the tensors its rule matched: an op out
+    /// of range, a reshape to another element count, split sizes that do not
+    /// add up, concatenated shapes that disagree, a result of another shape
+    /// than its target, a target the rule names that does not exist, regions of
+    /// one target that do not tile it.
+    Transform {
+        /// The rule as written (or the plan file's provenance).
+        rule: String,
+        /// The tensors involved.
+        tensors: Vec<String>,
+        /// What does not fit, with the shapes.
+        problem: String,
+    },
+    /// A group of a `cat` rule lacks a member: nothing of it is copied.
+    IncompleteGroup {
+        /// The rule as written.
+        rule: String,
+        /// The target the group would fill.
+        target: String,
+        /// The members found: pattern and source name.
+        found: Vec<(String, String)>,
+        /// The patterns no source matched.
+        missing: Vec<String>,
     },
 }
 
@@ -161,7 +185,10 @@ impl Finding {
     pub fn severity(&self, policy: &Policy) -> Severity {
         let escalate = |s| if policy.strict { Severity::Error } else { s };
         match self {
-            Finding::ShapeMismatch { .. } | Finding::Collision { .. } => Severity::Error,
+            Finding::ShapeMismatch { .. }
+            | Finding::Collision { .. }
+            | Finding::Transform { .. }
+            | Finding::IncompleteGroup { .. } => Severity::Error,
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
             Finding::NumBatchesTracked { .. }
@@ -266,9 +293,14 @@ impl fmt::Display for Raw<'_> {
                  differ too much to align; add rules"
             ),
             Finding::CouldPair { source, target, source_shape, target_shape, rule } => match rule {
-                Some(rule) => write!(
+                Some(rule) if source_shape == target_shape => write!(
                     f,
                     "left over: {source} and {target} are both {source_shape:?}; the rule `{rule}` would pair them"
+                ),
+                Some(rule) => write!(
+                    f,
+                    "left over: {source} {source_shape:?} and {target} {target_shape:?} have the same number \
+                     of elements: the rule `{rule}` would pair them"
                 ),
                 None => write!(
                     f,
@@ -276,6 +308,18 @@ impl fmt::Display for Raw<'_> {
                      elements: they differ by a reshape"
                 ),
             },
+            Finding::Transform { rule, tensors, problem } => {
+                write!(f, "transform of rule `{rule}` on {}: {problem}", tensors.join(", "))
+            }
+            Finding::IncompleteGroup { rule, target, found, missing } => {
+                let found: Vec<String> = found.iter().map(|(p, s)| format!("{s} (for {p})")).collect();
+                write!(
+                    f,
+                    "rule `{rule}`: the group for {target} has {} but no source for {}; nothing of it is copied",
+                    if found.is_empty() { "nothing".to_string() } else { found.join(", ") },
+                    missing.join(", ")
+                )
+            }
         }
     }
 }

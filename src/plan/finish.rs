@@ -10,10 +10,73 @@ use crate::chunks;
 use crate::dotted::module_and_leaf;
 use crate::entry::Entry;
 use crate::matching::Matcher;
+use crate::transform::{shape_after, shape_text, Op};
+
+/// Where the pairs into one target write, when a transform writes into a
+/// region of it: the regions must tile the target exactly (a `cat`'s members
+/// side by side), or some of it would keep old values or be written twice.
+fn regions_problem(pairs: &[&Pair], target: &Entry) -> Option<String> {
+    let regions: Vec<&[Op]> =
+        pairs.iter().map(|p| p.transform.as_ref().map_or(&[][..], |t| t.target_ops.as_slice())).collect();
+    if regions.len() == 1 && regions[0].is_empty() {
+        return None;
+    }
+    let bad = || {
+        Some(format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len()))
+    };
+    let mut slices = Vec::with_capacity(regions.len());
+    for ops in &regions {
+        let Some((Op::Narrow { dim, start, length }, prefix)) = ops.split_last() else { return bad() };
+        if prefix != regions[0].split_last().map_or(&[][..], |(_, p)| p) {
+            return bad();
+        }
+        slices.push((*dim, *start, *length));
+    }
+    let prefix = regions[0].split_last().map_or(&[][..], |(_, p)| p);
+    let Ok(shape) = shape_after(prefix, &target.shape) else { return bad() };
+    let dim = slices[0].0;
+    let Ok(d) = crate::transform::normalize(dim, shape.len(), &shape) else { return bad() };
+    if slices.iter().any(|s| s.0 != dim) {
+        return bad();
+    }
+    slices.sort_by_key(|s| s.1);
+    let mut next = 0;
+    for (_, start, length) in slices {
+        if start != next {
+            return bad();
+        }
+        next = start + length;
+    }
+    (next != shape[d]).then(bad).flatten()
+}
 
 /// What is wrong with one pair, if anything: shapes, a lossy cast, roles.
 fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
-    if s.shape != t.shape {
+    if let Some(transform) = &p.transform {
+        let problem = match transform.result_shapes() {
+            Err(problem) => Some(problem),
+            Ok((written, region)) if written != region => Some(format!(
+                "it makes {} of {} {}, and {} receives {}",
+                shape_text(&written),
+                s.name,
+                shape_text(&s.shape),
+                t.name,
+                shape_text(&region)
+            )),
+            Ok(_) => None,
+        };
+        if let Some(problem) = problem {
+            let rule = p.rule.as_deref().map_or_else(|| p.provenance(), str::to_string);
+            out.push(Finding::Transform {
+                rule,
+                tensors: vec![
+                    format!("{} {}", s.name, shape_text(&s.shape)),
+                    format!("{} {}", t.name, shape_text(&t.shape)),
+                ],
+                problem,
+            });
+        }
+    } else if s.shape != t.shape {
         out.push(Finding::ShapeMismatch {
             source: s.name.to_string(),
             target: t.name.to_string(),
@@ -96,8 +159,12 @@ fn pair_hints(
     hints.sort_unstable();
     for (i, j) in hints.into_iter().take(MAX_PAIR_HINTS) {
         let (s, t) = (&sources[i], &targets[j]);
-        let rule = (s.shape == t.shape)
-            .then(|| format!("{} => {}", regex::escape(&s.name), t.name.replace('$', "$$")));
+        let reshape = match t.shape.len() {
+            _ if s.shape == t.shape => String::new(),
+            1 => " | reshape(-1)".to_string(),
+            _ => format!(" | reshape({})", t.shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")),
+        };
+        let rule = Some(format!("{} => {}{reshape}", regex::escape(&s.name), t.name.replace('$', "$$")));
         findings.push(Finding::CouldPair {
             source: s.name.to_string(),
             target: t.name.to_string(),
@@ -121,6 +188,23 @@ impl Plan {
             findings
         });
         b.findings.extend(per_pair.into_iter().flatten());
+        if b.pairs.iter().any(|p| p.transform.as_ref().is_some_and(|t| !t.target_ops.is_empty())) {
+            let mut into: HashMap<usize, Vec<&Pair>> = HashMap::new();
+            for p in &b.pairs {
+                into.entry(p.target).or_default().push(p);
+            }
+            let mut problems: Vec<(usize, Finding)> = into
+                .iter()
+                .filter_map(|(&j, pairs)| {
+                    let problem = regions_problem(pairs, &targets[j])?;
+                    let rule = pairs[0].rule.as_deref().map_or_else(|| pairs[0].provenance(), str::to_string);
+                    let tensors = pairs.iter().map(|p| p.source_name.to_string()).collect();
+                    Some((j, Finding::Transform { rule, tensors, problem }))
+                })
+                .collect();
+            problems.sort_by_key(|(j, _)| *j);
+            b.findings.extend(problems.into_iter().map(|(_, f)| f));
+        }
         let mut paired_source = vec![false; sources.len()];
         let mut paired_target = vec![false; targets.len()];
         for p in &b.pairs {

@@ -90,10 +90,7 @@ impl Mapping {
             rules.add_map(spec)?;
         }
         if let Some(path) = rules_file {
-            let file = Rules::from_file(path)?;
-            for rule in file.rules() {
-                rules.push(&rule.pattern, rule.action.clone(), rule.source.clone())?;
-            }
+            rules.extend(&Rules::from_file(path)?)?;
         }
         Ok(Self { rules, matcher, source_order: None })
     }

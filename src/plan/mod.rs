@@ -33,6 +33,7 @@ use crate::entry::Name;
 use crate::error::{Error, Result};
 use crate::matching::{How, Matcher, ModuleMatch};
 use crate::store::Source;
+use crate::transform::Transform;
 
 /// What a check tolerates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,6 +82,10 @@ pub struct Pair {
     /// For a pair replayed from a plan file: what made it when the plan was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recorded: Option<Arc<str>>,
+    /// What a rule's transforms do to this pair: a view of the source, a
+    /// region of the target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transform: Option<Transform>,
 }
 
 impl Pair {
@@ -253,9 +258,14 @@ impl Plan {
     /// `num_batches_tracked` with no counterpart).
     pub fn is_complete(&self) -> bool {
         self.open_leftovers() == 0
-            && !self
-                .findings
-                .iter()
-                .any(|f| matches!(f, Finding::Collision { .. } | Finding::ShapeMismatch { .. }))
+            && !self.findings.iter().any(|f| {
+                matches!(
+                    f,
+                    Finding::Collision { .. }
+                        | Finding::ShapeMismatch { .. }
+                        | Finding::Transform { .. }
+                        | Finding::IncompleteGroup { .. }
+                )
+            })
     }
 }

@@ -1,0 +1,362 @@
+//! Tensor transforms of the rule language (`| reshape(…)`, `| transpose(…)`,
+//! `| permute(…)`, `| narrow(…)`; `split` and `cat` become narrows of the
+//! source or of the target): each [`Op`] worked out on shapes, for the plan,
+//! and on tensors, as strided views, for the copy.
+//!
+//! A [`Transform`] is what one pair does: ops applied to the source (a view of
+//! it, or a reshaped copy where no view exists), and ops applied to the target
+//! — always views — giving the region of the target that receives the result.
+//! A split gives each part a narrow of the source; a concatenation gives each
+//! member a narrow of the target (after the inverse of the ops that follow the
+//! `cat`), so that every transfer stays one in-place write per target region.
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// One op of a chain. Dimensions may be negative (counted from the end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// `reshape(D0, D1, …)`: same elements, another shape; one `-1` is inferred.
+    Reshape {
+        /// The new shape.
+        shape: Vec<i64>,
+    },
+    /// `transpose(A, B)`: swaps two dimensions.
+    Transpose {
+        /// The two dimensions.
+        dims: [i64; 2],
+    },
+    /// `permute(D0, D1, …)`: reorders every dimension.
+    Permute {
+        /// Dimension `k` of the result is dimension `dims[k]` of the input.
+        dims: Vec<i64>,
+    },
+    /// `narrow(D, START, LENGTH)`: `LENGTH` indices of dimension `D` from `START`.
+    Narrow {
+        /// The dimension.
+        dim: i64,
+        /// The first index (negative: from the end).
+        start: i64,
+        /// How many indices.
+        length: i64,
+    },
+}
+
+fn list(values: &[i64]) -> String {
+    values.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// `[3, 4]`: a shape as messages write it.
+pub(crate) fn shape_text(shape: &[i64]) -> String {
+    format!("[{}]", list(shape))
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Reshape { shape } => write!(f, "reshape({})", list(shape)),
+            Op::Transpose { dims } => write!(f, "transpose({}, {})", dims[0], dims[1]),
+            Op::Permute { dims } => write!(f, "permute({})", list(dims)),
+            Op::Narrow { dim, start, length } => write!(f, "narrow({dim}, {start}, {length})"),
+        }
+    }
+}
+
+/// `dim` counted from the front of a shape of `rank` dimensions.
+pub(crate) fn normalize(dim: i64, rank: usize, shape: &[i64]) -> Result<usize, String> {
+    let rank_i = rank as i64;
+    let d = if dim < 0 { dim + rank_i } else { dim };
+    if (0..rank_i).contains(&d) {
+        Ok(d as usize)
+    } else {
+        Err(format!("dimension {dim} is out of range for shape {}", shape_text(shape)))
+    }
+}
+
+fn numel(shape: &[i64]) -> i64 {
+    shape.iter().product()
+}
+
+impl Op {
+    /// The shape this op makes of `shape`, or why it cannot apply.
+    pub fn shape(&self, shape: &[i64]) -> Result<Vec<i64>, String> {
+        let rank = shape.len();
+        match self {
+            Op::Reshape { shape: to } => {
+                let total = numel(shape);
+                let known: i64 = to.iter().filter(|&&d| d != -1).product();
+                let mut out = to.clone();
+                if let Some(at) = to.iter().position(|&d| d == -1) {
+                    if known == 0 || total % known != 0 {
+                        return Err(format!(
+                            "{self} cannot apply to {} ({total} elements)",
+                            shape_text(shape)
+                        ));
+                    }
+                    out[at] = total / known;
+                } else if known != total {
+                    return Err(format!("{self} needs {known} elements, {} has {total}", shape_text(shape)));
+                }
+                Ok(out)
+            }
+            Op::Transpose { dims } => {
+                let (a, b) = (normalize(dims[0], rank, shape)?, normalize(dims[1], rank, shape)?);
+                let mut out = shape.to_vec();
+                out.swap(a, b);
+                Ok(out)
+            }
+            Op::Permute { dims } => {
+                let order = self.permutation(shape)?;
+                debug_assert_eq!(order.len(), dims.len());
+                Ok(order.iter().map(|&d| shape[d]).collect())
+            }
+            Op::Narrow { dim, start, length } => {
+                let d = normalize(*dim, rank, shape)?;
+                let size = shape[d];
+                let from = if *start < 0 { start + size } else { *start };
+                if from < 0 || *length < 0 || from + length > size {
+                    return Err(format!(
+                        "{self} is out of range: dimension {dim} of {} has {size} indices",
+                        shape_text(shape)
+                    ));
+                }
+                let mut out = shape.to_vec();
+                out[d] = *length;
+                Ok(out)
+            }
+        }
+    }
+
+    /// A permute's dimensions counted from the front, checked to be a
+    /// permutation of `shape`'s dimensions.
+    fn permutation(&self, shape: &[i64]) -> Result<Vec<usize>, String> {
+        let Op::Permute { dims } = self else { unreachable!("only permute has a permutation") };
+        if dims.len() != shape.len() {
+            return Err(format!(
+                "{self} names {} dimensions, {} has {}",
+                dims.len(),
+                shape_text(shape),
+                shape.len()
+            ));
+        }
+        let order = dims.iter().map(|&d| normalize(d, shape.len(), shape)).collect::<Result<Vec<_>, _>>()?;
+        let mut seen = vec![false; order.len()];
+        for &d in &order {
+            if std::mem::replace(&mut seen[d], true) {
+                return Err(format!("{self} names dimension {d} twice"));
+            }
+        }
+        Ok(order)
+    }
+
+    /// The op that takes this op's result (of `input`'s shape) back to
+    /// `input`'s shape, as a view; `None` for `narrow`, which loses indices.
+    pub(crate) fn inverse(&self, input: &[i64]) -> Result<Option<Op>, String> {
+        Ok(match self {
+            Op::Reshape { .. } => Some(Op::Reshape { shape: input.to_vec() }),
+            Op::Transpose { dims } => Some(Op::Transpose { dims: *dims }),
+            Op::Permute { .. } => {
+                let order = self.permutation(input)?;
+                let mut back = vec![0i64; order.len()];
+                for (k, &d) in order.iter().enumerate() {
+                    back[d] = k as i64;
+                }
+                Some(Op::Permute { dims: back })
+            }
+            Op::Narrow { .. } => None,
+        })
+    }
+
+    /// This op on a tensor. `view_only`: a reshape must be a view (for the
+    /// target, which is written through it); otherwise a reshape that no view
+    /// can express copies (a transposed source reshaped, say).
+    pub(crate) fn apply(&self, tensor: &Tensor, view_only: bool) -> Result<Tensor, tch::TchError> {
+        match self {
+            Op::Reshape { shape } if view_only => tensor.f_view(shape.as_slice()),
+            Op::Reshape { shape } => tensor.f_reshape(shape.as_slice()),
+            Op::Transpose { dims } => tensor.f_transpose(dims[0], dims[1]),
+            Op::Permute { dims } => tensor.f_permute(dims.as_slice()),
+            Op::Narrow { dim, start, length } => tensor.f_narrow(*dim, *start, *length),
+        }
+    }
+}
+
+/// The shape `ops` make of `shape`, applied left to right.
+pub(crate) fn shape_after(ops: &[Op], shape: &[i64]) -> Result<Vec<i64>, String> {
+    let mut shape = shape.to_vec();
+    for op in ops {
+        shape = op.shape(&shape)?;
+    }
+    Ok(shape)
+}
+
+/// What one pair does to the tensors it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Transform {
+    /// Applied to the source, left to right: what is written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ops: Vec<Op>,
+    /// Applied to the target, left to right, as views: where it is written
+    /// (a member of a `cat` writes one slice of its target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_ops: Vec<Op>,
+    /// The source tensor's shape, before the ops.
+    #[serde(default, skip_deserializing)]
+    pub source_shape: Vec<i64>,
+    /// The target tensor's shape, before the ops.
+    #[serde(default, skip_deserializing)]
+    pub target_shape: Vec<i64>,
+}
+
+impl Transform {
+    /// The shapes written and written into: the source after its ops, the
+    /// target's region after its ops; or why an op cannot apply.
+    pub fn result_shapes(&self) -> Result<(Vec<i64>, Vec<i64>), String> {
+        let written =
+            shape_after(&self.source_ops, &self.source_shape).map_err(|e| format!("source: {e}"))?;
+        let region = shape_after(&self.target_ops, &self.target_shape).map_err(|e| format!("target: {e}"))?;
+        Ok((written, region))
+    }
+
+    /// The source as written: a view where one exists.
+    pub(crate) fn source_view(&self, tensor: &Tensor) -> Result<Tensor, tch::TchError> {
+        let mut out = tensor.shallow_clone();
+        for op in &self.source_ops {
+            out = op.apply(&out, false)?;
+        }
+        Ok(out)
+    }
+
+    /// The region of the target written into: always a view of it.
+    pub(crate) fn target_view(&self, tensor: &Tensor) -> Result<Tensor, tch::TchError> {
+        let mut out = tensor.shallow_clone();
+        for op in &self.target_ops {
+            out = op.apply(&out, true)?;
+        }
+        Ok(out)
+    }
+
+    /// ` | reshape(-1)`: the source's ops as a rule writes them.
+    pub fn source_text(&self) -> String {
+        self.source_ops.iter().map(|op| format!(" | {op}")).collect()
+    }
+
+    /// `[narrow(0, 0, 64)]`: the target region, if it is not the whole target.
+    pub fn target_text(&self) -> String {
+        if self.target_ops.is_empty() {
+            return String::new();
+        }
+        format!("[{}]", self.target_ops.iter().map(Op::to_string).collect::<Vec<_>>().join(" | "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn shapes_follow_torch() {
+        let reshape = Op::Reshape { shape: vec![-1] };
+        assert_eq!(reshape.shape(&[96, 1, 1]).unwrap(), vec![96]);
+        assert!(Op::Reshape { shape: vec![5, -1] }.shape(&[96]).unwrap_err().contains("96 elements"));
+        assert!(Op::Reshape { shape: vec![4, 4] }.shape(&[96]).unwrap_err().contains("needs 16"));
+        assert_eq!(Op::Transpose { dims: [0, -1] }.shape(&[2, 3, 4]).unwrap(), vec![4, 3, 2]);
+        assert!(Op::Transpose { dims: [0, 3] }.shape(&[2, 3]).unwrap_err().contains("out of range"));
+        assert_eq!(Op::Permute { dims: vec![2, 0, 1] }.shape(&[2, 3, 4]).unwrap(), vec![4, 2, 3]);
+        assert!(Op::Permute { dims: vec![0, 0] }.shape(&[2, 3]).unwrap_err().contains("twice"));
+        assert!(Op::Permute { dims: vec![0] }.shape(&[2, 3]).unwrap_err().contains("names 1"));
+        assert_eq!(Op::Narrow { dim: 0, start: -2, length: 2 }.shape(&[5, 3]).unwrap(), vec![2, 3]);
+        assert!(Op::Narrow { dim: 0, start: 4, length: 2 }.shape(&[5]).unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn inverses_take_results_back() {
+        let t = Tensor::arange(24, (Kind::Float, Device::Cpu)).view([2, 3, 4]);
+        for op in [
+            Op::Reshape { shape: vec![6, -1] },
+            Op::Transpose { dims: [0, 2] },
+            Op::Permute { dims: vec![1, -1, 0] },
+        ] {
+            let out = op.apply(&t, false).unwrap();
+            let back = op.inverse(&[2, 3, 4]).unwrap().unwrap().apply(&out, false).unwrap();
+            assert!(back.equal(&t), "{op}");
+        }
+        assert!(Op::Narrow { dim: 0, start: 0, length: 1 }.inverse(&[2]).unwrap().is_none());
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use tch::{Device, Kind};
+
+        fn shape() -> impl Strategy<Value = Vec<i64>> {
+            prop::collection::vec(1i64..5, 1..5)
+        }
+
+        fn tensor(shape: &[i64]) -> Tensor {
+            Tensor::randn(shape, (Kind::Float, Device::Cpu))
+        }
+
+        proptest! {
+            /// Every op's shape is libtorch's, and its view holds libtorch's values.
+            #[test]
+            fn ops_match_libtorch(shape in shape(), a in -4i64..4, b in -4i64..4, start in 0i64..4, len in 0i64..4, seed in any::<u64>()) {
+                let t = tensor(&shape);
+                let rank = shape.len() as i64;
+                let mut order: Vec<i64> = (0..rank).collect();
+                let mut s = seed;
+                for i in (1..order.len()).rev() {
+                    order.swap(i, (s % (i as u64 + 1)) as usize);
+                    s /= i as u64 + 1;
+                }
+                let ops = [
+                    (Op::Reshape { shape: vec![-1] }, t.f_reshape([-1])),
+                    (Op::Reshape { shape: vec![shape[0], -1] }, t.f_reshape([shape[0], -1])),
+                    (Op::Transpose { dims: [a, b] }, t.f_transpose(a, b)),
+                    (Op::Permute { dims: order.clone() }, t.f_permute(order.as_slice())),
+                    (Op::Narrow { dim: a, start, length: len }, t.f_narrow(a, start, len)),
+                ];
+                for (op, expected) in ops {
+                    match (op.shape(&shape), expected) {
+                        (Ok(out), Ok(expected)) => {
+                            prop_assert_eq!(&out, &expected.size());
+                            prop_assert!(op.apply(&t, false).unwrap().equal(&expected));
+                        }
+                        (Err(_), Err(_)) => {}
+                        (ours, theirs) => prop_assert!(false, "{op} on {shape:?}: {ours:?} vs {:?}", theirs.map(|t| t.size())),
+                    }
+                }
+            }
+
+            /// Parts of a split are libtorch's `split`; members of a cat are the
+            /// slices of libtorch's `cat`.
+            #[test]
+            fn splits_and_cats_are_narrows(shape in shape(), dim in 0usize..4, parts in 1i64..4) {
+                let dim = dim % shape.len();
+                let mut shape = shape;
+                shape[dim] *= parts;
+                let t = tensor(&shape);
+                let size = shape[dim] / parts;
+                let expected = t.split(size, dim as i64);
+                for (k, part) in expected.iter().enumerate() {
+                    let op = Op::Narrow { dim: dim as i64, start: k as i64 * size, length: size };
+                    prop_assert!(op.apply(&t, false).unwrap().equal(part));
+                }
+                let members: Vec<Tensor> = (0..parts).map(|_| tensor(&{ let mut s = shape.clone(); s[dim] = size; s })).collect();
+                let cat = Tensor::cat(&members, dim as i64);
+                let target = Tensor::zeros(cat.size(), (Kind::Float, Device::Cpu));
+                for (k, m) in members.iter().enumerate() {
+                    let region = Transform {
+                        target_ops: vec![Op::Narrow { dim: dim as i64, start: k as i64 * size, length: size }],
+                        ..Transform::default()
+                    };
+                    region.target_view(&target).unwrap().copy_(m);
+                }
+                prop_assert!(target.equal(&cat));
+            }
+        }
+    }
+}
