@@ -1,6 +1,8 @@
 //! Transforms in the rule language: each op, split and cat, planned (shapes
 //! checked before anything is written), copied as views, verified; and every
 //! way a transform can be wrong, refused with nothing written.
+mod common;
+
 use std::collections::BTreeMap;
 
 use tch::nn::{self, VarStore};
@@ -304,6 +306,64 @@ fn leftovers_of_equal_element_counts_get_a_reshape_rule_that_works() {
     let message = plan.findings.iter().find(|f| matches!(f, Finding::CouldPair { .. })).unwrap().to_string();
     assert!(message.contains("have the same number of elements"), "{message}");
     transfer(&source, &mut target, &format!("{rule}\n"));
+    // Where a reshape would scramble rows (a transposed matrix), no rule is offered.
+    let source = checkpoint(vec![("fc.weight", random(&[3, 5]))]);
+    let target = checkpoint(vec![("head.weight", zeros(&[5, 3]))]);
+    let plan = Plan::build(&source, &target, &Mapping::default()).unwrap();
+    let hint =
+        plan.findings.iter().find(|f| matches!(f, Finding::CouldPair { rule: None, .. })).expect("a hint");
+    assert!(hint.to_string().contains("`| transpose(..)`"), "{hint}");
+}
+
+/// The command line: `plan` shows each transform with both shapes, the JSON
+/// has them, `copy --map` takes every form and writes the file.
+#[test]
+fn the_cli_plans_shows_and_copies_transforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, out) = (
+        dir.path().join("src.safetensors"),
+        dir.path().join("dst.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
+    let qkv = random(&[6, 2]);
+    let source = checkpoint(vec![("attn.qkv.weight", qkv.shallow_clone()), ("ls", random(&[4, 1, 1]))]);
+    source.save_as(&src, Format::Safetensors).unwrap();
+    let target = checkpoint(vec![
+        ("q", zeros(&[2, 2])),
+        ("k", zeros(&[2, 2])),
+        ("v", zeros(&[2, 2])),
+        ("gamma", zeros(&[4])),
+    ]);
+    target.save_as(&dst, Format::Safetensors).unwrap();
+    let maps = ["--map", "attn\\.qkv\\.weight => q, k, v | split(0)", "--map", "ls=>gamma|reshape(-1)"];
+    let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    let run = common::transplant([&["plan", s, d][..], &maps].concat());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("k     <- attn.qkv.weight | narrow(0, 2, 2)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("gamma <- ls | reshape(-1)") && run.stdout.contains("[4, 1, 1] -> [4]"),
+        "{}",
+        run.stdout
+    );
+    let run = common::transplant([&["plan", s, d, "--json"][..], &maps].concat());
+    let json = run.json();
+    let pair = json["pairs"].as_array().unwrap().iter().find(|p| p["target"] == "gamma").unwrap().clone();
+    assert_eq!(pair["transform"]["source_ops"], serde_json::json!([{"op": "reshape", "shape": [-1]}]));
+    assert_eq!(pair["transform"]["source_shape"], serde_json::json!([4, 1, 1]));
+    assert_eq!(pair["transform"]["target_shape"], serde_json::json!([4]));
+    let run =
+        common::transplant([&["copy", s, d, "-o", out.to_str().unwrap(), "--strict"][..], &maps].concat());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let written = Checkpoint::open(&out).unwrap();
+    assert!(tensor_of(&written, "v").equal(&qkv.narrow(0, 4, 2)));
+    // A bad transform: exit 1, the rule and shapes named, no OUT.
+    let bad = dir.path().join("bad.safetensors");
+    let run =
+        common::transplant(["copy", s, d, "-o", bad.to_str().unwrap(), "--map", "ls=>gamma|reshape(3,-1)"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(all.contains("ls => gamma | reshape(3, -1)") && all.contains("ls [4, 1, 1]"), "{all}");
+    assert!(!bad.exists());
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! [`Plan::build`], in steps that can be read one at a time: the rules (renames,
 //! skips, collisions), the pairs the renamed names make, the matcher for the
 //! rest; then what follows from the pairs (shape, cast and role findings,
-//! leftovers and their explanations, BatchNorm groups).
+//! leftovers and their explanations, BatchNorm groups). Splits, groups of a
+//! `cat` and collisions among all the names rules make are in `many.rs`.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::many::{Group, MemberOf, SplitOf};
 use super::{Cast, Finding, Mapping, OrderUsed, Orders, Pair, Plan, Side};
 use crate::chunks;
 use crate::dotted::NameLookup;
@@ -15,7 +17,7 @@ use crate::error::Result;
 use crate::matching::{self, How, Item, Matcher, ModuleMatch, Sequence};
 use crate::rules::{Action, Outcome, Rules};
 use crate::store::Source;
-use crate::transform::{normalize, shape_after, shape_text, Op, Transform};
+use crate::transform::{shape_after, Op, Transform};
 
 /// Pairs per core above which pairing and checking pairs is split across cores.
 pub(super) const PAIRS_PER_THREAD: usize = 8192;
@@ -112,52 +114,19 @@ impl<'a> Builder<'a> {
 /// The source names as the rules left them, and what is paired so far.
 pub(super) struct Renamed<'a> {
     /// Each source entry's name after the rules.
-    names: Vec<Cow<'a, str>>,
+    pub(super) names: Vec<Cow<'a, str>>,
     /// The rule that renamed each, if one did.
-    rule_of: Vec<Option<usize>>,
+    pub(super) rule_of: Vec<Option<usize>>,
     /// Source entries paired, skipped or set aside.
-    taken_source: Vec<bool>,
+    pub(super) taken_source: Vec<bool>,
     /// Target entries paired.
-    taken_target: Vec<bool>,
+    pub(super) taken_target: Vec<bool>,
     /// Sources a `split` rule makes several targets of.
-    splits: Vec<SplitOf>,
+    pub(super) splits: Vec<SplitOf>,
     /// Sources a `cat` rule joins with others.
-    members: Vec<MemberOf>,
+    pub(super) members: Vec<MemberOf>,
     /// The complete groups of `cat` rules.
-    groups: Vec<Group>,
-}
-
-/// A source split by a rule.
-struct SplitOf {
-    source: usize,
-    rule: usize,
-    to: Vec<String>,
-    live: bool,
-}
-
-/// A source that is one member of a `cat`.
-struct MemberOf {
-    source: usize,
-    rule: usize,
-    member: usize,
-    to: String,
-    key: Vec<String>,
-}
-
-/// A `cat` rule's sources for one target, one per pattern, in order.
-struct Group {
-    rule: usize,
-    to: String,
-    sources: Vec<usize>,
-    live: bool,
-}
-
-/// What claims a new name: a source (renamed or not), a part of a split, a group.
-#[derive(Clone, Copy)]
-enum Claim {
-    Source(usize),
-    Part(usize),
-    Group(usize),
+    pub(super) groups: Vec<Group>,
 }
 
 impl<'a> Builder<'a> {
@@ -212,270 +181,6 @@ impl<'a> Builder<'a> {
             }
         }
         r
-    }
-
-    /// The groups of `cat` rules: sources of one rule with equal captures,
-    /// one per pattern. A group lacking a member, or with two sources for one,
-    /// is an error; its sources are set aside.
-    fn form_groups(&mut self, rules: &Rules, r: &mut Renamed) {
-        let sources = self.source.entries();
-        let mut index: HashMap<(usize, &[String]), usize> = HashMap::new();
-        let mut found: Vec<(usize, &str, Vec<Vec<usize>>)> = Vec::new();
-        for m in &r.members {
-            let members = rules.rules()[m.rule].patterns().len();
-            let g = *index.entry((m.rule, &m.key)).or_insert_with(|| {
-                found.push((m.rule, &m.to, vec![Vec::new(); members]));
-                found.len() - 1
-            });
-            found[g].2[m.member].push(m.source);
-        }
-        for (rule, to, members) in found {
-            let patterns = rules.rules()[rule].patterns();
-            let text = rules.rules()[rule].to_string();
-            let all: Vec<usize> = members.iter().flatten().copied().collect();
-            let set_aside = |b: &mut Self, why: String| {
-                for &i in &all {
-                    b.source_explained.insert(i, why.clone());
-                }
-            };
-            if let Some(twice) = members.iter().find(|m| m.len() > 1) {
-                let sources =
-                    twice.iter().map(|&i| (sources[i].name.to_string(), format!("rule `{text}`"))).collect();
-                set_aside(self, format!("collides on {to}"));
-                self.findings.push(Finding::Collision { target: to.to_string(), sources });
-                continue;
-            }
-            if members.iter().any(Vec::is_empty) {
-                let found = (patterns.iter().zip(&members))
-                    .filter_map(|(p, m)| m.first().map(|&i| (p.to_string(), sources[i].name.to_string())))
-                    .collect();
-                let missing = (patterns.iter().zip(&members))
-                    .filter(|(_, m)| m.is_empty())
-                    .map(|(p, _)| p.to_string())
-                    .collect();
-                set_aside(self, format!("its group for {to} is incomplete"));
-                self.findings.push(Finding::IncompleteGroup {
-                    rule: text,
-                    target: to.to_string(),
-                    found,
-                    missing,
-                });
-                continue;
-            }
-            r.groups.push(Group { rule, to: to.to_string(), sources: all, live: true });
-        }
-    }
-
-    /// Collisions: one new name claimed several times (by sources, parts of a
-    /// split, groups of a cat), a rule among them, is an error naming every
-    /// source and rule; none of them is paired. (Store names are unique, so
-    /// without renames there are none.)
-    fn set_aside_collisions(&mut self, rules: &Rules, r: &mut Renamed) {
-        let sources = self.source.entries();
-        if !r.rule_of.iter().any(Option::is_some) {
-            return;
-        }
-        self.form_groups(rules, r);
-        let mut claims: Vec<(&str, Claim)> = Vec::with_capacity(sources.len());
-        claims.extend(
-            (0..sources.len()).filter(|&i| !r.taken_source[i]).map(|i| (&*r.names[i], Claim::Source(i))),
-        );
-        for (k, split) in r.splits.iter().enumerate() {
-            claims.extend(split.to.iter().map(|t| (t.as_str(), Claim::Part(k))));
-        }
-        claims.extend(r.groups.iter().enumerate().map(|(g, group)| (group.to.as_str(), Claim::Group(g))));
-        let mut first_with_name: HashMap<&str, usize> = HashMap::with_capacity(claims.len());
-        let mut same: Vec<Vec<usize>> = Vec::new();
-        let mut same_of: HashMap<usize, usize> = HashMap::new();
-        for (c, (name, _)) in claims.iter().enumerate() {
-            let first = *first_with_name.entry(name).or_insert(c);
-            if first != c {
-                let k = *same_of.entry(first).or_insert_with(|| {
-                    same.push(vec![first]);
-                    same.len() - 1
-                });
-                same[k].push(c);
-            }
-        }
-        let by_rule = |claim: Claim| match claim {
-            Claim::Source(i) => r.rule_of[i].is_some(),
-            Claim::Part(_) | Claim::Group(_) => true,
-        };
-        let mut set_aside: Vec<(String, Vec<Claim>)> = Vec::new();
-        for list in same.into_iter().filter(|l| l.iter().any(|&c| by_rule(claims[c].1))) {
-            set_aside.push((claims[list[0]].0.to_string(), list.iter().map(|&c| claims[c].1).collect()));
-        }
-        for (name, list) in set_aside {
-            let mut sources_named = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for claim in list {
-                let (members, rule): (Vec<usize>, Option<usize>) = match claim {
-                    Claim::Source(i) => (vec![i], r.rule_of[i]),
-                    Claim::Part(k) => {
-                        r.splits[k].live = false;
-                        (vec![r.splits[k].source], Some(r.splits[k].rule))
-                    }
-                    Claim::Group(g) => {
-                        r.groups[g].live = false;
-                        (r.groups[g].sources.clone(), Some(r.groups[g].rule))
-                    }
-                };
-                for i in members.into_iter().filter(|&i| seen.insert(i)) {
-                    let how =
-                        rule.map_or("its own name".to_string(), |k| format!("rule `{}`", rules.rules()[k]));
-                    sources_named.push((sources[i].name.to_string(), how));
-                    r.taken_source[i] = true;
-                    self.source_explained.insert(i, format!("collides on {name}"));
-                }
-            }
-            self.findings.push(Finding::Collision { target: name, sources: sources_named });
-        }
-    }
-
-    /// The problem of a transform, as a finding: an error naming the rule,
-    /// the tensors and the shapes.
-    fn transform_problem(&mut self, rule: usize, sources: &[usize], targets: &[&str], problem: String) {
-        let entries = self.source.entries();
-        let mut tensors: Vec<String> = sources
-            .iter()
-            .map(|&i| format!("{} {}", entries[i].name, shape_text(&entries[i].shape)))
-            .collect();
-        tensors.extend(targets.iter().map(|t| t.to_string()));
-        for &i in sources {
-            self.source_explained.insert(i, "its rule's transform cannot apply".into());
-        }
-        self.findings.push(Finding::Transform { rule: self.rule_texts[rule].to_string(), tensors, problem });
-    }
-
-    /// A target name a rule made, if the target has it and it is still free.
-    fn free_target(
-        &self,
-        lookup: &NameLookup,
-        name: &str,
-        r: &Renamed,
-    ) -> std::result::Result<usize, String> {
-        match lookup.find(name, 0) {
-            Some(j) if !r.taken_target[j] => Ok(j),
-            Some(_) => Err(format!("{name} already receives another source")),
-            None => Err(format!("the target has no tensor {name}")),
-        }
-    }
-
-    /// Splits: each part a narrow of the source (after the rule's ops) into
-    /// its own target; sizes checked against the source's shape.
-    fn pair_splits(&mut self, rules: &Rules, lookup: &NameLookup, r: &mut Renamed) {
-        let sources = self.source.entries();
-        for k in 0..r.splits.len() {
-            if !r.splits[k].live {
-                continue;
-            }
-            let (i, rule) = (r.splits[k].source, r.splits[k].rule);
-            let Action::Split { dim, sizes, .. } = &rules.rules()[rule].action else { continue };
-            let ops = &rules.rules()[rule].ops;
-            let names: Vec<&str> = r.splits[k].to.iter().map(String::as_str).collect();
-            let parts = (|| {
-                let shape = shape_after(ops, &sources[i].shape)?;
-                let d = normalize(*dim, shape.len(), &shape)?;
-                let size = shape[d];
-                let sizes = match sizes {
-                    Some(sizes) if sizes.iter().sum::<i64>() != size => {
-                        return Err(format!(
-                            "the parts add up to {}, dimension {dim} of {} has {size}",
-                            sizes.iter().sum::<i64>(),
-                            shape_text(&shape)
-                        ))
-                    }
-                    Some(sizes) => sizes.clone(),
-                    None if size % names.len() as i64 != 0 => {
-                        return Err(format!(
-                            "dimension {dim} of {} ({size}) does not split into {} equal parts",
-                            shape_text(&shape),
-                            names.len()
-                        ))
-                    }
-                    None => vec![size / names.len() as i64; names.len()],
-                };
-                let targets =
-                    names.iter().map(|n| self.free_target(lookup, n, r)).collect::<Result<Vec<_>, _>>()?;
-                Ok((d as i64, sizes, targets))
-            })();
-            match parts {
-                Err(problem) => self.transform_problem(rule, &[i], &names, problem),
-                Ok((d, sizes, targets)) => {
-                    let mut start = 0;
-                    for (size, j) in sizes.into_iter().zip(targets) {
-                        let mut source_ops = ops.clone();
-                        source_ops.push(Op::Narrow { dim: d, start, length: size });
-                        start += size;
-                        r.taken_target[j] = true;
-                        let transform = Transform { source_ops, ..Transform::default() };
-                        self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Concatenations: each member written into its slice of the target (the
-    /// slice seen through the inverse of the ops after `cat`).
-    fn pair_groups(&mut self, rules: &Rules, lookup: &NameLookup, r: &mut Renamed) {
-        let (sources, targets) = (self.source.entries(), self.target.entries());
-        for g in 0..r.groups.len() {
-            if !r.groups[g].live {
-                continue;
-            }
-            let (rule, members) = (r.groups[g].rule, r.groups[g].sources.clone());
-            let Action::Cat { dim, .. } = &rules.rules()[rule].action else { continue };
-            let ops = &rules.rules()[rule].ops;
-            let to = r.groups[g].to.clone();
-            let regions = (|| {
-                let shapes: Vec<&[i64]> = members.iter().map(|&i| sources[i].shape.as_slice()).collect();
-                let d = normalize(*dim, shapes[0].len(), shapes[0])?;
-                let fits = |s: &&[i64]| {
-                    s.len() == shapes[0].len() && (0..s.len()).all(|k| k == d || s[k] == shapes[0][k])
-                };
-                if !shapes.iter().all(fits) {
-                    let list: Vec<String> = shapes.iter().map(|s| shape_text(s)).collect();
-                    return Err(format!("cannot concatenate {} along dimension {dim}", list.join(", ")));
-                }
-                let mut shape = shapes[0].to_vec();
-                shape[d] = shapes.iter().map(|s| s[d]).sum();
-                // The inverse of the ops after cat, from the target back to the concatenation.
-                let mut back = Vec::new();
-                for op in ops {
-                    let next = op.shape(&shape)?;
-                    back.extend(op.inverse(&shape)?);
-                    shape = next;
-                }
-                back.reverse();
-                let j = self.free_target(lookup, &to, r)?;
-                if targets[j].shape != shape {
-                    return Err(format!(
-                        "the result is {}, {to} is {}",
-                        shape_text(&shape),
-                        shape_text(&targets[j].shape)
-                    ));
-                }
-                let mut start = 0;
-                let regions = shapes.iter().map(|s| {
-                    let mut target_ops = back.clone();
-                    target_ops.push(Op::Narrow { dim: d as i64, start, length: s[d] });
-                    start += s[d];
-                    target_ops
-                });
-                Ok((j, regions.collect::<Vec<_>>()))
-            })();
-            match regions {
-                Err(problem) => self.transform_problem(rule, &members, &[&to], problem),
-                Ok((j, regions)) => {
-                    r.taken_target[j] = true;
-                    for (i, target_ops) in members.into_iter().zip(regions) {
-                        let transform = Transform { target_ops, ..Transform::default() };
-                        self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
-                    }
-                }
-            }
-        }
     }
 
     /// Step 2: a name a rule produced that exists in the target pairs with it,

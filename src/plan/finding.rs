@@ -305,7 +305,8 @@ impl fmt::Display for Raw<'_> {
                 None => write!(
                     f,
                     "left over: {source} {source_shape:?} and {target} {target_shape:?} hold as many \
-                     elements: they differ by a reshape"
+                     elements in another layout: a rule with `| transpose(..)`, `| permute(..)` or \
+                     `| reshape(..)` may pair them (which one, only the models' code says)"
                 ),
             },
             Finding::Transform { rule, tensors, problem } => {

@@ -102,6 +102,35 @@ fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
     }
 }
 
+/// Whether shapes `a` and `b` (of as many elements) differ only by merging
+/// neighbouring dimensions or splitting them (and dimensions of size 1): a
+/// reshape between them keeps every row where it was.
+fn merges_or_splits(a: &[i64], b: &[i64]) -> bool {
+    let a: Vec<i64> = a.iter().copied().filter(|&d| d != 1).collect();
+    let b: Vec<i64> = b.iter().copied().filter(|&d| d != 1).collect();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (mut pa, mut pb, start_i, start_j) = (a[i], b[j], i, j);
+        i += 1;
+        j += 1;
+        while pa != pb {
+            if pa < pb && i < a.len() {
+                pa *= a[i];
+                i += 1;
+            } else if pb < pa && j < b.len() {
+                pb *= b[j];
+                j += 1;
+            } else {
+                return false;
+            }
+        }
+        if i - start_i > 1 && j - start_j > 1 {
+            return false;
+        }
+    }
+    i == a.len() && j == b.len()
+}
+
 /// Hints most worth giving per plan.
 const MAX_PAIR_HINTS: usize = 64;
 
@@ -159,12 +188,20 @@ fn pair_hints(
     hints.sort_unstable();
     for (i, j) in hints.into_iter().take(MAX_PAIR_HINTS) {
         let (s, t) = (&sources[i], &targets[j]);
+        // A reshape is only suggested where it merges or splits neighbouring
+        // dimensions ([96, 1, 1] and [96]; [4096, 25088] and [4096, 512, 7, 7]):
+        // between [3, 5] and [5, 3] it would scramble what a transpose keeps,
+        // so no rule is offered for those.
         let reshape = match t.shape.len() {
-            _ if s.shape == t.shape => String::new(),
-            1 => " | reshape(-1)".to_string(),
-            _ => format!(" | reshape({})", t.shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")),
+            _ if s.shape == t.shape => Some(String::new()),
+            _ if !merges_or_splits(&s.shape, &t.shape) => None,
+            1 => Some(" | reshape(-1)".to_string()),
+            _ => Some(format!(
+                " | reshape({})",
+                t.shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+            )),
         };
-        let rule = Some(format!("{} => {}{reshape}", regex::escape(&s.name), t.name.replace('$', "$$")));
+        let rule = reshape.map(|r| format!("{} => {}{r}", regex::escape(&s.name), t.name.replace('$', "$$")));
         findings.push(Finding::CouldPair {
             source: s.name.to_string(),
             target: t.name.to_string(),
@@ -309,5 +346,21 @@ impl Plan {
             target_leftovers,
             findings: b.findings,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merges_or_splits;
+
+    #[test]
+    fn reshapes_are_suggested_only_where_rows_stay_rows() {
+        assert!(merges_or_splits(&[96, 1, 1], &[96]));
+        assert!(merges_or_splits(&[4096, 25088], &[4096, 512, 7, 7]));
+        assert!(merges_or_splits(&[1, 197, 768], &[197, 768]));
+        assert!(merges_or_splits(&[6, 4, 5], &[24, 5]));
+        assert!(!merges_or_splits(&[3, 5], &[5, 3]));
+        assert!(!merges_or_splits(&[6, 4], &[4, 6]));
+        assert!(!merges_or_splits(&[6, 4], &[8, 3]));
     }
 }

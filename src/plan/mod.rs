@@ -5,6 +5,8 @@
 //! - `mapping.rs`: how names are mapped ([`Mapping`]: rules, a matcher, a lent order);
 //! - `build.rs`: [`Plan::build`], in steps: rules, collisions, renamed pairs,
 //!   the matcher, then what follows from the pairs;
+//! - `many.rs`: splits, groups of a `cat`, and collisions among the names
+//!   rules make;
 //! - `finish.rs`: what follows from the pairs (findings per pair, leftovers,
 //!   hints, BatchNorm modules copied in part);
 //! - `finding.rs`: what a plan can find, and how serious each is;
@@ -16,6 +18,7 @@ mod build;
 mod file;
 mod finding;
 mod finish;
+mod many;
 mod mapping;
 
 use std::fmt;

@@ -1,0 +1,190 @@
+//! The right-hand side of a rename, and the patterns of a `cat`: `A + B =>
+//! T1, T2 | op(..) | split(..)` read into patterns, an [`Action`] and ops,
+//! with every combination the language does not allow refused by name.
+use super::Action;
+use crate::transform::Op;
+
+/// A chain's steps as written: ops, a split (last) or a cat (first).
+enum Step {
+    Op(Op),
+    Split { dim: i64, sizes: Option<Vec<i64>> },
+    Cat { dim: i64 },
+}
+
+/// Parses `name(1, -2, 3)`.
+fn parse_step(text: &str) -> std::result::Result<Step, String> {
+    let text = text.trim();
+    let (name, args) = text
+        .strip_suffix(')')
+        .and_then(|t| t.split_once('('))
+        .ok_or_else(|| format!("cannot read {text:?}: expected an op such as `reshape(-1)` or `split(0)`"))?;
+    let name = name.trim();
+    let args: Vec<i64> = if args.trim().is_empty() {
+        Vec::new()
+    } else {
+        args.split(',')
+            .map(|a| a.trim().parse::<i64>().map_err(|_| format!("{name}: {:?} is not an integer", a.trim())))
+            .collect::<std::result::Result<_, _>>()?
+    };
+    let count = |n: usize| {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(format!("{name} takes {n} argument(s), {text:?} has {}", args.len()))
+        }
+    };
+    let some = || {
+        if args.is_empty() {
+            Err(format!("{name} needs at least one argument"))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match name {
+        "reshape" => {
+            some()?;
+            if args.iter().filter(|&&d| d == -1).count() > 1 {
+                return Err(format!("{text}: only one dimension can be -1"));
+            }
+            if let Some(bad) = args.iter().find(|&&d| d < -1) {
+                return Err(format!("{text}: {bad} is not a size"));
+            }
+            Step::Op(Op::Reshape { shape: args })
+        }
+        "transpose" => {
+            count(2)?;
+            Step::Op(Op::Transpose { dims: [args[0], args[1]] })
+        }
+        "permute" => {
+            some()?;
+            Step::Op(Op::Permute { dims: args })
+        }
+        "narrow" => {
+            count(3)?;
+            if args[2] < 0 {
+                return Err(format!("{text}: a length cannot be negative"));
+            }
+            Step::Op(Op::Narrow { dim: args[0], start: args[1], length: args[2] })
+        }
+        "split" => {
+            some()?;
+            let sizes = (args.len() > 1).then(|| args[1..].to_vec());
+            if let Some(bad) = sizes.iter().flatten().find(|&&s| s <= 0) {
+                return Err(format!("{text}: part size {bad} is not positive"));
+            }
+            Step::Split { dim: args[0], sizes }
+        }
+        "cat" => {
+            count(1)?;
+            Step::Cat { dim: args[0] }
+        }
+        other => {
+            return Err(format!(
+                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split and cat"
+            ))
+        }
+    })
+}
+
+/// What a `PATTERN[ + PATTERN]... => TARGET[, TARGET]... [| OP]...` line says.
+pub(super) fn parse_rename(
+    left: &str,
+    right: &str,
+) -> std::result::Result<(Vec<String>, Action, Vec<Op>), String> {
+    // Patterns hold no spaces, so ` + ` separates the members of a cat.
+    let words: Vec<&str> = left.split_whitespace().collect();
+    let mut patterns = Vec::new();
+    for (k, word) in words.iter().enumerate() {
+        match (k % 2, *word) {
+            (0, "+") => return Err("`+` needs a pattern on each side".into()),
+            (0, pattern) => patterns.push(pattern.to_string()),
+            (_, "+") => {}
+            (_, _) => {
+                let first = words[0];
+                return Err(format!(
+                    "pattern {left:?} contains a space, which no tensor name has \
+                     (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`; \
+                     members of a cat are joined by ` + `)"
+                ));
+            }
+        }
+    }
+    if words.len() % 2 == 0 && !words.is_empty() {
+        return Err("`+` needs a pattern on each side".into());
+    }
+    let mut parts = right.split('|');
+    let targets: Vec<String> =
+        parts.next().unwrap_or_default().split(',').map(|t| t.trim().to_string()).collect();
+    let steps = parts.map(parse_step).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut ops = Vec::new();
+    let (mut split, mut cat) = (None, None);
+    for (k, step) in steps.into_iter().enumerate() {
+        match step {
+            Step::Op(op) => {
+                if cat.is_some() && matches!(op, Op::Narrow { .. }) {
+                    return Err("narrow after cat: the concatenation is written into the target as views, \
+                                and a narrowed target region cannot be one; narrow the target's sources instead"
+                        .into());
+                }
+                if split.is_some() {
+                    return Err("split ends a chain: no op can follow it".into());
+                }
+                ops.push(op);
+            }
+            Step::Split { dim, sizes } => {
+                if split.is_some() {
+                    return Err("a rule splits once".into());
+                }
+                split = Some((dim, sizes));
+            }
+            Step::Cat { dim } => {
+                if k != 0 {
+                    return Err("cat starts a chain: it must be the first op".into());
+                }
+                cat = Some(dim);
+            }
+        }
+    }
+    if targets.iter().any(String::is_empty) {
+        return Err(if targets.len() == 1 {
+            "empty replacement".into()
+        } else {
+            "an empty target in the list".into()
+        });
+    }
+    let action = match (split, cat) {
+        (Some(_), Some(_)) => {
+            return Err("a rule either splits (one to many) or concatenates (many to one)".into())
+        }
+        (Some((dim, sizes)), None) => {
+            if targets.len() < 2 {
+                return Err("split makes several targets: list them, `=> A, B | split(D)`".into());
+            }
+            if let Some(sizes) = &sizes {
+                if sizes.len() != targets.len() {
+                    return Err(format!("split gives {} sizes for {} targets", sizes.len(), targets.len()));
+                }
+            }
+            Action::Split { targets, dim, sizes }
+        }
+        (None, Some(dim)) => {
+            if patterns.len() < 2 {
+                return Err("cat joins several sources: `A + B => T | cat(D)`".into());
+            }
+            if targets.len() != 1 {
+                return Err("cat makes one target".into());
+            }
+            Action::Cat { target: targets.into_iter().next().unwrap_or_default(), dim }
+        }
+        (None, None) => {
+            if targets.len() > 1 {
+                return Err("several targets need `| split(D)`".into());
+            }
+            if patterns.len() > 1 {
+                return Err("several patterns need `| cat(D)`".into());
+            }
+            Action::Rename(targets.into_iter().next().unwrap_or_default())
+        }
+    };
+    Ok((patterns, action, ops))
+}

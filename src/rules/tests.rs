@@ -1,0 +1,117 @@
+//! The rule language's unit and property tests.
+use super::*;
+
+fn rules(text: &str) -> Rules {
+    Rules::parse(text, "rules.txt").unwrap()
+}
+
+fn error(text: &str) -> String {
+    Rules::parse(text, "rules.txt").unwrap_err().to_string()
+}
+
+#[test]
+fn renames_with_groups_and_skips() {
+    let r = rules(
+        "# comment\n\nbackbone\\.(.*) => encoder.$1\nblocks\\.(\\d+)\\.attn\\.qkv\\.(weight|bias) => layers.$1.attention.in_proj_$2\nskip   head\\..*\n(?P<m>.*)\\.gamma => ${m}.weight\n",
+    );
+    assert_eq!(r.rules().len(), 4);
+    assert_eq!(
+        r.apply("backbone.layer1.0.conv1.weight"),
+        Outcome::Renamed { to: "encoder.layer1.0.conv1.weight".into(), rule: 0 }
+    );
+    assert_eq!(
+        r.apply("blocks.11.attn.qkv.bias"),
+        Outcome::Renamed { to: "layers.11.attention.in_proj_bias".into(), rule: 1 }
+    );
+    assert_eq!(r.apply("head.fc.weight"), Outcome::Skipped { rule: 2 });
+    assert_eq!(r.apply("norm.gamma"), Outcome::Renamed { to: "norm.weight".into(), rule: 3 });
+    assert_eq!(r.apply("stem.weight"), Outcome::Kept);
+}
+
+#[test]
+fn patterns_match_the_whole_name() {
+    let r = rules("conv => c\n");
+    assert_eq!(r.apply("conv1"), Outcome::Kept);
+    assert_eq!(r.apply("a.conv"), Outcome::Kept);
+    assert_eq!(r.apply("conv"), Outcome::Renamed { to: "c".into(), rule: 0 });
+}
+
+#[test]
+fn first_matching_rule_decides() {
+    let r = rules("skip a\\.x\na\\.(.*) => b.$1\n");
+    assert_eq!(r.apply("a.x"), Outcome::Skipped { rule: 0 });
+    assert_eq!(r.apply("a.y"), Outcome::Renamed { to: "b.y".into(), rule: 1 });
+}
+
+#[test]
+fn bad_rules_name_file_and_line() {
+    let message = error("ok => fine\nbad( => x\n");
+    assert!(message.contains("rules.txt:2") && message.contains("bad pattern"), "{message}");
+    let message = error("frobnicate head.*\n");
+    assert!(message.contains("rules.txt:1") && message.contains("expected"), "{message}");
+    let message = error("rename features => x\n");
+    assert!(message.contains("rules.txt:1") && message.contains("`rename` is not a keyword"), "{message}");
+    let message = error("bad( => x\n");
+    assert!(!message.contains('\n') && message.contains("unclosed group"), "{message}");
+    assert!(error(" => x\n").contains("empty pattern"));
+    assert!(error("skip\n").contains("needs a pattern"));
+    assert!(error("a => \n").contains("empty replacement"));
+    let message = error("a\\.(.*) => b.$2\n");
+    assert!(message.contains("$2"), "{message}");
+    assert!(error("a => ${nope}\n").contains("nope"));
+}
+
+#[test]
+fn flags_are_named_in_errors() {
+    let mut r = Rules::new();
+    r.add_map("x=>y").unwrap();
+    let message = r.add_map("no arrow").unwrap_err().to_string();
+    assert!(message.contains("--map #2"), "{message}");
+    let message = r.add_skip("(").unwrap_err().to_string();
+    assert!(message.contains("--skip #1"), "{message}");
+}
+
+#[test]
+fn dollar_dollar_is_a_literal() {
+    let r = rules("a => b$$c\n");
+    assert_eq!(r.apply("a"), Outcome::Renamed { to: "b$c".into(), rule: 0 });
+}
+
+mod properties {
+    use super::super::*;
+    use proptest::prelude::*;
+
+    fn dotted_name() -> impl Strategy<Value = String> {
+        prop::collection::vec("[a-z_][a-z0-9_]{0,6}|[0-9]{1,3}", 1..6).prop_map(|parts| parts.join("."))
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,200}") {
+            let _ = Rules::parse(&text, "fuzz.txt");
+        }
+
+        #[test]
+        fn an_escaped_name_matches_exactly_that_name(name in dotted_name(), other in dotted_name()) {
+            let rules = Rules::parse(&format!("{} => renamed\n", regex::escape(&name)), "r").unwrap();
+            prop_assert_eq!(rules.apply(&name), Outcome::Renamed { to: "renamed".into(), rule: 0 });
+            if other != name {
+                prop_assert_eq!(rules.apply(&other), Outcome::Kept);
+            }
+        }
+
+        #[test]
+        fn a_prefix_rule_moves_every_name_under_it(prefix in "[a-z]{1,8}", name in dotted_name()) {
+            let rules = Rules::parse(&format!("{prefix}\\.(.*) => moved.$1\n"), "r").unwrap();
+            let outcome = rules.apply(&format!("{prefix}.{name}"));
+            prop_assert_eq!(outcome, Outcome::Renamed { to: format!("moved.{name}"), rule: 0 });
+        }
+
+        #[test]
+        fn the_first_matching_rule_decides(name in dotted_name(), n in 1usize..6) {
+            let text: String = (0..n).map(|i| format!("(.*) => r{i}.$1\n")).collect();
+            let rules = Rules::parse(&text, "r").unwrap();
+            prop_assert_eq!(rules.apply(&name), Outcome::Renamed { to: format!("r0.{name}"), rule: 0 });
+        }
+    }
+}
