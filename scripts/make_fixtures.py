@@ -56,6 +56,21 @@ Examples (examples/):
   small_mlp.pt               Sequential(Linear(8, 16), BatchNorm1d(16), ReLU, Linear(16, 4)),
                              the network examples/varstore_to_script.rs builds with tch
 
+Rule library cases (rules/, tests/rules_library.rs; needs timm): for FAMILY in
+convnext, vgg, efficientnet, mobilenet_v3_small, vit:
+  FAMILY_torchvision.safetensors  a torchvision model's state dict: random weights,
+                                  BatchNorm statistics from a few training batches
+  FAMILY_timm.pt                  timm's model of the same family (other weights), traced
+  FAMILY.expected.safetensors     input and the torchvision model's eval output
+(small widths where the family allows it; the names are the full models' names).
+
+Transform cases (transforms/, tests/transforms_models.rs), each scripted, with
+FILE.expected.safetensors (input, the model's output):
+  fused_attn.pt, split_attn.pt    one attention block with a fused qkv projection,
+                                  and the same block with separate q, k, v
+  conv1d_mlp.pt, linear_mlp.pt    a GPT-2 style MLP (Conv1D, weight [in, out]) and the
+                                  same MLP with nn.Linear (weight [out, in])
+
 The demo (demo/, used by scripts/demo.sh):
   state_dict.pth     torch.save(model.state_dict()) of a trained BnNet
   renamed_module.pt  the same network scripted with every attribute named differently
@@ -592,6 +607,161 @@ def write_tied(out: str) -> None:
     save_file({"embed.weight": weight, "head.weight": weight.clone()}, os.path.join(out, "tied_equal.safetensors"))
 
 
+def jiggle(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
+    """Every parameter moved off its initial value, so that each one shows in outputs."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def write_rule_library(out: str) -> None:
+    """A torchvision model and timm's model of the same family, for each rules file."""
+    import timm
+    import torchvision
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    folder = os.path.join(out, "rules")
+    os.makedirs(folder, exist_ok=True)
+
+    def tv_vgg():
+        from torchvision.models.vgg import VGG, make_layers
+
+        model = VGG(make_layers([8, "M", 16, "M", 32, "M", 64, "M", 512, "M"]), num_classes=10)
+        # timm's VGG head is 4096 wide; a narrow first layer keeps the fixture small.
+        model.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 4096), nn.ReLU(True),
+            nn.Dropout(), nn.Linear(4096, 10),
+        )
+        return model
+
+    families = {
+        "convnext": (
+            lambda: ConvNeXt(
+                [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 2), CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)],
+                num_classes=10,
+            ),
+            lambda: timm.models.convnext.ConvNeXt(depths=(1, 2, 1, 1), dims=(8, 16, 32, 64), num_classes=10),
+            (2, 3, 32, 32),
+        ),
+        "vgg": (
+            tv_vgg,
+            lambda: timm.models.vgg.VGG([8, "M", 16, "M", 32, "M", 64, "M", 512, "M"], num_classes=10, mlp_ratio=64 / 4096),
+            (2, 3, 64, 64),
+        ),
+        "efficientnet": (
+            lambda: torchvision.models.efficientnet_b0(num_classes=10),
+            lambda: timm.create_model("efficientnet_b0", num_classes=10),
+            (2, 3, 64, 64),
+        ),
+        "mobilenet_v3_small": (
+            lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+            # torchvision's MobileNetV3 BatchNorm has eps 1e-3; timm's builder takes it as bn_eps.
+            lambda: timm.create_model("mobilenetv3_small_100", num_classes=10, bn_eps=1e-3),
+            (2, 3, 64, 64),
+        ),
+        "vit": (
+            lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10),
+            lambda: timm.models.vision_transformer.VisionTransformer(
+                img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10
+            ),
+            (2, 3, 32, 32),
+        ),
+    }
+    for seed, (name, (make_tv, make_timm, shape)) in enumerate(families.items()):
+        torch.manual_seed(100 + seed)
+        tv = warm_up(jiggle(make_tv(), 200 + seed), (4,) + shape[1:])
+        save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, os.path.join(folder, f"{name}_torchvision.safetensors"))
+        save_expected(os.path.join(folder, f"{name}.expected.safetensors"), tv, shape)
+        torch.manual_seed(300 + seed)
+        tm = make_timm().eval()
+        with torch.no_grad():
+            traced = torch.jit.trace(tm, torch.randn(*shape), check_trace=False)
+        torch.jit.save(traced, os.path.join(folder, f"{name}_timm.pt"))
+
+
+class FusedAttention(nn.Module):
+    """Self-attention with one qkv projection, as timm's and GPT-2's blocks have it."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(attend(q, k, v, self.heads))
+
+
+class SplitAttention(nn.Module):
+    """The same block with separate q, k and v projections, as Llama's is written."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = q.shape
+    q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-2, -1) / float(d // heads) ** 0.5, dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(b, n, d)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: a linear layer whose weight is stored [in, out]."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.bias.shape[0],))
+
+
+class Conv1DMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(24, 8)
+        self.c_proj = Conv1D(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class LinearMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 24)
+        self.proj = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def write_transform_cases(out: str) -> None:
+    folder = os.path.join(out, "transforms")
+    os.makedirs(folder, exist_ok=True)
+    for seed, (name, make) in enumerate(
+        [("fused_attn", FusedAttention), ("split_attn", SplitAttention), ("conv1d_mlp", Conv1DMlp), ("linear_mlp", LinearMlp)]
+    ):
+        torch.manual_seed(500 + seed)
+        model = jiggle(make(), 600 + seed, 0.2).eval()
+        torch.jit.save(torch.jit.script(model), os.path.join(folder, f"{name}.pt"))
+        save_expected(os.path.join(folder, f"{name}.expected.safetensors"), model, (2, 5, 8))
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -605,6 +775,8 @@ def main() -> None:
     write_examples(out)
     write_demo(out)
     write_tied(out)
+    write_rule_library(out)
+    write_transform_cases(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)
