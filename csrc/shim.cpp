@@ -79,9 +79,121 @@ bool plain_bytes(const at::Tensor &dst, const at::Tensor &src) {
          dense(src);
 }
 
+// A transposed 2-D CPU matrix (column-major view) into a row-major one of the
+// same dtype, as a rule's `| transpose(0, 1)` makes (GPT-2's Conv1D into
+// nn.Linear). PyTorch's copy_ moves these in cache blocks on one thread, and
+// at::equal compares them an element at a time: these pairs are copied and
+// compared in tiles across threads instead.
+bool transposed_2d(const at::Tensor &dst, const at::Tensor &src) {
+  return dst.device().is_cpu() && src.device().is_cpu() && dst.scalar_type() == src.scalar_type() &&
+         dense(dst) && dense(src) && dst.dim() == 2 && src.dim() == 2 && dst.sizes() == src.sizes() &&
+         dst.is_contiguous() && src.stride(0) == 1 && src.size(0) > 1 && src.size(1) > 1;
+}
+
+// Tiles of a transposed matrix, one cache line of 4-byte values each way.
+constexpr int64_t kTile = 16;
+
+// Visits `out` (rows x cols, row-major) and `in` (the same matrix stored
+// column-major, leading dimension ld) tile by tile, across threads: f(out_row,
+// in_column_start, count) for each run of one output row within a tile. Reads
+// and writes stay within a tile's cache lines and pages.
+template <typename T, typename F>
+void tiles(int64_t rows, int64_t cols, F f) {
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  at::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * kTile, r1 = std::min(rows, r0 + kTile);
+      for (int64_t c0 = 0; c0 < cols; c0 += kTile) f(r0, r1, c0, std::min(cols, c0 + kTile));
+    }
+  });
+}
+
+template <typename T>
+void transpose_into(T *out, const T *in, int64_t rows, int64_t cols, int64_t ld) {
+  tiles<T>(rows, cols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    T tile[kTile][kTile];
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = r0; r < r1; ++r) tile[c - c0][r - r0] = in[r + c * ld];
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) out[r * cols + c] = tile[c - c0][r - r0];
+    }
+  });
+}
+
+template <typename T>
+bool transposed_equal(const T *out, const T *in, int64_t rows, int64_t cols, int64_t ld) {
+  std::atomic<bool> same{true};
+  tiles<T>(rows, cols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    if (!same) return;
+    T tile[kTile][kTile];
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = r0; r < r1; ++r) tile[c - c0][r - r0] = in[r + c * ld];
+    }
+    bool ok = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) ok &= out[r * cols + c] == tile[c - c0][r - r0];
+    }
+    if (!ok) same = false;
+  });
+  return same;
+}
+
+// copy (or compare, with `compare`) a transposed_2d pair, by element width.
+bool transposed_pair(const at::Tensor &d, const at::Tensor &s, bool compare) {
+  const int64_t rows = d.size(0), cols = d.size(1), ld = s.stride(1);
+  auto run = [&](auto zero) -> bool {
+    using T = decltype(zero);
+    const T *in = static_cast<const T *>(s.const_data_ptr());
+    if (compare) return transposed_equal(static_cast<const T *>(d.const_data_ptr()), in, rows, cols, ld);
+    transpose_into(static_cast<T *>(d.data_ptr()), in, rows, cols, ld);
+    return true;
+  };
+  switch (d.element_size()) {
+    case 1: return run(uint8_t{});
+    case 2: return run(uint16_t{});
+    case 4: return run(uint32_t{});
+    case 8: return run(uint64_t{});
+    default: return compare ? at::equal(d, s) : (d.copy_(s), true);
+  }
+}
+
 // Pairs of at most this many bytes are memmoved in parallel; larger ones use
 // copy_, which parallelises within the tensor.
 constexpr int64_t kSmall = 1 << 20;
+
+// Two CPU tensors of one dtype and shape whose last dimension is contiguous
+// (the views a rule's narrow, split or cat make): comparable row by row.
+bool rows_contiguous(const at::Tensor &a, const at::Tensor &b) {
+  return a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() && dense(a) &&
+         dense(b) && a.dim() >= 1 && a.sizes() == b.sizes() && a.stride(-1) == 1 && b.stride(-1) == 1 &&
+         !a.is_conj() && !b.is_conj() && !a.is_neg() && !b.is_neg();
+}
+
+// Whether a and b (see rows_contiguous) hold the same bytes, rows compared
+// across threads: at::equal walks strided views an element at a time.
+bool rows_equal(const at::Tensor &a, const at::Tensor &b) {
+  const int64_t dims = a.dim(), width = a.size(-1), size = a.element_size();
+  if (a.numel() == 0) return true;
+  const int64_t rows = a.numel() / width, row_bytes = width * size;
+  const char *pa = static_cast<const char *>(a.const_data_ptr());
+  const char *pb = static_cast<const char *>(b.const_data_ptr());
+  std::atomic<bool> same{true};
+  at::parallel_for(0, rows, std::max<int64_t>(1, kSmall / std::max<int64_t>(1, row_bytes)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end && same; ++r) {
+      int64_t rest = r, at_a = 0, at_b = 0;
+      for (int64_t k = dims - 2; k >= 0; --k) {
+        const int64_t i = rest % a.size(k);
+        rest /= a.size(k);
+        at_a += i * a.stride(k);
+        at_b += i * b.stride(k);
+      }
+      if (std::memcmp(pa + at_a * size, pb + at_b * size, static_cast<size_t>(row_bytes)) != 0) same = false;
+    }
+  });
+  return same;
+}
+
 
 // How many pairs ahead the byte copies and comparisons prefetch (2 to 4
 // measured best on many small tensors).
@@ -278,6 +390,7 @@ char *tp_copy_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_m
     }
     at::Tensor staging;
     int64_t offset = 0;
+    std::vector<int64_t> transposed;
     if (pinned_bytes > 0) staging = at::empty({pinned_bytes}, at::kByte).pin_memory();
     for (int64_t i : other) {
       *failed = i;
@@ -290,7 +403,19 @@ char *tp_copy_described(tp_tensor *const *dst, tp_tensor *const *src, const tp_m
         offset += static_cast<int64_t>(contiguous.nbytes());
         s = slot.view(contiguous.scalar_type()).view(contiguous.sizes());
       }
+      if (transposed_2d(d, s)) {
+        transposed.push_back(i);
+        continue;
+      }
       d.copy_(s, /*non_blocking=*/cuda);
+    }
+    // Transposed pairs (see transposed_2d), tile by tile across threads;
+    // version counters bumped as copy_ would.
+    for (int64_t i : transposed) {
+      *failed = i;
+      const at::Tensor &d = as_tensor(dst[i]);
+      transposed_pair(d, as_tensor(src[i]), /*compare=*/false);
+      if (!d.is_inference()) d.unsafeGetTensorImpl()->bump_version();
     }
     if (cuda) torch::cuda::synchronize();
     *failed = -1;
@@ -323,14 +448,34 @@ char *tp_verify_described(tp_tensor *const *dst, tp_tensor *const *src, const tp
         }
       });
     }
-    // The rest: converted like copy_ converts, then compared bit for bit.
+    // The rest: converted like copy_ converts, then compared bit for bit;
+    // transposed pairs (see transposed_2d) and row-contiguous views (see
+    // rows_contiguous) as bytes, across threads.
+    std::vector<int64_t> transposed;
     for (size_t k = 0; k < n && static_cast<int64_t>(k) < first.get(); ++k) {
       if (moves[k].kind != TP_MOVE_OTHER) continue;
       const at::Tensor &d = as_tensor(dst[k]);
-      at::Tensor expected = as_tensor(src[k]).to(d.device(), d.scalar_type());
+      const at::Tensor &s = as_tensor(src[k]);
+      if (transposed_2d(d, s)) {
+        transposed.push_back(static_cast<int64_t>(k));
+        continue;
+      }
+      if (rows_contiguous(d, s)) {
+        if (!rows_equal(d, s)) {
+          first.offer(static_cast<int64_t>(k));
+          break;
+        }
+        continue;
+      }
+      at::Tensor expected = s.to(d.device(), d.scalar_type());
       if (!at::equal(bits(d), bits(expected))) {  // shapes were checked by tp_describe_pairs
         first.offer(static_cast<int64_t>(k));
         break;
+      }
+    }
+    for (int64_t k : transposed) {
+      if (k < first.get() && !transposed_pair(as_tensor(dst[k]), as_tensor(src[k]), /*compare=*/true)) {
+        first.offer(k);
       }
     }
     *mismatch = first.found() ? first.get() : -1;

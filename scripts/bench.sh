@@ -72,3 +72,13 @@ for model in deep wide; do
   echo "    plan + copy: $(ratio "$plan_copy" "$flat")x flat copy; load_state_dict / (plan + copy + verify): $(ratio "$(field "$torch_json" load_state_dict)" "$(field "$ours" plan_copy_verify)")x"
   printf '    back to back, caches warm: plan + copy %.4f s, flat copy %.4f s: %sx\n' "$(field "$ours" warm_plan_copy)" "$(field "$ours" warm_flat_copy)" "$(ratio "$(field "$ours" warm_plan_copy)" "$(field "$ours" warm_flat_copy)")"
 done
+
+echo
+echo "== transformed copy of the wide model: Linear weights through a rule's transform, against the same copy untransformed"
+echo "   (best of 3 each; plan + copy, and plan + copy + verify; target: within 1.5x of the untransformed copy)"
+json="$(cargo bench --quiet --bench copy -- transformed)"
+printf '  %-12s %12s %10s %18s %10s\n' "" "copy (s)" "ratio" "copy+verify (s)" "ratio"
+for key in untransformed reshape transpose split cat; do
+  printf '  %-12s %12.4f %9sx %18.4f %9sx\n' "$key" "$(field "$json" "$key")" "$(ratio "$(field "$json" "$key")" "$(field "$json" untransformed)")" \
+    "$(field "$json" "${key}_verified")" "$(ratio "$(field "$json" "${key}_verified")" "$(field "$json" untransformed_verified)")"
+done

@@ -99,6 +99,31 @@ fn one_to_one_ops_write_the_transformed_source() {
     assert_eq!((t.source_shape, t.target_shape), (vec![8, 1, 1], vec![8]));
 }
 
+/// Verification compares what was written with the transformed source: one
+/// changed element in a transposed, a split or a concatenated target is found.
+#[test]
+fn verification_finds_a_changed_element_behind_every_transform() {
+    let (w, kv, a, b) = (random(&[64, 80]), random(&[80, 64]), random(&[64, 30]), random(&[64, 50]));
+    let source = checkpoint(vec![("w", w), ("kv", kv), ("a", a), ("b", b)]);
+    let mut target = checkpoint(vec![
+        ("wt", zeros(&[80, 64])),
+        ("k", zeros(&[80, 16])),
+        ("v", zeros(&[80, 48])),
+        ("ab", zeros(&[64, 80])),
+    ]);
+    let rules = "w => wt | transpose(0, 1)\nkv => k, v | split(1, 16, 48)\na + b => ab | cat(1)\n";
+    let plan = transfer(&source, &mut target, rules);
+    for (name, at) in [("wt", [7, 9]), ("k", [3, 15]), ("v", [79, 0]), ("ab", [10, 45])] {
+        let t = tensor_of(&target, name).shallow_clone();
+        let old = t.double_value(&at);
+        let _ = t.get(at[0]).get(at[1]).fill_(old + 1.0);
+        let err = verify(&plan, &source, &target).unwrap_err().to_string();
+        assert!(err.contains(name), "{name}: {err}");
+        let _ = t.get(at[0]).get(at[1]).fill_(old);
+        verify(&plan, &source, &target).unwrap();
+    }
+}
+
 #[test]
 fn a_fused_qkv_splits_into_three_and_joins_back() {
     let (dim, layers) = (4, 3);
