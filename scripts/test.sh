@@ -10,7 +10,7 @@ scripts/fixtures.sh
 cargo build --all-targets
 
 # The examples are documentation that runs: each one checks what it shows.
-for example in identical different_arch nested varstore_to_script hot_swap; do
+for example in identical different_arch fused_qkv nested varstore_to_script hot_swap; do
   echo "== example $example" >&2
   cargo run --quiet --example "$example"
 done
