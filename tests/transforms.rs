@@ -425,3 +425,45 @@ fn the_parser_refuses_what_it_cannot_mean() {
     rules.add_map("(.*)\\.qkv => $1.q, $1.k, $1.v | split(0)").unwrap();
     assert_eq!(rules.rules()[0].to_string(), "(.*)\\.qkv => $1.q, $1.k, $1.v | split(0)");
 }
+
+/// The examples the README's rule language gives, parsed from the README
+/// itself, do what it says on a model with those names.
+#[test]
+fn the_readme_examples_do_what_they_say() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("(.*)\\.layer_scale").expect("the README's transform examples");
+    let block = &readme[start..start + readme[start..].find("```").unwrap()];
+    let (ls, conv1d, fc, qkv, q, k, v) = (
+        random(&[8, 1, 1]),
+        random(&[4, 6]),
+        random(&[2, 25088]),
+        random(&[6, 2]),
+        random(&[2, 2]),
+        random(&[2, 2]),
+        random(&[2, 2]),
+    );
+    let source = checkpoint(vec![
+        ("s.layer_scale", ls.shallow_clone()),
+        ("h.c_attn.weight", conv1d.shallow_clone()),
+        ("classifier.0.weight", fc.shallow_clone()),
+        ("a.qkv.weight", qkv.shallow_clone()),
+        ("b.q.weight", q.shallow_clone()),
+        ("b.k.weight", k.shallow_clone()),
+        ("b.v.weight", v.shallow_clone()),
+    ]);
+    let mut target = checkpoint(vec![
+        ("s.gamma", zeros(&[8])),
+        ("h.attn.weight", zeros(&[6, 4])),
+        ("pre_logits.fc1.weight", zeros(&[2, 512, 7, 7])),
+        ("a.q.weight", zeros(&[2, 2])),
+        ("a.k.weight", zeros(&[2, 2])),
+        ("a.v.weight", zeros(&[2, 2])),
+        ("b.qkv.weight", zeros(&[6, 2])),
+    ]);
+    transfer(&source, &mut target, block);
+    assert!(tensor_of(&target, "s.gamma").equal(&ls.reshape([-1])));
+    assert!(tensor_of(&target, "h.attn.weight").equal(&conv1d.transpose(0, 1)));
+    assert!(tensor_of(&target, "pre_logits.fc1.weight").equal(&fc.reshape([2, 512, 7, 7])));
+    assert!(tensor_of(&target, "a.v.weight").equal(&qkv.narrow(0, 4, 2)));
+    assert!(tensor_of(&target, "b.qkv.weight").equal(&Tensor::cat(&[&q, &k, &v], 0)));
+}
