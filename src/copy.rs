@@ -244,7 +244,7 @@ pub fn copy_with(
 /// Why converting `tensor` (of `from`) to `to` loses information because of
 /// its values: out of `to`'s range, or not 0/1 for a bool. (Losses whatever the
 /// values, such as float to integer, are the plan's findings.)
-fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
+pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
     if from == to || dtype::static_loss(from, to).is_some() || tensor.numel() == 0 {
         return None;
     }

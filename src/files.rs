@@ -34,7 +34,60 @@ fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
 /// failure; one left by a process that was killed is removed by the next write
 /// to the same path. Errors name `path`, not the temporary file.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let io = |source| Error::Io { path: path.into(), source };
+    let (folder, temp) = temporary(path)?;
+    let written = write(&temp).map_err(|error| error.with_path(&temp, path));
+    let result = written.and_then(|()| {
+        sync(&temp, path)?;
+        commit(&temp, path, &folder)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Writes files that belong together (shards and their index) as one: each to
+/// a temporary name next to it first; only when every one is written and
+/// synced are they renamed into place, in order (the index, last in `paths`,
+/// last). An error before the renames removes every temporary: nothing of the
+/// set appears.
+pub(crate) fn write_set_atomically(
+    paths: &[PathBuf],
+    write: impl FnOnce(&[PathBuf]) -> Result<()>,
+) -> Result<()> {
+    let mut folders = Vec::with_capacity(paths.len());
+    let mut temps = Vec::with_capacity(paths.len());
+    for path in paths {
+        let (folder, temp) = temporary(path)?;
+        folders.push(folder);
+        temps.push(temp);
+    }
+    let written = write(&temps).map_err(|error| {
+        match temps.iter().zip(paths).find(|(t, _)| error.path() == Some(t.as_path())) {
+            Some((temp, path)) => error.with_path(temp, path),
+            None => error,
+        }
+    });
+    let result = written
+        .and_then(|()| temps.iter().zip(paths).try_for_each(|(temp, path)| sync(temp, path)))
+        .and_then(|()| {
+            temps
+                .iter()
+                .zip(paths)
+                .zip(&folders)
+                .try_for_each(|((temp, path), folder)| commit(temp, path, folder))
+        });
+    if result.is_err() {
+        for temp in &temps {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+    result
+}
+
+/// A temporary path next to `path` (hidden, unique to this process and write),
+/// after checking that `path` may be written; and `path`'s folder.
+fn temporary(path: &Path) -> Result<(PathBuf, PathBuf)> {
     check_destination(path)?;
     let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
     let folder = match path.parent() {
@@ -50,22 +103,24 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<
         std::process::id(),
         WRITES.fetch_add(1, Ordering::Relaxed)
     ));
-    let temp = folder.join(temp_name);
-    let written = write(&temp).map_err(|error| error.with_path(&temp, path));
-    let result = written.and_then(|()| {
-        let file = File::options().read(true).write(true).open(&temp).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temp, path).map_err(io)?;
-        // Make the rename itself durable; not every filesystem allows syncing a folder.
-        if let Ok(dir) = File::open(&folder) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+    Ok((folder.clone(), folder.join(temp_name)))
+}
+
+/// Flushes a written temporary to the disk (errors name `path`).
+fn sync(temp: &Path, path: &Path) -> Result<()> {
+    let io = |source| Error::Io { path: path.into(), source };
+    let file = File::options().read(true).write(true).open(temp).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+/// Renames a synced temporary into place, durably where the folder allows.
+fn commit(temp: &Path, path: &Path, folder: &Path) -> Result<()> {
+    std::fs::rename(temp, path).map_err(|source| Error::Io { path: path.into(), source })?;
+    // Make the rename itself durable; not every filesystem allows syncing a folder.
+    if let Ok(dir) = File::open(folder) {
+        let _ = dir.sync_all();
     }
-    result
+    Ok(())
 }
 
 /// Refuses a destination that exists and is not a regular file: a device node,

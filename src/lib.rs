@@ -18,11 +18,15 @@ mod rules;
 mod matching;
 mod plan;
 mod copy;
+mod convert;
 mod diff;
 mod outputs;
 mod report;
 mod slot;
 
+pub use convert::{
+    convert, plan_conversion, ConvertOptions, Converted, Outline, WrittenFile, DEFAULT_MAX_SHARD_BYTES,
+};
 pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};
 pub use dotted::escaped;

@@ -41,27 +41,94 @@ pub(crate) fn check_expansion(
     Ok(())
 }
 
-/// What a writer needs of a tensor: its format's name for the dtype (`type_of`
-/// gives it, or `None` when the format has none) and the values as one
-/// contiguous CPU tensor.
-pub(crate) fn prepare<T>(
+/// A tensor a streaming writer will write: its name, dtype and shape, known
+/// before its values are made (a file's header comes first).
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    pub name: String,
+    pub kind: tch::Kind,
+    pub shape: Vec<i64>,
+}
+
+impl Outgoing {
+    /// Bytes its values take.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<i64>().max(0) as usize * crate::dtype::size(self.kind)
+    }
+}
+
+/// Makes tensor `i` of the outgoing list; a writer calls it once for each, in
+/// order, and writes the result before asking for the next (so that only one
+/// tensor's values need be in memory).
+pub(crate) type Produce<'a> = &'a mut dyn FnMut(usize) -> Result<tch::Tensor>;
+
+/// What is announced of `tensors`, for a streaming writer given them whole.
+pub(crate) fn outgoing(tensors: &[(String, tch::Tensor)]) -> Vec<Outgoing> {
+    tensors.iter().map(|(name, t)| Outgoing { name: name.clone(), kind: t.kind(), shape: t.size() }).collect()
+}
+
+/// Every announced dtype has a name in the format (`type_of`): checked before
+/// anything is written.
+pub(crate) fn check_types<T>(
     path: &Path,
     format: &'static str,
-    name: &str,
-    tensor: &tch::Tensor,
+    outgoing: &[Outgoing],
     type_of: impl Fn(tch::Kind) -> Option<T>,
-) -> Result<(T, tch::Tensor)> {
-    let kind = tensor.kind();
-    let typed = type_of(kind).ok_or_else(|| Error::Unrepresentable {
-        path: path.into(),
-        tensor: name.to_string(),
-        format,
-        reason: format!("{format} has no {} dtype", crate::dtype::name(kind)),
-    })?;
-    let data = tensor.f_to_device(tch::Device::Cpu).and_then(|t| t.f_contiguous()).map_err(|source| {
-        Error::Tensor { store: path.display().to_string(), tensor: name.to_string(), source }
-    })?;
-    Ok((typed, data))
+) -> Result<Vec<T>> {
+    outgoing
+        .iter()
+        .map(|o| {
+            type_of(o.kind).ok_or_else(|| Error::Unrepresentable {
+                path: path.into(),
+                tensor: o.name.clone(),
+                format,
+                reason: format!("{format} has no {} dtype", crate::dtype::name(o.kind)),
+            })
+        })
+        .collect()
+}
+
+/// Tensor `i` made by `produce`, checked to be what was announced, as one
+/// contiguous CPU tensor.
+pub(crate) fn produce_checked(
+    path: &Path,
+    format: &'static str,
+    outgoing: &[Outgoing],
+    i: usize,
+    produce: Produce,
+) -> Result<tch::Tensor> {
+    let o = &outgoing[i];
+    let tensor = produce(i)?;
+    if tensor.kind() != o.kind || tensor.size() != o.shape {
+        return Err(Error::Format {
+            path: path.into(),
+            format,
+            message: format!(
+                "tensor {} was announced as {} {:?} and made as {} {:?}",
+                o.name,
+                crate::dtype::name(o.kind),
+                o.shape,
+                crate::dtype::name(tensor.kind()),
+                tensor.size()
+            ),
+        });
+    }
+    tensor.f_to_device(tch::Device::Cpu).and_then(|t| t.f_contiguous()).map_err(|source| Error::Tensor {
+        store: path.display().to_string(),
+        tensor: o.name.clone(),
+        source,
+    })
+}
+
+/// The bytes of a contiguous CPU tensor, as long as it is borrowed.
+pub(crate) fn bytes_of(tensor: &tch::Tensor) -> &[u8] {
+    let len = tensor.numel() * crate::dtype::size(tensor.kind());
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: callers pass contiguous CPU tensors (`produce_checked` makes them);
+    // their `len` bytes at `data_ptr` stay valid while the tensor is borrowed.
+    unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const u8, len) }
 }
 
 /// The start of every legacy `torch.save` file: a pickled magic number.

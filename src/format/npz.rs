@@ -217,24 +217,26 @@ fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
 /// Writes `tensors` as an uncompressed `.npz` that `numpy.load` reads (directly:
 /// callers wanting atomicity go through [`crate::files::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_stream(path, &super::outgoing(tensors), &mut |i| Ok(tensors[i].1.shallow_clone()))
+}
+
+/// Writes an uncompressed `.npz` of the `outgoing` tensors, in that order, each
+/// made by `produce` when its member's turn comes.
+pub(crate) fn write_stream(path: &Path, outgoing: &[super::Outgoing], produce: super::Produce) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
+    let descrs = super::check_types(path, FORMAT, outgoing, descr_of)?;
     let file = File::create(path).map_err(io)?;
-    let mut archive = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let mut archive = zip::ZipWriter::new(std::io::BufWriter::with_capacity(8 << 20, file));
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
-        .large_file(tensors.iter().any(|(_, t)| t.numel() * dtype::size(t.kind()) >= u32::MAX as usize));
-    for (name, tensor) in tensors {
-        let (descr, tensor) = super::prepare(path, FORMAT, name, tensor, descr_of)?;
-        let len = tensor.numel() * dtype::size(tensor.kind());
-        let mut data = vec![0u8; len];
-        tensor.f_copy_data_u8(&mut data, tensor.numel()).map_err(|source| Error::Tensor {
-            store: path.display().to_string(),
-            tensor: name.clone(),
-            source,
-        })?;
-        archive.start_file(format!("{name}.npy"), options).map_err(|e| format_error(path, e.to_string()))?;
-        archive.write_all(&npy_header(descr, &tensor.size())).map_err(io)?;
-        archive.write_all(&data).map_err(io)?;
+        .large_file(outgoing.iter().any(|o| o.bytes() >= u32::MAX as usize));
+    for (i, (o, descr)) in outgoing.iter().zip(descrs).enumerate() {
+        let tensor = super::produce_checked(path, FORMAT, outgoing, i, produce)?;
+        archive
+            .start_file(format!("{}.npy", o.name), options)
+            .map_err(|e| format_error(path, e.to_string()))?;
+        archive.write_all(&npy_header(descr, &o.shape)).map_err(io)?;
+        archive.write_all(super::bytes_of(&tensor)).map_err(io)?;
     }
     let mut inner = archive.finish().map_err(|e| format_error(path, e.to_string()))?;
     inner.flush().map_err(io)

@@ -1,12 +1,11 @@
 //! `.safetensors` files, read through a private memory map (pages are read when a
 //! tensor is used, not before; writes into a tensor never reach the file), and
 //! Hugging Face sharded checkpoints (`*.safetensors.index.json`).
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path};
 use std::sync::Arc;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorInfo, View};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use tch::{Kind, Tensor};
 
 use crate::dtype;
@@ -137,47 +136,56 @@ fn typed_view(
     slice.f_view_dtype(kind)?.f_reshape(shape)
 }
 
-/// A tensor seen as safetensors wants it: contiguous CPU bytes.
-struct Bytes {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    tensor: Tensor,
-}
-
-impl View for &Bytes {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        let len = self.data_len();
-        if len == 0 {
-            return Cow::Borrowed(&[]);
-        }
-        // SAFETY: `tensor` is contiguous, on the CPU, and owned by `self`, so its
-        // `len` bytes at `data_ptr` stay valid and unchanged while borrowed.
-        Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, len) })
-    }
-    fn data_len(&self) -> usize {
-        self.tensor.numel() * dtype::size(self.tensor.kind())
-    }
+/// safetensors' name of a dtype, as its header writes it.
+fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}")
 }
 
 /// Writes `tensors` and `metadata` as a `.safetensors` file at `path` (directly:
 /// callers wanting atomicity go through [`crate::files::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let mut prepared = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        let (dtype, tensor) = super::prepare(path, FORMAT, name, tensor, dtype_of)?;
-        let shape = tensor.size().iter().map(|&d| d as usize).collect();
-        prepared.push((name.as_str(), Bytes { dtype, shape, tensor }));
+    write_stream(path, &super::outgoing(tensors), metadata, &mut |i| Ok(tensors[i].1.shallow_clone()))
+}
+
+/// Writes a `.safetensors` file of the `outgoing` tensors, in that order, each
+/// made by `produce` when its turn comes: the header first (dtypes, shapes and
+/// offsets are known), then one tensor's bytes at a time.
+pub(crate) fn write_stream(
+    path: &Path,
+    outgoing: &[super::Outgoing],
+    metadata: &BTreeMap<String, String>,
+    produce: super::Produce,
+) -> Result<()> {
+    use std::io::Write;
+    let io = |source| Error::Io { path: path.into(), source };
+    let dtypes = super::check_types(path, FORMAT, outgoing, dtype_of)?;
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let map = metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(map));
     }
-    let metadata: Option<HashMap<String, String>> =
-        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    safetensors::tensor::serialize_to_file(prepared.iter().map(|(n, b)| (*n, b)), metadata, path)
-        .map_err(|e| format_error(path, e.to_string()))
+    let mut offset = 0usize;
+    for (o, dtype) in outgoing.iter().zip(&dtypes) {
+        let end = offset + o.bytes();
+        header.insert(
+            o.name.clone(),
+            serde_json::json!({ "dtype": dtype_name(*dtype), "shape": o.shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&serde_json::Value::Object(header))
+        .map_err(|e| format_error(path, e.to_string()))?;
+    // The data starts 8-aligned, as safetensors writes it.
+    text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(text.as_bytes()).map_err(io)?;
+    for i in 0..outgoing.len() {
+        let tensor = super::produce_checked(path, FORMAT, outgoing, i, produce)?;
+        out.write_all(super::bytes_of(&tensor)).map_err(io)?;
+    }
+    out.flush().map_err(io)
 }
 
 /// Reads a sharded checkpoint through its `*.safetensors.index.json`: every shard

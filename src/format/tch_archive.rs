@@ -70,7 +70,27 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
             });
         }
     }
-    Tensor::save_multi(tensors, path).map_err(|e| Error::Format {
+    // libtorch serializes a tensor's whole storage with its offset; a view into
+    // a larger buffer (a tensor of a mapped safetensors file, viewed as its
+    // dtype) is written wrongly, so each tensor goes out in a storage of its own.
+    let owned = tensors
+        .iter()
+        .map(|(name, t)| {
+            let copy = t.f_contiguous().and_then(|c| {
+                if c.data_ptr() == t.data_ptr() {
+                    c.f_detach_copy()
+                } else {
+                    Ok(c)
+                }
+            });
+            copy.map(|c| (name.clone(), c)).map_err(|source| Error::Tensor {
+                store: path.display().to_string(),
+                tensor: name.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::save_multi(&owned, path).map_err(|e| Error::Format {
         path: path.into(),
         format: "tch archive (.ot)",
         message: e.to_string(),

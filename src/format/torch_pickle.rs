@@ -631,15 +631,27 @@ impl Pickler {
 /// wanting atomicity go through [`crate::files::write_atomically`]). Each tensor gets a
 /// storage of its own, contiguous.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&str>) -> Result<()> {
+    write_stream(path, &super::outgoing(tensors), metadata_json, &mut |i| Ok(tensors[i].1.shallow_clone()))
+}
+
+/// Writes a `torch.save` archive of the `outgoing` tensors, in that order,
+/// each made by `produce` when its storage record's turn comes: the pickle
+/// first (dtypes and shapes are known), then one storage at a time.
+pub(crate) fn write_stream(
+    path: &Path,
+    outgoing: &[super::Outgoing],
+    metadata_json: Option<&str>,
+    produce: super::Produce,
+) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
+    let classes = super::check_types(path, FORMAT, outgoing, storage_name)?;
     let mut p = Pickler { out: vec![0x80, 2] };
     p.ordered_dict();
-    let mut storages = Vec::with_capacity(tensors.len());
-    for chunk in tensors.chunks(1000) {
+    let mut storage = 0usize;
+    for (chunk, chunk_classes) in outgoing.chunks(1000).zip(classes.chunks(1000)) {
         p.op(b'(');
-        for (name, tensor) in chunk {
-            let (class, data) = super::prepare(path, FORMAT, name, tensor, storage_name)?;
-            let size = data.size();
+        for (o, class) in chunk.iter().zip(chunk_classes) {
+            let (name, class, size) = (&o.name, *class, o.shape.clone());
             let mut stride = vec![1i64; size.len()];
             for d in (0..size.len().saturating_sub(1)).rev() {
                 stride[d] = stride[d + 1] * size[d + 1].max(1);
@@ -650,9 +662,9 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&s
             p.op(b'(');
             p.str("storage");
             p.global("torch", class);
-            p.str(&storages.len().to_string());
+            p.str(&storage.to_string());
             p.str("cpu");
-            p.int(data.numel() as i64);
+            p.int(size.iter().product::<i64>());
             p.op(b't');
             p.op(b'Q');
             p.int(0);
@@ -662,7 +674,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&s
             p.ordered_dict();
             p.op(b't');
             p.op(b'R');
-            storages.push(data);
+            storage += 1;
         }
         p.op(b'u');
     }
@@ -679,7 +691,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&s
 
     let file = File::create(path).map_err(io)?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
-    let total: usize = storages.iter().map(|t| t.numel() * dtype::size(t.kind())).sum();
+    let total: usize = outgoing.iter().map(super::Outgoing::bytes).sum();
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(total >= u32::MAX as usize);
@@ -688,14 +700,10 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&s
     zip.write_all(&p.out).map_err(io)?;
     zip.start_file_aligned("archive/byteorder", options, 64).map_err(zerr)?;
     zip.write_all(b"little").map_err(io)?;
-    for (i, t) in storages.iter().enumerate() {
-        let len = t.numel() * dtype::size(t.kind());
+    for i in 0..outgoing.len() {
+        let tensor = super::produce_checked(path, FORMAT, outgoing, i, produce)?;
         zip.start_file_aligned(format!("archive/data/{i}"), options, 64).map_err(zerr)?;
-        if len > 0 {
-            // SAFETY: `t` is a contiguous CPU tensor we own; its `len` bytes stay valid while borrowed.
-            let data = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) };
-            zip.write_all(data).map_err(io)?;
-        }
+        zip.write_all(super::bytes_of(&tensor)).map_err(io)?;
     }
     zip.start_file_aligned("archive/version", options, 64).map_err(zerr)?;
     zip.write_all(b"3\n").map_err(io)?;

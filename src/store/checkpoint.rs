@@ -192,6 +192,9 @@ impl Source for Checkpoint {
     fn entries(&self) -> &[Entry] {
         &self.entries
     }
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.metadata.clone()
+    }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)
     }

@@ -10,6 +10,7 @@ mod script;
 pub mod summary;
 mod varstore;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -68,6 +69,10 @@ pub trait Source: Send + Sync {
     /// For a checkpoint dict, the key its state dict was found under.
     fn key(&self) -> Option<&str> {
         None
+    }
+    /// The file's own metadata (safetensors `__metadata__`), where it has some.
+    fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
     }
 }
 

@@ -143,6 +143,25 @@ pub fn read_back(path: &std::path::Path) -> (Vec<Record>, std::collections::BTre
     parse_records(&serde_json::from_slice(&output.stdout).expect("read_back.py prints JSON"))
 }
 
+/// [`read_back`] of several files with one Python process: each file's records.
+pub fn read_back_all(
+    paths: &[std::path::PathBuf],
+) -> std::collections::HashMap<std::path::PathBuf, (Vec<Record>, std::collections::BTreeMap<String, String>)>
+{
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/read_back.py"))
+        .args(paths)
+        .output()
+        .expect("the venv's python runs (scripts/setup.sh)");
+    assert!(output.status.success(), "read_back.py: {}", String::from_utf8_lossy(&output.stderr));
+    let all: serde_json::Value = serde_json::from_slice(&output.stdout).expect("read_back.py prints JSON");
+    if paths.len() == 1 {
+        return [(paths[0].clone(), parse_records(&all))].into_iter().collect();
+    }
+    paths.iter().map(|p| (p.clone(), parse_records(&all[p.to_str().expect("UTF-8 path")]))).collect()
+}
+
 /// Sorted copy, for formats whose order is not the writer's.
 pub fn sorted(mut records: Vec<Record>) -> Vec<Record> {
     records.sort();

@@ -83,6 +83,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert SRC into another format, its names and tensors as the rules make
+    /// them, with no target model.
+    ///
+    /// OUT's extension names the format: .safetensors, .safetensors.index.json
+    /// (sharded safetensors: shards STEM-0000K-of-0000N.safetensors next to the
+    /// index), .pth/.bin/.pt (torch.save, loadable with weights_only=True), .npz,
+    /// .ot. Written one tensor at a time; whole or not at all (a sharded result
+    /// as a whole set). SRC is never modified.
+    Convert {
+        /// The checkpoint or model to convert.
+        src: PathBuf,
+        /// Where to write the result.
+        #[arg(short, long, value_name = "OUT")]
+        out: PathBuf,
+        /// A rules file: renames, skips, transforms (see the README's rule language).
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// A rule, `PATTERN=>REPLACEMENT [| OP]...` (any form a rules file takes).
+        #[arg(long = "map", value_name = "PATTERN=>REPLACEMENT")]
+        maps: Vec<String>,
+        /// Leave source names matching PATTERN out (tried before every other rule).
+        #[arg(long = "skip", value_name = "PATTERN")]
+        skips: Vec<String>,
+        /// The state dict inside a torch.save checkpoint dict (`state_dict`, `a.b`).
+        #[arg(long)]
+        key: Option<String>,
+        /// Convert the floating tensors to this dtype (integer buffers stay integers).
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// With a .safetensors.index.json OUT: the most bytes of tensors per shard
+        /// (`5GB`, `500MB`, `2GiB`, bytes); default 5GB.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_shard_size: Option<u64>,
+        /// Make an unused rule (and every warning) an error.
+        #[arg(long)]
+        strict: bool,
+        /// Allow casts that lose information (values out of the new dtype's range).
+        #[arg(long)]
+        allow_lossy: bool,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two models tensor by tensor (A's names mapped onto B's by the
     /// rules and the matcher, as `plan A B` would).
     Diff {
@@ -187,4 +230,31 @@ fn parse_shape(text: &str) -> Result<Vec<i64>, String> {
             "{text:?} is not a shape: expected positive integers separated by commas, like 1,3,224,224"
         )),
     }
+}
+
+/// Parses `5GB`, `500MB`, `2GiB`, `100kB`, or a number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: expected a number and a unit, like 5GB"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = value * scale;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{text:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
 }

@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use transplant::{
-    compare_outputs, copy_with, diff, CopyOptions, Format, Mapping, Matcher, ModuleStore, NameOrder, Plan,
-    Policy, Report, ScriptModule, Summary, Tolerance,
+    compare_outputs, convert, copy_with, diff, plan_conversion, ConvertOptions, CopyOptions, Format, Mapping,
+    Matcher, ModuleStore, NameOrder, Plan, Policy, Report, ScriptModule, Summary, Tolerance,
 };
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
@@ -185,12 +185,7 @@ fn run(command: Command) -> Result<Outcome> {
             let (mapping, mut policy) = mapping(&args)?;
             policy.allow_lossy_casts = allow_lossy;
             let device = transfer::device(&device)?;
-            let dtype = dtype.map(|d| match d {
-                DtypeArg::Bf16 => tch::Kind::BFloat16,
-                DtypeArg::F16 => tch::Kind::Half,
-                DtypeArg::F32 => tch::Kind::Float,
-                DtypeArg::F64 => tch::Kind::Double,
-            });
+            let dtype = dtype.map(kind_of);
             let source = transfer::open_source(&src, args.key.as_deref())?;
             let mut target = transfer::open_target(&dst, device, dtype)?;
             let plan = match &plan {
@@ -241,6 +236,63 @@ fn run(command: Command) -> Result<Outcome> {
             }
             Ok(if plan.is_complete() { Outcome::Complete } else { Outcome::Incomplete })
         }
+        Command::Convert {
+            src,
+            out,
+            rules,
+            maps,
+            skips,
+            key,
+            dtype,
+            max_shard_size,
+            strict,
+            allow_lossy,
+            json,
+        } => {
+            let mut inputs: Vec<&Path> = vec![&src];
+            inputs.extend(rules.as_deref());
+            transfer::check_output(&out, &inputs)?;
+            transfer::check_shards(&out, &src)?;
+            let mapping = Mapping::from_parts(rules.as_deref(), &maps, &skips, Matcher::Exact)?;
+            let policy = Policy { strict, allow_lossy_casts: allow_lossy };
+            let source = transfer::open_source(&src, key.as_deref())?;
+            let (plan, outline) = plan_conversion(source.as_ref(), &mapping, &out, dtype.map(kind_of))?;
+            let report = Report::new(&plan, &policy, None);
+            if let Err(e) = plan.check(&policy) {
+                let why = anyhow::Error::new(e);
+                if json {
+                    emit(
+                        true,
+                        &WithExtra {
+                            value: &report,
+                            extra: serde_json::json!({ "error": error_json(&why) }),
+                        },
+                    )?;
+                } else {
+                    eprintln!("{report}");
+                }
+                return Err(why);
+            }
+            let bar = progress::Bar::default();
+            let options = ConvertOptions {
+                max_shard_bytes: max_shard_size,
+                progress: Some(&bar),
+                ..ConvertOptions::default()
+            };
+            let converted = convert(&plan, source.as_ref(), &outline, &out, &policy, options)?;
+            let summary = transfer::ConvertSummary::new(&plan, source.as_ref(), &converted);
+            emit(
+                json,
+                &WithExtra {
+                    value: &report,
+                    extra: serde_json::json!({ "summary": summary, "converted": converted }),
+                },
+            )?;
+            if !json {
+                let _ = write!(std::io::stdout().lock(), "{summary}");
+            }
+            Ok(Outcome::Complete)
+        }
         Command::Diff { a, b, mapping: args, rtol, atol, json } => {
             let (mapping, _) = mapping(&args)?;
             let first = transfer::open_source(&a, args.key.as_deref())?;
@@ -264,6 +316,16 @@ fn run(command: Command) -> Result<Outcome> {
             emit(json, &comparison)?;
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
+    }
+}
+
+/// The dtype a `--dtype` names.
+fn kind_of(dtype: DtypeArg) -> tch::Kind {
+    match dtype {
+        DtypeArg::Bf16 => tch::Kind::BFloat16,
+        DtypeArg::F16 => tch::Kind::Half,
+        DtypeArg::F32 => tch::Kind::Float,
+        DtypeArg::F64 => tch::Kind::Double,
     }
 }
 

@@ -105,6 +105,107 @@ pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a sharded output whose shards would replace the shards of the
+/// source it is converted from (an index of the same name in the same folder).
+pub fn check_shards(out: &Path, src: &Path) -> Result<()> {
+    let sharded = |p: &Path| p.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors.index.json");
+    if sharded(out) && sharded(src) {
+        let stem = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase());
+        let folder = |p: &Path| resolved(p).parent().map(Path::to_path_buf);
+        if stem(out) == stem(src) && folder(out) == folder(src) {
+            return Err(Error::Output {
+                path: out.into(),
+                reason: format!(
+                    "its shards would replace those of the input {}; write the index under another name or folder",
+                    src.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a conversion read, renamed, transformed, skipped and wrote, in numbers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertSummary {
+    /// Tensors in the source.
+    pub read: usize,
+    /// Source tensors a rule renamed (transformed or not).
+    pub renamed: usize,
+    /// Source tensors a rule transformed (ops, split, cat).
+    pub transformed: usize,
+    /// Source tensors a rule skipped.
+    pub skipped: usize,
+    /// Tensors written.
+    pub written: usize,
+    /// Tensors whose dtype was converted.
+    pub cast: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// Names tied in the source, written as separate tensors.
+    pub untied: Vec<Vec<String>>,
+}
+
+impl ConvertSummary {
+    pub fn new(
+        plan: &transplant::Plan,
+        source: &dyn transplant::Source,
+        converted: &transplant::Converted,
+    ) -> Self {
+        use std::collections::HashSet;
+        let renamed: HashSet<usize> =
+            plan.pairs.iter().filter(|p| p.rule.is_some()).map(|p| p.source).collect();
+        let transformed: HashSet<usize> =
+            plan.pairs.iter().filter(|p| p.transform.is_some()).map(|p| p.source).collect();
+        let skipped = plan
+            .source_leftovers
+            .iter()
+            .filter(|l| l.explained.as_deref().is_some_and(|e| e.starts_with("skipped")))
+            .count();
+        Self {
+            read: source.entries().len(),
+            renamed: renamed.len(),
+            transformed: transformed.len(),
+            skipped,
+            written: converted.tensors,
+            cast: converted.casts,
+            bytes: converted.bytes,
+            files: converted.files.iter().map(|f| f.path.clone()).collect(),
+            untied: converted.untied.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConvertSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "  read {} tensors; renamed {}, transformed {}, skipped {}; wrote {} tensors ({:.1} MB{})",
+            self.read,
+            self.renamed,
+            self.transformed,
+            self.skipped,
+            self.written,
+            self.bytes as f64 / 1e6,
+            if self.cast > 0 { format!(", {} cast", self.cast) } else { String::new() }
+        )?;
+        for group in &self.untied {
+            let names: Vec<String> = group.iter().map(|n| transplant::escaped(n).into_owned()).collect();
+            writeln!(
+                f,
+                "  note: {} share memory in the source (tied); each was written as its own tensor",
+                names.join(", ")
+            )?;
+        }
+        for file in &self.files {
+            writeln!(f, "  wrote {}", file.display())?;
+        }
+        Ok(())
+    }
+}
+
 /// What [`write_output`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Written {

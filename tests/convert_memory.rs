@@ -1,0 +1,66 @@
+//! `convert` holds about one tensor in memory, not the model: the peak RSS of
+//! a conversion of a 384 MB checkpoint stays within a small margin of the
+//! peak RSS of `inspect` on the same file (which maps it and reads its header).
+//! Each peak is measured by `scripts/peak_rss.py` around the command (a small
+//! parent, so that the figure is the command's own).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+use transplant::{Checkpoint, Format};
+
+/// The peak RSS of `transplant ARGS`, in bytes; the command must succeed.
+fn peak_rss(args: &[&str]) -> u64 {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/peak_rss.py"))
+        .arg(env!("CARGO_BIN_EXE_transplant"))
+        .args(args)
+        .output()
+        .expect("the venv's python runs (scripts/setup.sh)");
+    assert!(output.status.success(), "transplant {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().parse().expect("peak_rss.py prints a number")
+}
+
+#[test]
+fn a_conversion_holds_about_one_tensor_not_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.safetensors");
+    let (count, elements) = (24, 4 << 20); // 24 tensors of 16 MB
+    {
+        let tensors = (0..count)
+            .map(|i| {
+                (format!("layers.{i}.weight"), Tensor::full([elements], i as f64, (Kind::Float, Device::Cpu)))
+            })
+            .collect();
+        Checkpoint::from_tensors("big", Format::Safetensors, tensors, BTreeMap::new())
+            .unwrap()
+            .save_as(&big, Format::Safetensors)
+            .unwrap();
+    }
+    let size = std::fs::metadata(&big).unwrap().len();
+    let baseline = peak_rss(&["inspect", big.to_str().unwrap()]);
+    for (out, extra) in [("out.pth", None), ("out.safetensors", Some("bf16"))] {
+        let out = dir.path().join(out);
+        let mut args = vec!["convert", big.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        if let Some(dtype) = extra {
+            args.extend(["--dtype", dtype]);
+        }
+        let peak = peak_rss(&args);
+        let added = peak.saturating_sub(baseline);
+        eprintln!(
+            "{}: file {} MB, inspect peak {} MB, convert peak {} MB",
+            out.display(),
+            size >> 20,
+            baseline >> 20,
+            peak >> 20
+        );
+        assert!(
+            added < size / 4,
+            "convert to {} added {} MB over inspect's peak for a {} MB file",
+            out.display(),
+            added >> 20,
+            size >> 20
+        );
+    }
+}
