@@ -82,3 +82,18 @@ for key in untransformed reshape transpose split cat; do
   printf '  %-12s %12.4f %9sx %18.4f %9sx\n' "$key" "$(field "$json" "$key")" "$(ratio "$(field "$json" "$key")" "$(field "$json" untransformed)")" \
     "$(field "$json" "${key}_verified")" "$(ratio "$(field "$json" "${key}_verified")" "$(field "$json" untransformed_verified)")"
 done
+
+echo
+echo "== convert a ~1 GB torch.save checkpoint to safetensors (each in a fresh process, best of 3; peak RSS is the process's own)"
+echo "   target: peak RSS well under the file's size"
+cargo build --release --quiet
+pth="$work/wide.pth"
+ours="$(best "$py" scripts/bench_convert.py ours target/release/transplant "$pth" "$work/converted.safetensors")"
+theirs="$(best "$py" scripts/bench_convert.py theirs "$pth" "$work/converted.safetensors")"
+baseline="$("$py" scripts/peak_rss.py target/release/transplant --version)"
+size="$(stat -c %s "$pth")"
+printf '  %-58s %10s  %12s\n' "" "seconds" "peak RSS"
+printf '  %-58s %10.3f  %12s\n' "transplant convert wide.pth -o x.safetensors" "$(field "$ours" seconds)" "$(mb "$(field "$ours" peak_rss_bytes)")"
+printf '  %-58s %10.3f  %12s\n' "save_file(torch.load(wide.pth, weights_only=True), x)" "$(field "$theirs" seconds)" "$(mb "$(field "$theirs" peak_rss_bytes)")"
+printf '  %-58s %10s  %12s\n' "transplant --version (the libraries mapped, no work)" "" "$(mb "$baseline")"
+echo "  file: $(mb "$size"); time: $(ratio "$(field "$ours" seconds)" "$(field "$theirs" seconds)")x PyTorch's; peak RSS: $(ratio "$(field "$ours" peak_rss_bytes)" "$(field "$theirs" peak_rss_bytes)")x PyTorch's; transplant's peak RSS above --version: $(ratio "$(( $(field "$ours" peak_rss_bytes) - baseline ))" "$size")x the file"

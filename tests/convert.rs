@@ -263,3 +263,36 @@ fn size_units() {
     assert!(count("2kB") > count("2MiB"));
     assert_eq!(count("2MiB"), 1);
 }
+
+/// Tied weights keep one storage in a torch.save result and are reported as
+/// written twice where the format cannot share.
+#[test]
+fn ties_are_kept_where_the_format_can_share_and_reported_where_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("torch_save/views.pth");
+    let pth = dir.path().join("tied.pth");
+    let run = convert(&[path(&src), "-o", path(&pth), "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["converted"]["tied"], serde_json::json!([["tied_a", "tied_b"]]));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let check = std::process::Command::new(root.join(".venv/bin/python"))
+        .args([
+            "-c",
+            "import sys, torch; d = torch.load(sys.argv[1], weights_only=True); \
+             a, b = d['tied_a'], d['tied_b']; \
+             assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr(), 'not tied'; \
+             assert torch.equal(a, b)",
+            path(&pth),
+        ])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let safetensors = dir.path().join("untied.safetensors");
+    let run = convert(&[path(&src), "-o", path(&safetensors)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("tied_a, tied_b share memory in the source (tied); this format cannot share"),
+        "{}",
+        run.stdout
+    );
+}

@@ -631,26 +631,35 @@ impl Pickler {
 /// wanting atomicity go through [`crate::files::write_atomically`]). Each tensor gets a
 /// storage of its own, contiguous.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata_json: Option<&str>) -> Result<()> {
-    write_stream(path, &super::outgoing(tensors), metadata_json, &mut |i| Ok(tensors[i].1.shallow_clone()))
+    write_stream(path, &super::outgoing(tensors), metadata_json, &[], &mut |i| {
+        Ok(tensors[i].1.shallow_clone())
+    })
 }
 
 /// Writes a `torch.save` archive of the `outgoing` tensors, in that order,
 /// each made by `produce` when its storage record's turn comes: the pickle
 /// first (dtypes and shapes are known), then one storage at a time.
+/// `same_as[i] = Some(k)` (k < i) makes tensor `i` share tensor `k`'s storage,
+/// as tied weights do in PyTorch: written once, `produce` not asked for `i`.
 pub(crate) fn write_stream(
     path: &Path,
     outgoing: &[super::Outgoing],
     metadata_json: Option<&str>,
+    same_as: &[Option<usize>],
     produce: super::Produce,
 ) -> Result<()> {
+    let shared = |i: usize| same_as.get(i).copied().flatten().filter(|&k| k < i);
     let io = |source| Error::Io { path: path.into(), source };
     let classes = super::check_types(path, FORMAT, outgoing, storage_name)?;
     let mut p = Pickler { out: vec![0x80, 2] };
     p.ordered_dict();
-    let mut storage = 0usize;
+    let mut storage_of: Vec<usize> = Vec::with_capacity(outgoing.len());
     for (chunk, chunk_classes) in outgoing.chunks(1000).zip(classes.chunks(1000)) {
         p.op(b'(');
         for (o, class) in chunk.iter().zip(chunk_classes) {
+            let i = storage_of.len();
+            let storage = shared(i).map_or(i, |k| storage_of[k]);
+            storage_of.push(storage);
             let (name, class, size) = (&o.name, *class, o.shape.clone());
             let mut stride = vec![1i64; size.len()];
             for d in (0..size.len().saturating_sub(1)).rev() {
@@ -674,7 +683,6 @@ pub(crate) fn write_stream(
             p.ordered_dict();
             p.op(b't');
             p.op(b'R');
-            storage += 1;
         }
         p.op(b'u');
     }
@@ -700,7 +708,7 @@ pub(crate) fn write_stream(
     zip.write_all(&p.out).map_err(io)?;
     zip.start_file_aligned("archive/byteorder", options, 64).map_err(zerr)?;
     zip.write_all(b"little").map_err(io)?;
-    for i in 0..outgoing.len() {
+    for i in (0..outgoing.len()).filter(|&i| shared(i).is_none()) {
         let tensor = super::produce_checked(path, FORMAT, outgoing, i, produce)?;
         zip.start_file_aligned(format!("archive/data/{i}"), options, 64).map_err(zerr)?;
         zip.write_all(super::bytes_of(&tensor)).map_err(io)?;

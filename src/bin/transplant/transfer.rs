@@ -146,6 +146,8 @@ pub struct ConvertSummary {
     pub files: Vec<PathBuf>,
     /// Names tied in the source, written as separate tensors.
     pub untied: Vec<Vec<String>>,
+    /// Names tied in the source that share one storage in the result.
+    pub tied: Vec<Vec<String>>,
 }
 
 impl ConvertSummary {
@@ -174,6 +176,7 @@ impl ConvertSummary {
             bytes: converted.bytes,
             files: converted.files.iter().map(|f| f.path.clone()).collect(),
             untied: converted.untied.clone(),
+            tied: converted.tied.clone(),
         }
     }
 }
@@ -195,7 +198,15 @@ impl std::fmt::Display for ConvertSummary {
             let names: Vec<String> = group.iter().map(|n| transplant::escaped(n).into_owned()).collect();
             writeln!(
                 f,
-                "  note: {} share memory in the source (tied); each was written as its own tensor",
+                "  note: {} share memory in the source (tied); this format cannot share, so each was written as its own tensor",
+                names.join(", ")
+            )?;
+        }
+        for group in &self.tied {
+            let names: Vec<String> = group.iter().map(|n| transplant::escaped(n).into_owned()).collect();
+            writeln!(
+                f,
+                "  note: {} share memory in the source (tied), and share one storage in the result",
                 names.join(", ")
             )?;
         }

@@ -10,6 +10,9 @@
 //! its sources (a view where no transform or cast needs more, else one new
 //! tensor), written, and the source pages it read are handed back to the
 //! kernel, so that memory holds about one tensor, not the model.
+mod outline;
+mod shards;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,155 +22,16 @@ use tch::{Kind, Tensor};
 
 use crate::copy::{value_loss, Progress};
 use crate::dtype;
-use crate::entry::{Entry, EntryOrder, Format};
+use crate::entry::Format;
 use crate::error::{Error, Result};
-use crate::format::{self, npz, safetensors, tch_archive, torch_pickle, Outgoing};
+use crate::format::{npz, safetensors, tch_archive, torch_pickle, Outgoing};
 use crate::matching::Matcher;
 use crate::plan::{Mapping, Plan, Policy};
-use crate::rules::{Action, Outcome};
 use crate::store::{Source, StoreKind};
-use crate::transform::{normalize, shape_after, Transform};
+use crate::transform::Transform;
 
-/// The tensors a conversion will write: entries only, no values. A [`Source`]
-/// so that a [`Plan`] can be made into it.
-#[derive(Debug, Clone)]
-pub struct Outline {
-    origin: String,
-    entries: Vec<Entry>,
-    order: EntryOrder,
-}
-
-impl Source for Outline {
-    fn origin(&self) -> &str {
-        &self.origin
-    }
-    fn kind(&self) -> StoreKind {
-        StoreKind::Checkpoint(Format::Safetensors)
-    }
-    fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
-    fn entry_order(&self) -> EntryOrder {
-        self.order
-    }
-    /// An outline has no values.
-    fn tensor(&self, _: usize) -> Option<&Tensor> {
-        None
-    }
-}
-
-/// The dtype a source tensor of `kind` is written as: `dtype` for floating
-/// tensors when asked, else its own (integer buffers stay integers).
-fn written_kind(kind: Kind, dtype: Option<Kind>) -> Kind {
-    match dtype {
-        Some(to) if dtype::is_floating(kind) => to,
-        _ => kind,
-    }
-}
-
-/// A `cat` group as the outline sees it: where its first member is, the
-/// target's name, each member's shape once found, the entry it will make.
-struct Group {
-    first: usize,
-    to: String,
-    shapes: Vec<Option<Vec<i64>>>,
-    entry: Entry,
-}
-
-/// The sizes of a split's parts, if they fit the shape the rule's ops make.
-fn split_shapes(shape: &[i64], dim: i64, sizes: Option<&Vec<i64>>, parts: usize) -> Option<Vec<Vec<i64>>> {
-    let d = normalize(dim, shape.len(), shape).ok()?;
-    let sizes = match sizes {
-        Some(sizes) => sizes.clone(),
-        None if parts > 0 && shape[d] % parts as i64 == 0 => vec![shape[d] / parts as i64; parts],
-        None => return None,
-    };
-    (sizes.iter().sum::<i64>() == shape[d]).then(|| {
-        sizes
-            .iter()
-            .map(|&s| {
-                let mut part = shape.to_vec();
-                part[d] = s;
-                part
-            })
-            .collect()
-    })
-}
-
-impl Outline {
-    /// What `mapping`'s rules make of `source`'s entries: one tensor per kept or
-    /// renamed name (shaped by its ops), per part of a split, per group of a
-    /// `cat`; skipped names make none. Where a transform cannot apply, the
-    /// source's own shape stands in: the plan then reports the problem. Two
-    /// sources making one name make one entry: the plan reports the collision.
-    /// `dtype` converts floating tensors.
-    pub fn of(source: &dyn Source, mapping: &Mapping, origin: &str, dtype: Option<Kind>) -> Self {
-        let rules = &mapping.rules;
-        // (position, entry), the position being the first source's index and the
-        // part's place, so the result keeps the source's order.
-        let mut made: Vec<((usize, usize), Entry)> = Vec::new();
-        let mut groups: HashMap<(usize, Vec<String>), Group> = HashMap::new();
-        for (i, e) in source.entries().iter().enumerate() {
-            let entry = |name: &str, shape: Vec<i64>| Entry {
-                name: name.into(),
-                shape,
-                dtype: written_kind(e.dtype, dtype),
-                device: tch::Device::Cpu,
-                ..e.clone()
-            };
-            match rules.apply(&e.name) {
-                Outcome::Skipped { .. } => {}
-                Outcome::Kept => made.push(((i, 0), entry(&e.name, e.shape.clone()))),
-                Outcome::Renamed { to, rule } => {
-                    let shape =
-                        shape_after(&rules.rules()[rule].ops, &e.shape).unwrap_or_else(|_| e.shape.clone());
-                    made.push(((i, 0), entry(&to, shape)));
-                }
-                Outcome::Split { to, rule } => {
-                    let r = &rules.rules()[rule];
-                    let Action::Split { dim, sizes, .. } = &r.action else { continue };
-                    let shapes = shape_after(&r.ops, &e.shape)
-                        .ok()
-                        .and_then(|shape| split_shapes(&shape, *dim, sizes.as_ref(), to.len()));
-                    for (k, name) in to.iter().enumerate() {
-                        let shape = shapes.as_ref().map_or_else(|| e.shape.clone(), |s| s[k].clone());
-                        made.push(((i, k), entry(name, shape)));
-                    }
-                }
-                Outcome::Member { to, rule, member, key } => {
-                    let members = rules.rules()[rule].patterns().len();
-                    let group = groups.entry((rule, key)).or_insert_with(|| Group {
-                        first: i,
-                        to,
-                        shapes: vec![None; members],
-                        entry: entry("", e.shape.clone()),
-                    });
-                    group.shapes[member].get_or_insert_with(|| e.shape.clone());
-                }
-            }
-        }
-        for ((rule, _), Group { first, to, shapes, entry: mut e }) in groups {
-            let r = &rules.rules()[rule];
-            let Action::Cat { dim, .. } = &r.action else { continue };
-            if let Some(shapes) = shapes.into_iter().collect::<Option<Vec<_>>>() {
-                let joined = normalize(*dim, shapes[0].len(), &shapes[0]).ok().map(|d| {
-                    let mut shape = shapes[0].clone();
-                    shape[d] = shapes.iter().map(|s| s.get(d).copied().unwrap_or(0)).sum();
-                    shape
-                });
-                if let Some(shape) = joined.and_then(|s| shape_after(&r.ops, &s).ok()) {
-                    e.shape = shape;
-                }
-            }
-            e.name = to.as_str().into();
-            made.push(((first, 0), e));
-        }
-        made.sort_by_key(|(at, _)| *at);
-        let mut seen = std::collections::HashSet::new();
-        let entries = made.into_iter().map(|(_, e)| e).filter(|e| seen.insert(e.name.clone())).collect();
-        Self { origin: origin.to_string(), entries, order: source.entry_order() }
-    }
-}
+pub use outline::Outline;
+use shards::{note_origin, write_shards};
 
 /// Plans converting `source` by `mapping`'s rules into `out`: the outline of
 /// the result, and the plan from the source into it (names must be equal after
@@ -236,9 +100,13 @@ pub struct Converted {
     pub casts: usize,
     /// Tensors made through a transform.
     pub transformed: usize,
-    /// Names that shared memory in the source (tied weights), each written as
-    /// its own tensor: none of the formats written shares storage between names.
+    /// Names that share memory in the source (tied weights) and, in a format
+    /// that cannot share storage between names (safetensors, `.npz`, `.ot`),
+    /// were each written as a tensor of their own.
     pub untied: Vec<Vec<String>>,
+    /// Names that share memory in the source and share one storage in the
+    /// result (`torch.save`).
+    pub tied: Vec<Vec<String>>,
     /// Seconds spent.
     pub seconds: f64,
 }
@@ -359,20 +227,38 @@ fn make(
     Ok(out)
 }
 
-/// Groups of names that share memory in `source` among those `plan` writes
-/// from whole tensors (tied weights).
-fn ties(plan: &Plan, source: &dyn Source) -> Vec<Vec<String>> {
-    let mut by_place: BTreeMap<(usize, usize, Vec<i64>), Vec<String>> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for pair in &plan.pairs {
+/// Tied weights among what is written: for each written tensor (index into
+/// `written`), the first earlier one it equals because both are one source
+/// storage seen the same way (same place, shape, strides, dtype, no transform
+/// and no cast), and the groups of names tied so.
+fn ties(
+    plan: &Plan,
+    source: &dyn Source,
+    into: &[Vec<usize>],
+    written: &[usize],
+) -> (Vec<Option<usize>>, Vec<Vec<String>>) {
+    let mut first: HashMap<(usize, Vec<i64>, Vec<i64>, Kind), usize> = HashMap::new();
+    let mut same_as = vec![None; written.len()];
+    let mut groups: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for (i, &j) in written.iter().enumerate() {
+        let [k] = into[j][..] else { continue };
+        let pair = &plan.pairs[k];
         let Some(t) = source.tensor(pair.source) else { continue };
-        if t.numel() == 0 || t.device() != tch::Device::Cpu || !seen.insert(pair.source) {
+        if pair.transform.is_some() || pair.cast.is_some() || t.numel() == 0 || t.device() != tch::Device::Cpu
+        {
             continue;
         }
-        let key = (t.data_ptr() as usize, t.numel(), t.size());
-        by_place.entry(key).or_default().push(pair.source_name.to_string());
+        let key = (t.data_ptr() as usize, t.size(), t.stride(), t.kind());
+        let earliest = *first.entry(key).or_insert(i);
+        if earliest != i {
+            same_as[i] = Some(earliest);
+            let group = groups
+                .entry(earliest)
+                .or_insert_with(|| vec![plan.pairs[into[written[earliest]][0]].target_name.to_string()]);
+            group.push(pair.target_name.to_string());
+        }
     }
-    by_place.into_values().filter(|names| names.len() > 1).collect()
+    (same_as, groups.into_values().collect())
 }
 
 /// Writes the result of `plan` (made by [`plan_conversion`]) to `out`, whole
@@ -406,6 +292,7 @@ pub fn convert(
             shape: entries[j].shape.clone(),
         })
         .collect();
+    let (same_as, tied) = ties(plan, source, &into, &written);
     let total: u64 = outgoing.iter().map(|o| o.bytes() as u64).sum();
     if let Some(progress) = options.progress {
         progress.start(total);
@@ -462,7 +349,9 @@ pub fn convert(
                     );
                     safetensors::write_stream(temp, &outgoing, &metadata, &mut released)
                 }
-                Format::TorchSave => torch_pickle::write_stream(temp, &outgoing, None, &mut released),
+                Format::TorchSave => {
+                    torch_pickle::write_stream(temp, &outgoing, None, &same_as, &mut released)
+                }
                 Format::Npz => npz::write_stream(temp, &outgoing, &mut released),
                 // libtorch writes `.ot` files in one go: every tensor is made first.
                 _ => {
@@ -489,94 +378,8 @@ pub fn convert(
         bytes: total,
         casts: plan.pairs.iter().filter(|p| p.cast.is_some()).count(),
         transformed: plan.pairs.iter().filter(|p| p.transform.is_some()).count(),
-        untied: ties(plan, source),
+        untied: if format == Format::TorchSave { Vec::new() } else { tied.clone() },
+        tied: if format == Format::TorchSave { tied } else { Vec::new() },
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-/// Notes, in safetensors metadata, where the result came from and which rules
-/// made it; `format: pt` is kept or added (Hugging Face loaders require it).
-fn note_origin(metadata: &mut BTreeMap<String, String>, source: &dyn Source, rules: &[&str]) {
-    metadata.entry("format".into()).or_insert_with(|| "pt".into());
-    metadata.insert("transplant.source_format".into(), source.kind().to_string());
-    let mut unique: Vec<&str> = Vec::new();
-    for rule in rules {
-        if !unique.contains(rule) {
-            unique.push(rule);
-        }
-    }
-    if !unique.is_empty() {
-        metadata.insert("transplant.rules".into(), unique.join("\n"));
-    }
-}
-
-/// Writes sharded safetensors: shards of at most `max` bytes of tensors (in
-/// order; a larger tensor alone), named `STEM-0000K-of-0000N.safetensors` next
-/// to the index `STEM.safetensors.index.json`, which lists every tensor's shard
-/// and the total size. The set appears whole or not at all.
-fn write_shards(
-    index: &Path,
-    outgoing: &[Outgoing],
-    metadata: &BTreeMap<String, String>,
-    max: u64,
-    produce: format::Produce,
-) -> Result<Vec<WrittenFile>> {
-    let name = index.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let stem = &name[..name.len() - ".safetensors.index.json".len()];
-    let mut shards: Vec<std::ops::Range<usize>> = Vec::new();
-    let (mut begin, mut bytes) = (0usize, 0u64);
-    for (i, o) in outgoing.iter().enumerate() {
-        let size = o.bytes() as u64;
-        if i > begin && bytes + size > max {
-            shards.push(begin..i);
-            (begin, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if begin < outgoing.len() || shards.is_empty() {
-        shards.push(begin..outgoing.len());
-    }
-    let n = shards.len();
-    let folder = index.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let shard_names: Vec<String> = (1..=n).map(|k| format!("{stem}-{k:05}-of-{n:05}.safetensors")).collect();
-    let mut paths: Vec<PathBuf> = shard_names.iter().map(|s| folder.join(s)).collect();
-    paths.push(index.to_path_buf());
-    let total: u64 = outgoing.iter().map(|o| o.bytes() as u64).sum();
-    let mut weight_map = serde_json::Map::new();
-    for (range, shard) in shards.iter().zip(&shard_names) {
-        for o in &outgoing[range.clone()] {
-            weight_map.insert(o.name.clone(), serde_json::Value::String(shard.clone()));
-        }
-    }
-    let mut index_metadata = serde_json::Map::new();
-    index_metadata.insert("total_size".into(), serde_json::json!(total));
-    for (k, v) in metadata {
-        index_metadata.insert(k.clone(), serde_json::Value::String(v.clone()));
-    }
-    let index_json = serde_json::to_vec_pretty(
-        &serde_json::json!({ "metadata": index_metadata, "weight_map": weight_map }),
-    )
-    .map_err(|e| Error::Format {
-        path: index.into(),
-        format: "safetensors index",
-        message: e.to_string(),
-    })?;
-    crate::files::write_set_atomically(&paths, |temps| {
-        for (k, range) in shards.iter().enumerate() {
-            let mut offset_produce = |i: usize| produce(range.start + i);
-            safetensors::write_stream(&temps[k], &outgoing[range.clone()], metadata, &mut offset_produce)?;
-        }
-        std::fs::write(&temps[n], &index_json).map_err(|source| Error::Io { path: temps[n].clone(), source })
-    })?;
-    let mut files: Vec<WrittenFile> = shards
-        .iter()
-        .zip(&paths)
-        .map(|(range, path)| WrittenFile {
-            path: path.clone(),
-            tensors: range.len(),
-            bytes: outgoing[range.clone()].iter().map(|o| o.bytes() as u64).sum(),
-        })
-        .collect();
-    files.push(WrittenFile { path: index.into(), tensors: 0, bytes: 0 });
-    Ok(files)
 }

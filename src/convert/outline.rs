@@ -1,0 +1,153 @@
+//! [`Outline`]: what a conversion will write, worked out from the source's
+//! entries and the rules alone.
+use std::collections::HashMap;
+
+use tch::{Kind, Tensor};
+
+use crate::dtype;
+use crate::entry::{Entry, EntryOrder, Format};
+use crate::plan::Mapping;
+use crate::rules::{Action, Outcome};
+use crate::store::{Source, StoreKind};
+use crate::transform::{normalize, shape_after};
+
+/// The tensors a conversion will write: entries only, no values. A [`Source`]
+/// so that a [`Plan`] can be made into it.
+#[derive(Debug, Clone)]
+pub struct Outline {
+    pub(super) origin: String,
+    pub(super) entries: Vec<Entry>,
+    order: EntryOrder,
+}
+
+impl Source for Outline {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Checkpoint(Format::Safetensors)
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn entry_order(&self) -> EntryOrder {
+        self.order
+    }
+    /// An outline has no values.
+    fn tensor(&self, _: usize) -> Option<&Tensor> {
+        None
+    }
+}
+
+/// The dtype a source tensor of `kind` is written as: `dtype` for floating
+/// tensors when asked, else its own (integer buffers stay integers).
+fn written_kind(kind: Kind, dtype: Option<Kind>) -> Kind {
+    match dtype {
+        Some(to) if dtype::is_floating(kind) => to,
+        _ => kind,
+    }
+}
+
+/// A `cat` group as the outline sees it: where its first member is, the
+/// target's name, each member's shape once found, the entry it will make.
+struct Group {
+    first: usize,
+    to: String,
+    shapes: Vec<Option<Vec<i64>>>,
+    entry: Entry,
+}
+
+/// The sizes of a split's parts, if they fit the shape the rule's ops make.
+fn split_shapes(shape: &[i64], dim: i64, sizes: Option<&Vec<i64>>, parts: usize) -> Option<Vec<Vec<i64>>> {
+    let d = normalize(dim, shape.len(), shape).ok()?;
+    let sizes = match sizes {
+        Some(sizes) => sizes.clone(),
+        None if parts > 0 && shape[d] % parts as i64 == 0 => vec![shape[d] / parts as i64; parts],
+        None => return None,
+    };
+    (sizes.iter().sum::<i64>() == shape[d]).then(|| {
+        sizes
+            .iter()
+            .map(|&s| {
+                let mut part = shape.to_vec();
+                part[d] = s;
+                part
+            })
+            .collect()
+    })
+}
+
+impl Outline {
+    /// What `mapping`'s rules make of `source`'s entries: one tensor per kept or
+    /// renamed name (shaped by its ops), per part of a split, per group of a
+    /// `cat`; skipped names make none. Where a transform cannot apply, the
+    /// source's own shape stands in: the plan then reports the problem. Two
+    /// sources making one name make one entry: the plan reports the collision.
+    /// `dtype` converts floating tensors.
+    pub fn of(source: &dyn Source, mapping: &Mapping, origin: &str, dtype: Option<Kind>) -> Self {
+        let rules = &mapping.rules;
+        // (position, entry), the position being the first source's index and the
+        // part's place, so the result keeps the source's order.
+        let mut made: Vec<((usize, usize), Entry)> = Vec::new();
+        let mut groups: HashMap<(usize, Vec<String>), Group> = HashMap::new();
+        for (i, e) in source.entries().iter().enumerate() {
+            let entry = |name: &str, shape: Vec<i64>| Entry {
+                name: name.into(),
+                shape,
+                dtype: written_kind(e.dtype, dtype),
+                device: tch::Device::Cpu,
+                ..e.clone()
+            };
+            match rules.apply(&e.name) {
+                Outcome::Skipped { .. } => {}
+                Outcome::Kept => made.push(((i, 0), entry(&e.name, e.shape.clone()))),
+                Outcome::Renamed { to, rule } => {
+                    let shape =
+                        shape_after(&rules.rules()[rule].ops, &e.shape).unwrap_or_else(|_| e.shape.clone());
+                    made.push(((i, 0), entry(&to, shape)));
+                }
+                Outcome::Split { to, rule } => {
+                    let r = &rules.rules()[rule];
+                    let Action::Split { dim, sizes, .. } = &r.action else { continue };
+                    let shapes = shape_after(&r.ops, &e.shape)
+                        .ok()
+                        .and_then(|shape| split_shapes(&shape, *dim, sizes.as_ref(), to.len()));
+                    for (k, name) in to.iter().enumerate() {
+                        let shape = shapes.as_ref().map_or_else(|| e.shape.clone(), |s| s[k].clone());
+                        made.push(((i, k), entry(name, shape)));
+                    }
+                }
+                Outcome::Member { to, rule, member, key } => {
+                    let members = rules.rules()[rule].patterns().len();
+                    let group = groups.entry((rule, key)).or_insert_with(|| Group {
+                        first: i,
+                        to,
+                        shapes: vec![None; members],
+                        entry: entry("", e.shape.clone()),
+                    });
+                    group.shapes[member].get_or_insert_with(|| e.shape.clone());
+                }
+            }
+        }
+        for ((rule, _), Group { first, to, shapes, entry: mut e }) in groups {
+            let r = &rules.rules()[rule];
+            let Action::Cat { dim, .. } = &r.action else { continue };
+            if let Some(shapes) = shapes.into_iter().collect::<Option<Vec<_>>>() {
+                let joined = normalize(*dim, shapes[0].len(), &shapes[0]).ok().map(|d| {
+                    let mut shape = shapes[0].clone();
+                    shape[d] = shapes.iter().map(|s| s.get(d).copied().unwrap_or(0)).sum();
+                    shape
+                });
+                if let Some(shape) = joined.and_then(|s| shape_after(&r.ops, &s).ok()) {
+                    e.shape = shape;
+                }
+            }
+            e.name = to.as_str().into();
+            made.push(((first, 0), e));
+        }
+        made.sort_by_key(|(at, _)| *at);
+        let mut seen = std::collections::HashSet::new();
+        let entries = made.into_iter().map(|(_, e)| e).filter(|e| seen.insert(e.name.clone())).collect();
+        Self { origin: origin.to_string(), entries, order: source.entry_order() }
+    }
+}
