@@ -12,7 +12,7 @@ use crate::store::{Source, StoreKind};
 use crate::transform::{normalize, shape_after};
 
 /// The tensors a conversion will write: entries only, no values. A [`Source`]
-/// so that a [`Plan`] can be made into it.
+/// so that a [`Plan`](crate::Plan) can be made into it.
 #[derive(Debug, Clone)]
 pub struct Outline {
     pub(super) origin: String,
