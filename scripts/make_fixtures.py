@@ -47,7 +47,19 @@ key of the state dict and its tensors as PyTorch loads them):
                                   (and a view) sharing one storage
   parameter.pth                   an nn.Parameter saved directly
   legacy.pth                      the pre-1.6 format (_use_new_zipfile_serialization=False)
+  legacy_views.pth                views.pth's tensors in the pre-1.6 format
   malicious.pth                   a pickle that would call os.system if unpickled
+  research.pth                    a training dict as research code writes it: argparse.Namespace,
+                                  numpy scalars and arrays, optimizer state, state_dict and
+                                  state_dict_ema (the key picks one)
+  pickled_module.pth              torch.save(model) of a nested network with a non-persistent buffer
+  pickled_dataparallel.pth        torch.save(nn.DataParallel(model))
+  int_keys.pth                    {0: tensor, 1: tensor, 7: tensor}
+  numpy_arrays.pth                numpy arrays (C and Fortran order) as the weights
+  object_array.pth                a numpy object array (refused)
+  inert_payload.pth               a state dict next to an object whose class, if called
+                                  (as unpickling in Python does), creates torch_save/TOUCHED
+  sharded_bin/pytorch_model.bin.index.json   a state dict in two torch.save shards
 
 Examples (examples/):
   nested_a.pt, nested_b.pt   Sequentials inside a ModuleList inside a ModuleDict, with
@@ -510,9 +522,87 @@ def write_torch_save(out: str) -> None:
     save("parameter.pth", parameter, {"parameter": parameter.detach()})
     torch.save(sd, os.path.join(folder, "legacy.pth"), _use_new_zipfile_serialization=False)
     torch.save({"weights": torch.ones(2), "payload": Malicious(os.path.join(folder, "PWNED"))}, os.path.join(folder, "malicious.pth"))
-
+    torch.save(views, os.path.join(folder, "legacy_views.pth"), _use_new_zipfile_serialization=False)
+    expected["legacy.pth"] = {"key": None, "tensors": [tensor_record(k, v) for k, v in sd.items()]}
+    expected["legacy_views.pth"] = {"key": None, "tensors": [tensor_record(k, v) for k, v in views.items()]}
+    write_research_checkpoints(folder, save, sd, ema, optimizer)
     with open(os.path.join(out, "torch_save.expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
+
+
+class TouchOnLoad:
+    """Pickles as a call of its own class with a path, which unpickling in
+    Python would call (creating the file); a reader that keeps classes inert
+    creates nothing."""
+
+    def __init__(self, marker: str):
+        open(marker, "w").close()
+        self.marker = marker
+
+    def __reduce__(self):
+        return (TouchOnLoad, (self.marker,))
+
+
+class WithNonPersistent(nn.Module):
+    """Nested modules, a persistent and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.ModuleDict({"fc": nn.Linear(4, 2)})
+        self.register_buffer("scale", torch.tensor([0.5]))
+        self.register_buffer("cache", torch.zeros(3), persistent=False)
+
+    def forward(self, x):
+        return self.head["fc"](self.body(x).mean((2, 3))) * self.scale
+
+
+def write_research_checkpoints(folder, save, sd, ema, optimizer) -> None:
+    """Checkpoints as people have them: Python objects, numpy, pickled modules, shards."""
+    import argparse
+
+    research = {
+        "epoch": 12,
+        "args": argparse.Namespace(lr=0.1, arch="bn_net", layers=[1, 2]),
+        "metric": np.float64(0.93),
+        "step": np.int64(1000),
+        "state_dict": sd,
+        "optimizer": optimizer.state_dict(),
+        "state_dict_ema": ema,
+        "history": np.arange(4, dtype=np.float32),
+    }
+    save("research.pth", research, ema, key="state_dict_ema")
+    torch.manual_seed(31)
+    module = warm_up(WithNonPersistent(), (2, 3, 6, 6))
+    save("pickled_module.pth", module, module.state_dict())
+    wrapped = nn.DataParallel(module)
+    save("pickled_dataparallel.pth", wrapped, wrapped.state_dict())
+    g = torch.Generator().manual_seed(9)
+    int_keys = {0: torch.randn(2, generator=g), 1: torch.randn(3, generator=g), 7: torch.arange(4)}
+    save("int_keys.pth", int_keys, {str(k): v for k, v in int_keys.items()})
+    arrays = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        "ids": np.array([3, 1, 2], dtype=np.int64),
+        "mask": np.array([True, False]),
+    }
+    save("numpy_arrays.pth", arrays, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    torch.save({"x": np.array([1, "a"], dtype=object)}, os.path.join(folder, "object_array.pth"))
+    marker = os.path.join(folder, "TOUCHED")
+    save("inert_payload.pth", {"weights": sd, "hook": TouchOnLoad(marker)}, sd, key="weights")
+    os.remove(marker)
+    shards = os.path.join(folder, "sharded_bin")
+    os.makedirs(shards, exist_ok=True)
+    names = list(sd.keys())
+    half = len(names) // 2
+    weight_map = {}
+    for k, part in enumerate([names[:half], names[half:]]):
+        shard = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+        torch.save({n: sd[n] for n in part}, os.path.join(shards, shard))
+        weight_map.update({n: shard for n in part})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(shards, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
 
 class RenamedBnNet(nn.Module):

@@ -25,7 +25,8 @@ mod report;
 mod slot;
 
 pub use convert::{
-    convert, plan_conversion, ConvertOptions, Converted, Outline, WrittenFile, DEFAULT_MAX_SHARD_BYTES,
+    convert, plan_conversion, save_sharded, ConvertOptions, Converted, Outline, WrittenFile,
+    DEFAULT_MAX_SHARD_BYTES,
 };
 pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};
@@ -44,7 +45,8 @@ pub use rules::{Action, Rule, RuleSource, Rules};
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::{ModelSlot, Swap};
 pub use store::{
-    open, open_with_key, Checkpoint, ModuleStore, Source, StoreKind, Summary, Target, Total, VarStoreView,
+    open, open_with_key, Checkpoint, ModuleStore, Other, Source, StoreKind, Summary, Target, Total,
+    VarStoreView,
 };
 pub use transform::{Op, Transform};
 

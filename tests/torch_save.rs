@@ -100,12 +100,18 @@ fn a_pickle_that_would_run_a_command_is_refused_and_runs_nothing() {
 }
 
 #[test]
-fn the_legacy_format_is_refused_with_how_to_resave() {
-    let message = transplant::open(path("legacy.pth")).map(|_| ()).unwrap_err().to_string();
-    assert!(
-        message.contains("legacy") && message.contains("torch.save(torch.load(path), new_path)"),
-        "{message}"
-    );
+fn the_legacy_format_reads_equal_to_pytorch_with_views_and_ties() {
+    for file in ["legacy.pth", "legacy_views.pth"] {
+        let checkpoint = Checkpoint::open(path(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(checkpoint.kind(), StoreKind::Checkpoint(Format::TorchSaveLegacy));
+        let (_, tensors, _) = expected(file);
+        assert_eq!(store_records(&checkpoint), tensors, "{file}");
+    }
+    let views = Checkpoint::open(path("legacy_views.pth")).unwrap();
+    let at = |name: &str| views.entries().iter().position(|e| e.name == name).unwrap();
+    let (a, b) = (views.tensor(at("tied_a")).unwrap(), views.tensor(at("tied_b")).unwrap());
+    assert_eq!(a.data_ptr(), b.data_ptr(), "tied tensors share one storage");
+    assert_eq!(views.tensor(at("transposed")).unwrap().stride(), vec![1, 4], "a transposed view stays one");
 }
 
 #[test]

@@ -383,3 +383,32 @@ pub fn convert(
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+/// Writes every tensor of `store` as sharded safetensors: shards of at most
+/// `max_shard_bytes` of tensors named after `index` (`DIR/STEM.safetensors.index.json`
+/// gives `DIR/STEM-0000K-of-0000N.safetensors`), and the index; the set appears
+/// whole or not at all. For `copy … -o DIR/model.safetensors.index.json`.
+pub fn save_sharded(store: &dyn Source, index: &Path, max_shard_bytes: u64) -> Result<Vec<WrittenFile>> {
+    let name = index.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    if !name.ends_with(".safetensors.index.json") {
+        return Err(Error::Output {
+            path: index.into(),
+            reason: "a sharded checkpoint is written through its index: name it STEM.safetensors.index.json"
+                .into(),
+        });
+    }
+    let entries = store.entries();
+    let outgoing: Vec<Outgoing> = entries
+        .iter()
+        .map(|e| Outgoing { name: e.name.to_string(), kind: e.dtype, shape: e.shape.clone() })
+        .collect();
+    let mut metadata = store.metadata();
+    metadata.entry("format".into()).or_insert_with(|| "pt".into());
+    let mut produce = |i: usize| -> Result<Tensor> {
+        store.tensor(i).map(Tensor::shallow_clone).ok_or_else(|| Error::MissingTensor {
+            store: store.origin().to_string(),
+            tensor: entries[i].name.to_string(),
+        })
+    };
+    write_shards(index, &outgoing, &metadata, max_shard_bytes, &mut produce)
+}

@@ -1,10 +1,15 @@
 //! A pickle reader for what `torch.save` writes, that never runs code.
 //!
 //! It is a stack machine over the opcodes of protocols 2–5 that data needs.
-//! `GLOBAL` / `STACK_GLOBAL` look names up in an allow-list and anything else is
-//! refused, naming the global (the promise of `torch.load(weights_only=True)`);
-//! even allowed names are never called: `REDUCE` and `BUILD` only record their
-//! arguments, and the torch reader interprets the few it knows.
+//! Nothing is ever imported or called. `GLOBAL` / `STACK_GLOBAL` sort names in
+//! three ([`admission`]): the allow-list (tensors, containers, plain values,
+//! numpy), whose meaning the torch reader knows; globals that execute code or
+//! touch the system (`os.system`, `builtins.eval`, … — [`dangerous`]), which
+//! are refused by name, so that a hostile file is said to be one; and every
+//! other class or function (`argparse.Namespace`, a model's own class), which
+//! becomes an inert placeholder ([`Value::Inert`]) recording its name, the
+//! arguments it would have been called with and the state `BUILD` would have
+//! given it. `REDUCE` and `BUILD` only record.
 //!
 //! Containers live in an arena and values refer to them by index, so shared
 //! references behave as in Python (a memoised dict filled later is the same
@@ -36,6 +41,9 @@ pub enum Value {
     Bytes(Rc<[u8]>),
     /// An allow-listed global (`module`, `name`), never called.
     Global(Rc<str>, Rc<str>),
+    /// Any other harmless global (`argparse`, `Namespace`): a placeholder for
+    /// what unpickling would have imported, never imported or called.
+    Inert(Rc<str>, Rc<str>),
     /// A persistent id (`BINPERSID`): the torch reader resolves it.
     Persistent(usize),
     /// A container or reduced object in the arena.
@@ -86,8 +94,8 @@ impl std::fmt::Display for PickleError {
             PickleError::UnknownOpcode(op, at) => write!(f, "unknown pickle opcode 0x{op:02x} at byte {at}"),
             PickleError::ForbiddenGlobal(name) => write!(
                 f,
-                "the pickle refers to {name}, which is not allowed: only tensors, containers and plain values \
-                 are read (like torch.load(weights_only=True)); nothing was executed"
+                "the pickle calls {name}, which executes code or touches the system: the file is hostile \
+                 (or made to run code when loaded) and is not allowed; nothing was executed"
             ),
             PickleError::Malformed(m) => write!(f, "malformed pickle: {m}"),
             PickleError::TooLarge(m) => write!(f, "pickle exceeds a limit: {m}"),
@@ -134,6 +142,137 @@ pub fn allowed(module: &str, name: &str) -> bool {
         "numpy.core.multiarray" | "numpy._core.multiarray" => matches!(name, "scalar" | "_reconstruct"),
         "numpy" => matches!(name, "dtype" | "ndarray"),
         _ => false,
+    }
+}
+
+/// What may become of a global a pickle names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// On the allow-list: its meaning is known.
+    Allowed,
+    /// Harmless as a name: kept as an inert placeholder.
+    Inert,
+    /// Executes code or touches the system: the pickle is refused.
+    Refused,
+}
+
+/// Modules whose every name executes code, reaches the system or loads more
+/// pickles. (Kept as the README's list.)
+const DANGEROUS_MODULES: &[&str] = &[
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "shutil",
+    "socket",
+    "runpy",
+    "importlib",
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "marshal",
+    "ctypes",
+    "code",
+    "codeop",
+    "pty",
+    "multiprocessing",
+    "threading",
+    "_thread",
+    "signal",
+    "webbrowser",
+    "commands",
+    "popen2",
+    "pdb",
+    "bdb",
+    "timeit",
+    "shelve",
+    "tempfile",
+    "glob",
+    "pathlib",
+    "io",
+    "_io",
+    "urllib",
+    "http",
+    "ftplib",
+    "smtplib",
+    "telnetlib",
+    "asyncio",
+    "platform",
+    "sysconfig",
+    "zipimport",
+    "pkgutil",
+    "site",
+    "gc",
+    "inspect",
+    "types",
+    "dill",
+    "cloudpickle",
+    "_posixsubprocess",
+    "selectors",
+    "mmap",
+];
+
+/// Names of `builtins` that execute code or reach the system.
+const DANGEROUS_BUILTINS: &[&str] = &[
+    "eval",
+    "exec",
+    "execfile",
+    "compile",
+    "getattr",
+    "setattr",
+    "delattr",
+    "__import__",
+    "open",
+    "input",
+    "breakpoint",
+    "globals",
+    "locals",
+    "vars",
+    "exit",
+    "quit",
+    "help",
+    "reload",
+    "file",
+    "apply",
+];
+
+/// Whether `module.name` executes code, touches the system or loads code or
+/// pickles when called (see the README's list): such a pickle is refused.
+pub fn dangerous(module: &str, name: &str) -> bool {
+    let top = module.split('.').next().unwrap_or(module);
+    let dunder = name.split('.').any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__"));
+    DANGEROUS_MODULES.contains(&top)
+        || (matches!(module, "builtins" | "__builtin__") && DANGEROUS_BUILTINS.contains(&name))
+        || (module == "operator" && matches!(name, "attrgetter" | "methodcaller"))
+        || (module == "torch" && matches!(name, "load" | "save"))
+        || [
+            "torch.hub",
+            "torch.jit",
+            "torch.serialization",
+            "torch.package",
+            "torch.utils.cpp_extension",
+            "torch._inductor",
+            "torch._dynamo",
+            "torch.distributed.rpc",
+            "torch._C",
+            "torch.ops",
+            "numpy.lib.format",
+            "numpy.load",
+        ]
+        .iter()
+        .any(|m| module == *m || module.starts_with(&format!("{m}.")))
+        || dunder
+}
+
+/// What becomes of the global `module.name`.
+pub fn admission(module: &str, name: &str) -> Admission {
+    if allowed(module, name) {
+        Admission::Allowed
+    } else if dangerous(module, name) {
+        Admission::Refused
+    } else {
+        Admission::Inert
     }
 }
 
@@ -199,7 +338,17 @@ fn utf8(bytes: &[u8]) -> Result<Rc<str>> {
 impl Machine {
     /// Runs the pickle in `bytes` and returns what `STOP` left on the stack.
     pub fn run(&mut self, bytes: &[u8]) -> Result<Value> {
-        let mut r = Reader { bytes, at: 0 };
+        self.run_from(bytes, 0).map(|(value, _)| value)
+    }
+
+    /// Runs the pickle that starts at `start` in `bytes` (a stream of several,
+    /// as the legacy `torch.save` format writes), each with a memo and stack of
+    /// its own as `pickle.load` would; returns its value and where it ended.
+    pub fn run_from(&mut self, bytes: &[u8], start: usize) -> Result<(Value, usize)> {
+        self.stack.clear();
+        self.marks.clear();
+        self.memo.clear();
+        let mut r = Reader { bytes, at: start };
         for _ in 0..MAX_OPS {
             let at = r.at;
             let op = r.byte()?;
@@ -210,7 +359,7 @@ impl Machine {
                 0x95 => {
                     r.u64()?; // FRAME: a length hint
                 }
-                b'.' => return self.pop(), // STOP
+                b'.' => return Ok((self.pop()?, r.at)), // STOP
                 b'(' => self.marks.push(self.stack.len()),
                 b'N' => self.push(Value::None)?,
                 0x88 => self.push(Value::Bool(true))?,
@@ -377,7 +526,7 @@ impl Machine {
                         Value::Global(m, n) if &**m == "collections" && &**n == "OrderedDict" => {
                             self.push_object(Object::Dict(Vec::new(), Vec::new()))?
                         }
-                        Value::Global(..) => {
+                        Value::Global(..) | Value::Inert(..) => {
                             self.push_object(Object::Reduce { callable, args, state: None })?
                         }
                         _ => return Err(PickleError::Malformed("REDUCE of something not a global".into())),
@@ -520,10 +669,10 @@ impl Machine {
 }
 
 fn global(module: &str, name: &str) -> Result<Value> {
-    if allowed(module, name) {
-        Ok(Value::Global(module.into(), name.into()))
-    } else {
-        Err(PickleError::ForbiddenGlobal(format!("{module}.{name}")))
+    match admission(module, name) {
+        Admission::Allowed => Ok(Value::Global(module.into(), name.into())),
+        Admission::Inert => Ok(Value::Inert(module.into(), name.into())),
+        Admission::Refused => Err(PickleError::ForbiddenGlobal(format!("{module}.{name}"))),
     }
 }
 

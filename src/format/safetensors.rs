@@ -188,7 +188,8 @@ pub(crate) fn write_stream(
     out.flush().map_err(io)
 }
 
-/// Reads a sharded checkpoint through its `*.safetensors.index.json`: every shard
+/// Reads a sharded checkpoint through its index (`*.safetensors.index.json`,
+/// or `pytorch_model.bin.index.json` with `torch.save` shards): every shard
 /// the `weight_map` names, as one list of tensors (shards in order of first
 /// mention, each in file order). A shard that is missing, a tensor the index names
 /// but its shard lacks, and a tensor a shard holds that the index does not name
@@ -236,7 +237,21 @@ pub fn read_sharded(index: &Path) -> Result<Contents> {
                 message: "the shard file is missing".into(),
             });
         }
-        let (shard_tensors, _) = read(&shard_path)?;
+        // Each shard's kind from its content: safetensors, or torch.save
+        // (`pytorch_model-00001-of-00002.bin`, as transformers writes them).
+        let shard_tensors = match super::sniff(&shard_path)? {
+            super::Format::Safetensors => read(&shard_path)?.0,
+            super::Format::TorchSave | super::Format::TorchSaveLegacy => {
+                super::torch_pickle::read(&shard_path, None)?.tensors
+            }
+            other => {
+                return Err(Error::Shard {
+                    index: index.into(),
+                    shard: shard_path,
+                    message: format!("is a {other}; shards are safetensors or torch.save files"),
+                })
+            }
+        };
         let mut found: HashSet<String> = HashSet::new();
         for (name, tensor) in shard_tensors {
             if shard_of.get(name.as_str()) != Some(&shard) {

@@ -52,6 +52,9 @@ pub struct Loaded {
     pub metadata_json: Option<String>,
     /// Non-tensor values left out of the state dict.
     pub skipped: usize,
+    /// The checkpoint dict's other entries, each described (`args`:
+    /// `argparse.Namespace (not read)`, `epoch`: `12`), in the file's order.
+    pub others: Vec<(String, String)>,
 }
 
 fn storage_kind(name: &str) -> Option<Kind> {
@@ -94,10 +97,19 @@ fn storage_name(kind: Kind) -> Option<&'static str> {
 struct Archive<'a> {
     path: &'a Path,
     map: &'a [u8],
-    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
-    prefix: String,
+    records: Records<'a>,
     bytes: Tensor,
     storages: HashMap<String, Tensor>,
+}
+
+/// Where the storages' bytes are.
+enum Records<'a> {
+    /// The zip format: `PREFIX/data/KEY` members.
+    Zip { zip: zip::ZipArchive<Cursor<&'a [u8]>>, prefix: String },
+    /// The legacy format: after the pickles, each storage as an 8-byte element
+    /// count and its bytes, in the order of the key list; (offset of the bytes,
+    /// element count) by key.
+    Legacy(HashMap<String, (u64, u64)>),
 }
 
 impl Archive<'_> {
@@ -109,9 +121,19 @@ impl Archive<'_> {
             }
         }
         let path = self.path;
-        let name = format!("{}data/{key}", self.prefix);
+        let (zip, prefix) = match &mut self.records {
+            Records::Zip { zip, prefix } => (zip, prefix.as_str()),
+            Records::Legacy(records) => {
+                let &(start, count) =
+                    records.get(key).ok_or_else(|| bad(path, format!("storage {key} is missing")))?;
+                return legacy_storage(path, &self.bytes, key, kind, numel, start, count).inspect(|t| {
+                    self.storages.insert(key.to_string(), t.shallow_clone());
+                });
+            }
+        };
+        let name = format!("{prefix}data/{key}");
         let entry =
-            self.zip.by_name(&name).map_err(|_| bad(path, format!("storage {key} is missing ({name})")))?;
+            zip.by_name(&name).map_err(|_| bad(path, format!("storage {key} is missing ({name})")))?;
         let size = entry.size();
         let expected = (numel as u64)
             .checked_mul(dtype::size(kind) as u64)
@@ -141,6 +163,32 @@ impl Archive<'_> {
         self.storages.insert(key.to_string(), typed.shallow_clone());
         Ok(typed)
     }
+}
+
+/// A storage of the legacy format: `count` elements of `kind` at `start` in
+/// the mapped file (checked to hold the `numel` the tensors need).
+fn legacy_storage(
+    path: &Path,
+    bytes: &Tensor,
+    key: &str,
+    kind: Kind,
+    numel: i64,
+    start: u64,
+    count: u64,
+) -> Result<Tensor> {
+    let size = dtype::size(kind) as u64;
+    if numel < 0 || count < numel as u64 {
+        return Err(bad(path, format!("storage {key} holds {count} elements, its tensors need {numel}")));
+    }
+    let len = count.checked_mul(size).ok_or_else(|| bad(path, "storage size overflows"))?;
+    let end = start.checked_add(len).ok_or_else(|| bad(path, "storage size overflows"))?;
+    if end > bytes.size()[0] as u64 {
+        return Err(bad(path, format!("storage {key} runs past the end of the file")));
+    }
+    let raw = bytes.f_narrow(0, start as i64, len as i64).map_err(|e| bad(path, e.to_string()))?;
+    let raw =
+        if start % size == 0 { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
+    raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
 }
 
 /// Where an entry's data starts: after its local header (30 bytes), name and
@@ -335,7 +383,20 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
             }
         }
     }
-    let storage = archive.storage(key, kind, numel)?;
+    // Legacy files of old PyTorch could save views of storages: (view key,
+    // offset, size) in the sixth field, the tensor's storage being a slice of
+    // the root storage.
+    let view = match fields.get(5).and_then(|v| tuple_items(machine, v)) {
+        Some([Value::Str(_), Value::Int(offset), Value::Int(size)]) => Some((*offset, *size)),
+        _ => None,
+    };
+    let storage = match view {
+        Some((start, len)) => {
+            let root = archive.storage(key, kind, start.saturating_add(len))?;
+            root.f_narrow(0, start, len).map_err(|e| bad(path, e.to_string()))?
+        }
+        None => archive.storage(key, kind, numel)?,
+    };
     // as_strided counts its offset from the start of the underlying buffer (the
     // whole mapped file), not from the storage view.
     let offset = storage.storage_offset() + offset;
@@ -344,21 +405,342 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
         .map_err(|e| bad(path, e.to_string()))
 }
 
+/// A state-dict key as a tensor name: a string as it is, an integer as its
+/// text (`torch.save({0: t})`); other keys have no name.
+fn key_name(k: &Value) -> Option<String> {
+    match k {
+        Value::Str(s) => Some(s.to_string()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// What kind of key a value is, for messages.
+fn kind_of_key(k: &Value) -> &'static str {
+    match k {
+        Value::None => "None",
+        Value::Bool(_) => "bool",
+        Value::Float(_) => "float",
+        Value::Bytes(_) => "bytes",
+        Value::BigInt => "large integer",
+        Value::Ref(_) => "tuple or object",
+        _ => "value",
+    }
+}
+
+/// The object `v` refers to, if it is one.
+fn object<'m>(machine: &'m Machine, v: &Value) -> Option<&'m Object> {
+    match v {
+        Value::Ref(i) => machine.objects.get(*i),
+        _ => None,
+    }
+}
+
+/// `module.name` of the class or function a value was reduced from.
+fn class_of(machine: &Machine, v: &Value) -> Option<String> {
+    match object(machine, v)? {
+        Object::Reduce { callable: Value::Global(m, n) | Value::Inert(m, n), .. } => Some(format!("{m}.{n}")),
+        _ => None,
+    }
+}
+
+/// The state `BUILD` gave a reduced object, when it is a dict: its items.
+fn state_items<'m>(machine: &'m Machine, v: &Value) -> Option<&'m [(Value, Value)]> {
+    match object(machine, v)? {
+        Object::Reduce { state: Some(state), .. } => dict_items(machine, state).map(|(items, _)| items),
+        _ => None,
+    }
+}
+
+fn field<'m>(items: &'m [(Value, Value)], name: &str) -> Option<&'m Value> {
+    items.iter().find(|(k, _)| key_text(k) == Some(name)).map(|(_, v)| v)
+}
+
+/// Whether `v` is a pickled `nn.Module` (its state holds `_parameters` and `_modules`).
+fn is_module(machine: &Machine, v: &Value) -> bool {
+    state_items(machine, v)
+        .is_some_and(|items| field(items, "_parameters").is_some() && field(items, "_modules").is_some())
+}
+
+/// The names of a `set` (or `set([...])`) of strings.
+fn string_set(machine: &Machine, v: &Value) -> Vec<String> {
+    let items =
+        match object(machine, v) {
+            Some(Object::Set(items) | Object::List(items) | Object::Tuple(items)) => items.clone(),
+            Some(Object::Reduce { args, .. }) => tuple_items(machine, args)
+                .and_then(|a| a.first())
+                .map_or_else(Vec::new, |inner| match object(machine, inner) {
+                    Some(Object::List(items) | Object::Tuple(items) | Object::Set(items)) => items.clone(),
+                    _ => Vec::new(),
+                }),
+            _ => Vec::new(),
+        };
+    items.iter().filter_map(|k| key_text(k).map(str::to_string)).collect()
+}
+
+/// The state dict of a pickled module, as `state_dict()` makes it: each
+/// module's parameters, then its persistent buffers, then its children's, by
+/// registration order; `None` entries (a missing bias) left out.
+fn module_state(
+    machine: &Machine,
+    v: &Value,
+    prefix: &str,
+    out: &mut Vec<(String, Value)>,
+    depth: usize,
+) -> std::result::Result<(), String> {
+    if depth > 256 {
+        return Err("modules nested more than 256 deep".into());
+    }
+    let items = state_items(machine, v).ok_or_else(|| format!("{prefix}: not a module"))?;
+    let dict = |name: &str| {
+        field(items, name).and_then(|d| dict_items(machine, d)).map_or(&[][..], |(items, _)| items)
+    };
+    let transient =
+        field(items, "_non_persistent_buffers_set").map_or_else(Vec::new, |s| string_set(machine, s));
+    for (k, value) in dict("_parameters") {
+        if let (Some(name), false) = (key_text(k), matches!(value, Value::None)) {
+            out.push((format!("{prefix}{name}"), value.clone()));
+        }
+    }
+    for (k, value) in dict("_buffers") {
+        if let (Some(name), false) = (key_text(k), matches!(value, Value::None)) {
+            if !transient.iter().any(|t| t == name) {
+                out.push((format!("{prefix}{name}"), value.clone()));
+            }
+        }
+    }
+    for (k, child) in dict("_modules") {
+        if let (Some(name), false) = (key_text(k), matches!(child, Value::None)) {
+            module_state(machine, child, &format!("{prefix}{name}."), out, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes a pickle holds as `bytes`, or (protocol 2) as `_codecs.encode(text, 'latin1')`.
+fn bytes_value(machine: &Machine, v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::Bytes(b) => Some(b.to_vec()),
+        _ => match object(machine, v)? {
+            Object::Reduce { callable: Value::Global(m, n), args, .. }
+                if &**m == "_codecs" && &**n == "encode" =>
+            {
+                match tuple_items(machine, args)? {
+                    [Value::Str(text), ..] => text.chars().map(|c| u8::try_from(c as u32).ok()).collect(),
+                    _ => None,
+                }
+            }
+            _ => None,
+        },
+    }
+}
+
+/// A numpy dtype (`numpy.dtype('f8', False, True)` with its `BUILD` state):
+/// its type code (`f8`) and byte order (`<`, `>`, `|`).
+fn numpy_dtype(machine: &Machine, v: &Value) -> Option<(String, char)> {
+    let Object::Reduce { callable: Value::Global(_, n), args, state } = object(machine, v)? else {
+        return None;
+    };
+    if &**n != "dtype" {
+        return None;
+    }
+    let code = match tuple_items(machine, args)?.first()? {
+        Value::Str(s) => s.to_string(),
+        _ => return None,
+    };
+    let order = state
+        .as_ref()
+        .and_then(|s| tuple_items(machine, s))
+        .and_then(|items| items.get(1).cloned())
+        .and_then(|o| match o {
+            Value::Str(s) => s.chars().next(),
+            _ => None,
+        })
+        .unwrap_or('|');
+    Some((code, order))
+}
+
+/// The tch dtype of a numpy type code, if tensors have it.
+fn numpy_kind(code: &str) -> Option<Kind> {
+    Some(match code {
+        "f2" => Kind::Half,
+        "f4" => Kind::Float,
+        "f8" => Kind::Double,
+        "i1" => Kind::Int8,
+        "i2" => Kind::Int16,
+        "i4" => Kind::Int,
+        "i8" => Kind::Int64,
+        "u1" => Kind::Uint8,
+        "b1" => Kind::Bool,
+        "c8" => Kind::ComplexFloat,
+        "c16" => Kind::ComplexDouble,
+        _ => return None,
+    })
+}
+
+/// A numpy scalar (`numpy.core.multiarray.scalar(dtype, bytes)`) as text.
+fn numpy_scalar(machine: &Machine, v: &Value) -> Option<String> {
+    let Object::Reduce { callable: Value::Global(_, n), args, .. } = object(machine, v)? else { return None };
+    if &**n != "scalar" {
+        return None;
+    }
+    let items = tuple_items(machine, args)?;
+    let (code, order) = numpy_dtype(machine, items.first()?)?;
+    let raw = bytes_value(machine, items.get(1)?)?;
+    if order == '>' {
+        return Some(format!("numpy {code} (big-endian)"));
+    }
+    let text = match (code.as_str(), raw.len()) {
+        ("f8", 8) => f64::from_le_bytes(raw.try_into().ok()?).to_string(),
+        ("f4", 4) => f32::from_le_bytes(raw.try_into().ok()?).to_string(),
+        ("i8", 8) => i64::from_le_bytes(raw.try_into().ok()?).to_string(),
+        ("i4", 4) => i32::from_le_bytes(raw.try_into().ok()?).to_string(),
+        ("u8", 8) => u64::from_le_bytes(raw.try_into().ok()?).to_string(),
+        ("b1", 1) => (raw[0] != 0).to_string(),
+        _ => format!("numpy {code}"),
+    };
+    Some(text)
+}
+
+/// Whether `v` is a pickled numpy array (`_reconstruct` with its state).
+fn is_array(machine: &Machine, v: &Value) -> bool {
+    matches!(
+        object(machine, v),
+        Some(Object::Reduce { callable: Value::Global(m, n), state: Some(_), .. })
+            if m.starts_with("numpy") && &**n == "_reconstruct"
+    )
+}
+
+/// A pickled numpy array as a tensor (C or Fortran order; object arrays and
+/// big-endian data refused).
+fn array(machine: &Machine, v: &Value) -> std::result::Result<Tensor, String> {
+    let Some(Object::Reduce { state: Some(state), .. }) = object(machine, v) else {
+        return Err("not an array".into());
+    };
+    // (version, shape, dtype, is_fortran, data)
+    let items = tuple_items(machine, state).ok_or("array state is not a tuple")?;
+    let shape = items.get(1).and_then(|s| ints(machine, s)).ok_or("array shape is not integers")?;
+    let (code, order) = items.get(2).and_then(|d| numpy_dtype(machine, d)).ok_or("array dtype unreadable")?;
+    if code.starts_with('O') {
+        return Err(
+            "a numpy object array (dtype O) holds Python objects, which are never built: refused".into()
+        );
+    }
+    let kind = numpy_kind(&code).ok_or_else(|| format!("numpy dtype {code} has no tensor dtype"))?;
+    if order == '>' && dtype::size(kind) > 1 {
+        return Err(format!("a big-endian numpy array ({code}) is not supported"));
+    }
+    let fortran = matches!(items.get(3), Some(Value::Bool(true)));
+    let data = items.get(4).and_then(|d| bytes_value(machine, d)).ok_or("array data is not bytes")?;
+    let numel = shape
+        .iter()
+        .try_fold(1i64, |a, &d| if d < 0 { None } else { a.checked_mul(d) })
+        .ok_or("bad array shape")?;
+    let need = (numel as u64).checked_mul(dtype::size(kind) as u64).ok_or("array too large")?;
+    if data.len() as u64 != need {
+        return Err(format!(
+            "array of shape {shape:?} {code} needs {need} bytes, the pickle has {}",
+            data.len()
+        ));
+    }
+    let flat = Tensor::from_slice(&data).f_view_dtype(kind).map_err(|e| e.to_string())?;
+    let t = if fortran {
+        let reversed: Vec<i64> = shape.iter().rev().copied().collect();
+        let dims: Vec<i64> = (0..shape.len() as i64).rev().collect();
+        flat.f_reshape(reversed.as_slice())
+            .and_then(|t| t.f_permute(dims.as_slice()))
+            .and_then(|t| t.f_contiguous())
+    } else {
+        flat.f_reshape(shape.as_slice())
+    };
+    t.map_err(|e| e.to_string())
+}
+
+/// One line saying what a checkpoint entry that is not the state dict holds.
+fn describe(machine: &Machine, v: &Value) -> String {
+    match v {
+        Value::None => "None".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(n) => n.to_string(),
+        Value::BigInt => "a large integer".into(),
+        Value::Float(f) => f.to_string(),
+        Value::Str(s) if s.chars().count() > 60 => format!("{:?}…", s.chars().take(60).collect::<String>()),
+        Value::Str(s) => format!("{s:?}"),
+        Value::Bytes(b) => format!("{} bytes", b.len()),
+        Value::Global(m, n) | Value::Inert(m, n) => format!("{m}.{n}"),
+        Value::Persistent(_) => "a storage".into(),
+        Value::Ref(_) => {
+            if is_tensor(machine, v) {
+                return "a tensor".into();
+            }
+            if let Some(text) = numpy_scalar(machine, v) {
+                return text;
+            }
+            if is_array(machine, v) {
+                return "a numpy array".into();
+            }
+            if is_module(machine, v) {
+                return format!("{} (a pickled module)", class_of(machine, v).unwrap_or_default());
+            }
+            match object(machine, v) {
+                Some(Object::Dict(items, _)) => {
+                    let tensors = items.iter().filter(|(_, x)| is_tensor(machine, x)).count();
+                    format!("a dict of {} entries ({tensors} tensors)", items.len())
+                }
+                Some(Object::List(items)) => format!("a list of {}", items.len()),
+                Some(Object::Tuple(items)) => format!("a tuple of {}", items.len()),
+                Some(Object::Set(items)) => format!("a set of {}", items.len()),
+                Some(Object::Reduce { .. }) => {
+                    format!("{} (not read)", class_of(machine, v).unwrap_or_default())
+                }
+                None => "?".into(),
+            }
+        }
+    }
+}
+
 /// A dict's items and attributes.
 type DictParts<'m> = (&'m [(Value, Value)], &'m [(Value, Value)]);
 
 fn dict_items<'m>(machine: &'m Machine, v: &Value) -> Option<DictParts<'m>> {
-    match v {
-        Value::Ref(i) => match machine.objects.get(*i)? {
-            Object::Dict(items, attrs) => Some((items, attrs)),
-            _ => None,
-        },
+    dict_items_at(machine, v, 0)
+}
+
+/// A dict's items; for an inert placeholder (`argparse.Namespace`), those of
+/// the state `BUILD` gave it, so that what it holds is reachable by key.
+fn dict_items_at<'m>(machine: &'m Machine, v: &Value, depth: usize) -> Option<DictParts<'m>> {
+    match object(machine, v)? {
+        Object::Dict(items, attrs) => Some((items, attrs)),
+        Object::Reduce { callable: Value::Inert(..), state: Some(state), .. } if depth == 0 => {
+            dict_items_at(machine, state, 1)
+        }
         _ => None,
     }
 }
 
 fn count_tensors(machine: &Machine, v: &Value) -> usize {
-    dict_items(machine, v).map_or(0, |(items, _)| items.iter().filter(|(_, x)| is_tensor(machine, x)).count())
+    count_weights(machine, v, false)
+}
+
+/// Tensors (and with `arrays`, numpy arrays) directly in a dict; a pickled
+/// module counts as holding its state.
+fn count_weights(machine: &Machine, v: &Value, arrays: bool) -> usize {
+    if is_module(machine, v) {
+        return 1;
+    }
+    if is_module_of_placeholder(machine, v) {
+        return 0;
+    }
+    dict_items(machine, v).map_or(0, |(items, _)| {
+        items.iter().filter(|(_, x)| is_tensor(machine, x) || (arrays && is_array(machine, x))).count()
+    })
+}
+
+/// Whether `v` is a placeholder whose state is not a module's (it is looked into
+/// by key, not taken as a state dict).
+fn is_module_of_placeholder(machine: &Machine, v: &Value) -> bool {
+    matches!(object(machine, v), Some(Object::Reduce { callable: Value::Inert(..), .. }))
+        && !is_module(machine, v)
 }
 
 fn key_text(k: &Value) -> Option<&str> {
@@ -366,6 +748,37 @@ fn key_text(k: &Value) -> Option<&str> {
         Value::Str(s) => Some(s),
         _ => None,
     }
+}
+
+/// Dicts holding weights below `root` (up to SEARCH_DEPTH levels down, not
+/// inside each other), by their dotted keys under `at`; numpy arrays count
+/// with `arrays`.
+fn holders(machine: &Machine, root: &Value, at: &str, arrays: bool, int_keys: bool) -> Vec<(String, Value)> {
+    let mut found: Vec<(String, Value)> = Vec::new();
+    let mut pending = std::collections::VecDeque::from([(at.to_string(), root.clone(), 0)]);
+    let mut seen = std::collections::HashSet::new();
+    while let Some((at, value, depth)) = pending.pop_front() {
+        let Some((items, _)) = dict_items(machine, &value) else { continue };
+        if let Value::Ref(i) = value {
+            if !seen.insert(i) {
+                continue;
+            }
+        }
+        for (k, v) in items {
+            // Integer keys (an optimizer's per-parameter state) are looked into
+            // only when asked: they are not where a model's weights live.
+            let Some(k) = (if int_keys { key_name(k) } else { key_text(k).map(str::to_string) }) else {
+                continue;
+            };
+            let name = if at.is_empty() { k } else { format!("{at}.{k}") };
+            if count_weights(machine, v, arrays) > 0 {
+                found.push((name, v.clone()));
+            } else if depth + 1 < SEARCH_DEPTH {
+                pending.push_back((name, v.clone(), depth + 1));
+            }
+        }
+    }
+    found
 }
 
 /// Finds the state dict: under `key` if given, else the root if it holds
@@ -386,11 +799,11 @@ fn select(
             // The longest key that matches, so keys holding dots work too.
             let found = items
                 .iter()
-                .filter_map(|(k, v)| key_text(k).map(|k| (k, v)))
-                .filter(|(k, _)| rest == *k || rest.starts_with(&format!("{k}.")))
+                .filter_map(|(k, v)| key_name(k).map(|k| (k, v)))
+                .filter(|(k, _)| rest == k || rest.starts_with(&format!("{k}.")))
                 .max_by_key(|(k, _)| k.len());
             let Some((k, v)) = found else {
-                let keys: Vec<&str> = items.iter().filter_map(|(k, _)| key_text(k)).take(20).collect();
+                let keys: Vec<String> = items.iter().filter_map(|(k, _)| key_name(k)).take(20).collect();
                 return Err(Error::NoSuchKey {
                     path: path.into(),
                     key: key.to_string(),
@@ -400,34 +813,33 @@ fn select(
             rest = rest[k.len()..].trim_start_matches('.');
             at = v.clone();
         }
-        if count_tensors(machine, &at) == 0 && !is_tensor(machine, &at) {
-            return Err(bad(path, format!("key {key} holds no tensors")));
+        if count_weights(machine, &at, true) == 0 && !is_tensor(machine, &at) && !is_array(machine, &at) {
+            let below = holders(machine, &at, key, true, true);
+            if below.is_empty() {
+                return Err(bad(path, format!("key {key} holds no tensors")));
+            }
+            let names: Vec<&str> = below.iter().take(5).map(|(k, _)| k.as_str()).collect();
+            return Err(bad(
+                path,
+                format!(
+                    "key {key} holds no tensors of its own, only dicts that do: {}{} (name one with --key)",
+                    names.join(", "),
+                    if below.len() > 5 { ", …" } else { "" }
+                ),
+            ));
         }
         return Ok((at, Some(key.to_string())));
     }
     if is_tensor(machine, root) || count_tensors(machine, root) > 0 {
         return Ok((root.clone(), None));
     }
-    // Dicts holding tensors, up to SEARCH_DEPTH levels down (not inside each other).
-    let mut found: Vec<(String, Value)> = Vec::new();
-    let mut pending = std::collections::VecDeque::from([(String::new(), root.clone(), 0)]);
-    let mut seen = std::collections::HashSet::new();
-    while let Some((at, value, depth)) = pending.pop_front() {
-        let Some((items, _)) = dict_items(machine, &value) else { continue };
-        if let Value::Ref(i) = value {
-            if !seen.insert(i) {
-                continue;
-            }
+    let mut found = holders(machine, root, "", false, false);
+    if found.is_empty() {
+        // No torch tensor anywhere: numpy arrays may be the weights.
+        if count_weights(machine, root, true) > 0 {
+            return Ok((root.clone(), None));
         }
-        for (k, v) in items {
-            let Some(k) = key_text(k) else { continue };
-            let name = if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
-            if count_tensors(machine, v) > 0 {
-                found.push((name, v.clone()));
-            } else if depth + 1 < SEARCH_DEPTH {
-                pending.push_back((name, v.clone(), depth + 1));
-            }
-        }
+        found = holders(machine, root, "", true, false);
     }
     match found.len() {
         0 => Err(bad(path, "no tensors found in the checkpoint")),
@@ -487,6 +899,40 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
     // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
     let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
     let view: &[u8] = &map;
+    let mut machine = Machine::default();
+    let (root, records) = if view.starts_with(&super::LEGACY_TORCH_MAGIC) {
+        legacy_program(path, view, &mut machine)?
+    } else {
+        zip_program(path, view, &mut machine)?
+    };
+    let (chosen, key) = select(&machine, &root, key, path)?;
+    let mut archive = Archive { path, map: view, records, bytes, storages: HashMap::new() };
+    let others = others_of(&machine, &root, &chosen, key.as_deref());
+    let (weights, attrs, skipped) = weights_of(&machine, &chosen, path)?;
+    super::check_entries(path, "torch.save checkpoint", weights.len())?;
+    let mut tensors = Vec::with_capacity(weights.len());
+    for (name, v) in weights {
+        let t = if is_array(&machine, &v) {
+            array(&machine, &v).map_err(|m| bad(path, format!("tensor {name}: {m}")))?
+        } else {
+            tensor(&machine, &mut archive, &v, 0).map_err(|e| match e {
+                Error::Format { path, format, message } => {
+                    Error::Format { path, format, message: format!("tensor {name}: {message}") }
+                }
+                other => other,
+            })?
+        };
+        tensors.push((name, t));
+    }
+    let metadata_json = attrs
+        .iter()
+        .find(|(k, _)| key_text(k) == Some("_metadata"))
+        .map(|(_, v)| to_json(&machine, v, 0).to_string());
+    Ok(Loaded { tensors, key, metadata_json, skipped, others })
+}
+
+/// Runs the zip format's `data.pkl`: its value, and where the storages are.
+fn zip_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Result<(Value, Records<'a>)> {
     let mut zip = zip::ZipArchive::new(Cursor::new(view)).map_err(|e| bad(path, e.to_string()))?;
     super::check_unique_members(path, FORMAT, &mut zip)?;
     let pickle_name = zip
@@ -510,39 +956,119 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
         super::check_expansion(path, FORMAT, "data.pkl", entry.compressed_size(), declared)?;
         entry.take(declared).read_to_end(&mut program).map_err(|e| bad(path, format!("data.pkl: {e}")))?;
     }
-    let mut machine = Machine::default();
     let root = machine.run(&program).map_err(|e| bad(path, e.to_string()))?;
-    let (chosen, key) = select(&machine, &root, key, path)?;
-    let mut archive = Archive { path, map: view, zip, prefix, bytes, storages: HashMap::new() };
-    if is_tensor(&machine, &chosen) {
-        let name = path.file_stem().map_or("tensor".into(), |s| s.to_string_lossy().into_owned());
-        let t = tensor(&machine, &mut archive, &chosen, 0)?;
-        return Ok(Loaded { tensors: vec![(name, t)], key, metadata_json: None, skipped: 0 });
+    Ok((root, Records::Zip { zip, prefix }))
+}
+
+/// Runs the legacy format (PyTorch < 1.6, or `_use_new_zipfile_serialization=False`):
+/// five pickles — the magic number, the protocol version (1001), the system
+/// information, the object, the sorted list of storage keys — then each
+/// storage as an 8-byte element count and its bytes. Every record is checked
+/// against the file's length and the element counts its tensors need.
+fn legacy_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Result<(Value, Records<'a>)> {
+    let legacy = |m: String| bad(path, format!("legacy format: {m}"));
+    let mut run =
+        |at: usize, what: &str| machine.run_from(view, at).map_err(|e| legacy(format!("the {what}: {e}")));
+    let (_magic, at) = run(0, "magic number")?;
+    let (version, at) = run(at, "protocol version")?;
+    if version != Value::Int(1001) {
+        return Err(legacy(format!("protocol version {version:?}, this reader knows 1001")));
     }
-    let (items, attrs) =
-        dict_items(&machine, &chosen).ok_or_else(|| bad(path, "the state dict is not a dict"))?;
-    super::check_entries(path, "torch.save checkpoint", items.len())?;
-    let mut tensors = Vec::with_capacity(items.len());
-    let mut skipped = 0;
-    for (k, v) in items {
-        match (key_text(k), is_tensor(&machine, v)) {
-            (Some(name), true) => {
-                let t = tensor(&machine, &mut archive, v, 0).map_err(|e| match e {
-                    Error::Format { path, format, message } => {
-                        Error::Format { path, format, message: format!("tensor {name}: {message}") }
-                    }
-                    other => other,
-                })?;
-                tensors.push((name.to_string(), t));
+    let (_system, at) = run(at, "system information")?;
+    let (root, at) = run(at, "object")?;
+    let (keys, mut at) = run(at, "storage key list")?;
+    let keys: Vec<String> = match tuple_items(machine, &keys) {
+        Some(items) => items
+            .iter()
+            .map(|k| key_text(k).map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| legacy("a storage key is not a string".into()))?,
+        None => return Err(legacy("the storage key list is not a list".into())),
+    };
+    super::check_entries(path, "legacy torch.save checkpoint", keys.len())?;
+    // Each key's element size, from the storage types its references name.
+    let mut sizes: HashMap<&str, usize> = HashMap::new();
+    for pid in &machine.persistent {
+        if let Some([Value::Str(_), Value::Global(_, class), Value::Str(key), ..]) = tuple_items(machine, pid)
+        {
+            if let Some(kind) = storage_kind(class) {
+                sizes.insert(key, dtype::size(kind));
             }
-            _ => skipped += 1,
         }
     }
-    let metadata_json = attrs
-        .iter()
-        .find(|(k, _)| key_text(k) == Some("_metadata"))
-        .map(|(_, v)| to_json(&machine, v, 0).to_string());
-    Ok(Loaded { tensors, key, metadata_json, skipped })
+    let mut records = HashMap::with_capacity(keys.len());
+    for key in keys {
+        let header =
+            view.get(at..at + 8).ok_or_else(|| legacy(format!("storage {key}: the file ends early")))?;
+        let count = u64::from_le_bytes(header.try_into().map_err(|_| legacy("short header".into()))?);
+        at += 8;
+        let size = *sizes
+            .get(key.as_str())
+            .ok_or_else(|| legacy(format!("storage {key} is listed but no tensor uses it")))?;
+        let len =
+            count.checked_mul(size as u64).filter(|&l| l <= (view.len() - at) as u64).ok_or_else(|| {
+                legacy(format!("storage {key} declares {count} elements, more than the file holds"))
+            })?;
+        records.insert(key, (at as u64, count));
+        at += len as usize;
+    }
+    Ok((root, Records::Legacy(records)))
+}
+
+/// The named weights of the chosen value — a tensor, a numpy array, a pickled
+/// module (its `state_dict()`), or a dict of them (string or integer keys) —
+/// with the dict's attributes and how many of its values are not weights.
+type Weights<'m> = (Vec<(String, Value)>, &'m [(Value, Value)], usize);
+
+fn weights_of<'m>(machine: &'m Machine, chosen: &Value, path: &Path) -> Result<Weights<'m>> {
+    let stem = || path.file_stem().map_or("tensor".into(), |s| s.to_string_lossy().into_owned());
+    if is_tensor(machine, chosen) || is_array(machine, chosen) {
+        return Ok((vec![(stem(), chosen.clone())], &[], 0));
+    }
+    if is_module(machine, chosen) {
+        let mut out = Vec::new();
+        module_state(machine, chosen, "", &mut out, 0)
+            .map_err(|m| bad(path, format!("pickled module: {m}")))?;
+        return Ok((out, &[], 0));
+    }
+    let (items, attrs) =
+        dict_items(machine, chosen).ok_or_else(|| bad(path, "the state dict is not a dict"))?;
+    let mut weights = Vec::with_capacity(items.len());
+    let mut skipped = 0;
+    for (k, v) in items {
+        if !(is_tensor(machine, v) || is_array(machine, v)) {
+            skipped += 1;
+            continue;
+        }
+        let name = key_name(k).ok_or_else(|| {
+            bad(
+                path,
+                format!("a tensor is stored under a key of type {}, which cannot name it", kind_of_key(k)),
+            )
+        })?;
+        weights.push((name, v.clone()));
+    }
+    Ok((weights, attrs, skipped))
+}
+
+/// What the checkpoint holds besides the state dict read: each other entry
+/// of the root dict, described; and a pickled module's class.
+fn others_of(machine: &Machine, root: &Value, chosen: &Value, key: Option<&str>) -> Vec<(String, String)> {
+    let mut others = Vec::new();
+    if is_module(machine, chosen) {
+        let class = class_of(machine, chosen).unwrap_or_default();
+        others.push(("(pickled module)".to_string(), format!("{class}, read as its state_dict() would be")));
+    }
+    let Some(key) = key else { return others };
+    let Some((items, _)) = dict_items(machine, root) else { return others };
+    for (k, v) in items {
+        let Some(name) = key_name(k) else { continue };
+        if key == name || key.starts_with(&format!("{name}.")) {
+            continue;
+        }
+        others.push((name, describe(machine, v)));
+    }
+    others
 }
 
 /// Pickle opcodes, as the writer emits them.

@@ -23,6 +23,7 @@ pub struct Checkpoint {
     tensors: Vec<Tensor>,
     metadata: BTreeMap<String, String>,
     key: Option<String>,
+    others: Vec<(String, String)>,
 }
 
 // SAFETY: the one field that is not `Sync` is `tensors: Vec<Tensor>` (tch's
@@ -52,43 +53,35 @@ impl Checkpoint {
     }
 
     pub(crate) fn open_as(path: &Path, format: Format, key: Option<&str>) -> Result<Self> {
-        if key.is_some() && format != Format::TorchSave {
+        if key.is_some() && !matches!(format, Format::TorchSave | Format::TorchSaveLegacy) {
             return Err(Error::Unsupported {
                 path: path.into(),
                 format,
                 hint: "--key selects inside torch.save checkpoints only".into(),
             });
         }
-        let (tensors, metadata) =
-            match format {
-                Format::Safetensors => safetensors::read(path)?,
-                Format::SafetensorsIndex => safetensors::read_sharded(path)?,
-                Format::TchArchive => (tch_archive::read(path)?, BTreeMap::new()),
-                Format::Npz => (npz::read(path)?, BTreeMap::new()),
-                Format::TorchSave => {
-                    let loaded = torch_pickle::read(path, key)?;
-                    let metadata = torch_pickle::metadata_of(&loaded);
-                    let mut checkpoint =
-                        Self::from_tensors(path.display().to_string(), format, loaded.tensors, metadata)?;
-                    checkpoint.key = loaded.key;
-                    return Ok(checkpoint);
-                }
-                Format::TorchScript => {
-                    return Err(Error::Unsupported {
-                        path: path.into(),
-                        format,
-                        hint: "open it as a module (transplant::store::open or ModuleStore::open)".into(),
-                    })
-                }
-                Format::TorchSaveLegacy => return Err(Error::Unsupported {
+        let (tensors, metadata) = match format {
+            Format::Safetensors => safetensors::read(path)?,
+            Format::SafetensorsIndex => safetensors::read_sharded(path)?,
+            Format::TchArchive => (tch_archive::read(path)?, BTreeMap::new()),
+            Format::Npz => (npz::read(path)?, BTreeMap::new()),
+            Format::TorchSave | Format::TorchSaveLegacy => {
+                let loaded = torch_pickle::read(path, key)?;
+                let metadata = torch_pickle::metadata_of(&loaded);
+                let mut checkpoint =
+                    Self::from_tensors(path.display().to_string(), format, loaded.tensors, metadata)?;
+                checkpoint.key = loaded.key;
+                checkpoint.others = loaded.others;
+                return Ok(checkpoint);
+            }
+            Format::TorchScript => {
+                return Err(Error::Unsupported {
                     path: path.into(),
                     format,
-                    hint:
-                        "re-save it in the zip format: in Python, `torch.save(torch.load(path), new_path)` \
-                           with PyTorch 1.6 or later"
-                            .into(),
-                }),
-            };
+                    hint: "open it as a module (transplant::store::open or ModuleStore::open)".into(),
+                })
+            }
+        };
         Self::from_tensors(path.display().to_string(), format, tensors, metadata)
     }
 
@@ -109,7 +102,7 @@ impl Checkpoint {
         }
         let entries = tensors.iter().map(|(n, t)| Entry::inferred(n.clone(), t)).collect();
         let tensors = tensors.into_iter().map(|(_, t)| t).collect();
-        Ok(Self { origin, format, entries, tensors, metadata, key: None })
+        Ok(Self { origin, format, entries, tensors, metadata, key: None, others: Vec::new() })
     }
 
     /// The same checkpoint with its tensors on `device` and, with `dtype`, its
@@ -194,6 +187,9 @@ impl Source for Checkpoint {
     }
     fn metadata(&self) -> BTreeMap<String, String> {
         self.metadata.clone()
+    }
+    fn others(&self) -> Vec<(String, String)> {
+        self.others.clone()
     }
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)

@@ -18,7 +18,7 @@ use tch::Tensor;
 
 pub use checkpoint::Checkpoint;
 pub use script::ModuleStore;
-pub use summary::{Summary, Total};
+pub use summary::{Other, Summary, Total};
 pub use varstore::VarStoreView;
 
 use crate::entry::{Entry, EntryOrder};
@@ -73,6 +73,11 @@ pub trait Source: Send + Sync {
     /// The file's own metadata (safetensors `__metadata__`), where it has some.
     fn metadata(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
+    }
+    /// What a checkpoint holds besides the tensors read, each described
+    /// (`args`: `argparse.Namespace (not read)`, `epoch`: `12`).
+    fn others(&self) -> Vec<(String, String)> {
+        Vec::new()
     }
 }
 

@@ -24,6 +24,15 @@ pub struct Total {
     pub bytes: u64,
 }
 
+/// An entry of a checkpoint that is not part of the state dict read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Other {
+    /// Its key (`args`, `epoch`).
+    pub key: String,
+    /// What it holds (`argparse.Namespace (not read)`, `12`).
+    pub value: String,
+}
+
 /// A store described: every entry, totals per role and dtype, and the grand total.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -41,6 +50,10 @@ pub struct Summary {
     pub tensors: usize,
     /// Bytes of data.
     pub bytes: u64,
+    /// What the file holds besides the tensors read (the other entries of a
+    /// checkpoint dict, a pickled module's class), each described.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<Other>,
 }
 
 impl Summary {
@@ -69,6 +82,7 @@ impl Summary {
             bytes: entries.iter().map(Entry::bytes).sum(),
             totals: totals.into_values().collect(),
             entries,
+            others: store.others().into_iter().map(|(key, value)| Other { key, value }).collect(),
         }
     }
 }
@@ -133,7 +147,15 @@ impl fmt::Display for Summary {
                 human_bytes(total.bytes)
             )?;
         }
-        write!(f, "  {} tensors, {}", self.tensors, human_bytes(self.bytes))
+        write!(f, "  {} tensors, {}", self.tensors, human_bytes(self.bytes))?;
+        if !self.others.is_empty() {
+            write!(f, "\nalso in the file, not read as tensors:")?;
+            let width = self.others.iter().map(|o| escaped(&o.key).chars().count()).max().unwrap_or(0);
+            for o in &self.others {
+                write!(f, "\n  {:<width$}  {}", escaped(&o.key), escaped(&o.value))?;
+            }
+        }
+        Ok(())
     }
 }
 

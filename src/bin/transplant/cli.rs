@@ -51,8 +51,8 @@ pub enum Command {
     ///
     /// OUT keeps DST's kind (a TorchScript module stays a module, with DST's code
     /// and SRC's weights) unless its extension names a state-dict format
-    /// (.safetensors, .pth/.bin, .ot, .npz). OUT is written whole or not at all;
-    /// SRC and DST are never modified.
+    /// (.safetensors, .safetensors.index.json for shards, .pth/.bin, .ot, .npz).
+    /// OUT is written whole or not at all; SRC and DST are never modified.
     Copy {
         /// The model to copy from.
         src: PathBuf,
@@ -75,6 +75,10 @@ pub enum Command {
         /// Write the result even if some tensors have no counterpart (exit 3).
         #[arg(long)]
         allow_partial: bool,
+        /// With a .safetensors.index.json OUT: the most bytes of tensors per shard
+        /// (`5GB`, `500MB`, `2GiB`, bytes); default 5GB.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_shard_size: Option<u64>,
         /// Allow casts that lose information (float to integer, values out of the
         /// target dtype's range); each is still reported.
         #[arg(long)]

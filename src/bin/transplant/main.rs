@@ -178,10 +178,13 @@ fn run(command: Command) -> Result<Outcome> {
             device,
             dtype,
             allow_partial,
+            max_shard_size,
             allow_lossy,
             json,
         } => {
             transfer::check_output(&out, &inputs(&[&src, &dst], &args, plan.as_deref()))?;
+            transfer::check_shards(&out, &src)?;
+            transfer::check_shards(&out, &dst)?;
             let (mapping, mut policy) = mapping(&args)?;
             policy.allow_lossy_casts = allow_lossy;
             let device = transfer::device(&device)?;
@@ -223,7 +226,7 @@ fn run(command: Command) -> Result<Outcome> {
             let bar = progress::Bar::default();
             let options = CopyOptions { progress: Some(&bar), ..CopyOptions::default() };
             let copied = copy_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
-            let written = transfer::write_output(target.as_ref(), &out)?;
+            let written = transfer::write_output(target.as_ref(), &out, max_shard_size)?;
             let report = Report::new(&plan, &policy, Some(copied));
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;
             if !json {

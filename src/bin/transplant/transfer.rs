@@ -230,7 +230,22 @@ pub struct Written {
 /// module stays a module, with its code and the new tensors), unless `out`'s
 /// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
 /// `.ot`, `.npz`), which then gets the target's state dict.
-pub fn write_output(target: &dyn Target, out: &Path) -> Result<Written> {
+pub fn write_output(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> Result<Written> {
+    if out.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors.index.json") {
+        let max = max_shard_bytes.unwrap_or(transplant::DEFAULT_MAX_SHARD_BYTES);
+        let files = transplant::save_sharded(target, out, max)?;
+        return Ok(Written {
+            path: out.into(),
+            kind: format!("sharded safetensors, {} shard(s)", files.len() - 1),
+        });
+    }
+    if max_shard_bytes.is_some() {
+        return Err(Error::Output {
+            path: out.into(),
+            reason: "--max-shard-size writes sharded safetensors: name the index, as DIR/model.safetensors.index.json"
+                .into(),
+        });
+    }
     let asked = Format::for_extension(out);
     let own = match target.kind() {
         StoreKind::Checkpoint(f) => Some(f),
@@ -247,12 +262,6 @@ pub fn write_output(target: &dyn Target, out: &Path) -> Result<Written> {
             .collect();
         Checkpoint::from_tensors(target.origin(), format, named, BTreeMap::new())?.save_as(out, format)?;
         return Ok(Written { path: out.into(), kind: format.to_string() });
-    }
-    if asked == Some(Format::SafetensorsIndex) {
-        return Err(Error::Output {
-            path: out.into(),
-            reason: "writing sharded checkpoints is not supported".into(),
-        });
     }
     target.save(out)?;
     // A sharded checkpoint is saved as one safetensors file.
