@@ -236,6 +236,8 @@ pub enum Format {
     TchArchive,
     /// A numpy `.npz` archive of `.npy` arrays.
     Npz,
+    /// A PyTorch Distributed Checkpoint folder (`.metadata` and `.distcp` files).
+    DistributedCheckpoint,
 }
 
 impl Format {
@@ -272,6 +274,7 @@ impl fmt::Display for Format {
             Format::SafetensorsIndex => "sharded safetensors index",
             Format::TchArchive => "tch archive (.ot)",
             Format::Npz => "npz",
+            Format::DistributedCheckpoint => "distributed checkpoint",
         })
     }
 }

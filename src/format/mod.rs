@@ -1,4 +1,5 @@
 //! On-disk formats: one file each, and [`sniff`], which tells them apart by content.
+pub mod dcp;
 pub mod npz;
 pub mod pickle;
 pub mod safetensors;
@@ -211,6 +212,9 @@ const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// entries), not from its extension — except where two formats share one
 /// container and only the extension tells them apart (see `tch_archive`).
 pub fn sniff(path: &Path) -> Result<Format> {
+    if dcp::is_checkpoint(path) {
+        return Ok(Format::DistributedCheckpoint);
+    }
     let mut file = crate::files::open_regular(path)?;
     let metadata = file.metadata().map_err(|source| Error::Io { path: path.into(), source })?;
     if metadata.len() == 0 {

@@ -137,6 +137,8 @@ pub fn allowed(module: &str, name: &str) -> bool {
                 )
         }
         "torch.storage" => matches!(name, "UntypedStorage" | "TypedStorage" | "_load_from_bytes"),
+        // A layout by its name (Distributed Checkpoint metadata).
+        "torch.serialization" => name == "_get_layout",
         "builtins" | "__builtin__" => matches!(name, "set" | "frozenset" | "slice" | "complex" | "bytearray"),
         "_codecs" => name == "encode",
         "numpy.core.multiarray" | "numpy._core.multiarray" => matches!(name, "scalar" | "_reconstruct"),
@@ -189,7 +191,6 @@ const DANGEROUS_MODULES: &[&str] = &[
     "shelve",
     "tempfile",
     "glob",
-    "pathlib",
     "io",
     "_io",
     "urllib",
@@ -241,7 +242,10 @@ const DANGEROUS_BUILTINS: &[&str] = &[
 /// pickles when called (see the README's list): such a pickle is refused.
 pub fn dangerous(module: &str, name: &str) -> bool {
     let top = module.split('.').next().unwrap_or(module);
-    let dunder = name.split('.').any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__"));
+    // A qualified name reaches an attribute of a class (`Path.write_text`),
+    // which a REDUCE would call: only plain class and function names are kept.
+    let qualified = name.contains('.');
+    let dunder = name.len() > 4 && name.starts_with("__") && name.ends_with("__");
     DANGEROUS_MODULES.contains(&top)
         || (matches!(module, "builtins" | "__builtin__") && DANGEROUS_BUILTINS.contains(&name))
         || (module == "operator" && matches!(name, "attrgetter" | "methodcaller"))
@@ -262,6 +266,7 @@ pub fn dangerous(module: &str, name: &str) -> bool {
         ]
         .iter()
         .any(|m| module == *m || module.starts_with(&format!("{m}.")))
+        || qualified
         || dunder
 }
 

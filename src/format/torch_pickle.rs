@@ -157,7 +157,8 @@ impl Archive<'_> {
             Tensor::from_slice(&data)
         };
         let raw = raw.f_narrow(0, 0, expected as i64).map_err(|e| bad(path, e.to_string()))?;
-        let aligned = start as usize % dtype::size(kind) == 0 || !stored;
+        // Aligned in the buffer the view reads (a blob may start anywhere in its file).
+        let aligned = raw.storage_offset() as usize % dtype::size(kind) == 0 || !stored;
         let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
         let typed = raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))?;
         self.storages.insert(key.to_string(), typed.shallow_clone());
@@ -186,8 +187,8 @@ fn legacy_storage(
         return Err(bad(path, format!("storage {key} runs past the end of the file")));
     }
     let raw = bytes.f_narrow(0, start as i64, len as i64).map_err(|e| bad(path, e.to_string()))?;
-    let raw =
-        if start % size == 0 { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
+    let aligned = raw.storage_offset() as u64 % size == 0;
+    let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
     raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
 }
 
@@ -898,7 +899,14 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
     let map = Arc::new(map);
     // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
     let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
-    let view: &[u8] = &map;
+    read_from(path, &bytes, &map, key)
+}
+
+/// [`read`] of a `torch.save` stream held in `view`, whose bytes `bytes` (a
+/// 1-D `uint8` tensor) also holds: a file, or one blob inside a larger one (a
+/// Distributed Checkpoint's `.distcp` file). Tensors are views into `bytes`.
+pub(crate) fn read_from(path: &Path, bytes: &Tensor, view: &[u8], key: Option<&str>) -> Result<Loaded> {
+    let bytes = bytes.shallow_clone();
     let mut machine = Machine::default();
     let (root, records) = if view.starts_with(&super::LEGACY_TORCH_MAGIC) {
         legacy_program(path, view, &mut machine)?
@@ -929,6 +937,14 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
         .find(|(k, _)| key_text(k) == Some("_metadata"))
         .map(|(_, v)| to_json(&machine, v, 0).to_string());
     Ok(Loaded { tensors, key, metadata_json, skipped, others })
+}
+
+/// What the `torch.save` stream in `view` holds, in one line, when it is not a
+/// tensor (a Distributed Checkpoint's `step`, say).
+pub(crate) fn describe_stream(path: &Path, view: &[u8]) -> Result<String> {
+    let mut machine = Machine::default();
+    let (root, _) = zip_program(path, view, &mut machine)?;
+    Ok(describe(&machine, &root))
 }
 
 /// Runs the zip format's `data.pkl`: its value, and where the storages are.

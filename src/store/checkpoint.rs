@@ -53,11 +53,13 @@ impl Checkpoint {
     }
 
     pub(crate) fn open_as(path: &Path, format: Format, key: Option<&str>) -> Result<Self> {
-        if key.is_some() && !matches!(format, Format::TorchSave | Format::TorchSaveLegacy) {
+        if key.is_some()
+            && !matches!(format, Format::TorchSave | Format::TorchSaveLegacy | Format::DistributedCheckpoint)
+        {
             return Err(Error::Unsupported {
                 path: path.into(),
                 format,
-                hint: "--key selects inside torch.save checkpoints only".into(),
+                hint: "--key selects inside torch.save checkpoints and Distributed Checkpoints only".into(),
             });
         }
         let (tensors, metadata) = match format {
@@ -65,6 +67,18 @@ impl Checkpoint {
             Format::SafetensorsIndex => safetensors::read_sharded(path)?,
             Format::TchArchive => (tch_archive::read(path)?, BTreeMap::new()),
             Format::Npz => (npz::read(path)?, BTreeMap::new()),
+            Format::DistributedCheckpoint => {
+                let contents = crate::format::dcp::read(path, key)?;
+                let mut checkpoint = Self::from_tensors(
+                    path.display().to_string(),
+                    format,
+                    contents.tensors,
+                    BTreeMap::new(),
+                )?;
+                checkpoint.key = contents.key;
+                checkpoint.others = contents.others;
+                return Ok(checkpoint);
+            }
             Format::TorchSave | Format::TorchSaveLegacy => {
                 let loaded = torch_pickle::read(path, key)?;
                 let metadata = torch_pickle::metadata_of(&loaded);
@@ -178,7 +192,9 @@ impl Source for Checkpoint {
     /// formats do not record a registration order.
     fn entry_order(&self) -> EntryOrder {
         match self.format {
-            Format::TorchSave | Format::TorchSaveLegacy => EntryOrder::Registration,
+            Format::TorchSave | Format::TorchSaveLegacy | Format::DistributedCheckpoint => {
+                EntryOrder::Registration
+            }
             _ => EntryOrder::Unknown,
         }
     }
