@@ -83,6 +83,13 @@ FILE.expected.safetensors (input, the model's output):
   conv1d_mlp.pt, linear_mlp.pt    a GPT-2 style MLP (Conv1D, weight [in, out]) and the
                                   same MLP with nn.Linear (weight [out, in])
 
+Distributed Checkpoints (dcp/, tests/dcp.rs), saved by torch.distributed.checkpoint
+from two ranks (a gloo process group on CPU, torch.multiprocessing):
+  two_ranks/        {"model": bn_net_a's state dict, "step": 5}: tensors whose first
+                    dimension is even sharded on it across the ranks (DTensor Shard(0)),
+                    the others replicated or plain; and {"optim": ...} tensors beside
+  dcp.expected.json the model's tensors as PyTorch holds them (full, unsharded)
+
 The demo (demo/, used by scripts/demo.sh):
   state_dict.pth     torch.save(model.state_dict()) of a trained BnNet
   renamed_module.pt  the same network scripted with every attribute named differently
@@ -852,6 +859,53 @@ def write_transform_cases(out: str) -> None:
         save_expected(os.path.join(folder, f"{name}.expected.safetensors"), model, (2, 5, 8))
 
 
+def _save_dcp_rank(rank: int, world: int, state_path: str, out: str, port: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.load(state_path, weights_only=True)
+    model = {}
+    for k, v in full.items():
+        if v.dim() >= 1 and v.shape[0] % world == 0:
+            model[k] = distribute_tensor(v, mesh, [Shard(0)])
+        elif v.dim() >= 1:
+            model[k] = distribute_tensor(v, mesh, [Replicate()])
+        else:
+            model[k] = v
+    optim = {f"state.{k}.exp_avg": torch.zeros_like(v) for k, v in list(full.items())[:2]}
+    dcp.save({"model": model, "optim": optim, "step": 5}, checkpoint_id=out)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_dcp(out: str) -> None:
+    """bn_net_a's state dict as a Distributed Checkpoint written by two ranks."""
+    import torch.multiprocessing as mp
+
+    folder = os.path.join(out, "dcp")
+    os.makedirs(folder, exist_ok=True)
+    state = torch.jit.load(os.path.join(out, "bn_net_a.pt")).state_dict()
+    state_path = os.path.join(folder, "state.pth")
+    torch.save(dict(state), state_path)
+    mp.spawn(_save_dcp_rank, args=(2, state_path, os.path.join(folder, "two_ranks"), free_port()), nprocs=2)
+    os.remove(state_path)
+    with open(os.path.join(folder, "dcp.expected.json"), "w") as f:
+        json.dump({"tensors": [tensor_record(k, v) for k, v in state.items()]}, f, indent=1)
+
+
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("target", "fixtures")
     os.makedirs(out, exist_ok=True)
@@ -867,6 +921,7 @@ def main() -> None:
     write_tied(out)
     write_rule_library(out)
     write_transform_cases(out)
+    write_dcp(out)
     # Written last: the tests take its presence to mean every fixture is there.
     open(os.path.join(out, "COMPLETE"), "w").close()
     print(f"fixtures written to {out}", file=sys.stderr)

@@ -85,6 +85,32 @@ pub(crate) fn write_set_atomically(
     result
 }
 
+/// Writes a folder (a Distributed Checkpoint) as one: into a temporary folder
+/// next to `path`, renamed into place only when `write` succeeded; an error
+/// removes it. `path` must not exist: a folder is never replaced.
+pub(crate) fn write_folder_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(Error::Output {
+            path: path.into(),
+            reason: "exists; a checkpoint folder is written whole into a new path, never over one".into(),
+        });
+    }
+    let trimmed: PathBuf = path.components().collect();
+    let (folder, temp) = temporary(&trimmed)?;
+    std::fs::create_dir(&temp).map_err(|source| Error::Io { path: temp.clone(), source })?;
+    let result = write(&temp).and_then(|()| {
+        for entry in std::fs::read_dir(&temp).map_err(|source| Error::Io { path: temp.clone(), source })? {
+            let entry = entry.map_err(|source| Error::Io { path: temp.clone(), source })?;
+            sync(&entry.path(), path)?;
+        }
+        commit(&temp, &trimmed, &folder)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
 /// A temporary path next to `path` (hidden, unique to this process and write),
 /// after checking that `path` may be written; and `path`'s folder.
 fn temporary(path: &Path) -> Result<(PathBuf, PathBuf)> {

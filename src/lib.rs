@@ -25,8 +25,8 @@ mod report;
 mod slot;
 
 pub use convert::{
-    convert, plan_conversion, save_sharded, ConvertOptions, Converted, Outline, WrittenFile,
-    DEFAULT_MAX_SHARD_BYTES,
+    convert, plan_conversion, save_distributed, save_sharded, ConvertOptions, Converted, Outline,
+    WrittenFile, DEFAULT_MAX_SHARD_BYTES,
 };
 pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};

@@ -114,6 +114,9 @@ pub struct Converted {
 /// The format `out` is written in.
 fn format_of(out: &Path, options: &ConvertOptions) -> Result<Format> {
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+    if out.as_os_str().to_string_lossy().ends_with('/') && options.max_shard_bytes.is_none() {
+        return Ok(Format::DistributedCheckpoint);
+    }
     let format = options.format.or_else(|| Format::for_extension(out)).or_else(|| {
         // `.pt` holds modules and state dicts alike; a conversion writes state dicts.
         name.ends_with(".pt").then_some(Format::TorchSave)
@@ -136,7 +139,8 @@ fn format_of(out: &Path, options: &ConvertOptions) -> Result<Format> {
         _ => Err(Error::Output {
             path: out.into(),
             reason: "cannot tell the format to write from the name: end it in .safetensors, \
-                     .safetensors.index.json (sharded), .pth, .bin, .pt, .npz or .ot"
+                     .safetensors.index.json (sharded), .pth, .bin, .pt, .npz or .ot, or in / for a \
+                     Distributed Checkpoint folder"
                 .into(),
         }),
     }
@@ -339,6 +343,14 @@ pub fn convert(
             }
             result?
         }
+        Format::DistributedCheckpoint => {
+            let result = crate::format::dcp::write_stream(out, &outgoing, None, &mut released);
+            if let Some(progress) = options.progress {
+                progress.finish();
+            }
+            result?;
+            vec![WrittenFile { path: out.into(), tensors: outgoing.len(), bytes: total }]
+        }
         _ => {
             let result = crate::files::write_atomically(out, |temp| match format {
                 Format::Safetensors => {
@@ -411,4 +423,24 @@ pub fn save_sharded(store: &dyn Source, index: &Path, max_shard_bytes: u64) -> R
         })
     };
     write_shards(index, &outgoing, &metadata, max_shard_bytes, &mut produce)
+}
+
+/// Writes every tensor of `store` as a Distributed Checkpoint folder `out`
+/// (which must not exist): one writer, each tensor one chunk, names under
+/// `prefix.` when given (the key a checkpoint was read under); the folder
+/// appears whole or not at all. `torch.distributed.checkpoint.load` reads it
+/// and reshards it as its state dict asks.
+pub fn save_distributed(store: &dyn Source, out: &Path, prefix: Option<&str>) -> Result<()> {
+    let entries = store.entries();
+    let outgoing: Vec<Outgoing> = entries
+        .iter()
+        .map(|e| Outgoing { name: e.name.to_string(), kind: e.dtype, shape: e.shape.clone() })
+        .collect();
+    let mut produce = |i: usize| -> Result<Tensor> {
+        store.tensor(i).map(Tensor::shallow_clone).ok_or_else(|| Error::MissingTensor {
+            store: store.origin().to_string(),
+            tensor: entries[i].name.to_string(),
+        })
+    };
+    crate::format::dcp::write_stream(out, &outgoing, prefix, &mut produce)
 }

@@ -1088,27 +1088,27 @@ fn others_of(machine: &Machine, root: &Value, chosen: &Value, key: Option<&str>)
 }
 
 /// Pickle opcodes, as the writer emits them.
-struct Pickler {
-    out: Vec<u8>,
+pub(crate) struct Pickler {
+    pub(crate) out: Vec<u8>,
 }
 
 impl Pickler {
-    fn op(&mut self, op: u8) {
+    pub(crate) fn op(&mut self, op: u8) {
         self.out.push(op);
     }
-    fn global(&mut self, module: &str, name: &str) {
+    pub(crate) fn global(&mut self, module: &str, name: &str) {
         self.out.push(b'c');
         self.out.extend_from_slice(module.as_bytes());
         self.out.push(b'\n');
         self.out.extend_from_slice(name.as_bytes());
         self.out.push(b'\n');
     }
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.out.push(b'X');
         self.out.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.out.extend_from_slice(s.as_bytes());
     }
-    fn int(&mut self, n: i64) {
+    pub(crate) fn int(&mut self, n: i64) {
         if (0..256).contains(&n) {
             self.out.extend_from_slice(&[b'K', n as u8]);
         } else if (0..65536).contains(&n) {
@@ -1122,14 +1122,38 @@ impl Pickler {
             self.out.extend_from_slice(&n.to_le_bytes());
         }
     }
-    fn ints(&mut self, values: &[i64]) {
+    pub(crate) fn ints(&mut self, values: &[i64]) {
         self.op(b'(');
         for &v in values {
             self.int(v);
         }
         self.op(b't');
     }
-    fn ordered_dict(&mut self) {
+    /// `_rebuild_tensor_v2` of a contiguous tensor of `size` over storage `key`.
+    fn tensor(&mut self, class: &str, key: usize, size: &[i64]) {
+        let mut stride = vec![1i64; size.len()];
+        for d in (0..size.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * size[d + 1].max(1);
+        }
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.op(b'(');
+        self.op(b'(');
+        self.str("storage");
+        self.global("torch", class);
+        self.str(&key.to_string());
+        self.str("cpu");
+        self.int(size.iter().product::<i64>());
+        self.op(b't');
+        self.op(b'Q');
+        self.int(0);
+        self.ints(size);
+        self.ints(&stride);
+        self.op(0x89);
+        self.ordered_dict();
+        self.op(b't');
+        self.op(b'R');
+    }
+    pub(crate) fn ordered_dict(&mut self) {
         self.global("collections", "OrderedDict");
         self.op(b')');
         self.op(b'R');
@@ -1203,28 +1227,8 @@ pub(crate) fn write_stream(
             let storage = shared(i).map_or(i, |k| storage_of[k]);
             storage_of.push(storage);
             let (name, class, size) = (&o.name, *class, o.shape.clone());
-            let mut stride = vec![1i64; size.len()];
-            for d in (0..size.len().saturating_sub(1)).rev() {
-                stride[d] = stride[d + 1] * size[d + 1].max(1);
-            }
             p.str(name);
-            p.global("torch._utils", "_rebuild_tensor_v2");
-            p.op(b'(');
-            p.op(b'(');
-            p.str("storage");
-            p.global("torch", class);
-            p.str(&storage.to_string());
-            p.str("cpu");
-            p.int(size.iter().product::<i64>());
-            p.op(b't');
-            p.op(b'Q');
-            p.int(0);
-            p.ints(&size);
-            p.ints(&stride);
-            p.op(0x89);
-            p.ordered_dict();
-            p.op(b't');
-            p.op(b'R');
+            p.tensor(class, storage, &size);
         }
         p.op(b'u');
     }
@@ -1259,6 +1263,35 @@ pub(crate) fn write_stream(
     zip.write_all(b"3\n").map_err(io)?;
     let mut inner = zip.finish().map_err(zerr)?;
     inner.flush().map_err(io)
+}
+
+/// `torch.save(tensor)` of one tensor, as bytes: the stream a Distributed
+/// Checkpoint keeps each chunk in.
+pub(crate) fn tensor_stream(name: &str, tensor: &Tensor) -> Result<Vec<u8>> {
+    let path = Path::new(name);
+    let o = super::Outgoing { name: name.to_string(), kind: tensor.kind(), shape: tensor.size() };
+    let class = super::check_types(path, FORMAT, std::slice::from_ref(&o), storage_name)?[0];
+    let data = super::produce_checked(path, FORMAT, std::slice::from_ref(&o), 0, &mut |_| {
+        Ok(tensor.shallow_clone())
+    })?;
+    let mut p = Pickler { out: vec![0x80, 2] };
+    p.tensor(class, 0, &o.shape);
+    p.op(b'.');
+    let zerr = |e: zip::result::ZipError| bad(path, e.to_string());
+    let io = |source| Error::Io { path: path.into(), source };
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = zip::write::FileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(o.bytes() >= u32::MAX as usize);
+    zip.start_file_aligned("archive/data.pkl", options, 64).map_err(zerr)?;
+    zip.write_all(&p.out).map_err(io)?;
+    zip.start_file_aligned("archive/byteorder", options, 64).map_err(zerr)?;
+    zip.write_all(b"little").map_err(io)?;
+    zip.start_file_aligned("archive/data/0", options, 64).map_err(zerr)?;
+    zip.write_all(super::bytes_of(&data)).map_err(io)?;
+    zip.start_file_aligned("archive/version", options, 64).map_err(zerr)?;
+    zip.write_all(b"3\n").map_err(io)?;
+    Ok(zip.finish().map_err(zerr)?.into_inner())
 }
 
 /// Metadata key under which a checkpoint keeps the `_metadata` JSON.

@@ -231,6 +231,11 @@ pub struct Written {
 /// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
 /// `.ot`, `.npz`), which then gets the target's state dict.
 pub fn write_output(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> Result<Written> {
+    if out.as_os_str().to_string_lossy().ends_with('/') {
+        // A Distributed Checkpoint folder, under the key DST was read with.
+        transplant::save_distributed(target, out, target.key())?;
+        return Ok(Written { path: out.into(), kind: Format::DistributedCheckpoint.to_string() });
+    }
     if out.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors.index.json") {
         let max = max_shard_bytes.unwrap_or(transplant::DEFAULT_MAX_SHARD_BYTES);
         let files = transplant::save_sharded(target, out, max)?;
