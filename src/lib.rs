@@ -54,6 +54,7 @@ pub use transform::{Op, Transform};
 /// Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::format::dcp::read as read_distributed_checkpoint;
     pub use crate::format::pickle::Machine as PickleMachine;
     pub use crate::format::safetensors::read as read_safetensors;
     pub use crate::format::torch_pickle::read as read_torch_save;

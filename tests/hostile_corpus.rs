@@ -61,9 +61,12 @@ fn valid_sources(dir: &Path) -> Vec<PathBuf> {
         state.save(&path).unwrap();
         files.push(path);
     }
-    let training = dir.join("training.pth");
-    std::fs::copy(fixture("torch_save/training.pth"), &training).unwrap();
-    files.push(training);
+    // Round three: the legacy format, and a checkpoint with an inert placeholder.
+    for name in ["training.pth", "legacy.pth", "inert_payload.pth"] {
+        let copy = dir.join(name);
+        std::fs::copy(fixture(&format!("torch_save/{name}")), &copy).unwrap();
+        files.push(copy);
+    }
     files
 }
 
