@@ -88,6 +88,8 @@ from two ranks (a gloo process group on CPU, torch.multiprocessing):
   two_ranks/        {"model": bn_net_a's state dict, "step": 5}: tensors whose first
                     dimension is even sharded on it across the ranks (DTensor Shard(0)),
                     the others replicated or plain; and {"optim": ...} tensors beside
+  hf/               the same state dict saved by torch.distributed.checkpoint's
+                    HuggingFaceStorageWriter (sharded safetensors and an index)
   dcp.expected.json the model's tensors as PyTorch holds them (full, unsharded)
 
 The demo (demo/, used by scripts/demo.sh):
@@ -902,6 +904,10 @@ def write_dcp(out: str) -> None:
     torch.save(dict(state), state_path)
     mp.spawn(_save_dcp_rank, args=(2, state_path, os.path.join(folder, "two_ranks"), free_port()), nprocs=2)
     os.remove(state_path)
+    # The safetensors layout (HuggingFaceStorageWriter), from one process.
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(dict(state), storage_writer=dcp.HuggingFaceStorageWriter(path=os.path.join(folder, "hf")))
     with open(os.path.join(folder, "dcp.expected.json"), "w") as f:
         json.dump({"tensors": [tensor_record(k, v) for k, v in state.items()]}, f, indent=1)
 

@@ -133,3 +133,33 @@ fn copy_writes_sharded_safetensors_that_safetensors_reads_back() {
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("name the index"), "{}", run.stderr);
 }
+
+/// Each way of holding one state dict (zip, legacy, torch.save shards behind
+/// an index, next to an inert placeholder), copied into a TorchScript module,
+/// makes it compute exactly what the zip checkpoint makes it compute.
+#[test]
+fn copied_into_a_module_every_form_gives_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::expected_tensor("bn_net.expected.safetensors", "input");
+    let output_of = |file: &str| {
+        let out = dir.path().join(format!("{}.pt", file.replace('/', "_")));
+        let run = transplant([
+            "copy",
+            path(file).to_str().unwrap(),
+            fixture("bn_net_b.pt").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--strict",
+        ]);
+        assert_eq!(run.code, 0, "{file}: {}{}", run.stdout, run.stderr);
+        let mut module = transplant::ModuleStore::open(&out).unwrap();
+        module.module_mut().set_training(false).unwrap();
+        module.module().forward(&[input.shallow_clone()]).unwrap().remove(0)
+    };
+    let want = output_of("training.pth");
+    let untouched = common::expected_tensor("bn_net.expected.safetensors", "output_b");
+    assert!(!want.equal(&untouched), "the copy changed the module");
+    for file in ["legacy.pth", "sharded_bin/pytorch_model.bin.index.json", "inert_payload.pth"] {
+        assert!(output_of(file).equal(&want), "{file}");
+    }
+}

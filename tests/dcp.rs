@@ -47,6 +47,19 @@ fn a_checkpoint_saved_by_two_ranks_reads_equal_to_the_model() {
     assert!(run.stdout.contains("distributed checkpoint, state dict under key \"model\""), "{}", run.stdout);
 }
 
+/// torch.distributed.checkpoint's safetensors layout (HuggingFaceStorageWriter)
+/// is sharded safetensors with an index: read through the index.
+#[test]
+fn the_safetensors_layout_reads_through_its_index() {
+    let hf = transplant::open(fixture("dcp/hf/model.safetensors.index.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("dcp/dcp.expected.json")).unwrap();
+    let (mut want, _) = parse_records(&serde_json::from_str(&text).unwrap());
+    let mut got = store_records(hf.as_ref());
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn copied_into_a_module_it_computes_what_the_original_did() {
     let dir = tempfile::tempdir().unwrap();
