@@ -195,21 +195,8 @@ fn run(command: Command) -> Result<Outcome> {
                 Some(file) => Plan::replay(file, source.as_ref(), target.as_ref())?,
                 None => Plan::build(source.as_ref(), target.as_ref(), &mapping)?,
             };
-            let refused = |plan: &Plan, why: anyhow::Error| -> Result<Outcome> {
-                let report = Report::new(plan, &policy, None);
-                if json {
-                    emit(
-                        true,
-                        &WithExtra {
-                            value: &report,
-                            extra: serde_json::json!({ "error": error_json(&why) }),
-                        },
-                    )?;
-                } else {
-                    eprintln!("{report}");
-                }
-                Err(why)
-            };
+            let refused =
+                |plan: &Plan, why: anyhow::Error| refuse(&Report::new(plan, &policy, None), json, why);
             if let Err(e) = plan.check(&policy) {
                 return refused(&plan, e.into());
             }
@@ -262,19 +249,7 @@ fn run(command: Command) -> Result<Outcome> {
             let (plan, outline) = plan_conversion(source.as_ref(), &mapping, &out, dtype.map(kind_of))?;
             let report = Report::new(&plan, &policy, None);
             if let Err(e) = plan.check(&policy) {
-                let why = anyhow::Error::new(e);
-                if json {
-                    emit(
-                        true,
-                        &WithExtra {
-                            value: &report,
-                            extra: serde_json::json!({ "error": error_json(&why) }),
-                        },
-                    )?;
-                } else {
-                    eprintln!("{report}");
-                }
-                return Err(why);
+                return refuse(&report, json, e.into());
             }
             let bar = progress::Bar::default();
             let options = ConvertOptions {
@@ -320,6 +295,17 @@ fn run(command: Command) -> Result<Outcome> {
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
     }
+}
+
+/// A refused transfer: its report (on stdout as the one JSON document, with
+/// the error in it, under `--json`; else on stderr), then the error.
+fn refuse(report: &Report, json: bool, why: anyhow::Error) -> Result<Outcome> {
+    if json {
+        emit(true, &WithExtra { value: report, extra: serde_json::json!({ "error": error_json(&why) }) })?;
+    } else {
+        eprintln!("{report}");
+    }
+    Err(why)
 }
 
 /// The dtype a `--dtype` names.
