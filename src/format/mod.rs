@@ -3,6 +3,7 @@ pub mod dcp;
 pub mod npz;
 pub mod pickle;
 pub mod safetensors;
+pub mod script_archive;
 pub mod tch_archive;
 pub mod torch_pickle;
 

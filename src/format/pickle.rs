@@ -139,6 +139,11 @@ pub fn allowed(module: &str, name: &str) -> bool {
         "torch.storage" => matches!(name, "UntypedStorage" | "TypedStorage" | "_load_from_bytes"),
         // A layout by its name (Distributed Checkpoint metadata).
         "torch.serialization" => name == "_get_layout",
+        // TorchScript's typed lists and type tags in a module's data.pkl.
+        "torch.jit._pickle" => matches!(
+            name,
+            "build_intlist" | "build_tensorlist" | "build_doublelist" | "build_boollist" | "restore_type_tag"
+        ),
         "builtins" | "__builtin__" => matches!(name, "set" | "frozenset" | "slice" | "complex" | "bytearray"),
         "_codecs" => name == "encode",
         "numpy.core.multiarray" | "numpy._core.multiarray" => matches!(name, "scalar" | "_reconstruct"),

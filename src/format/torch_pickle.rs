@@ -94,16 +94,16 @@ fn storage_name(kind: Kind) -> Option<&'static str> {
 }
 
 /// The archive, mapped, and what is needed to find storages in it.
-struct Archive<'a> {
-    path: &'a Path,
-    map: &'a [u8],
-    records: Records<'a>,
-    bytes: Tensor,
-    storages: HashMap<String, Tensor>,
+pub(super) struct Archive<'a> {
+    pub(super) path: &'a Path,
+    pub(super) map: &'a [u8],
+    pub(super) records: Records<'a>,
+    pub(super) bytes: Tensor,
+    pub(super) storages: HashMap<String, Tensor>,
 }
 
 /// Where the storages' bytes are.
-enum Records<'a> {
+pub(super) enum Records<'a> {
     /// The zip format: `PREFIX/data/KEY` members.
     Zip { zip: zip::ZipArchive<Cursor<&'a [u8]>>, prefix: String },
     /// The legacy format: after the pickles, each storage as an 8-byte element
@@ -260,7 +260,7 @@ fn reduced_by<'m>(machine: &'m Machine, v: &Value) -> Option<(&'m str, &'m Value
     }
 }
 
-fn is_tensor(machine: &Machine, v: &Value) -> bool {
+pub(super) fn is_tensor(machine: &Machine, v: &Value) -> bool {
     matches!(
         reduced_by(machine, v),
         Some((
@@ -277,7 +277,7 @@ fn is_tensor(machine: &Machine, v: &Value) -> bool {
 }
 
 /// Rebuilds the tensor `v` describes, as a view into its storage.
-fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth: usize) -> Result<Tensor> {
+pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth: usize) -> Result<Tensor> {
     let path = archive.path;
     let (callable, args) = reduced_by(machine, v).ok_or_else(|| bad(path, "expected a tensor"))?;
     let args = tuple_items(machine, args)
@@ -948,7 +948,11 @@ pub(crate) fn describe_stream(path: &Path, view: &[u8]) -> Result<String> {
 }
 
 /// Runs the zip format's `data.pkl`: its value, and where the storages are.
-fn zip_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Result<(Value, Records<'a>)> {
+pub(super) fn zip_program<'a>(
+    path: &Path,
+    view: &'a [u8],
+    machine: &mut Machine,
+) -> Result<(Value, Records<'a>)> {
     let mut zip = zip::ZipArchive::new(Cursor::new(view)).map_err(|e| bad(path, e.to_string()))?;
     super::check_unique_members(path, FORMAT, &mut zip)?;
     let pickle_name = zip

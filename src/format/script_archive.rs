@@ -1,0 +1,210 @@
+//! TorchScript files read as the zip archives they are, with no libtorch load
+//! and none of the file's code run (#15's reader).
+//!
+//! A TorchScript archive holds `data.pkl` — the module object graph: each
+//! module an object of a `__torch__.…` class whose state is its attributes in
+//! slot order — `code/` with each class's definition, and `data/N` storage
+//! records. The object graph is read by the same inert pickle machine as
+//! `torch.save` files; which attributes are parameters and which buffers comes
+//! from the class definitions' `__parameters__` and `__buffers__` lines; the
+//! entries come out in the order libtorch's `named_parameters`/`named_buffers`
+//! and `named_children` give them (each module's parameters, then its buffers,
+//! then its children, in slot order). Tensors are views into the mapped file,
+//! every extent checked against its record, as for `torch.save`.
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::Tensor;
+
+use super::pickle::{Machine, Object, Value};
+use super::torch_pickle::{self, Archive, Records};
+use crate::entry::Role;
+use crate::error::{Error, Result};
+use crate::ffi;
+
+const FORMAT: &str = "TorchScript archive";
+/// The largest class definition file read.
+const MAX_CODE_BYTES: u64 = 64 << 20;
+/// Deepest module nesting followed.
+const MAX_DEPTH: usize = 256;
+
+fn bad(path: &Path, message: impl Into<String>) -> Error {
+    Error::Format { path: path.into(), format: FORMAT, message: message.into() }
+}
+
+/// A class's parameters and buffers, as its definition in `code/` lists them.
+#[derive(Debug, Clone, Default)]
+struct Members {
+    parameters: Vec<String>,
+    buffers: Vec<String>,
+}
+
+/// The quoted names of a `__parameters__ = ["a", "b", ]` line.
+fn names_in(line: &str) -> Vec<String> {
+    let inside =
+        line.split_once('[').and_then(|(_, rest)| rest.rsplit_once(']')).map_or("", |(inner, _)| inner);
+    inside.split(',').map(|n| n.trim().trim_matches('"').to_string()).filter(|n| !n.is_empty()).collect()
+}
+
+/// The members of class `name` in a `code/` file's text, if it defines it as a module.
+fn members_of(text: &str, name: &str) -> Option<Members> {
+    let header = format!("class {name}(Module):");
+    let start = text.lines().position(|l| l.trim_end() == header)?;
+    let mut members = Members::default();
+    for line in text.lines().skip(start + 1).take_while(|l| l.starts_with(' ') || l.is_empty()) {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("__parameters__ =") {
+            members.parameters = names_in(rest);
+        } else if let Some(rest) = line.strip_prefix("__buffers__ =") {
+            members.buffers = names_in(rest);
+        }
+    }
+    Some(members)
+}
+
+/// One entry of a TorchScript module: its dotted name, role and tensor.
+pub type ScriptEntry = (String, Role, Tensor);
+
+/// Reads the parameters and buffers of the TorchScript module in `path`,
+/// running none of its code.
+pub fn read(path: &Path) -> Result<Vec<ScriptEntry>> {
+    let file = crate::files::open_regular(path)?;
+    // SAFETY: a private (copy-on-write) map, as for every file read here.
+    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+        .map_err(|source| Error::Io { path: path.into(), source })?;
+    let (ptr, len) = (map.as_mut_ptr(), map.len());
+    let map = Arc::new(map);
+    // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
+    let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
+    let view: &[u8] = &map;
+    let mut machine = Machine::default();
+    let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;
+    let mut archive = Archive { path, map: view, records, bytes, storages: HashMap::new() };
+    let mut classes: HashMap<String, Option<Members>> = HashMap::new();
+    let mut out = Vec::new();
+    walk(&machine, &root, "", &mut archive, &mut classes, &mut out, 0)?;
+    Ok(out)
+}
+
+/// The class (`module`, `name`) of a `__torch__` object, with its state's items.
+fn script_object<'m>(machine: &'m Machine, v: &Value) -> Option<(&'m str, &'m str, &'m [(Value, Value)])> {
+    let Value::Ref(i) = v else { return None };
+    let Some(Object::Reduce { callable: Value::Inert(module, name), state: Some(Value::Ref(s)), .. }) =
+        machine.objects.get(*i)
+    else {
+        return None;
+    };
+    if !module.starts_with("__torch__") {
+        return None;
+    }
+    match machine.objects.get(*s)? {
+        Object::Dict(items, _) => Some((module, name, items)),
+        _ => None,
+    }
+}
+
+/// The members of a `__torch__` class, from its file in `code/` (`None`: not a module).
+fn class_members(
+    archive: &mut Archive,
+    classes: &mut HashMap<String, Option<Members>>,
+    module: &str,
+    name: &str,
+) -> Result<Option<Members>> {
+    let key = format!("{module}.{name}");
+    if let Some(found) = classes.get(&key) {
+        return Ok(found.clone());
+    }
+    let path = archive.path;
+    let Records::Zip { zip, prefix } = &mut archive.records else {
+        return Err(bad(path, "not a zip archive"));
+    };
+    let file = format!("{prefix}code/{}.py", module.replace('.', "/"));
+    let found = match zip.by_name(&file) {
+        Ok(entry) => {
+            super::check_expansion(path, FORMAT, &file, entry.compressed_size(), entry.size())?;
+            let mut text = String::new();
+            entry
+                .take(MAX_CODE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|e| bad(path, format!("{file}: {e}")))?;
+            members_of(&text, name)
+        }
+        Err(_) => None,
+    };
+    classes.insert(key, found.clone());
+    Ok(found)
+}
+
+/// Each module's parameters, then its buffers, then its children's, in slot order.
+fn walk(
+    machine: &Machine,
+    v: &Value,
+    prefix: &str,
+    archive: &mut Archive,
+    classes: &mut HashMap<String, Option<Members>>,
+    out: &mut Vec<ScriptEntry>,
+    depth: usize,
+) -> Result<()> {
+    let path = archive.path;
+    if depth > MAX_DEPTH {
+        return Err(bad(path, format!("modules nested more than {MAX_DEPTH} deep")));
+    }
+    let Some((module, name, items)) = script_object(machine, v) else {
+        return Err(bad(
+            path,
+            format!(
+                "{}: not a TorchScript module object",
+                if prefix.is_empty() { "the root" } else { prefix }
+            ),
+        ));
+    };
+    let Some(members) = class_members(archive, classes, module, name)? else {
+        return Err(bad(path, format!("no definition of module class {module}.{name} in code/")));
+    };
+    let key_of = |k: &Value| match k {
+        Value::Str(s) => Some(s.to_string()),
+        _ => None,
+    };
+    for (role, names) in [(Role::Parameter, &members.parameters), (Role::Buffer, &members.buffers)] {
+        for (k, value) in items {
+            let Some(attr) = key_of(k) else { continue };
+            if !names.contains(&attr) || !torch_pickle::is_tensor(machine, value) {
+                continue;
+            }
+            let full = format!("{prefix}{attr}");
+            let t = torch_pickle::tensor(machine, archive, value, 0).map_err(|e| match e {
+                Error::Format { path, format, message } => {
+                    Error::Format { path, format, message: format!("tensor {full}: {message}") }
+                }
+                other => other,
+            })?;
+            out.push((full, role, t));
+        }
+    }
+    for (k, value) in items {
+        let Some(attr) = key_of(k) else { continue };
+        let Some((child_module, child_name, _)) = script_object(machine, value) else { continue };
+        if class_members(archive, classes, child_module, child_name)?.is_some() {
+            walk(machine, value, &format!("{prefix}{attr}."), archive, classes, out, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_definitions_give_parameters_and_buffers() {
+        let text = "class BatchNorm2d(Module):\n  __parameters__ = [\"weight\", \"bias\", ]\n  __buffers__ = [\"running_mean\", ]\n  weight : Tensor\nclass Other(Module):\n  __parameters__ = [\"x\", ]\n";
+        let m = members_of(text, "BatchNorm2d").unwrap();
+        assert_eq!(m.parameters, ["weight", "bias"]);
+        assert_eq!(m.buffers, ["running_mean"]);
+        assert_eq!(members_of(text, "Other").unwrap().parameters, ["x"]);
+        assert!(members_of(text, "Missing").is_none());
+        assert!(names_in(" []").is_empty());
+    }
+}
