@@ -88,8 +88,11 @@ pub fn read(path: &Path) -> Result<Vec<ScriptEntry>> {
     Ok(out)
 }
 
+/// A `__torch__` object: its class's module and name, and its state's items.
+type ScriptObject<'m> = (&'m str, &'m str, &'m [(Value, Value)]);
+
 /// The class (`module`, `name`) of a `__torch__` object, with its state's items.
-fn script_object<'m>(machine: &'m Machine, v: &Value) -> Option<(&'m str, &'m str, &'m [(Value, Value)])> {
+fn script_object<'m>(machine: &'m Machine, v: &Value) -> Option<ScriptObject<'m>> {
     let Value::Ref(i) = v else { return None };
     let Some(Object::Reduce { callable: Value::Inert(module, name), state: Some(Value::Ref(s)), .. }) =
         machine.objects.get(*i)
