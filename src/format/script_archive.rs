@@ -67,9 +67,24 @@ fn members_of(text: &str, name: &str) -> Option<Members> {
 /// One entry of a TorchScript module: its dotted name, role and tensor.
 pub type ScriptEntry = (String, Role, Tensor);
 
+/// What [`read_archive`] found: the entries, and every storage record the
+/// tensors view (its member name in the zip, and the typed storage tensor
+/// they share), so that a rewrite can write each record from its storage.
+pub struct Contents {
+    /// Name, role and tensor of each parameter and buffer, in libtorch's order.
+    pub entries: Vec<ScriptEntry>,
+    /// `(member name, storage)` of every record a tensor views.
+    pub records: Vec<(String, Tensor)>,
+}
+
 /// Reads the parameters and buffers of the TorchScript module in `path`,
 /// running none of its code.
 pub fn read(path: &Path) -> Result<Vec<ScriptEntry>> {
+    read_archive(path).map(|c| c.entries)
+}
+
+/// [`read`], with the storage records the tensors view.
+pub fn read_archive(path: &Path) -> Result<Contents> {
     let file = crate::files::open_regular(path)?;
     // SAFETY: a private (copy-on-write) map, as for every file read here.
     let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
@@ -85,7 +100,54 @@ pub fn read(path: &Path) -> Result<Vec<ScriptEntry>> {
     let mut classes: HashMap<String, Option<Members>> = HashMap::new();
     let mut out = Vec::new();
     walk(&machine, &root, "", &mut archive, &mut classes, &mut out, 0)?;
-    Ok(out)
+    let prefix = match &archive.records {
+        Records::Zip { prefix, .. } => prefix.clone(),
+        Records::Legacy(_) => String::new(),
+    };
+    let mut records: Vec<(String, Tensor)> =
+        archive.storages.iter().map(|(key, t)| (format!("{prefix}data/{key}"), t.shallow_clone())).collect();
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Contents { entries: out, records })
+}
+
+/// Writes the archive at `source` to `out` with every record in `records`
+/// written from its storage (as the tensors left it) and every other member —
+/// code, debug information, constants, version — copied through byte for byte,
+/// in the archive's order. Records are stored uncompressed, 64-byte aligned,
+/// as PyTorch writes them.
+pub fn rewrite(source: &Path, out: &Path, records: &[(String, Tensor)]) -> Result<()> {
+    use std::io::Write;
+    let io_in = |e: std::io::Error| Error::Io { path: source.into(), source: e };
+    let io = |e: std::io::Error| Error::Io { path: out.into(), source: e };
+    let zerr = |e: zip::result::ZipError| bad(out, e.to_string());
+    let file = crate::files::open_regular(source)?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(source, e.to_string()))?;
+    super::check_unique_members(source, FORMAT, &mut zip)?;
+    let by_name: HashMap<&str, &Tensor> = records.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let target = std::fs::File::create(out).map_err(io)?;
+    let mut writer = zip::ZipWriter::new(std::io::BufWriter::with_capacity(8 << 20, target));
+    for i in 0..zip.len() {
+        let entry = zip.by_index_raw(i).map_err(|e| bad(source, e.to_string()))?;
+        match by_name.get(entry.name()) {
+            Some(storage) => {
+                let name = entry.name().to_string();
+                drop(entry);
+                let bytes = storage.f_contiguous().map_err(|e| bad(out, e.to_string()))?;
+                let data = super::bytes_of(&bytes);
+                let options = zip::write::FileOptions::default()
+                    .compression_method(zip::CompressionMethod::Stored)
+                    .large_file(data.len() >= u32::MAX as usize);
+                writer.start_file_aligned(name, options, 64).map_err(zerr)?;
+                writer.write_all(data).map_err(io)?;
+            }
+            None => writer.raw_copy_file(entry).map_err(|e| match e {
+                zip::result::ZipError::Io(e) => io_in(e),
+                other => zerr(other),
+            })?,
+        }
+    }
+    writer.finish().map_err(zerr)?.flush().map_err(io)
 }
 
 /// A `__torch__` object: its class's module and name, and its state's items.

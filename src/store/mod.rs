@@ -5,6 +5,7 @@
 //! A store lists its [`Entry`]s in registration order and hands out live tensor
 //! handles that share storage with the model: an in-place copy into a handle
 //! writes into the model itself.
+mod archive;
 mod checkpoint;
 mod script;
 pub mod summary;
@@ -16,6 +17,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
+pub use archive::ScriptArchive;
 pub use checkpoint::Checkpoint;
 pub use script::ModuleStore;
 pub use summary::{Other, Summary, Total};

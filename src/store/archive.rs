@@ -1,0 +1,87 @@
+//! [`ScriptArchive`]: a TorchScript file read as the zip archive it is — none
+//! of its code run, no libtorch load — and written back by rewriting the
+//! archive: every member copied through unchanged except the storage records,
+//! which are written from the tensors as the copy left them.
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use super::{Source, StoreKind, Target};
+use crate::entry::{Entry, EntryOrder};
+use crate::error::Result;
+use crate::format::script_archive;
+
+/// A TorchScript module file's parameters and buffers, read without loading it.
+/// Its tensors are views into a private map of the file (writes never reach
+/// the file); [`Target::save`] writes a new archive with the same code.
+pub struct ScriptArchive {
+    origin: String,
+    path: PathBuf,
+    entries: Vec<Entry>,
+    tensors: Vec<Tensor>,
+    records: Vec<(String, Tensor)>,
+}
+
+impl std::fmt::Debug for ScriptArchive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptArchive")
+            .field("origin", &self.origin)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+// SAFETY: as for `Checkpoint`: through `&ScriptArchive` only reads happen (entries,
+// `&Tensor` handles); every write goes through `&mut self` (`tensors_mut`).
+unsafe impl Sync for ScriptArchive {}
+
+impl ScriptArchive {
+    /// Reads the TorchScript module file at `path`, running none of its code.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let contents = script_archive::read_archive(path)?;
+        let mut entries = Vec::with_capacity(contents.entries.len());
+        let mut tensors = Vec::with_capacity(contents.entries.len());
+        for (name, role, tensor) in contents.entries {
+            entries.push(Entry::of(name, role, &tensor));
+            tensors.push(tensor);
+        }
+        Ok(Self {
+            origin: path.display().to_string(),
+            path: path.into(),
+            entries,
+            tensors,
+            records: contents.records,
+        })
+    }
+}
+
+impl Source for ScriptArchive {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Module
+    }
+    fn entry_order(&self) -> EntryOrder {
+        EntryOrder::Registration
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn tensor(&self, index: usize) -> Option<&Tensor> {
+        self.tensors.get(index)
+    }
+}
+
+impl Target for ScriptArchive {
+    fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
+    }
+    /// Writes the module to `path` as a new archive (whole or not at all): the
+    /// source file's code, constants and debug information byte for byte, each
+    /// storage record from the tensors.
+    fn save(&self, path: &Path) -> Result<()> {
+        crate::files::write_atomically(path, |temp| script_archive::rewrite(&self.path, temp, &self.records))
+    }
+}
