@@ -97,8 +97,10 @@ pub trait Target: Source {
 }
 
 /// Opens a model file of any supported kind, found from its content: a
-/// TorchScript module becomes a [`ModuleStore`], everything else a [`Checkpoint`].
-/// The file is only read; writes into the result stay in memory until saved.
+/// TorchScript module becomes a [`ScriptArchive`] (read as the zip archive it
+/// is, none of its code run; [`ModuleStore::open`] loads a live module through
+/// libtorch), everything else a [`Checkpoint`]. The file is only read; writes
+/// into the result stay in memory until saved.
 pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Target>> {
     open_with_key(path, None)
 }
@@ -108,7 +110,9 @@ pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Target>> {
 pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dyn Target>> {
     let path = path.as_ref();
     match format::sniff(path)? {
-        Format::TorchScript if key.is_none() => Ok(Box::new(ModuleStore::open(path)?)),
+        // Read as an archive: none of the module's code runs (a live module,
+        // loaded through libtorch, is `ModuleStore::open`).
+        Format::TorchScript if key.is_none() => Ok(Box::new(ScriptArchive::open(path)?)),
         other => Ok(Box::new(Checkpoint::open_as(path, other, key)?)),
     }
 }
