@@ -324,9 +324,10 @@ impl Error {
     /// The same error, naming `to` wherever it named the file `from` (a temporary
     /// file stands for its destination in messages).
     pub(crate) fn with_path(mut self, from: &std::path::Path, to: &std::path::Path) -> Self {
+        // The path itself, or a file inside it (a folder written whole).
         let rename = |path: &mut std::path::PathBuf| {
-            if path == from {
-                *path = to.to_path_buf();
+            if let Ok(rest) = path.strip_prefix(from) {
+                *path = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
             }
         };
         file_of!(&mut self, path => rename(path), _plan => (), ());

@@ -97,8 +97,8 @@ pub(crate) fn write_folder_atomically(path: &Path, write: impl FnOnce(&Path) -> 
     }
     let trimmed: PathBuf = path.components().collect();
     let (folder, temp) = temporary(&trimmed)?;
-    std::fs::create_dir(&temp).map_err(|source| Error::Io { path: temp.clone(), source })?;
-    let result = write(&temp).and_then(|()| {
+    std::fs::create_dir(&temp).map_err(|source| Error::Io { path: path.into(), source })?;
+    let result = write(&temp).map_err(|error| error.with_path(&temp, &trimmed)).and_then(|()| {
         for entry in std::fs::read_dir(&temp).map_err(|source| Error::Io { path: temp.clone(), source })? {
             let entry = entry.map_err(|source| Error::Io { path: temp.clone(), source })?;
             sync(&entry.path(), path)?;

@@ -1,0 +1,88 @@
+//! A full disk while writing OUT (a small tmpfs, mounted where the test may;
+//! skipped where it may not): a clean error naming OUT, exit 1, no temporary
+//! file left, and the old OUT intact — for a TorchScript archive rewrite, a
+//! safetensors file, sharded safetensors and a Distributed Checkpoint folder.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{file_hash, fixture, transplant};
+
+/// A tmpfs of `size` mounted on a fresh folder, unmounted when dropped.
+struct Tmpfs(PathBuf, tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let point = dir.path().join("disk");
+        std::fs::create_dir(&point).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&point)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(point, dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn left_over(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "old.pt" && n != "old.safetensors")
+        .collect()
+}
+
+#[test]
+fn a_full_disk_is_a_clean_error_and_the_old_out_stays() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        eprintln!("cannot mount a tmpfs here: skipped");
+        return;
+    };
+    let src = fixture("resnet18.safetensors");
+    // An old OUT of each kind, filling part of the disk.
+    let old_pt = disk.0.join("old.pt");
+    std::fs::copy(fixture("bn_net_a.pt"), &old_pt).unwrap();
+    let old_st = disk.0.join("old.safetensors");
+    std::fs::copy(fixture("named_net.safetensors"), &old_st).unwrap();
+    let (pt_hash, st_hash) = (file_hash(&old_pt), file_hash(&old_st));
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "copy".into(),
+            src.display().to_string(),
+            fixture("resnet18.pt").display().to_string(),
+            "-o".into(),
+            old_pt.display().to_string(),
+        ],
+        vec!["convert".into(), src.display().to_string(), "-o".into(), old_st.display().to_string()],
+        vec![
+            "convert".into(),
+            src.display().to_string(),
+            "-o".into(),
+            disk.0.join("model.safetensors.index.json").display().to_string(),
+            "--max-shard-size".into(),
+            "1MB".into(),
+        ],
+        vec!["convert".into(), src.display().to_string(), "-o".into(), format!("{}/dcp/", disk.0.display())],
+    ];
+    for args in cases {
+        let run = transplant(&args);
+        assert_eq!(run.code, 1, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains("No space left on device"), "{args:?}: {}", run.stderr);
+        assert!(
+            !run.stderr.contains("transplant-tmp"),
+            "the error names OUT, not the temporary: {}",
+            run.stderr
+        );
+        assert_eq!(left_over(&disk.0), Vec::<String>::new(), "{args:?}");
+        assert_eq!((file_hash(&old_pt), file_hash(&old_st)), (pt_hash.clone(), st_hash.clone()), "{args:?}");
+    }
+}
