@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use common::{file_hash, fixture, transplant};
 
-/// A tmpfs of `size` mounted on a fresh folder, unmounted when dropped.
-struct Tmpfs(PathBuf, tempfile::TempDir);
+/// A tmpfs of `size` mounted on a fresh folder, unmounted when dropped (the
+/// folder holding the mount point is kept alive, and removed, with it).
+struct Tmpfs(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Tmpfs {
     fn mount(size: &str) -> Option<Self> {
