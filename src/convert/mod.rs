@@ -288,14 +288,7 @@ pub fn convert(
     }
     // Only what the pairs fill is written (a complete plan fills every entry).
     let written: Vec<usize> = (0..entries.len()).filter(|&j| !into[j].is_empty()).collect();
-    let outgoing: Vec<Outgoing> = written
-        .iter()
-        .map(|&j| Outgoing {
-            name: entries[j].name.to_string(),
-            kind: entries[j].dtype,
-            shape: entries[j].shape.clone(),
-        })
-        .collect();
+    let outgoing: Vec<Outgoing> = written.iter().map(|&j| announced(&entries[j])).collect();
     let (same_as, tied) = ties(plan, source, &into, &written);
     let total: u64 = outgoing.iter().map(|o| o.bytes() as u64).sum();
     if let Some(progress) = options.progress {
@@ -396,6 +389,19 @@ pub fn convert(
     })
 }
 
+/// What a writer announces of an entry.
+fn announced(e: &crate::entry::Entry) -> Outgoing {
+    Outgoing { name: e.name.to_string(), kind: e.dtype, shape: e.shape.clone() }
+}
+
+/// Tensor `i` of `store`, for a writer.
+fn stored(store: &dyn Source, i: usize) -> Result<Tensor> {
+    store.tensor(i).map(Tensor::shallow_clone).ok_or_else(|| Error::MissingTensor {
+        store: store.origin().to_string(),
+        tensor: store.entries().get(i).map_or_else(String::new, |e| e.name.to_string()),
+    })
+}
+
 /// Writes every tensor of `store` as sharded safetensors: shards of at most
 /// `max_shard_bytes` of tensors named after `index` (`DIR/STEM.safetensors.index.json`
 /// gives `DIR/STEM-0000K-of-0000N.safetensors`), and the index; the set appears
@@ -409,19 +415,10 @@ pub fn save_sharded(store: &dyn Source, index: &Path, max_shard_bytes: u64) -> R
                 .into(),
         });
     }
-    let entries = store.entries();
-    let outgoing: Vec<Outgoing> = entries
-        .iter()
-        .map(|e| Outgoing { name: e.name.to_string(), kind: e.dtype, shape: e.shape.clone() })
-        .collect();
+    let outgoing: Vec<Outgoing> = store.entries().iter().map(announced).collect();
     let mut metadata = store.metadata();
     metadata.entry("format".into()).or_insert_with(|| "pt".into());
-    let mut produce = |i: usize| -> Result<Tensor> {
-        store.tensor(i).map(Tensor::shallow_clone).ok_or_else(|| Error::MissingTensor {
-            store: store.origin().to_string(),
-            tensor: entries[i].name.to_string(),
-        })
-    };
+    let mut produce = |i: usize| stored(store, i);
     write_shards(index, &outgoing, &metadata, max_shard_bytes, &mut produce)
 }
 
@@ -431,16 +428,7 @@ pub fn save_sharded(store: &dyn Source, index: &Path, max_shard_bytes: u64) -> R
 /// appears whole or not at all. `torch.distributed.checkpoint.load` reads it
 /// and reshards it as its state dict asks.
 pub fn save_distributed(store: &dyn Source, out: &Path, prefix: Option<&str>) -> Result<()> {
-    let entries = store.entries();
-    let outgoing: Vec<Outgoing> = entries
-        .iter()
-        .map(|e| Outgoing { name: e.name.to_string(), kind: e.dtype, shape: e.shape.clone() })
-        .collect();
-    let mut produce = |i: usize| -> Result<Tensor> {
-        store.tensor(i).map(Tensor::shallow_clone).ok_or_else(|| Error::MissingTensor {
-            store: store.origin().to_string(),
-            tensor: entries[i].name.to_string(),
-        })
-    };
+    let outgoing: Vec<Outgoing> = store.entries().iter().map(announced).collect();
+    let mut produce = |i: usize| stored(store, i);
     crate::format::dcp::write_stream(out, &outgoing, prefix, &mut produce)
 }

@@ -43,6 +43,30 @@ pub(crate) fn check_expansion(
     Ok(())
 }
 
+/// A file mapped privately (copy-on-write: writes into tensors over it never
+/// reach the file), and a 1-D `uint8` tensor over all its bytes that keeps the
+/// map alive as long as any tensor shares it. Another process truncating the
+/// file while it is mapped would fault on access: the usual contract of
+/// memory-mapped model loading (safetensors, PyTorch `mmap=True`).
+pub(crate) struct MappedFile {
+    pub map: std::sync::Arc<memmap2::MmapMut>,
+    pub bytes: tch::Tensor,
+}
+
+/// Maps the regular file at `path` (see [`MappedFile`]); `format` names it in errors.
+pub(crate) fn map_file(path: &Path, format: &'static str) -> Result<MappedFile> {
+    let file = crate::files::open_regular(path)?;
+    // SAFETY: a private map, as described on `MappedFile`.
+    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+        .map_err(|source| Error::Io { path: path.into(), source })?;
+    let (ptr, len) = (map.as_mut_ptr(), map.len());
+    let map = std::sync::Arc::new(map);
+    // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
+    let bytes = unsafe { crate::ffi::tensor_over_bytes(std::sync::Arc::clone(&map), ptr, len) }
+        .map_err(|message| Error::Format { path: path.into(), format, message })?;
+    Ok(MappedFile { map, bytes })
+}
+
 /// A tensor a streaming writer will write: its name, dtype and shape, known
 /// before its values are made (a file's header comes first).
 #[derive(Debug, Clone)]

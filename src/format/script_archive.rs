@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 
 use tch::Tensor;
 
@@ -22,7 +21,6 @@ use super::pickle::{Machine, Object, Value};
 use super::torch_pickle::{self, Archive, Records};
 use crate::entry::Role;
 use crate::error::{Error, Result};
-use crate::ffi;
 
 const FORMAT: &str = "TorchScript archive";
 /// The largest class definition file read.
@@ -85,14 +83,7 @@ pub fn read(path: &Path) -> Result<Vec<ScriptEntry>> {
 
 /// [`read`], with the storage records the tensors view.
 pub fn read_archive(path: &Path) -> Result<Contents> {
-    let file = crate::files::open_regular(path)?;
-    // SAFETY: a private (copy-on-write) map, as for every file read here.
-    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
-        .map_err(|source| Error::Io { path: path.into(), source })?;
-    let (ptr, len) = (map.as_mut_ptr(), map.len());
-    let map = Arc::new(map);
-    // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
-    let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
+    let super::MappedFile { map, bytes } = super::map_file(path, FORMAT)?;
     let view: &[u8] = &map;
     let mut machine = Machine::default();
     let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;

@@ -16,14 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Cursor, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
 use super::pickle::{Machine, Object, Value};
 use crate::dtype;
 use crate::error::{Error, Result};
-use crate::ffi;
 
 const FORMAT: &str = "torch.save";
 /// Keys under which training checkpoints usually keep the model's state dict.
@@ -729,7 +727,7 @@ fn count_weights(machine: &Machine, v: &Value, arrays: bool) -> usize {
     if is_module(machine, v) {
         return 1;
     }
-    if is_module_of_placeholder(machine, v) {
+    if is_inert_non_module(machine, v) {
         return 0;
     }
     dict_items(machine, v).map_or(0, |(items, _)| {
@@ -739,7 +737,7 @@ fn count_weights(machine: &Machine, v: &Value, arrays: bool) -> usize {
 
 /// Whether `v` is a placeholder whose state is not a module's (it is looked into
 /// by key, not taken as a state dict).
-fn is_module_of_placeholder(machine: &Machine, v: &Value) -> bool {
+fn is_inert_non_module(machine: &Machine, v: &Value) -> bool {
     matches!(object(machine, v), Some(Object::Reduce { callable: Value::Inert(..), .. }))
         && !is_module(machine, v)
 }
@@ -890,16 +888,8 @@ fn to_json(machine: &Machine, v: &Value, depth: usize) -> serde_json::Value {
 
 /// Reads a `torch.save` zip archive's state dict (`key` picks it inside a checkpoint dict).
 pub fn read(path: &Path, key: Option<&str>) -> Result<Loaded> {
-    let file = crate::files::open_regular(path)?;
-    // SAFETY: a private (copy-on-write) map, as for safetensors: writes into the
-    // tensors never reach the file; the map lives as long as any tensor over it.
-    let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
-        .map_err(|source| Error::Io { path: path.into(), source })?;
-    let (ptr, len) = (map.as_mut_ptr(), map.len());
-    let map = Arc::new(map);
-    // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
-    let bytes = unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|m| bad(path, m))?;
-    read_from(path, &bytes, &map, key)
+    let mapped = super::map_file(path, FORMAT)?;
+    read_from(path, &mapped.bytes, &mapped.map, key)
 }
 
 /// [`read`] of a `torch.save` stream held in `view`, whose bytes `bytes` (a

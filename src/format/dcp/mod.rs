@@ -25,7 +25,6 @@ use super::pickle::{Machine, Object, Value};
 use super::torch_pickle;
 use crate::dtype;
 use crate::error::{Error, Result};
-use crate::ffi;
 
 const FORMAT: &str = "distributed checkpoint";
 /// The largest `.metadata` read.
@@ -302,16 +301,7 @@ fn blob(
 ) -> Result<(PathBuf, (usize, usize))> {
     if !files.contains_key(&s.file) {
         let path = folder.join(&s.file);
-        let file = crate::files::open_regular(&path)?;
-        // SAFETY: a private map, as for every file read here: writes into the
-        // tensors never reach the file; the map lives as long as any tensor over it.
-        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
-            .map_err(|source| Error::Io { path: path.clone(), source })?;
-        let (ptr, len) = (map.as_mut_ptr(), map.len());
-        let map = Arc::new(map);
-        // SAFETY: `ptr .. ptr + len` is the whole map, kept alive by the `Arc` the tensor owns.
-        let bytes =
-            unsafe { ffi::tensor_over_bytes(Arc::clone(&map), ptr, len) }.map_err(|e| bad(&path, e))?;
+        let super::MappedFile { map, bytes } = super::map_file(&path, FORMAT)?;
         files.insert(s.file.clone(), Mapped { path, map, bytes });
     }
     let mapped = &files[&s.file];
