@@ -101,6 +101,7 @@ COMPLETE is written last.
 import json
 import os
 import sys
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -704,6 +705,152 @@ def write_tied(out: str) -> None:
     weight = torch.randn(10, 4)
     save_file({"embed.weight": weight, "head.weight": weight + 1.0}, os.path.join(out, "tied_untied.safetensors"))
     save_file({"embed.weight": weight, "head.weight": weight.clone()}, os.path.join(out, "tied_equal.safetensors"))
+    # What `safetensors.torch.save_model` writes for a tied model: one name of the tie.
+    from safetensors.torch import save_model
+
+    torch.manual_seed(41)
+    other = TiedLM().eval()
+    save_model(other, os.path.join(out, "tied_one.safetensors"))
+    ids = torch.tensor([[0, 3, 9, 4]])
+    with torch.no_grad():
+        save_file({"input": ids, "output": other(ids)}, os.path.join(out, "tied_one_expected.safetensors"))
+
+
+@torch.jit.script
+class Trap:
+    """A TorchScript class whose `__setstate__` (run by `torch.jit.load`)
+    creates the file named in its state: a file that runs code when loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __getstate__(self) -> str:
+        return self.path
+
+    def __setstate__(self, path: str) -> None:
+        t = torch.from_file(path, True, 8, dtype=torch.uint8)
+        t.fill_(1)
+        self.path = path + str(int(t.sum()))
+
+
+@torch.jit.script
+class Harmless:
+    """The same shape of class, with a `__setstate__` that does nothing: the
+    fixture edits its code in the archive afterwards."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __getstate__(self) -> str:
+        return self.path
+
+    def __setstate__(self, path: str) -> None:
+        self.path = path
+
+
+class Trapped(nn.Module):
+    trap: Trap
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.full((2,), 2.0))
+        self.trap = Trap(marker)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+class Edited(nn.Module):
+    note: Harmless
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("scale", torch.full((2,), 2.0))
+        self.note = Harmless(marker)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+class Restoring(nn.Module):
+    """A module that keeps its own state through `__getstate__`/`__setstate__`
+    (as quantized modules do), the latter creating the marker file."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3))
+        self.marker = marker
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+        return (self.weight, self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+        self.weight = state[0]
+        self.training = state[2]
+        t = torch.from_file(state[1], True, 8, dtype=torch.uint8)
+        t.fill_(1)
+        self.marker = state[1] + str(int(t.sum()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class HoldsRestoring(nn.Module):
+    def __init__(self, marker: str):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.inner = Restoring(marker)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.lin(x))
+
+
+def write_hostile_archives(out: str) -> None:
+    """hostile/: TorchScript files that create a file (hostile/NAME.marker,
+    absolute path in the file) when `torch.jit.load` runs their code:
+    trapped.pt (a class's `__setstate__`), edited.pt (a harmless one whose
+    code/ was edited afterwards to do it), self_restoring.pt (a submodule
+    keeping its own state); and source.safetensors, values for the first two."""
+    folder = os.path.abspath(os.path.join(out, "hostile"))
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(50)
+    marker = lambda name: os.path.join(folder, f"{name}.marker")
+    torch.jit.save(torch.jit.script(Trapped(marker("trapped"))), os.path.join(folder, "trapped.pt"))
+    torch.jit.save(torch.jit.script(HoldsRestoring(marker("self_restoring"))), os.path.join(folder, "self_restoring.pt"))
+    plain = os.path.join(folder, "edited.plain.pt")
+    torch.jit.save(torch.jit.script(Edited(marker("edited"))), plain)
+    # Edit the class's code in the archive: the same file, but its
+    # `__setstate__` now creates the marker. Its debug information goes (it
+    # would not match the edited code).
+    import zipfile
+
+    harmless = "    self.path = path\n    return None\n"
+    hostile = (
+        "    t = torch.from_file(path, True, 8, dtype=0)\n    _0 = torch.fill_(t, 1)\n"
+        "    self.path = torch.add(path, str(int(torch.sum(t))))\n    return None\n"
+    )
+    edited = []
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(os.path.join(folder, "edited.pt"), "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if "/code/" in info.filename and info.filename.endswith(".py") and b"class Harmless" in data:
+                head, sep, tail = data.decode().partition("def __setstate__")
+                assert sep and harmless in tail, tail
+                data = (head + sep + tail.replace(harmless, hostile, 1)).encode()
+                edited.append(info.filename)
+            elif info.filename.endswith(".debug_pkl") and info.filename[: -len(".debug_pkl")] in edited:
+                continue
+            dst.writestr(info, data)
+    assert edited, "no code file defines Harmless"
+    os.remove(plain)
+    save_file(
+        {"lin.weight": torch.randn(2, 3), "lin.bias": torch.randn(2), "scale": torch.full((2,), 3.0)},
+        os.path.join(folder, "source.safetensors"),
+    )
 
 
 def jiggle(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
@@ -925,6 +1072,7 @@ def main() -> None:
     write_examples(out)
     write_demo(out)
     write_tied(out)
+    write_hostile_archives(out)
     write_rule_library(out)
     write_transform_cases(out)
     write_dcp(out)

@@ -235,6 +235,62 @@ fn a_tied_torchscript_target_is_refused_when_its_two_sources_differ_and_copied_w
     }
 }
 
+/// `safetensors.torch.save_model` keeps one name of a tie: a tied target is
+/// complete when one of its names is filled, under `--strict`, for the CLI's
+/// archive path and for a live module through the library; `inspect` shows
+/// the tie and counts its bytes once.
+#[test]
+fn a_tied_target_is_complete_when_the_source_keeps_one_name_of_the_tie() {
+    use transplant::{copy as copy_plan, Mapping, Plan, Policy};
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (fixture("tied_one.safetensors"), fixture("tied_lm.pt"));
+    let source = Checkpoint::open(&src).unwrap();
+    assert_eq!(source.entries().len(), 1, "save_model kept both names: {:?}", source.entries());
+    let kept = source.entries()[0].name.to_string();
+
+    let inspect = transplant(["inspect", "--json", s(&dst)]);
+    assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+    let json = inspect.json();
+    assert_eq!(json["ties"], serde_json::json!([["embed.weight", "head.weight"]]), "{json}");
+    assert_eq!(json["bytes"], 160, "a tie's bytes are counted once: {json}");
+    let text = transplant(["inspect", s(&dst)]);
+    assert!(text.stdout.contains("embed.weight = head.weight"), "{}", text.stdout);
+
+    let out = dir.path().join("out.pt");
+    let run = copy(&[s(&src), s(&dst), "-o", s(&out), "--strict"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("is tied to"), "{}", run.stdout);
+    let mut written = transplant::ModuleStore::open(&out).unwrap();
+    for i in 0..2 {
+        assert!(common::bit_equal(written.tensor(i).unwrap(), source.tensor(0).unwrap()), "{i}");
+    }
+    written.module_mut().set_training(false).unwrap();
+    let input = common::expected_tensor("tied_one_expected.safetensors", "input");
+    let got = written.module().forward(&[input]).unwrap().remove(0);
+    assert!(got.equal(&common::expected_tensor("tied_one_expected.safetensors", "output")));
+
+    // A live module through the library: the same plan, complete under strict.
+    let mut live = transplant::ModuleStore::open(&dst).unwrap();
+    let plan = Plan::build(&source, &live, &Mapping::default()).unwrap();
+    assert!(plan.target_leftovers.is_empty(), "{:?}", plan.target_leftovers);
+    let other = if kept == "embed.weight" { "head.weight" } else { "embed.weight" };
+    assert!(
+        plan.findings.iter().any(
+            |f| matches!(f, transplant::Finding::Tied { target, with } if target == other && *with == kept)
+        ),
+        "{:?}",
+        plan.findings
+    );
+    copy_plan(&plan, &source, &mut live, &Policy { strict: true, ..Policy::default() }).unwrap();
+    assert!(common::bit_equal(live.tensor(1).unwrap(), source.tensor(0).unwrap()));
+
+    // An untied target of the same names is still incomplete.
+    let untied = transplant::open(fixture("tied_untied.safetensors")).unwrap();
+    let plan = Plan::build(&source, untied.as_ref(), &Mapping::default()).unwrap();
+    assert_eq!(plan.target_leftovers.len(), 1);
+    assert!(plan.check(&Policy { strict: true, ..Policy::default() }).is_err());
+}
+
 /// 288 MB of float32 in two tensors, all `fill`: long enough for a progress bar.
 fn write_long_model(path: &Path, fill: f64) {
     let opts = (tch::Kind::Float, tch::Device::Cpu);

@@ -37,6 +37,8 @@ fn bad(path: &Path, message: impl Into<String>) -> Error {
 struct Members {
     parameters: Vec<String>,
     buffers: Vec<String>,
+    /// The types of attributes typed as `__torch__` classes (submodules among them).
+    children: Vec<String>,
 }
 
 /// The quoted names of a `__parameters__ = ["a", "b", ]` line.
@@ -57,6 +59,10 @@ fn members_of(text: &str, name: &str) -> Option<Members> {
             members.parameters = names_in(rest);
         } else if let Some(rest) = line.strip_prefix("__buffers__ =") {
             members.buffers = names_in(rest);
+        } else if let Some((attr, ty)) = line.split_once(" : ") {
+            if ty.starts_with("__torch__.") && !attr.contains(' ') {
+                members.children.push(ty.to_string());
+            }
         }
     }
     Some(members)
@@ -141,24 +147,34 @@ pub fn rewrite(source: &Path, out: &Path, records: &[(String, Tensor)]) -> Resul
     writer.finish().map_err(zerr)?.flush().map_err(io)
 }
 
-/// A `__torch__` object: its class's module and name, and its state's items.
-type ScriptObject<'m> = (&'m str, &'m str, &'m [(Value, Value)]);
+/// A `__torch__` object's state: the attributes (a dict, in slot order), or
+/// whatever its own `__getstate__` returned, for its `__setstate__` code.
+enum State<'m> {
+    Attributes(&'m [(Value, Value)]),
+    Custom,
+}
 
-/// The class (`module`, `name`) of a `__torch__` object, with its state's items.
+/// A `__torch__` object: its class's module and name, and its state.
+type ScriptObject<'m> = (&'m str, &'m str, State<'m>);
+
+/// The class (`module`, `name`) of a `__torch__` object, with its state.
 fn script_object<'m>(machine: &'m Machine, v: &Value) -> Option<ScriptObject<'m>> {
     let Value::Ref(i) = v else { return None };
-    let Some(Object::Reduce { callable: Value::Inert(module, name), state: Some(Value::Ref(s)), .. }) =
-        machine.objects.get(*i)
+    let Some(Object::Reduce { callable: Value::Inert(module, name), state, .. }) = machine.objects.get(*i)
     else {
         return None;
     };
     if !module.starts_with("__torch__") {
         return None;
     }
-    match machine.objects.get(*s)? {
-        Object::Dict(items, _) => Some((module, name, items)),
-        _ => None,
-    }
+    let state = match state {
+        Some(Value::Ref(s)) => match machine.objects.get(*s)? {
+            Object::Dict(items, _) => State::Attributes(items),
+            _ => State::Custom,
+        },
+        _ => State::Custom,
+    };
+    Some((module, name, state))
 }
 
 /// The members of a `__torch__` class, from its file in `code/` (`None`: not a module).
@@ -207,17 +223,35 @@ fn walk(
     if depth > MAX_DEPTH {
         return Err(bad(path, format!("modules nested more than {MAX_DEPTH} deep")));
     }
-    let Some((module, name, items)) = script_object(machine, v) else {
-        return Err(bad(
-            path,
-            format!(
-                "{}: not a TorchScript module object",
-                if prefix.is_empty() { "the root" } else { prefix }
-            ),
-        ));
+    let here =
+        if prefix.is_empty() { "the root".to_string() } else { prefix.trim_end_matches('.').to_string() };
+    let Some((module, name, state)) = script_object(machine, v) else {
+        return Err(bad(path, format!("{here}: not a TorchScript module object")));
     };
     let Some(members) = class_members(archive, classes, module, name)? else {
         return Err(bad(path, format!("no definition of module class {module}.{name} in code/")));
+    };
+    let State::Attributes(items) = state else {
+        // Its state is whatever its own `__getstate__` returned, given back to
+        // its `__setstate__` code on load: which tensor is which only that
+        // code says. Nothing listed is lost where the class declares nothing.
+        let mut has_submodules = false;
+        for ty in &members.children {
+            if let Some((m, n)) = ty.rsplit_once('.') {
+                has_submodules |= class_members(archive, classes, m, n)?.is_some();
+            }
+        }
+        if members.parameters.is_empty() && members.buffers.is_empty() && !has_submodules {
+            return Ok(());
+        }
+        return Err(bad(
+            path,
+            format!(
+                "module {here} ({module}.{name}) keeps its state through its own __setstate__ code: its \
+                 tensors cannot be named without running that code, and only `verify` runs a model's \
+                 code (the library's ModuleStore::open loads it through libtorch)"
+            ),
+        ));
     };
     let key_of = |k: &Value| match k {
         Value::Str(s) => Some(s.to_string()),

@@ -3,7 +3,8 @@
 //!
 //! The container is a TorchScript archive holding one `__torch__.Module` whose
 //! attributes are the tensors, with `.` in names replaced by `|` (attribute names
-//! cannot hold dots). We read and write it through tch, and give names back their dots.
+//! cannot hold dots). We read it as an archive (no libtorch load), write it
+//! through tch, and give names back their dots.
 use std::io::{Read, Seek};
 use std::path::Path;
 
@@ -35,19 +36,21 @@ pub(crate) fn is_tch_archive<R: Read + Seek>(path: &Path, archive: &mut zip::Zip
 }
 
 const MAX_CODE_BYTES: u64 = 1 << 20;
+const FORMAT: &str = "tch archive (.ot)";
 
-/// Reads every tensor of a `.ot` file, in the file's order.
+/// Reads every tensor of a `.ot` file, in the file's order: as the
+/// TorchScript archive it is ([`super::script_archive`]), none of its code
+/// run, every record's extent checked (libtorch's loader trusts them), each
+/// tensor a view of a private map of the file.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    crate::files::open_regular(path)?;
-    let tensors = Tensor::load_multi(path).map_err(|e| Error::Format {
-        path: path.into(),
-        format: "tch archive (.ot)",
-        message: e.to_string(),
+    let tensors = super::script_archive::read(path).map_err(|e| match e {
+        Error::Format { path, message, .. } => Error::Format { path, format: FORMAT, message },
+        other => other,
     })?;
-    if let Some((name, t)) = tensors.iter().find(|(_, t)| super::overlapping(&t.size(), &t.stride())) {
+    if let Some((name, _, t)) = tensors.iter().find(|(_, _, t)| super::overlapping(&t.size(), &t.stride())) {
         return Err(Error::Format {
             path: path.into(),
-            format: "tch archive (.ot)",
+            format: FORMAT,
             message: format!(
                 "tensor {name}: a view of sizes {:?}, strides {:?} reaches elements twice: refused",
                 t.size(),
@@ -55,7 +58,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
             ),
         });
     }
-    Ok(tensors.into_iter().map(|(name, tensor)| (name.replace('|', "."), tensor)).collect())
+    Ok(tensors.into_iter().map(|(name, _, tensor)| (name.replace('|', "."), tensor)).collect())
 }
 
 /// Writes `tensors` as a `.ot` file that `VarStore::load` reads.

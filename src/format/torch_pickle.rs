@@ -139,7 +139,10 @@ impl Archive<'_> {
         if numel < 0 || size < expected {
             return Err(bad(
                 path,
-                format!("storage {key} holds {size} bytes, {numel} {} need {expected}", dtype::name(kind)),
+                format!(
+                    "storage {key} ({name}) holds {size} bytes, {numel} {} need {expected}",
+                    dtype::name(kind)
+                ),
             ));
         }
         let start = local_data_start(self.map, entry.header_start())

@@ -102,6 +102,14 @@ pub enum Finding {
         /// Target role.
         target_role: Role,
     },
+    /// A target entry that nothing paired but that is one tensor with a paired
+    /// one (tied weights): it gets that one's values.
+    Tied {
+        /// The entry nothing paired.
+        target: String,
+        /// The paired entry it is tied to.
+        with: String,
+    },
     /// An entry that nothing paired.
     Leftover {
         /// Its side.
@@ -192,6 +200,7 @@ impl Finding {
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
             Finding::NumBatchesTracked { .. }
+            | Finding::Tied { .. }
             | Finding::OrderReconstructed { .. }
             | Finding::CouldPair { .. } => Severity::Note,
             Finding::AmbiguousModule { .. } | Finding::Unaligned { .. } => escalate(Severity::Warning),
@@ -266,6 +275,10 @@ impl fmt::Display for Raw<'_> {
                 write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
             }
             Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::Tied { target, with } => write!(
+                f,
+                "target {target} is tied to {with} (one tensor under two names): it gets {with}'s values"
+            ),
             Finding::AmbiguousModule { side, module, candidates, more, why } => {
                 let more = if *more > 0 { format!(" and {more} more") } else { String::new() };
                 let why = match why {

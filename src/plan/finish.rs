@@ -270,6 +270,20 @@ impl Plan {
             }
             source_leftovers.push(Leftover { side: Side::Source, index: i, name: e.name.clone(), explained });
         }
+        // A target tied to a paired one is filled through it: not left over.
+        if paired_target.iter().any(|&p| !p) {
+            for group in b.target.ties() {
+                let Some(&filled) = group.iter().find(|&&j| paired_target[j]) else { continue };
+                let unfilled: Vec<usize> = group.iter().copied().filter(|&j| !paired_target[j]).collect();
+                for j in unfilled {
+                    paired_target[j] = true;
+                    b.findings.push(Finding::Tied {
+                        target: targets[j].name.to_string(),
+                        with: targets[filled].name.to_string(),
+                    });
+                }
+            }
+        }
         let mut target_leftovers = Vec::new();
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
             let explained = if is_nbt(&e.name) && !source_nbt_open {

@@ -81,6 +81,44 @@ pub trait Source: Send + Sync {
     fn others(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Tied entries: groups (indices into [`Source::entries`], ascending) of
+    /// entries that are one tensor — the same memory seen the same way (place,
+    /// shape, strides, dtype, device), as a language model's `lm_head.weight`
+    /// and `embed.weight`. Writing one writes all. Overlapping views that are
+    /// not the same view are not ties.
+    fn ties(&self) -> Vec<Vec<usize>> {
+        tied_entries(self.entries(), |i| self.tensor(i))
+    }
+}
+
+/// The groups of [`Source::ties`], from the entries and their tensors.
+fn tied_entries<'t>(entries: &[Entry], tensor: impl Fn(usize) -> Option<&'t Tensor>) -> Vec<Vec<usize>> {
+    use std::collections::HashMap;
+    // Grouped by address, dtype and shape first (no allocation per tensor);
+    // strides are compared only where those agree.
+    let mut by_place: HashMap<(usize, tch::Device, tch::Kind, &[i64]), Vec<usize>> = HashMap::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let Some(t) = tensor(i) else { continue };
+        if entry.numel() == 0 || !t.defined() {
+            continue;
+        }
+        let key = (t.data_ptr() as usize, entry.device, entry.dtype, entry.shape.as_slice());
+        by_place.entry(key).or_default().push(i);
+    }
+    let mut groups = Vec::new();
+    for members in by_place.into_values().filter(|m| m.len() > 1) {
+        let mut by_stride: Vec<(Vec<i64>, Vec<usize>)> = Vec::new();
+        for i in members {
+            let stride = tensor(i).map(Tensor::stride).unwrap_or_default();
+            match by_stride.iter_mut().find(|(s, _)| *s == stride) {
+                Some((_, group)) => group.push(i),
+                None => by_stride.push((stride, vec![i])),
+            }
+        }
+        groups.extend(by_stride.into_iter().map(|(_, g)| g).filter(|g| g.len() > 1));
+    }
+    groups.sort();
+    groups
 }
 
 /// A model that receives a plan's writes: a live one (a loaded module, a

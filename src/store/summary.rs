@@ -48,8 +48,12 @@ pub struct Summary {
     pub totals: Vec<Total>,
     /// Number of tensors.
     pub tensors: usize,
-    /// Bytes of data.
+    /// Bytes of data, each tied group's counted once.
     pub bytes: u64,
+    /// Tied entries (one tensor under several names, see
+    /// [`Source::ties`](crate::Source::ties)): their names, in entry order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ties: Vec<Vec<String>>,
     /// What the file holds besides the tensors read (the other entries of a
     /// checkpoint dict, a pickled module's class), each described.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -60,8 +64,17 @@ impl Summary {
     /// Describes `store`.
     pub fn of(store: &dyn Source) -> Self {
         let entries = store.entries().to_vec();
+        let ties = store.ties();
+        // Every member of a tie but the first adds no bytes.
+        let mut repeated = vec![false; entries.len()];
+        for group in &ties {
+            for &i in &group[1..] {
+                repeated[i] = true;
+            }
+        }
         let mut totals: BTreeMap<(Role, &'static str), Total> = BTreeMap::new();
-        for entry in &entries {
+        for (entry, &repeated) in entries.iter().zip(&repeated) {
+            let bytes = if repeated { 0 } else { entry.bytes() };
             let name = dtype::name(entry.dtype);
             let total = totals.entry((entry.role, name)).or_insert(Total {
                 role: entry.role,
@@ -72,14 +85,15 @@ impl Summary {
             });
             total.tensors += 1;
             total.elements += entry.numel();
-            total.bytes += entry.bytes();
+            total.bytes += bytes;
         }
         Self {
             origin: store.origin().to_string(),
             kind: store.kind().to_string(),
             key: store.key().map(str::to_string),
             tensors: entries.len(),
-            bytes: entries.iter().map(Entry::bytes).sum(),
+            bytes: entries.iter().zip(&repeated).filter(|(_, &r)| !r).map(|(e, _)| e.bytes()).sum(),
+            ties: ties.iter().map(|g| g.iter().map(|&i| entries[i].name.to_string()).collect()).collect(),
             totals: totals.into_values().collect(),
             entries,
             others: store.others().into_iter().map(|(key, value)| Other { key, value }).collect(),
@@ -148,6 +162,13 @@ impl fmt::Display for Summary {
             )?;
         }
         write!(f, "  {} tensors, {}", self.tensors, human_bytes(self.bytes))?;
+        if !self.ties.is_empty() {
+            write!(f, " (tied tensors counted once)\ntied (one tensor under several names):")?;
+            for group in &self.ties {
+                let names: Vec<String> = group.iter().map(|n| escaped(n).into_owned()).collect();
+                write!(f, "\n  {}", names.join(" = "))?;
+            }
+        }
         if !self.others.is_empty() {
             write!(f, "\nalso in the file, not read as tensors:")?;
             let width = self.others.iter().map(|o| escaped(&o.key).chars().count()).max().unwrap_or(0);
