@@ -1,6 +1,7 @@
 //! Compiles the TorchScript shim in `csrc/` against the libtorch that tch links,
 //! and makes every binary, test and example of this package find libtorch at run
-//! time (rpath) and keep libtorch_cuda (so CUDA is seen where it exists).
+//! time (rpath). libtorch_cuda is loaded by the shim at start, only where a
+//! CUDA driver exists.
 use std::env;
 use std::path::{Path, PathBuf};
 
@@ -71,13 +72,10 @@ fn main() -> Result<()> {
 
     // Binaries, tests and examples run without LD_LIBRARY_PATH.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // The linker drops libtorch_cuda under --as-needed (nothing references it by
-    // symbol), and then CUDA silently reports unavailable. Keep it where it exists.
-    if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
+    // libtorch_cuda is not linked (the linker drops it under --as-needed, as
+    // nothing references it by symbol): the shim loads it at start where a
+    // CUDA driver exists (csrc/shim.cpp, `load_cuda_backend`), so a CPU run
+    // does not map it.
     println!("cargo:libtorch_lib={}", lib.display());
     Ok(())
 }

@@ -6,6 +6,8 @@
 #include <torch/script.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <atomic>
@@ -241,9 +243,48 @@ at::Tensor bits(const at::Tensor &t) {
   }
 }
 
+// libtorch's CUDA backend (libtorch_cuda, ~1 GB of code whose relocations
+// cost ~400 MB of memory at start) is not linked: a process maps it only where
+// a CUDA driver is installed, loading it here, before main and before any tch
+// call, as linking it would. ATen registers the CUDA backend when the library
+// loads and settles, at its first CUDA query, whether CUDA exists for the
+// rest of the process; loading before main keeps tch::Cuda::is_available()
+// right whatever a program asks first. Without a driver CUDA cannot be
+// available, so nothing is lost by not loading it. TRANSPLANT_CUDA=0 skips it
+// on a GPU machine (a CPU-only run).
+const char *cuda_backend = "not loaded";
+
+__attribute__((constructor)) void load_cuda_backend() {
+  const char *setting = std::getenv("TRANSPLANT_CUDA");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) {
+    cuda_backend = "not loaded: TRANSPLANT_CUDA=0";
+    return;
+  }
+  void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_GLOBAL);
+  if (driver == nullptr) {
+    cuda_backend = "not loaded: no CUDA driver (libcuda.so.1)";
+    return;
+  }
+  // libtorch_cuda lives beside the libtorch_cpu this process runs.
+  Dl_info info;
+  std::string path = "libtorch_cuda.so";
+  if (dladdr(reinterpret_cast<void *>(&at::globalContext), &info) != 0 && info.dli_fname != nullptr) {
+    std::string cpu = info.dli_fname;
+    size_t slash = cpu.rfind('/');
+    if (slash != std::string::npos) path = cpu.substr(0, slash + 1) + "libtorch_cuda.so";
+  }
+  if (dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) {
+    cuda_backend = "loaded";
+  } else {
+    cuda_backend = "not loaded: libtorch_cuda.so did not load (a CPU-only libtorch?)";
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+const char *tp_cuda_backend(void) { return cuda_backend; }
 
 void tp_error_free(char *error) { std::free(error); }
 

@@ -33,6 +33,10 @@ typedef void (*tp_release_fn)(void *ctx);
 
 void tp_error_free(char *error);
 
+/* Whether libtorch's CUDA backend was loaded at start, and why not if not
+ * (a static string). */
+const char *tp_cuda_backend(void);
+
 /* Loads a module saved by torch.jit.save onto `device` ("cpu", "cuda:0", ...). */
 char *tp_module_load(const char *path, const char *device, tp_module **out);
 void tp_module_free(tp_module *module);

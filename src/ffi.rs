@@ -5,6 +5,19 @@ use std::marker::PhantomData;
 
 use tch::Tensor;
 
+/// Whether libtorch's CUDA backend (`libtorch_cuda`) was loaded when this
+/// process started, or why not: `"loaded"`, or `"not loaded: …"` (no CUDA
+/// driver, `TRANSPLANT_CUDA=0`, a CPU-only libtorch).
+///
+/// This crate does not link `libtorch_cuda`: it loads it before `main`, and
+/// only where a CUDA driver (`libcuda.so.1`) is installed, so that a process
+/// on a machine without a GPU does not map its ~1 GB of code.
+/// `tch::Cuda::is_available()` answers as usual either way.
+pub fn cuda_backend() -> &'static str {
+    // SAFETY: the shim returns a pointer to a static NUL-terminated string.
+    unsafe { CStr::from_ptr(tp_cuda_backend()) }.to_str().unwrap_or("unknown")
+}
+
 /// Opaque `torch::jit::Module` handle owned by the shim.
 #[repr(C)]
 pub(crate) struct TpModule {
@@ -21,6 +34,7 @@ type ReleaseFn = extern "C" fn(ctx: *mut c_void);
 type RangeFn = extern "C" fn(ctx: *mut c_void, begin: i64, end: i64);
 
 extern "C" {
+    fn tp_cuda_backend() -> *const c_char;
     fn tp_error_free(error: *mut c_char);
     pub(crate) fn tp_module_load(
         path: *const c_char,

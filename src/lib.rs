@@ -33,6 +33,7 @@ pub use diff::{diff, Diff, TensorDiff, Tolerance};
 pub use dotted::escaped;
 pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
+pub use ffi::cuda_backend;
 pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};
 pub use outputs::{compare_outputs, OutputComparison, OutputDiff, MAX_INPUT_ELEMENTS};
