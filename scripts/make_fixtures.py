@@ -853,6 +853,25 @@ def write_hostile_archives(out: str) -> None:
     )
 
 
+class SharedStorage(nn.Module):
+    """Two buffers that are views of one storage (one record in the archive)."""
+
+    def __init__(self):
+        super().__init__()
+        base = torch.randn(2, 6)
+        self.register_buffer("a", base[0])
+        self.register_buffer("b", base[1])
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.a - self.b
+
+
+def write_shared_storage(out: str) -> None:
+    torch.manual_seed(60)
+    torch.jit.save(torch.jit.script(SharedStorage().eval()), os.path.join(out, "shared_storage.pt"))
+
+
 def jiggle(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
     """Every parameter moved off its initial value, so that each one shows in outputs."""
     torch.manual_seed(seed)
@@ -1073,6 +1092,7 @@ def main() -> None:
     write_demo(out)
     write_tied(out)
     write_hostile_archives(out)
+    write_shared_storage(out)
     write_rule_library(out)
     write_transform_cases(out)
     write_dcp(out)

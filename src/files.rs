@@ -11,6 +11,114 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
+/// A file written mostly front to back, buffered, that can go back and
+/// patch what it wrote (a zip writer fills in each member's header after its
+/// data) without flushing: a patch inside the buffer is made there, one
+/// before it is written in place (`pwrite`), and large writes go straight to
+/// the file. Seeking moves a position kept here, with no system call.
+pub(crate) struct PatchingWriter {
+    file: File,
+    /// Bytes not yet written, which belong at `buffered_at`.
+    buffer: Vec<u8>,
+    buffered_at: u64,
+    /// Where the next write goes.
+    position: u64,
+}
+
+/// Buffer size of [`PatchingWriter`]; writes this large bypass the buffer.
+/// Also the most one system call writes: into the page cache, 1 MB writes
+/// measured 2-4x faster than 8-64 MB ones (Linux 6, ext4).
+const PATCH_BUFFER: usize = 1 << 20;
+
+/// `data` written at `at`, at most [`PATCH_BUFFER`] bytes a call.
+fn write_all_at(file: &File, data: &[u8], at: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut at = at;
+    for piece in data.chunks(PATCH_BUFFER) {
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
+impl PatchingWriter {
+    /// Writes into `file` from its start.
+    pub(crate) fn new(file: File) -> Self {
+        Self { file, buffer: Vec::with_capacity(PATCH_BUFFER), buffered_at: 0, position: 0 }
+    }
+
+    fn end(&self) -> u64 {
+        self.buffered_at + self.buffer.len() as u64
+    }
+
+    fn write_buffer(&mut self) -> std::io::Result<()> {
+        write_all_at(&self.file, &self.buffer, self.buffered_at)?;
+        self.buffered_at += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+}
+
+impl std::io::Write for PatchingWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let end = self.end();
+        if self.position < self.buffered_at {
+            // A patch of what was written out already (up to the buffer).
+            let n = data.len().min((self.buffered_at - self.position) as usize);
+            write_all_at(&self.file, &data[..n], self.position)?;
+            self.position += n as u64;
+            return Ok(n);
+        }
+        if self.position > end {
+            // Past the end: what lies between is zeros, as a file's hole reads.
+            self.write_buffer()?;
+            self.buffered_at = self.position;
+        }
+        let at = (self.position - self.buffered_at) as usize;
+        if at == self.buffer.len() && data.len() >= PATCH_BUFFER {
+            self.write_buffer()?;
+            write_all_at(&self.file, data, self.position)?;
+            self.position += data.len() as u64;
+            self.buffered_at = self.position;
+            return Ok(data.len());
+        }
+        let overlap = (self.buffer.len() - at).min(data.len());
+        self.buffer[at..at + overlap].copy_from_slice(&data[..overlap]);
+        self.buffer.extend_from_slice(&data[overlap..]);
+        self.position += data.len() as u64;
+        if self.buffer.len() >= PATCH_BUFFER && self.position == self.end() {
+            self.write_buffer()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.write_buffer()
+    }
+}
+
+impl std::io::Seek for PatchingWriter {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::Current(d) => self.position.checked_add_signed(d),
+            std::io::SeekFrom::End(d) => self.end().max(self.file.metadata()?.len()).checked_add_signed(d),
+        };
+        self.position = target.ok_or_else(|| std::io::Error::other("seek before the start of the file"))?;
+        Ok(self.position)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.position)
+    }
+}
+
+impl Drop for PatchingWriter {
+    fn drop(&mut self) {
+        let _ = self.write_buffer();
+    }
+}
+
 /// Removes `.NAME.transplant-tmp-PID-N` files that a killed earlier write left
 /// in `folder`: those whose process is gone (Linux: no /proc/PID).
 fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {

@@ -28,7 +28,7 @@ pub use convert::{
     convert, plan_conversion, save_distributed, save_sharded, ConvertOptions, Converted, Outline,
     WrittenFile, DEFAULT_MAX_SHARD_BYTES,
 };
-pub use copy::{copy, copy_with, verify, Copied, CopyOptions, Progress};
+pub use copy::{copy, copy_to_file, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};
 pub use dotted::escaped;
 pub use entry::{Entry, EntryOrder, Name, Role};

@@ -64,3 +64,51 @@ fn a_conversion_holds_about_one_tensor_not_the_model() {
         );
     }
 }
+
+/// A copy into a TorchScript file streams the archive: its peak RSS stays
+/// within a small margin of `inspect`'s on the target, not the model's size
+/// (the target's records are never copied into memory, the source's pages are
+/// handed back once written).
+#[test]
+fn a_copy_into_a_torchscript_file_holds_about_one_record_not_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (target, source) = (dir.path().join("big.pt"), dir.path().join("big.safetensors"));
+    // 24 buffers of 16 MB, scripted by PyTorch.
+    let script = "import sys, torch\n\
+        class Big(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        \
+        for i in range(24):\n            self.register_buffer(f'b{i}', torch.zeros(4 << 20))\n    \
+        def forward(self, x: torch.Tensor) -> torch.Tensor:\n        return x\n\
+        torch.jit.save(torch.jit.script(Big()), sys.argv[1])\n";
+    // TorchScript reads the class's source: it goes in a file.
+    let file = dir.path().join("make_big.py");
+    std::fs::write(&file, script).unwrap();
+    let made = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(&file)
+        .arg(&target)
+        .status()
+        .expect("the venv's python runs (scripts/setup.sh)");
+    assert!(made.success());
+    let tensors = (0..24)
+        .map(|i| (format!("b{i}"), Tensor::full([4 << 20], i as f64, (Kind::Float, Device::Cpu))))
+        .collect();
+    Checkpoint::from_tensors("big", Format::Safetensors, tensors, BTreeMap::new())
+        .unwrap()
+        .save_as(&source, Format::Safetensors)
+        .unwrap();
+    let size = std::fs::metadata(&target).unwrap().len();
+    let baseline = peak_rss(&["inspect", target.to_str().unwrap()]);
+    let out = dir.path().join("out.pt");
+    let peak =
+        peak_rss(&["copy", source.to_str().unwrap(), target.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let added = peak.saturating_sub(baseline);
+    eprintln!("file {} MB, inspect peak {} MB, copy peak {} MB", size >> 20, baseline >> 20, peak >> 20);
+    assert!(
+        added < size / 4,
+        "the copy added {} MB over inspect's peak for a {} MB target",
+        added >> 20,
+        size >> 20
+    );
+    let written = transplant::open(&out).unwrap();
+    assert!(written.tensor(23).unwrap().equal(&Tensor::full([4 << 20], 23.0, (Kind::Float, Device::Cpu))));
+}

@@ -89,3 +89,126 @@ fn a_copy_into_an_archive_rewrites_it_and_the_result_loads_and_computes_alike() 
         }
     }
 }
+
+/// The store of `path`'s tensors as libtorch loads them: names and tensors.
+fn loaded(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let store = ModuleStore::open(path).unwrap();
+    (0..store.entries().len())
+        .map(|i| (store.entries()[i].name.to_string(), store.tensor(i).unwrap().shallow_clone()))
+        .collect()
+}
+
+/// A copy streamed into a rewrite of the archive (`copy_to_file`, what the CLI
+/// does for a `.pt` target) gives the file the libtorch path gives: plain
+/// pairs, casts, a split, a concatenation and transposes.
+#[test]
+fn a_streamed_copy_into_an_archive_equals_the_libtorch_path() {
+    use transplant::{
+        copy_to_file, copy_with, CopyOptions, Mapping, Matcher, Plan, Policy, Rules, ScriptArchive,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A float64 source: every pair is a cast into the float32 target.
+    let doubled = dir.path().join("doubled.safetensors");
+    {
+        let a = ModuleStore::open(common::fixture("bn_net_a.pt")).unwrap();
+        let named = (0..a.entries().len())
+            .map(|i| {
+                let t = a.tensor(i).unwrap();
+                let t = if t.is_floating_point() { t.to_kind(tch::Kind::Double) } else { t.shallow_clone() };
+                (a.entries()[i].name.to_string(), t)
+            })
+            .collect();
+        transplant::Checkpoint::from_tensors(
+            "doubled",
+            transplant::Format::Safetensors,
+            named,
+            Default::default(),
+        )
+        .unwrap()
+        .save_as(&doubled, transplant::Format::Safetensors)
+        .unwrap();
+    }
+    let t = |name: &str| common::fixture(&format!("transforms/{name}.pt"));
+    let cases: Vec<(PathBuf, PathBuf, &str)> = vec![
+        (common::fixture("bn_net_a.pt"), common::fixture("bn_net_b.pt"), ""),
+        (doubled, common::fixture("bn_net_b.pt"), ""),
+        (t("fused_attn"), t("split_attn"), "qkv\\.(weight|bias) => q_proj.$1, k_proj.$1, v_proj.$1 | split(0)\nproj\\.(.*) => o_proj.$1\n"),
+        (t("split_attn"), t("fused_attn"), "q_proj\\.(weight|bias) + k_proj\\.(weight|bias) + v_proj\\.(weight|bias) => qkv.$1 | cat(0)\no_proj\\.(.*) => proj.$1\n"),
+        (t("conv1d_mlp"), t("linear_mlp"), "c_(fc|proj)\\.weight => $1.weight | transpose(0, 1)\nc_(fc|proj)\\.bias => $1.bias\n"),
+    ];
+    let policy = Policy { strict: true, allow_lossy_casts: true };
+    for (k, (src, dst, rules)) in cases.iter().enumerate() {
+        let mapping = Mapping {
+            rules: Rules::parse(rules, "rules").unwrap(),
+            matcher: if rules.is_empty() { Matcher::default() } else { Matcher::Exact },
+            source_order: None,
+        };
+        let source = transplant::open(src).unwrap();
+        let (streamed, through_libtorch) =
+            (dir.path().join(format!("s{k}.pt")), dir.path().join(format!("l{k}.pt")));
+        let mut archive = ScriptArchive::open(dst).unwrap();
+        let plan = Plan::build(source.as_ref(), &archive, &mapping).unwrap();
+        let copied =
+            copy_to_file(&plan, source.as_ref(), &mut archive, &streamed, &policy, CopyOptions::default())
+                .unwrap_or_else(|e| panic!("case {k}: {e}"));
+        assert!(copied.verified && copied.tensors == plan.pairs.len());
+        let mut live = ModuleStore::open(dst).unwrap();
+        let plan = Plan::build(source.as_ref(), &live, &mapping).unwrap();
+        copy_with(&plan, source.as_ref(), &mut live, &policy, CopyOptions::default()).unwrap();
+        transplant::Target::save(&live, &through_libtorch).unwrap();
+        let (a, b) = (loaded(&streamed), loaded(&through_libtorch));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(bit_equal(x, y), "case {k}: {name} differs between the streamed and the libtorch copy");
+        }
+        // The target as read is untouched by the streamed copy.
+        let again = ScriptArchive::open(dst).unwrap();
+        for i in 0..archive.entries().len() {
+            assert!(bit_equal(archive.tensor(i).unwrap(), again.tensor(i).unwrap()));
+        }
+    }
+}
+
+/// A record holding several tensors (views of one storage) of which the copy
+/// fills only some keeps the others' bytes; filling all of them needs none of
+/// the old record.
+#[test]
+fn a_record_filled_in_part_keeps_the_rest_of_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = common::fixture("shared_storage.pt");
+    let before = loaded(&dst);
+    let names: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"a") && names.contains(&"b"), "{names:?}");
+    let value = |name: &str| before.iter().find(|(n, _)| n == name).unwrap().1.shallow_clone();
+    assert_eq!(
+        value("a").data_ptr() as usize + 6 * 4,
+        value("b").data_ptr() as usize,
+        "a and b are not one storage"
+    );
+    let only_a = dir.path().join("only_a.safetensors");
+    let new_a = tch::Tensor::full([6], 7.0, (tch::Kind::Float, tch::Device::Cpu));
+    transplant::Checkpoint::from_tensors(
+        "a",
+        transplant::Format::Safetensors,
+        vec![("a".into(), new_a.shallow_clone())],
+        Default::default(),
+    )
+    .unwrap()
+    .save_as(&only_a, transplant::Format::Safetensors)
+    .unwrap();
+    let out = dir.path().join("out.pt");
+    let run = common::transplant([
+        "copy",
+        only_a.to_str().unwrap(),
+        dst.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--allow-partial",
+    ]);
+    assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
+    let after = loaded(&out);
+    for (name, t) in &after {
+        let want = if name == "a" { new_a.shallow_clone() } else { value(name) };
+        assert!(bit_equal(t, &want), "{name}");
+    }
+}

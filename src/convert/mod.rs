@@ -21,7 +21,6 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use crate::copy::{value_loss, Progress};
-use crate::dtype;
 use crate::entry::Format;
 use crate::error::{Error, Result};
 use crate::format::{npz, safetensors, tch_archive, torch_pickle, Outgoing};
@@ -144,32 +143,6 @@ fn format_of(out: &Path, options: &ConvertOptions) -> Result<Format> {
                 .into(),
         }),
     }
-}
-
-/// Hands the pages of `tensor` back to the kernel (a hint, never a loss: the
-/// pages of a mapped file are read again if needed, others are kept or swapped),
-/// so that a conversion's memory does not grow with the model.
-fn release(tensor: &Tensor) {
-    #[cfg(target_os = "linux")]
-    {
-        const MADV_PAGEOUT: libc::c_int = 21;
-        let bytes = tensor.numel() * dtype::size(tensor.kind());
-        if tensor.device() != tch::Device::Cpu || bytes < (1 << 20) || !tensor.is_contiguous() {
-            return;
-        }
-        let page = 4096usize;
-        let start = tensor.data_ptr() as usize;
-        let (from, to) = (start.div_ceil(page) * page, (start + bytes) / page * page);
-        if to > from {
-            // SAFETY: the range lies within the tensor's own bytes; MADV_PAGEOUT
-            // only asks the kernel to reclaim them and never changes their contents.
-            unsafe {
-                libc::madvise(from as *mut libc::c_void, to - from, MADV_PAGEOUT);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = tensor;
 }
 
 /// Makes the values of `outline`'s entry `j` from the plan's pairs into it:
@@ -307,7 +280,7 @@ pub fn convert(
     let release_sources = |i: usize| {
         for &k in &into[written[i]] {
             if let Some(t) = source.tensor(plan.pairs[k].source) {
-                release(t);
+                crate::format::release_pages(t);
             }
         }
     };

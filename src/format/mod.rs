@@ -284,7 +284,11 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 fn sniff_zip(path: &Path, file: File) -> Result<Format> {
-    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| Error::Format {
+    // Through a map: reading a zip's directory is many small reads and seeks.
+    // SAFETY: a private read-only map, only read here.
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
+        .map_err(|source| Error::Io { path: path.into(), source })?;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&map[..])).map_err(|e| Error::Format {
         path: path.into(),
         format: "zip archive",
         message: e.to_string(),
@@ -307,6 +311,33 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
         format: "zip archive",
         message: "neither a PyTorch archive (no data.pkl) nor an npz (entries not all .npy)".into(),
     })
+}
+
+/// Hands the pages of `tensor` back to the kernel (a hint, never a loss: the
+/// pages of a mapped file are read again if needed, others are kept or swapped),
+/// so that streaming a model (a conversion, a copy into an archive) takes memory
+/// that does not grow with the model.
+pub(crate) fn release_pages(tensor: &tch::Tensor) {
+    #[cfg(target_os = "linux")]
+    {
+        const MADV_PAGEOUT: libc::c_int = 21;
+        let bytes = tensor.numel() * crate::dtype::size(tensor.kind());
+        if tensor.device() != tch::Device::Cpu || bytes < (1 << 20) || !tensor.is_contiguous() {
+            return;
+        }
+        let page = 4096usize;
+        let start = tensor.data_ptr() as usize;
+        let (from, to) = (start.div_ceil(page) * page, (start + bytes) / page * page);
+        if to > from {
+            // SAFETY: the range lies within the tensor's own bytes; MADV_PAGEOUT
+            // only asks the kernel to reclaim them and never changes their contents.
+            unsafe {
+                libc::madvise(from as *mut libc::c_void, to - from, MADV_PAGEOUT);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = tensor;
 }
 
 #[cfg(test)]

@@ -226,7 +226,7 @@ pub(crate) fn write_stream(path: &Path, outgoing: &[super::Outgoing], produce: s
     let io = |source| Error::Io { path: path.into(), source };
     let descrs = super::check_types(path, FORMAT, outgoing, descr_of)?;
     let file = File::create(path).map_err(io)?;
-    let mut archive = zip::ZipWriter::new(std::io::BufWriter::with_capacity(8 << 20, file));
+    let mut archive = zip::ZipWriter::new(crate::files::PatchingWriter::new(file));
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(outgoing.iter().any(|o| o.bytes() >= u32::MAX as usize));

@@ -77,8 +77,10 @@ pub type ScriptEntry = (String, Role, Tensor);
 pub struct Contents {
     /// Name, role and tensor of each parameter and buffer, in libtorch's order.
     pub entries: Vec<ScriptEntry>,
-    /// `(member name, storage)` of every record a tensor views.
+    /// `(member name, storage)` of every record a tensor views, by name.
     pub records: Vec<(String, Tensor)>,
+    /// For each entry, the record its tensor views (`None`: it holds no bytes).
+    pub record_of: Vec<Option<usize>>,
 }
 
 /// Reads the parameters and buffers of the TorchScript module in `path`,
@@ -104,7 +106,29 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     let mut records: Vec<(String, Tensor)> =
         archive.storages.iter().map(|(key, t)| (format!("{prefix}data/{key}"), t.shallow_clone())).collect();
     records.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Contents { entries: out, records })
+    // Each tensor lies within its storage's bytes (checked as it was made).
+    let mut starts: Vec<(usize, usize, usize)> = records
+        .iter()
+        .enumerate()
+        .map(|(r, (_, t))| {
+            let start = t.data_ptr() as usize;
+            (start, start + t.numel() * crate::dtype::size(t.kind()), r)
+        })
+        .collect();
+    starts.sort_unstable();
+    let record_of = out
+        .iter()
+        .map(|(_, _, t)| {
+            if t.numel() == 0 {
+                return None;
+            }
+            let at = t.data_ptr() as usize;
+            let i = starts.partition_point(|&(start, _, _)| start <= at).checked_sub(1)?;
+            let (_, end, r) = starts[i];
+            (at < end).then_some(r)
+        })
+        .collect();
+    Ok(Contents { entries: out, records, record_of })
 }
 
 /// Writes the archive at `source` to `out` with every record in `records`
@@ -113,22 +137,38 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
 /// in the archive's order. Records are stored uncompressed, 64-byte aligned,
 /// as PyTorch writes them.
 pub fn rewrite(source: &Path, out: &Path, records: &[(String, Tensor)]) -> Result<()> {
+    let by_name: HashMap<&str, &Tensor> = records.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    rewrite_with(source, out, &mut |name| Ok(by_name.get(name).map(|t| t.shallow_clone())))
+}
+
+/// [`rewrite`], each member's new content asked of `produce` as the writer
+/// reaches it (`None`: copied through unchanged), so that records can be made
+/// one at a time.
+pub fn rewrite_with(
+    source: &Path,
+    out: &Path,
+    produce: &mut dyn FnMut(&str) -> Result<Option<Tensor>>,
+) -> Result<()> {
     use std::io::Write;
     let io_in = |e: std::io::Error| Error::Io { path: source.into(), source: e };
     let io = |e: std::io::Error| Error::Io { path: out.into(), source: e };
     let zerr = |e: zip::result::ZipError| bad(out, e.to_string());
     let file = crate::files::open_regular(source)?;
+    // Read through a map: the zip reader's many small reads and seeks cost
+    // nothing there.
+    // SAFETY: a private read-only map; bytes changed under it by another
+    // process are at worst copied as they are (every record is re-read).
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(io_in)?;
     let mut zip =
-        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(source, e.to_string()))?;
+        zip::ZipArchive::new(std::io::Cursor::new(&map[..])).map_err(|e| bad(source, e.to_string()))?;
     super::check_unique_members(source, FORMAT, &mut zip)?;
-    let by_name: HashMap<&str, &Tensor> = records.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let target = std::fs::File::create(out).map_err(io)?;
-    let mut writer = zip::ZipWriter::new(std::io::BufWriter::with_capacity(8 << 20, target));
+    let mut writer = zip::ZipWriter::new(crate::files::PatchingWriter::new(target));
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| bad(source, e.to_string()))?;
-        match by_name.get(entry.name()) {
+        let name = entry.name().to_string();
+        match produce(&name)? {
             Some(storage) => {
-                let name = entry.name().to_string();
                 drop(entry);
                 let bytes = storage.f_contiguous().map_err(|e| bad(out, e.to_string()))?;
                 let data = super::bytes_of(&bytes);

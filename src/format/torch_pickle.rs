@@ -1241,7 +1241,7 @@ pub(crate) fn write_stream(
     p.op(b'.');
 
     let file = File::create(path).map_err(io)?;
-    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let mut zip = zip::ZipWriter::new(crate::files::PatchingWriter::new(file));
     let total: usize = outgoing.iter().map(super::Outgoing::bytes).sum();
     let options = zip::write::FileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)

@@ -20,6 +20,7 @@ pub struct ScriptArchive {
     entries: Vec<Entry>,
     tensors: Vec<Tensor>,
     records: Vec<(String, Tensor)>,
+    record_of: Vec<Option<usize>>,
 }
 
 impl std::fmt::Debug for ScriptArchive {
@@ -52,7 +53,23 @@ impl ScriptArchive {
             entries,
             tensors,
             records: contents.records,
+            record_of: contents.record_of,
         })
+    }
+
+    /// The file it was read from.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `(member name, storage as read)` of every storage record, by name.
+    pub(crate) fn records(&self) -> &[(String, Tensor)] {
+        &self.records
+    }
+
+    /// The record entry `index`'s tensor views (`None`: it holds no bytes).
+    pub(crate) fn record_of(&self, index: usize) -> Option<usize> {
+        self.record_of.get(index).copied().flatten()
     }
 }
 
@@ -77,6 +94,9 @@ impl Source for ScriptArchive {
 impl Target for ScriptArchive {
     fn tensors_mut(&mut self) -> &mut [Tensor] {
         &mut self.tensors
+    }
+    fn as_script_archive(&self) -> Option<&ScriptArchive> {
+        Some(self)
     }
     /// Writes the module to `path` as a new archive (whole or not at all): the
     /// source file's code, constants and debug information byte for byte, each

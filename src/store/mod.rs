@@ -132,6 +132,11 @@ pub trait Target: Source {
     /// state-dict stores, in the format `path`'s extension names. The file appears
     /// whole or not at all.
     fn save(&self, path: &Path) -> Result<()>;
+    /// This target as a TorchScript archive, where it is one: a copy into it
+    /// can then be streamed into a rewritten file ([`crate::copy_to_file`]).
+    fn as_script_archive(&self) -> Option<&ScriptArchive> {
+        None
+    }
 }
 
 /// Opens a model file of any supported kind, found from its content: a

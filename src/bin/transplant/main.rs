@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use transplant::{
-    compare_outputs, convert, copy_with, diff, plan_conversion, ConvertOptions, CopyOptions, Format, Mapping,
-    Matcher, ModuleStore, NameOrder, Plan, Policy, Report, ScriptModule, Summary, Tolerance,
+    compare_outputs, convert, copy_to_file, copy_with, diff, plan_conversion, ConvertOptions, CopyOptions,
+    Format, Mapping, Matcher, ModuleStore, NameOrder, Plan, Policy, Report, ScriptModule, Summary, Tolerance,
 };
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
@@ -212,8 +212,13 @@ fn run(command: Command) -> Result<Outcome> {
             }
             let bar = progress::Bar::default();
             let options = CopyOptions { progress: Some(&bar), ..CopyOptions::default() };
-            let copied = copy_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
-            let written = transfer::write_output(target.as_ref(), &out, max_shard_size)?;
+            let (copied, written) = if transfer::streams_into_archive(target.as_ref(), &out, max_shard_size) {
+                let copied = copy_to_file(&plan, source.as_ref(), target.as_mut(), &out, &policy, options)?;
+                (copied, transfer::Written { path: out.clone(), kind: target.kind().to_string() })
+            } else {
+                let copied = copy_with(&plan, source.as_ref(), target.as_mut(), &policy, options)?;
+                (copied, transfer::write_output(target.as_ref(), &out, max_shard_size)?)
+            };
             let report = Report::new(&plan, &policy, Some(copied));
             emit(json, &WithExtra { value: &report, extra: serde_json::json!({ "output": written }) })?;
             if !json {

@@ -222,6 +222,21 @@ impl std::fmt::Display for ConvertSummary {
     }
 }
 
+/// Whether writing `target` to `out` is a rewrite of its TorchScript archive
+/// (the output keeps the target's kind), which a copy can stream.
+pub fn streams_into_archive(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> bool {
+    let name = out.to_string_lossy().to_ascii_lowercase();
+    let other_kind = matches!(
+        Format::for_extension(out),
+        Some(Format::Safetensors | Format::TorchSave | Format::TchArchive | Format::Npz)
+    );
+    target.as_script_archive().is_some()
+        && max_shard_bytes.is_none()
+        && !other_kind
+        && !name.ends_with('/')
+        && !name.ends_with(".safetensors.index.json")
+}
+
 /// What [`write_output`] wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Written {

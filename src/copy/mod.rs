@@ -9,6 +9,9 @@
 //! moved and compared as bytes (in parallel when small), the rest go through
 //! libtorch's `copy_`, non-blocking with pinned staging where CUDA takes part
 //! and one synchronize at the end.
+mod archive;
+
+use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -88,6 +91,35 @@ pub fn copy(plan: &Plan, source: &dyn Source, target: &mut dyn Target, policy: &
     copy_with(plan, source, target, policy, CopyOptions::default())
 }
 
+/// Copies `plan` from `source` into `target` and writes the result to `out`
+/// in the target's own kind (whole or not at all), as [`copy_with`] followed
+/// by [`Target::save`] would — except that a TorchScript archive
+/// ([`ScriptArchive`](crate::ScriptArchive)) is not copied into at all: the
+/// archive is rewritten into `out` one storage record at a time, each made
+/// from the sources as the writer reaches it, checked and verified as
+/// [`copy_with`] does, so that memory stays bounded by the largest record and
+/// `target` is left as it was. Other targets are written in place, then saved.
+pub fn copy_to_file(
+    plan: &Plan,
+    source: &dyn Source,
+    target: &mut dyn Target,
+    out: &Path,
+    policy: &Policy,
+    options: CopyOptions,
+) -> Result<Copied> {
+    if let Some(archive) = target.as_script_archive() {
+        let mut copied = None;
+        crate::files::write_atomically(out, |temp| {
+            copied = Some(archive::stream(plan, source, archive, temp, policy, options)?);
+            Ok(())
+        })?;
+        return copied.ok_or_else(|| rejected(plan, "the archive was not written".into()));
+    }
+    let copied = copy_with(plan, source, target, policy, options)?;
+    target.save(out)?;
+    Ok(copied)
+}
+
 /// [`copy`] with options.
 pub fn copy_with(
     plan: &Plan,
@@ -96,27 +128,91 @@ pub fn copy_with(
     policy: &Policy,
     options: CopyOptions,
 ) -> Result<Copied> {
-    plan.check(policy)?;
-    let rejected = |problem: String| Error::PlanRejected {
-        from: plan.source.clone(),
-        target: plan.target.clone(),
-        problems: vec![problem],
-    };
-    plan.ensure_fits(source, &*target)?;
-    let raw = source_tensors(plan, source, |name| {
-        rejected(format!("{} has no tensor for {name}", source.origin()))
-    })?;
-    let transform_failed = |k: usize, side: &str, e: tch::TchError| Error::CopyFailed {
+    let sources = prepared_sources(plan, source, &*target, policy)?;
+    let target_origin = target.origin().to_string();
+    let all_targets = target.tensors_mut();
+    let in_range: Vec<&Tensor> = plan
+        .pairs
+        .iter()
+        .map(|p| {
+            all_targets.get(p.target).ok_or_else(|| {
+                rejected(
+                    plan,
+                    format!("{target_origin} has no tensor for {} (or it is named twice)", p.target_name),
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut regions = transformed(plan, &in_range, |t| &t.target_ops, |t, x| t.target_view(x))
+        .map_err(|(k, e)| transform_failed(plan, k, "target", e))?;
+    drop(in_range);
+    // One `&mut` per pair: a plan gives every target one source, or regions of
+    // it (which it checked tile the target) to several.
+    let mut slots: Vec<Option<&mut Tensor>> = all_targets.iter_mut().map(Some).collect();
+    for (pair, region) in plan.pairs.iter().zip(&regions) {
+        if region.is_some() {
+            slots[pair.target] = None;
+        }
+    }
+    let mut targets = Vec::with_capacity(plan.pairs.len());
+    for (pair, region) in plan.pairs.iter().zip(regions.iter_mut()) {
+        let slot = match region {
+            Some(view) => Some(view),
+            None => slots.get_mut(pair.target).and_then(Option::take),
+        };
+        targets.push(slot.ok_or_else(|| {
+            rejected(
+                plan,
+                format!("{target_origin} has no tensor for {} (or it is named twice)", pair.target_name),
+            )
+        })?);
+    }
+    let all: Vec<usize> = (0..plan.pairs.len()).collect();
+    let sources: Vec<&Tensor> = sources.iter().collect();
+    let _no_grad = tch::no_grad_guard();
+    let ran = run_pairs(plan, &all, targets, &sources, options, true)?;
+    Ok(Copied {
+        tensors: plan.pairs.len(),
+        bytes: ran.bytes,
+        casts: plan.pairs.iter().filter(|p| p.cast.is_some()).count(),
+        copy_seconds: ran.copy_seconds,
+        verified: options.verify,
+        verify_seconds: ran.verify_seconds,
+    })
+}
+
+fn rejected(plan: &Plan, problem: String) -> Error {
+    Error::PlanRejected { from: plan.source.clone(), target: plan.target.clone(), problems: vec![problem] }
+}
+
+fn transform_failed(plan: &Plan, k: usize, side: &str, e: tch::TchError) -> Error {
+    Error::CopyFailed {
         store: plan.target.clone(),
         tensor: Some(plan.pairs[k].target_name.to_string()),
         message: format!("the transform's view of the {side} failed: {e} (nothing was written)"),
-    };
+    }
+}
+
+/// Everything checked before a byte is written — `plan` under `policy`, the
+/// stores being the plan's, no value lost by a cast — and each pair's source
+/// as the copy reads it (through its transform's view).
+fn prepared_sources(
+    plan: &Plan,
+    source: &dyn Source,
+    target: &dyn Source,
+    policy: &Policy,
+) -> Result<Vec<Tensor>> {
+    plan.check(policy)?;
+    plan.ensure_fits(source, target)?;
+    let raw = source_tensors(plan, source, |name| {
+        rejected(plan, format!("{} has no tensor for {name}", source.origin()))
+    })?;
     // A transform's source is a view of it (or a reshaped copy, where no view
-    // can express the ops); its target a view of a region of the target.
-    let source_views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
-        .map_err(|(k, e)| transform_failed(k, "source", e))?;
-    let sources: Vec<&Tensor> =
-        raw.iter().zip(&source_views).map(|(&t, view)| view.as_ref().unwrap_or(t)).collect();
+    // can express the ops).
+    let views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
+        .map_err(|(k, e)| transform_failed(plan, k, "source", e))?;
+    let sources: Vec<Tensor> =
+        raw.iter().zip(views).map(|(&t, view)| view.unwrap_or_else(|| t.shallow_clone())).collect();
     if !policy.allow_lossy_casts {
         let lost: Vec<String> = plan
             .pairs
@@ -139,106 +235,94 @@ pub fn copy_with(
             });
         }
     }
-    let target_origin = target.origin().to_string();
-    let all_targets = target.tensors_mut();
-    let in_range: Vec<&Tensor> = plan
-        .pairs
-        .iter()
-        .map(|p| {
-            all_targets.get(p.target).ok_or_else(|| {
-                rejected(format!(
-                    "{target_origin} has no tensor for {} (or it is named twice)",
-                    p.target_name
-                ))
-            })
-        })
-        .collect::<Result<_>>()?;
-    let mut regions = transformed(plan, &in_range, |t| &t.target_ops, |t, x| t.target_view(x))
-        .map_err(|(k, e)| transform_failed(k, "target", e))?;
-    drop(in_range);
-    // One `&mut` per pair: a plan gives every target one source, or regions of
-    // it (which it checked tile the target) to several.
-    let mut slots: Vec<Option<&mut Tensor>> = all_targets.iter_mut().map(Some).collect();
-    for (pair, region) in plan.pairs.iter().zip(&regions) {
-        if region.is_some() {
-            slots[pair.target] = None;
-        }
-    }
-    let mut targets = Vec::with_capacity(plan.pairs.len());
-    for (pair, region) in plan.pairs.iter().zip(regions.iter_mut()) {
-        let slot = match region {
-            Some(view) => Some(view),
-            None => slots.get_mut(pair.target).and_then(Option::take),
-        };
-        targets.push(slot.ok_or_else(|| {
-            rejected(format!("{target_origin} has no tensor for {} (or it is named twice)", pair.target_name))
-        })?);
-    }
+    Ok(sources)
+}
+
+/// What [`run_pairs`] did.
+struct Ran {
+    bytes: u64,
+    copy_seconds: f64,
+    verify_seconds: f64,
+}
+
+/// Copies the pairs `ks` of `plan` (`targets[i]` receives `sources[i]`, the
+/// pair `ks[i]`) in batches, then verifies them (with `options.verify`):
+/// every pair checked and described before anything is written. `announce`:
+/// this run is the whole copy, so it starts and finishes the progress.
+fn run_pairs(
+    plan: &Plan,
+    ks: &[usize],
+    targets: Vec<&mut Tensor>,
+    sources: &[&Tensor],
+    options: CopyOptions,
+    announce: bool,
+) -> Result<Ran> {
     let copy_failed = |(index, message): ffi::PairError| match index {
         Some(i) => Error::CopyFailed {
             store: plan.target.clone(),
-            tensor: Some(plan.pairs[i].target_name.to_string()),
+            tensor: Some(plan.pairs[ks[i]].target_name.to_string()),
             message,
         },
         None => Error::CopyFailed { store: plan.target.clone(), tensor: None, message },
     };
-
-    let _no_grad = tch::no_grad_guard();
     let start = Instant::now();
     // Every pair is checked (shapes) and described before any batch is written.
-    let mut pairs = ffi::Pairs::to_write(targets, &sources).map_err(copy_failed)?;
+    let mut pairs = ffi::Pairs::to_write(targets, sources).map_err(copy_failed)?;
     if let Some((a, b)) = pairs.first_conflict() {
-        let (a, b) = (&plan.pairs[a], &plan.pairs[b]);
-        return Err(rejected(format!(
-            "{} and {} share memory (tied weights?) but would receive different values from {} and {}: \
-             skip one with a rule",
-            a.target_name, b.target_name, a.source_name, b.source_name
-        )));
+        let (a, b) = (&plan.pairs[ks[a]], &plan.pairs[ks[b]]);
+        return Err(rejected(
+            plan,
+            format!(
+                "{} and {} share memory (tied weights?) but would receive different values from {} and {}: \
+                 skip one with a rule",
+                a.target_name, b.target_name, a.source_name, b.source_name
+            ),
+        ));
     }
     let mut batches: Vec<usize> = vec![0];
     let (mut bytes, mut batch_bytes) = (0u64, 0u64);
-    for k in 0..plan.pairs.len() {
-        bytes += pairs.bytes(k);
-        batch_bytes += pairs.bytes(k);
+    for i in 0..ks.len() {
+        bytes += pairs.bytes(i);
+        batch_bytes += pairs.bytes(i);
         if batch_bytes >= BATCH_BYTES {
-            batches.push(k + 1);
+            batches.push(i + 1);
             batch_bytes = 0;
         }
     }
-    if batches.last() != Some(&plan.pairs.len()) {
-        batches.push(plan.pairs.len());
+    if batches.last() != Some(&ks.len()) {
+        batches.push(ks.len());
     }
-    if let Some(progress) = options.progress {
+    let progress = options.progress;
+    if let (Some(progress), true) = (progress, announce) {
         progress.start(bytes);
     }
     for window in batches.windows(2) {
         let (from, to) = (window[0], window[1]);
         let written = pairs.copy(from..to).map_err(copy_failed);
-        if let Some(progress) = options.progress {
+        if let Some(progress) = progress {
             match written {
-                Ok(()) => progress.advance((from..to).map(|k| pairs.bytes(k)).sum()),
+                Ok(()) => progress.advance((from..to).map(|i| pairs.bytes(i)).sum()),
                 Err(_) => progress.finish(),
             }
         }
         written?;
     }
-    if let Some(progress) = options.progress {
+    if let (Some(progress), true) = (progress, announce) {
         progress.finish();
     }
     let copy_seconds = start.elapsed().as_secs_f64();
-
     let start = Instant::now();
     if options.verify {
-        compare(plan, &pairs)?;
+        let mismatch = pairs.first_mismatch().map_err(|message| Error::CopyFailed {
+            store: plan.target.clone(),
+            tensor: None,
+            message,
+        })?;
+        if let Some(i) = mismatch {
+            return Err(verification_failed(plan, ks[i]));
+        }
     }
-    Ok(Copied {
-        tensors: plan.pairs.len(),
-        bytes,
-        casts: plan.pairs.iter().filter(|p| p.cast.is_some()).count(),
-        copy_seconds,
-        verified: options.verify,
-        verify_seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(Ran { bytes, copy_seconds, verify_seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Why converting `tensor` (of `from`) to `to` loses information because of
