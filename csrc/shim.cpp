@@ -531,4 +531,14 @@ const void *tp_tensor_impl(const tp_tensor *tensor) {
   return static_cast<const at::Tensor *>(tensor)->unsafeGetTensorImpl();
 }
 
+void tp_storage_bytes(const tp_tensor *tensor, const void **data, size_t *nbytes) {
+  const at::Tensor &t = *static_cast<const at::Tensor *>(tensor);
+  *data = nullptr;
+  *nbytes = 0;
+  if (!t.defined() || !t.has_storage()) return;
+  const c10::Storage &storage = t.storage();
+  *data = storage.data();
+  *nbytes = storage.nbytes();
+}
+
 }  // extern "C"

@@ -105,6 +105,9 @@ char *tp_parallel_for(int64_t n, int64_t grain, void *ctx, tp_range_fn body);
 /* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
 const void *tp_tensor_impl(const tp_tensor *tensor);
 
+/* Where a tensor's storage lies: its first byte and size (null and 0 without one). */
+void tp_storage_bytes(const tp_tensor *tensor, const void **data, size_t *nbytes);
+
 #ifdef __cplusplus
 }
 #endif

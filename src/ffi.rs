@@ -63,6 +63,7 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
+    fn tp_storage_bytes(tensor: *const torch_sys::C_tensor, data: *mut *const c_void, nbytes: *mut usize);
     fn tp_parallel_for(n: i64, grain: i64, ctx: *mut c_void, body: RangeFn) -> *mut c_char;
     fn tp_describe_pairs(
         dst: *const *mut torch_sys::C_tensor,
@@ -309,6 +310,14 @@ pub(crate) fn parallel_for(len: usize, grain: usize, body: &(dyn Fn(std::ops::Ra
 pub(crate) fn tensor_identity(tensor: &Tensor) -> usize {
     // SAFETY: `tensor.as_ptr()` is a live `at::Tensor*` for the duration of the call.
     unsafe { tp_tensor_impl(tensor.as_ptr()) as usize }
+}
+
+/// The address range of `tensor`'s whole storage (empty without one).
+pub(crate) fn storage_range(tensor: &Tensor) -> std::ops::Range<usize> {
+    let (mut data, mut nbytes) = (std::ptr::null(), 0usize);
+    // SAFETY: `tensor.as_ptr()` is a live `at::Tensor*`; the shim writes the two outputs.
+    unsafe { tp_storage_bytes(tensor.as_ptr(), &mut data, &mut nbytes) };
+    data as usize..data as usize + nbytes
 }
 
 extern "C" fn release_owner<T>(ctx: *mut c_void) {

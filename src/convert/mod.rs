@@ -277,10 +277,11 @@ pub fn convert(
     };
     // Once a tensor is written (the writer asks for the next one, or is done),
     // the source pages it came from are released.
+    let releaser = std::cell::RefCell::new(crate::format::PageReleaser::default());
     let release_sources = |i: usize| {
         for &k in &into[written[i]] {
             if let Some(t) = source.tensor(plan.pairs[k].source) {
-                crate::format::release_pages(t);
+                releaser.borrow_mut().release(t);
             }
         }
     };

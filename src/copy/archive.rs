@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 use super::{prepared_sources, run_pairs, transform_failed, Copied, CopyOptions};
 use crate::dtype;
 use crate::error::{Error, Result};
-use crate::format::{release_pages, script_archive};
+use crate::format::{script_archive, PageReleaser};
 use crate::plan::{Plan, Policy};
 use crate::store::{ScriptArchive, Source};
 
@@ -105,10 +105,11 @@ pub(super) fn stream(
     let mut scratch = Tensor::empty([0], (Kind::Uint8, tch::Device::Cpu));
     let (mut bytes, mut copy_seconds, mut verify_seconds) = (0u64, 0f64, 0f64);
     let mut written_from: Vec<usize> = Vec::new();
+    let mut releaser = PageReleaser::default();
     let mut produce = |name: &str| -> Result<Option<Tensor>> {
         // The sources of the record written last are no longer needed.
         for k in written_from.drain(..) {
-            release_pages(&sources[k]);
+            releaser.release(&sources[k]);
         }
         let Some(&r) = index.get(name) else { return Ok(None) };
         let ks = &by_record[r];
@@ -173,8 +174,9 @@ pub(super) fn stream(
     };
     let result = script_archive::rewrite_with(archive.path(), out, &mut produce);
     for k in written_from {
-        release_pages(&sources[k]);
+        releaser.release(&sources[k]);
     }
+    releaser.flush();
     if let Some(progress) = options.progress {
         progress.finish();
     }

@@ -164,9 +164,17 @@ pub fn rewrite_with(
     super::check_unique_members(source, FORMAT, &mut zip)?;
     let target = std::fs::File::create(out).map_err(io)?;
     let mut writer = zip::ZipWriter::new(crate::files::PatchingWriter::new(target));
+    // The pages of the members read are handed back as the writer goes: a
+    // rewrite's memory does not grow with the archive.
+    let mut releaser = super::PageReleaser::default();
+    let base = map.as_ptr() as usize;
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| bad(source, e.to_string()))?;
         let name = entry.name().to_string();
+        let (from, to) = (entry.header_start(), entry.data_start().saturating_add(entry.compressed_size()));
+        if to <= map.len() as u64 && from < to {
+            releaser.release_bytes(base + from as usize..base + to as usize, base..base + map.len());
+        }
         match produce(&name)? {
             Some(storage) => {
                 drop(entry);
