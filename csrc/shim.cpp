@@ -531,6 +531,32 @@ const void *tp_tensor_impl(const tp_tensor *tensor) {
   return static_cast<const at::Tensor *>(tensor)->unsafeGetTensorImpl();
 }
 
+char *tp_strided_view(const tp_tensor *base, int dtype, int64_t ndim, const int64_t *sizes,
+                      const int64_t *strides, int64_t offset, tp_tensor **out) {
+  *out = nullptr;
+  return guarded([&] {
+    const at::Tensor &b = *static_cast<const at::Tensor *>(base);
+    TORCH_CHECK(b.defined() && b.has_storage(), "no storage to view");
+    auto type = caffe2::TypeMeta::fromScalarType(static_cast<c10::ScalarType>(dtype));
+    const int64_t element = static_cast<int64_t>(type.itemsize());
+    // The last byte reached lies inside the storage (the caller checked; so
+    // does this, as the view is made without libtorch's own checks).
+    int64_t last = offset;
+    bool empty = false;
+    for (int64_t d = 0; d < ndim; ++d) {
+      TORCH_CHECK(sizes[d] >= 0 && strides[d] >= 0, "negative size or stride");
+      if (sizes[d] == 0) empty = true;
+      else last += (sizes[d] - 1) * strides[d];
+    }
+    TORCH_CHECK(offset >= 0, "negative offset");
+    const int64_t nbytes = static_cast<int64_t>(b.storage().nbytes());
+    TORCH_CHECK(empty || (last + 1) * element <= nbytes, "the view reaches past its storage");
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(b.storage()), b.key_set(), type);
+    impl->set_sizes_and_strides(c10::IntArrayRef(sizes, ndim), c10::IntArrayRef(strides, ndim), offset);
+    *out = new at::Tensor(std::move(impl));
+  });
+}
+
 void tp_storage_bytes(const tp_tensor *tensor, const void **data, size_t *nbytes) {
   const at::Tensor &t = *static_cast<const at::Tensor *>(tensor);
   *data = nullptr;

@@ -105,6 +105,13 @@ char *tp_parallel_for(int64_t n, int64_t grain, void *ctx, tp_range_fn body);
 /* The TensorImpl behind a tensor handle: equal for handles of one tensor. */
 const void *tp_tensor_impl(const tp_tensor *tensor);
 
+/* A tensor of `dtype` (a c10::ScalarType) over `base`'s storage: `ndim`
+ * sizes and strides, `offset` elements (of `dtype`) from the storage's start.
+ * Made directly (no dispatcher): reading many tensors of one file costs
+ * little. The view must lie within the storage (checked). */
+char *tp_strided_view(const tp_tensor *base, int dtype, int64_t ndim, const int64_t *sizes,
+                      const int64_t *strides, int64_t offset, tp_tensor **out);
+
 /* Where a tensor's storage lies: its first byte and size (null and 0 without one). */
 void tp_storage_bytes(const tp_tensor *tensor, const void **data, size_t *nbytes);
 

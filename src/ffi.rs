@@ -63,6 +63,15 @@ extern "C" {
         out: *mut *mut torch_sys::C_tensor,
     ) -> *mut c_char;
     fn tp_tensor_impl(tensor: *const torch_sys::C_tensor) -> *const c_void;
+    fn tp_strided_view(
+        base: *const torch_sys::C_tensor,
+        dtype: c_int,
+        ndim: i64,
+        sizes: *const i64,
+        strides: *const i64,
+        offset: i64,
+        out: *mut *mut torch_sys::C_tensor,
+    ) -> *mut c_char;
     fn tp_storage_bytes(tensor: *const torch_sys::C_tensor, data: *mut *const c_void, nbytes: *mut usize);
     fn tp_parallel_for(n: i64, grain: i64, ctx: *mut c_void, body: RangeFn) -> *mut c_char;
     fn tp_describe_pairs(
@@ -312,6 +321,38 @@ pub(crate) fn tensor_identity(tensor: &Tensor) -> usize {
     unsafe { tp_tensor_impl(tensor.as_ptr()) as usize }
 }
 
+/// A tensor of `kind` sharing `base`'s storage: `sizes` and `strides`,
+/// starting `offset` elements (of `kind`) from the storage's start; refused
+/// where it would reach past the storage. One call, no dispatcher: readers of
+/// files with tens of thousands of tensors make them this way.
+pub(crate) fn strided_view(
+    base: &Tensor,
+    kind: tch::Kind,
+    sizes: &[i64],
+    strides: &[i64],
+    offset: i64,
+) -> Result<Tensor, String> {
+    if sizes.len() != strides.len() {
+        return Err(format!("{} sizes but {} strides", sizes.len(), strides.len()));
+    }
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `base` is a live tensor; the arrays hold `sizes.len()` values and
+    // outlive the call; the shim writes `out` only on success.
+    let result = unsafe {
+        check(tp_strided_view(
+            base.as_ptr(),
+            crate::dtype::scalar_type(kind),
+            sizes.len() as i64,
+            sizes.as_ptr(),
+            strides.as_ptr(),
+            offset,
+            &mut out,
+        ))
+    };
+    // SAFETY: on success `out` is a fresh `new at::Tensor` that we now own.
+    result.map(|()| unsafe { Tensor::from_ptr(out) })
+}
+
 /// The address range of `tensor`'s whole storage (empty without one).
 pub(crate) fn storage_range(tensor: &Tensor) -> std::ops::Range<usize> {
     let (mut data, mut nbytes) = (std::ptr::null(), 0usize);
@@ -368,4 +409,42 @@ pub(crate) unsafe fn check(error: *mut c_char) -> Result<(), String> {
     let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
     unsafe { tp_error_free(error) };
     Err(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strided_view;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn strided_views_have_the_dtype_and_bytes_asked_and_stay_inside_their_storage() {
+        let bytes = Tensor::arange(64, (Kind::Uint8, Device::Cpu));
+        for kind in [
+            Kind::Uint8,
+            Kind::Int8,
+            Kind::Int16,
+            Kind::Int,
+            Kind::Int64,
+            Kind::Half,
+            Kind::Float,
+            Kind::Double,
+            Kind::ComplexFloat,
+            Kind::Bool,
+            Kind::BFloat16,
+            Kind::Float8e5m2,
+            Kind::Float8e4m3fn,
+        ] {
+            let view = strided_view(&bytes, kind, &[2], &[1], 1).unwrap();
+            assert_eq!(view.kind(), kind);
+            let want = bytes.narrow(0, 0, 32).view_dtype(kind).narrow(0, 1, 2);
+            assert!(view.view_dtype(Kind::Uint8).equal(&want.view_dtype(Kind::Uint8)), "{kind:?}");
+        }
+        let t = strided_view(&bytes, Kind::Float, &[3, 2], &[1, 3], 2).unwrap();
+        assert_eq!(t.stride(), [1, 3]);
+        assert!(t.equal(&bytes.view_dtype(Kind::Float).as_strided([3, 2], [1, 3], 2)));
+        assert!(strided_view(&bytes, Kind::Float, &[16], &[1], 1).is_err(), "past the end");
+        assert!(strided_view(&bytes, Kind::Float, &[4, 4], &[4, 1], 0).is_ok());
+        assert!(strided_view(&bytes, Kind::Int64, &[2], &[-1], 4).is_err(), "a negative stride");
+        assert!(strided_view(&bytes, Kind::Float, &[0], &[1], 100).is_ok(), "an empty view reaches nothing");
+    }
 }

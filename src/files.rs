@@ -309,3 +309,66 @@ pub(crate) fn read_bounded(path: &Path, limit: u64, what: &'static str) -> Resul
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PatchingWriter;
+    use std::io::{Seek, SeekFrom, Write};
+
+    /// Any mix of writes (small, large), seeks back and patches, and seeks
+    /// past the end leaves the file a `Cursor` would hold.
+    #[test]
+    fn a_patching_writer_writes_what_a_cursor_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for case in 0..16 {
+            let path = dir.path().join(format!("{case}.bin"));
+            let mut ours = PatchingWriter::new(std::fs::File::create(&path).unwrap());
+            let mut want = std::io::Cursor::new(Vec::new());
+            for step in 0..60 {
+                match next(6) {
+                    0..=2 => {
+                        // Sizes across the buffer's: bytes, kB, several MB.
+                        let len = [next(100), next(100_000), next(3 << 20)][next(3) as usize] as usize;
+                        let data: Vec<u8> = (0..len).map(|i| (i as u64 + step + case) as u8).collect();
+                        ours.write_all(&data).unwrap();
+                        want.write_all(&data).unwrap();
+                    }
+                    3..=4 => {
+                        let end = want.get_ref().len() as u64;
+                        let to = next(end + 1);
+                        assert_eq!(ours.seek(SeekFrom::Start(to)).unwrap(), to);
+                        want.seek(SeekFrom::Start(to)).unwrap();
+                    }
+                    _ if next(2) == 0 => {
+                        // Past the end: a hole, read as zeros.
+                        let ahead = next(5000) as i64;
+                        let to = want.get_ref().len() as i64 + ahead;
+                        assert_eq!(ours.seek(SeekFrom::Start(to as u64)).unwrap(), to as u64);
+                        want.seek(SeekFrom::Start(to as u64)).unwrap();
+                        ours.write_all(b"x").unwrap();
+                        want.write_all(b"x").unwrap();
+                    }
+                    _ => {
+                        let back = next(1000) as i64;
+                        let to = ours.seek(SeekFrom::End(-back.min(want.get_ref().len() as i64))).unwrap();
+                        assert_eq!(
+                            to,
+                            want.seek(SeekFrom::End(-back.min(want.get_ref().len() as i64))).unwrap()
+                        );
+                    }
+                }
+                assert_eq!(ours.stream_position().unwrap(), want.position());
+            }
+            ours.flush().unwrap();
+            drop(ours);
+            assert!(std::fs::read(&path).unwrap() == *want.get_ref(), "case {case}");
+        }
+    }
+}

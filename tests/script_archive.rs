@@ -137,6 +137,7 @@ fn a_streamed_copy_into_an_archive_equals_the_libtorch_path() {
         (t("conv1d_mlp"), t("linear_mlp"), "c_(fc|proj)\\.weight => $1.weight | transpose(0, 1)\nc_(fc|proj)\\.bias => $1.bias\n"),
     ];
     let policy = Policy { strict: true, allow_lossy_casts: true };
+    let mut written = Vec::new();
     for (k, (src, dst, rules)) in cases.iter().enumerate() {
         let mapping = Mapping {
             rules: Rules::parse(rules, "rules").unwrap(),
@@ -161,11 +162,19 @@ fn a_streamed_copy_into_an_archive_equals_the_libtorch_path() {
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             assert!(bit_equal(x, y), "case {k}: {name} differs between the streamed and the libtorch copy");
         }
+        written.push((streamed, through_libtorch));
         // The target as read is untouched by the streamed copy.
         let again = ScriptArchive::open(dst).unwrap();
         for i in 0..archive.entries().len() {
             assert!(bit_equal(archive.tensor(i).unwrap(), again.tensor(i).unwrap()));
         }
+    }
+    // PyTorch's own torch.jit.load reads the streamed files as it reads the
+    // libtorch path's.
+    let all: Vec<PathBuf> = written.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    let read = common::read_back_all(&all);
+    for (streamed, through_libtorch) in &written {
+        assert_eq!(read[streamed].0, read[through_libtorch].0, "{}", streamed.display());
     }
 }
 

@@ -95,7 +95,7 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     let view: &[u8] = &map;
     let mut machine = Machine::default();
     let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;
-    let mut archive = Archive { path, map: view, records, bytes, storages: HashMap::new() };
+    let mut archive = Archive::new(path, view, records, bytes);
     let mut classes: HashMap<String, Option<Members>> = HashMap::new();
     let mut out = Vec::new();
     walk(&machine, &root, "", &mut archive, &mut classes, &mut out, 0)?;

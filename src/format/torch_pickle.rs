@@ -98,6 +98,11 @@ pub(super) struct Archive<'a> {
     pub(super) records: Records<'a>,
     pub(super) bytes: Tensor,
     pub(super) storages: HashMap<String, Tensor>,
+    /// The file's pages behind the records read so far are handed back as
+    /// the reader goes (reading a record's header maps the pages around it).
+    pub(super) releaser: super::PageReleaser,
+    /// Up to where in the file they were.
+    pub(super) released: usize,
 }
 
 /// Where the storages' bytes are.
@@ -110,7 +115,31 @@ pub(super) enum Records<'a> {
     Legacy(HashMap<String, (u64, u64)>),
 }
 
-impl Archive<'_> {
+impl<'a> Archive<'a> {
+    pub(super) fn new(path: &'a Path, map: &'a [u8], records: Records<'a>, bytes: Tensor) -> Self {
+        Self {
+            path,
+            map,
+            records,
+            bytes,
+            storages: HashMap::new(),
+            releaser: Default::default(),
+            released: 0,
+        }
+    }
+
+    /// The pages of the file before `at` (less a margin) are no longer needed.
+    fn passed(&mut self, at: usize) {
+        const LAG: usize = 1 << 20;
+        if at > self.released + 8 * LAG && at <= self.map.len() {
+            let base = self.map.as_ptr() as usize;
+            let whole = base..base + self.map.len();
+            self.releaser.release_bytes(base + self.released..base + at - LAG, whole);
+            self.releaser.flush();
+            self.released = at - LAG;
+        }
+    }
+
     /// The storage `key` as a 1-D tensor of `kind` with `numel` elements.
     fn storage(&mut self, key: &str, kind: Kind, numel: i64) -> Result<Tensor> {
         if let Some(t) = self.storages.get(key) {
@@ -148,7 +177,18 @@ impl Archive<'_> {
         let start = local_data_start(self.map, entry.header_start())
             .ok_or_else(|| bad(path, format!("storage {key}: bad local header")))? as i64;
         let stored = entry.compression() == zip::CompressionMethod::Stored;
-        let raw = if stored && start.checked_add(size as i64).is_some_and(|end| end <= self.bytes.size()[0]) {
+        let element = dtype::size(kind) as i64;
+        let in_file = start.checked_add(size as i64).is_some_and(|end| end <= self.bytes.size()[0]);
+        if stored && in_file && start % element == 0 {
+            // The common case, made in one call: the record viewed as `kind`.
+            drop(entry);
+            let typed = crate::ffi::strided_view(&self.bytes, kind, &[numel], &[1], start / element)
+                .map_err(|e| bad(path, format!("storage {key}: {e}")))?;
+            self.storages.insert(key.to_string(), typed.shallow_clone());
+            self.passed(start as usize);
+            return Ok(typed);
+        }
+        let raw = if stored && in_file {
             self.bytes.f_narrow(0, start, size as i64).map_err(|e| bad(path, e.to_string()))?
         } else {
             // A compressed entry (someone re-zipped the file): inflate it, within bounds.
@@ -402,9 +442,7 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
     // as_strided counts its offset from the start of the underlying buffer (the
     // whole mapped file), not from the storage view.
     let offset = storage.storage_offset() + offset;
-    storage
-        .f_as_strided(size.as_slice(), stride.as_slice(), Some(offset))
-        .map_err(|e| bad(path, e.to_string()))
+    crate::ffi::strided_view(&storage, kind, &size, &stride, offset).map_err(|e| bad(path, e))
 }
 
 /// A state-dict key as a tensor name: a string as it is, an integer as its
@@ -907,7 +945,7 @@ pub(crate) fn read_from(path: &Path, bytes: &Tensor, view: &[u8], key: Option<&s
         zip_program(path, view, &mut machine)?
     };
     let (chosen, key) = select(&machine, &root, key, path)?;
-    let mut archive = Archive { path, map: view, records, bytes, storages: HashMap::new() };
+    let mut archive = Archive::new(path, view, records, bytes);
     let others = others_of(&machine, &root, &chosen, key.as_deref());
     let (weights, attrs, skipped) = weights_of(&machine, &chosen, path)?;
     super::check_entries(path, "torch.save checkpoint", weights.len())?;
