@@ -179,10 +179,13 @@ impl<'a> Archive<'a> {
         let stored = entry.compression() == zip::CompressionMethod::Stored;
         let element = dtype::size(kind) as i64;
         let in_file = start.checked_add(size as i64).is_some_and(|end| end <= self.bytes.size()[0]);
-        if stored && in_file && start % element == 0 {
+        // `bytes` may itself be a slice of a larger buffer (a file holding
+        // several archives): views count from the buffer's start.
+        let at = self.bytes.storage_offset() + start;
+        if stored && in_file && at % element == 0 {
             // The common case, made in one call: the record viewed as `kind`.
             drop(entry);
-            let typed = crate::ffi::strided_view(&self.bytes, kind, &[numel], &[1], start / element)
+            let typed = crate::ffi::strided_view(&self.bytes, kind, &[numel], &[1], at / element)
                 .map_err(|e| bad(path, format!("storage {key}: {e}")))?;
             self.storages.insert(key.to_string(), typed.shallow_clone());
             self.passed(start as usize);
