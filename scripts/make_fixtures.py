@@ -867,9 +867,24 @@ class SharedStorage(nn.Module):
         return self.lin(x) + self.a - self.b
 
 
+class PlainAttribute(nn.Module):
+    """A float tensor kept as a plain attribute (neither parameter nor buffer):
+    `module.to(dtype)` leaves it as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((2,), 2.0))
+        self.offset = torch.arange(2.0)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale + self.offset
+
+
 def write_shared_storage(out: str) -> None:
     torch.manual_seed(60)
     torch.jit.save(torch.jit.script(SharedStorage().eval()), os.path.join(out, "shared_storage.pt"))
+    torch.jit.save(torch.jit.script(PlainAttribute().eval()), os.path.join(out, "plain_attribute.pt"))
 
 
 def jiggle(model: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:

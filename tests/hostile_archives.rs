@@ -47,6 +47,7 @@ fn files_whose_code_writes_a_file_are_read_without_running_it() {
         let dir = tempfile::tempdir().unwrap();
         let (out_pt, out_st) = (dir.path().join("out.pt"), dir.path().join("out.safetensors"));
         let converted = dir.path().join("converted.safetensors");
+        let halved = dir.path().join("halved.pt");
         let runs: Vec<Vec<&str>> = vec![
             vec!["inspect", s(&pt)],
             vec!["inspect", "--json", s(&pt)],
@@ -55,6 +56,7 @@ fn files_whose_code_writes_a_file_are_read_without_running_it() {
             vec!["copy", s(&source), s(&pt), "-o", s(&out_pt), "--strict"],
             vec!["copy", s(&pt), s(&source), "-o", s(&out_st), "--strict"],
             vec!["convert", s(&pt), "-o", s(&converted)],
+            vec!["copy", s(&source), s(&pt), "-o", s(&halved), "--dtype", "f16", "--allow-lossy"],
         ];
         for args in runs {
             let run = transplant(&args);

@@ -221,3 +221,73 @@ fn a_record_filled_in_part_keeps_the_rest_of_its_bytes() {
         assert!(bit_equal(t, &want), "{name}");
     }
 }
+
+/// `copy --dtype` into a TorchScript file converts the target as an archive
+/// too (nothing run): the result equals libtorch's `module.to(dtype)` path, and
+/// a float tensor kept as a plain attribute (neither parameter nor buffer)
+/// keeps its dtype, as `module.to` leaves it — also where its storage's type
+/// was named first by a retyped buffer's.
+#[test]
+fn a_dtype_conversion_in_the_archive_equals_libtorchs_and_leaves_plain_attributes() {
+    use transplant::{copy_with, CopyOptions, Mapping, ModuleStore, Plan, Policy, ScriptModule, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy { strict: false, allow_lossy_casts: true };
+    let mut written = Vec::new();
+    for (k, (src, dst, flag, kind)) in [
+        ("bn_net_a.pt", "bn_net_b.pt", "f16", tch::Kind::Half),
+        ("plain_attribute.pt", "plain_attribute.pt", "bf16", tch::Kind::BFloat16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (src, dst) = (common::fixture(src), common::fixture(dst));
+        let streamed = dir.path().join(format!("s{k}.pt"));
+        let run = common::transplant([
+            "copy",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "-o",
+            streamed.to_str().unwrap(),
+            "--dtype",
+            flag,
+            "--allow-lossy",
+        ]);
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+        let through_libtorch = dir.path().join(format!("l{k}.pt"));
+        let mut module = ScriptModule::load_on(&dst, tch::Device::Cpu).unwrap();
+        module.to(tch::Device::Cpu, Some(kind)).unwrap();
+        let mut live = ModuleStore::new(module).unwrap();
+        let source = transplant::open(&src).unwrap();
+        let plan = Plan::build(source.as_ref(), &live, &Mapping::default()).unwrap();
+        copy_with(&plan, source.as_ref(), &mut live, &policy, CopyOptions::default()).unwrap();
+        live.save(&through_libtorch).unwrap();
+        let (a, b) = (loaded(&streamed), loaded(&through_libtorch));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert_eq!(x.kind(), y.kind(), "{name}");
+            assert!(bit_equal(x, y), "case {k}: {name}");
+        }
+        written.push((streamed, through_libtorch));
+    }
+    let all: Vec<PathBuf> = written.iter().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    let read = common::read_back_all(&all);
+    for (streamed, through_libtorch) in &written {
+        assert_eq!(read[streamed].0, read[through_libtorch].0, "{}", streamed.display());
+    }
+    // The plain attribute, which PyTorch's module.to leaves alone.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let probe = "import sys, torch\nm = torch.jit.load(sys.argv[1])\n\
+                 print(m.offset.dtype, m.offset.tolist(), m.scale.dtype, m.lin.weight.dtype)\n";
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .args(["-c", probe])
+        .arg(&written[1].0)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        "torch.float32 [0.0, 1.0] torch.bfloat16 torch.bfloat16",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

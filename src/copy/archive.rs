@@ -111,6 +111,9 @@ pub(super) fn stream(
         for k in written_from.drain(..) {
             releaser.release(&sources[k]);
         }
+        if let Some(bytes) = archive.replacement(name) {
+            return Ok(Some(Tensor::from_slice(bytes)));
+        }
         let Some(&r) = index.get(name) else { return Ok(None) };
         let ks = &by_record[r];
         if ks.is_empty() {

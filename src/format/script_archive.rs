@@ -136,9 +136,50 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
 /// code, debug information, constants, version — copied through byte for byte,
 /// in the archive's order. Records are stored uncompressed, 64-byte aligned,
 /// as PyTorch writes them.
-pub fn rewrite(source: &Path, out: &Path, records: &[(String, Tensor)]) -> Result<()> {
+pub fn rewrite(
+    source: &Path,
+    out: &Path,
+    records: &[(String, Tensor)],
+    replaced: &[(String, Vec<u8>)],
+) -> Result<()> {
     let by_name: HashMap<&str, &Tensor> = records.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    rewrite_with(source, out, &mut |name| Ok(by_name.get(name).map(|t| t.shallow_clone())))
+    rewrite_with(source, out, &mut |name| {
+        if let Some((_, bytes)) = replaced.iter().find(|(n, _)| n == name) {
+            return Ok(Some(Tensor::from_slice(bytes)));
+        }
+        Ok(by_name.get(name).map(|t| t.shallow_clone()))
+    })
+}
+
+/// The largest `data.pkl` read to be rewritten.
+const MAX_PICKLE_BYTES: u64 = 1 << 30;
+
+/// `records` (as [`read_archive`] gives them) retyped: `data.pkl` of the
+/// archive at `path` naming the storage types `retype` gives by record name
+/// (`…/data/KEY`); its member name and new bytes.
+pub fn retyped_pickle(
+    path: &Path,
+    records: &[(String, Tensor)],
+    retype: &HashMap<String, tch::Kind>,
+) -> Result<(String, Vec<u8>)> {
+    let Some((first, _)) = records.first() else { return Err(bad(path, "no storage records to retype")) };
+    let prefix = first.rsplit_once("data/").map_or("", |(p, _)| p);
+    let name = format!("{prefix}data.pkl");
+    let file = crate::files::open_regular(path)?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(path, e.to_string()))?;
+    super::check_unique_members(path, FORMAT, &mut zip)?;
+    let entry = zip.by_name(&name).map_err(|e| bad(path, format!("{name}: {e}")))?;
+    super::check_expansion(path, FORMAT, &name, entry.compressed_size(), entry.size())?;
+    let mut program = Vec::new();
+    entry.take(MAX_PICKLE_BYTES).read_to_end(&mut program).map_err(|e| bad(path, format!("{name}: {e}")))?;
+    let by_key: HashMap<String, tch::Kind> = retype
+        .iter()
+        .map(|(record, kind)| (record.rsplit('/').next().unwrap_or(record).to_string(), *kind))
+        .collect();
+    let program = super::retype::retype_storages(&program, &by_key)
+        .map_err(|e| bad(path, format!("{name}: cannot change its storage types: {e}")))?;
+    Ok((name, program))
 }
 
 /// [`rewrite`], each member's new content asked of `produce` as the writer

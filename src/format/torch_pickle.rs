@@ -55,7 +55,7 @@ pub struct Loaded {
     pub others: Vec<(String, String)>,
 }
 
-fn storage_kind(name: &str) -> Option<Kind> {
+pub(super) fn storage_kind(name: &str) -> Option<Kind> {
     Some(match name {
         "FloatStorage" => Kind::Float,
         "DoubleStorage" => Kind::Double,
@@ -73,7 +73,7 @@ fn storage_kind(name: &str) -> Option<Kind> {
     })
 }
 
-fn storage_name(kind: Kind) -> Option<&'static str> {
+pub(super) fn storage_name(kind: Kind) -> Option<&'static str> {
     Some(match kind {
         Kind::Float => "FloatStorage",
         Kind::Double => "DoubleStorage",

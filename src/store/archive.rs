@@ -4,11 +4,12 @@
 //! which are written from the tensors as the copy left them.
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{Source, StoreKind, Target};
+use crate::dtype;
 use crate::entry::{Entry, EntryOrder};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::script_archive;
 
 /// A TorchScript module file's parameters and buffers, read without loading it.
@@ -21,6 +22,8 @@ pub struct ScriptArchive {
     tensors: Vec<Tensor>,
     records: Vec<(String, Tensor)>,
     record_of: Vec<Option<usize>>,
+    /// Members written with new contents (`data.pkl`, once storages are retyped).
+    replaced: Vec<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for ScriptArchive {
@@ -54,7 +57,59 @@ impl ScriptArchive {
             tensors,
             records: contents.records,
             record_of: contents.record_of,
+            replaced: Vec::new(),
         })
+    }
+
+    /// This module with its floating parameters and buffers converted to
+    /// `dtype` (integer ones, such as `num_batches_tracked`, keep theirs), as
+    /// `module.to(dtype)` would: the converted storages are held in memory,
+    /// and a file written from it names their new types in `data.pkl` (the
+    /// rest of the archive is copied through as always). Nothing is run.
+    pub fn converted(mut self, dtype: Kind) -> Result<Self> {
+        if !dtype::is_floating(dtype) {
+            return Err(Error::Module {
+                module: self.origin.clone(),
+                operation: "conversion",
+                message: format!("modules convert to floating dtypes only, not {}", dtype::name(dtype)),
+            });
+        }
+        let failed =
+            |e: String| Error::Module { module: self.origin.clone(), operation: "conversion", message: e };
+        let mut retype = std::collections::HashMap::new();
+        let mut viewing: Vec<Vec<usize>> = vec![Vec::new(); self.records.len()];
+        for (j, r) in self.record_of.iter().enumerate() {
+            if let Some(r) = r {
+                viewing[*r].push(j);
+            }
+        }
+        for (r, views) in viewing.iter().enumerate() {
+            let storage = &self.records[r].1;
+            let old = storage.kind();
+            if !dtype::is_floating(old) || old == dtype {
+                continue;
+            }
+            let (base, element) = (storage.data_ptr() as usize, dtype::size(old));
+            let new = storage.f_to_kind(dtype).map_err(|e| failed(e.to_string()))?;
+            for &j in views {
+                let t = &self.tensors[j];
+                let offset = ((t.data_ptr() as usize - base) / element) as i64;
+                self.tensors[j] =
+                    crate::ffi::strided_view(&new, dtype, &t.size(), &t.stride(), offset).map_err(failed)?;
+                self.entries[j].dtype = dtype;
+            }
+            self.records[r].1 = new;
+            retype.insert(self.records[r].0.clone(), dtype);
+        }
+        if !retype.is_empty() {
+            self.replaced.push(script_archive::retyped_pickle(&self.path, &self.records, &retype)?);
+        }
+        Ok(self)
+    }
+
+    /// The new contents of member `name`, where it has some.
+    pub(crate) fn replacement(&self, name: &str) -> Option<&[u8]> {
+        self.replaced.iter().find(|(n, _)| n == name).map(|(_, bytes)| bytes.as_slice())
     }
 
     /// The file it was read from.
@@ -102,6 +157,8 @@ impl Target for ScriptArchive {
     /// source file's code, constants and debug information byte for byte, each
     /// storage record from the tensors.
     fn save(&self, path: &Path) -> Result<()> {
-        crate::files::write_atomically(path, |temp| script_archive::rewrite(&self.path, temp, &self.records))
+        crate::files::write_atomically(path, |temp| {
+            script_archive::rewrite(&self.path, temp, &self.records, &self.replaced)
+        })
     }
 }

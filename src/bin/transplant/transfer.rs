@@ -51,10 +51,14 @@ pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
 /// its floating tensors converted to that dtype.
 pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
     match transplant::sniff(path)? {
-        // On the CPU and in its own dtypes, a module is read and rewritten as an
-        // archive, running none of its code; a device or a dtype needs libtorch.
-        Format::TorchScript if device == Device::Cpu && dtype.is_none() => {
-            Ok(Box::new(transplant::ScriptArchive::open(path)?))
+        // On the CPU a module is read and rewritten as an archive (converted
+        // to `dtype` there too), running none of its code; a device needs libtorch.
+        Format::TorchScript if device == Device::Cpu => {
+            let archive = transplant::ScriptArchive::open(path)?;
+            Ok(Box::new(match dtype {
+                Some(dtype) => archive.converted(dtype)?,
+                None => archive,
+            }))
         }
         Format::TorchScript => {
             let mut module = ScriptModule::load_on(path, device)?;
