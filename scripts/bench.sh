@@ -17,9 +17,10 @@ echo "== open a ~1 GB safetensors file and list its entries (best of 3)"
 big="$work/wide.safetensors"
 "$py" scripts/bench_open.py "$big" make
 cargo bench --quiet --bench open --no-run >/dev/null 2>&1 || cargo bench --bench open --no-run
-best() { # best of 3 runs of a command printing JSON with "seconds"
+best() { # best of 3 runs of a command printing JSON with "seconds" ($before_each runs before each)
   local best_json="" best_s=""
   for _ in 1 2 3; do
+    "${before_each:-true}"
     local json; json="$("$@")"
     local s; s="$(field "$json" seconds)"
     if [ -z "$best_s" ] || "$py" -c "import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)" "$s" "$best_s"; then
@@ -107,18 +108,7 @@ arch="$work/archive"
 "$py" scripts/bench_archive.py make "$arch"
 t() { "$py" scripts/bench_archive.py "$@"; }
 fresh() { rm -f "$arch/out.pt" "$arch/out_cp.pt" "$arch/out_torch.pt"; }
-best_fresh() { # best of 3 (by seconds), each to a fresh output
-  local best_json="" best_s=""
-  for _ in 1 2 3; do
-    fresh
-    local json; json="$("$@")"
-    local s; s="$(field "$json" seconds)"
-    if [ -z "$best_s" ] || "$py" -c "import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)" "$s" "$best_s"; then
-      best_s="$s"; best_json="$json"
-    fi
-  done
-  echo "$best_json"
-}
+best_fresh() { before_each=fresh best "$@"; } # each to a fresh output
 bin=target/release/transplant
 printf '  %-62s %10s  %12s\n' "" "seconds" "peak RSS"
 row() { printf '  %-62s %10.3f  %12s\n' "$1" "$(field "$2" seconds)" "$(mb "$(field "$2" peak_rss_bytes)")"; }
