@@ -12,7 +12,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # The fuzz binaries are not linked with the crate's rpath.
 export LD_LIBRARY_PATH="$root/.libtorch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cd fuzz
-targets=(pickle_machine torch_pickle rules sniff safetensors plan_file npy_header dcp)
+targets=(pickle_machine torch_pickle rules sniff safetensors plan_file npy_header dcp retype)
 cargo fuzz build -s none -O >/dev/null
 printf '%-16s %12s %8s %s\n' target executions crashes seconds
 for target in "${targets[@]}"; do

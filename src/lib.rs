@@ -57,6 +57,7 @@ pub use transform::{Op, Transform};
 pub mod fuzzing {
     pub use crate::format::dcp::read as read_distributed_checkpoint;
     pub use crate::format::pickle::Machine as PickleMachine;
+    pub use crate::format::retype::retype_storages;
     pub use crate::format::safetensors::read as read_safetensors;
     pub use crate::format::script_archive::read as read_script_archive;
     pub use crate::format::torch_pickle::read as read_torch_save;

@@ -2,7 +2,7 @@
 pub mod dcp;
 pub mod npz;
 pub mod pickle;
-mod retype;
+pub mod retype;
 pub mod safetensors;
 pub mod script_archive;
 pub mod tch_archive;
