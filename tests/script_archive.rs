@@ -67,17 +67,6 @@ fn a_copy_into_an_archive_rewrites_it_and_the_result_loads_and_computes_alike() 
     assert!(got.equal(&common::expected_tensor("bn_net.expected.safetensors", "output_a")));
     assert!(!bit_equal(original.tensor(1).unwrap(), rewritten.tensor(1).unwrap()));
     // Members other than data records are byte-identical, in the same order.
-    let members = |p: &Path| {
-        let mut zip = zip::ZipArchive::new(std::fs::File::open(p).unwrap()).unwrap();
-        (0..zip.len())
-            .map(|i| {
-                let mut f = zip.by_index(i).unwrap();
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
-                (f.name().to_string(), bytes)
-            })
-            .collect::<Vec<_>>()
-    };
     let (before, after) = (members(&common::fixture("bn_net_b.pt")), members(&out));
     assert_eq!(
         before.iter().map(|m| &m.0).collect::<Vec<_>>(),
@@ -88,6 +77,19 @@ fn a_copy_into_an_archive_rewrites_it_and_the_result_loads_and_computes_alike() 
             assert_eq!(a, b, "{name}");
         }
     }
+}
+
+/// The members of a zip archive, in order: name and bytes.
+fn members(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    (0..zip.len())
+        .map(|i| {
+            let mut f = zip.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+            (f.name().to_string(), bytes)
+        })
+        .collect()
 }
 
 /// The store of `path`'s tensors as libtorch loads them: names and tensors.
@@ -161,6 +163,27 @@ fn a_streamed_copy_into_an_archive_equals_the_libtorch_path() {
         assert_eq!(a.len(), b.len());
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             assert!(bit_equal(x, y), "case {k}: {name} differs between the streamed and the libtorch copy");
+        }
+        // Every member but the records written is the target's, byte for byte,
+        // in the same order.
+        let (before, after) = (members(dst), members(&streamed));
+        assert_eq!(
+            before.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            after.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            "case {k}"
+        );
+        for ((name, old), (_, new)) in before.iter().zip(&after) {
+            if !name.contains("/data/") {
+                assert!(old == new, "case {k}: {name} changed");
+            }
+        }
+        // Records start on 64-byte boundaries, as PyTorch writes them.
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(&streamed).unwrap()).unwrap();
+        for i in 0..zip.len() {
+            let member = zip.by_index_raw(i).unwrap();
+            if member.name().contains("/data/") {
+                assert_eq!(member.data_start() % 64, 0, "case {k}: {}", member.name());
+            }
         }
         written.push((streamed, through_libtorch));
         // The target as read is untouched by the streamed copy.
