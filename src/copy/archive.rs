@@ -50,11 +50,11 @@ fn whole_record(
     ks: &[usize],
     archive: &ScriptArchive,
     storage: &Tensor,
-    sources: &[Tensor],
+    sources: &[&Tensor],
 ) -> Option<Tensor> {
     let [k] = ks else { return None };
     let pair = &plan.pairs[*k];
-    let (target, source) = (archive.tensor(pair.target)?, &sources[*k]);
+    let (target, source) = (archive.tensor(pair.target)?, sources[*k]);
     let plain = pair.cast.is_none() && pair.transform.is_none();
     let same = source.kind() == storage.kind()
         && source.device() == tch::Device::Cpu
@@ -76,7 +76,8 @@ pub(super) fn stream(
     policy: &Policy,
     options: CopyOptions,
 ) -> Result<Copied> {
-    let sources = prepared_sources(plan, source, archive, policy)?;
+    let prepared = prepared_sources(plan, source, archive, policy)?;
+    let sources = prepared.all();
     let records = archive.records();
     let mut by_record: Vec<Vec<usize>> = vec![Vec::new(); records.len()];
     for (k, pair) in plan.pairs.iter().enumerate() {
@@ -109,7 +110,7 @@ pub(super) fn stream(
     let mut produce = |name: &str| -> Result<Option<Tensor>> {
         // The sources of the record written last are no longer needed.
         for k in written_from.drain(..) {
-            releaser.release(&sources[k]);
+            releaser.release(sources[k]);
         }
         if let Some(bytes) = archive.replacement(name) {
             return Ok(Some(Tensor::from_slice(bytes)));
@@ -166,7 +167,7 @@ pub(super) fn stream(
             };
             targets.push(view);
         }
-        let record_sources: Vec<&Tensor> = ks.iter().map(|&k| &sources[k]).collect();
+        let record_sources: Vec<&Tensor> = ks.iter().map(|&k| sources[k]).collect();
         copy_seconds += start.elapsed().as_secs_f64();
         let ran = run_pairs(plan, ks, targets.iter_mut().collect(), &record_sources, options, false)?;
         bytes += ran.bytes;
@@ -177,7 +178,7 @@ pub(super) fn stream(
     };
     let result = script_archive::rewrite_with(archive.path(), out, &mut produce);
     for k in written_from {
-        releaser.release(&sources[k]);
+        releaser.release(sources[k]);
     }
     releaser.flush();
     if let Some(progress) = options.progress {

@@ -168,7 +168,7 @@ pub fn copy_with(
         })?);
     }
     let all: Vec<usize> = (0..plan.pairs.len()).collect();
-    let sources: Vec<&Tensor> = sources.iter().collect();
+    let sources = sources.all();
     let _no_grad = tch::no_grad_guard();
     let ran = run_pairs(plan, &all, targets, &sources, options, true)?;
     Ok(Copied {
@@ -193,15 +193,34 @@ fn transform_failed(plan: &Plan, k: usize, side: &str, e: tch::TchError) -> Erro
     }
 }
 
+/// Each pair's source as the copy reads it: the source's tensor, or its
+/// transform's view of it.
+struct Prepared<'a> {
+    raw: Vec<&'a Tensor>,
+    views: Vec<Option<Tensor>>,
+}
+
+impl Prepared<'_> {
+    /// The tensor pair `k` reads.
+    fn get(&self, k: usize) -> &Tensor {
+        self.views[k].as_ref().unwrap_or(self.raw[k])
+    }
+
+    /// Every pair's, in pair order.
+    fn all(&self) -> Vec<&Tensor> {
+        (0..self.raw.len()).map(|k| self.get(k)).collect()
+    }
+}
+
 /// Everything checked before a byte is written — `plan` under `policy`, the
 /// stores being the plan's, no value lost by a cast — and each pair's source
 /// as the copy reads it (through its transform's view).
-fn prepared_sources(
+fn prepared_sources<'a>(
     plan: &Plan,
-    source: &dyn Source,
+    source: &'a dyn Source,
     target: &dyn Source,
     policy: &Policy,
-) -> Result<Vec<Tensor>> {
+) -> Result<Prepared<'a>> {
     plan.check(policy)?;
     plan.ensure_fits(source, target)?;
     let raw = source_tensors(plan, source, |name| {
@@ -211,14 +230,14 @@ fn prepared_sources(
     // can express the ops).
     let views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
         .map_err(|(k, e)| transform_failed(plan, k, "source", e))?;
-    let sources: Vec<Tensor> =
-        raw.iter().zip(views).map(|(&t, view)| view.unwrap_or_else(|| t.shallow_clone())).collect();
+    let sources = Prepared { raw, views };
     if !policy.allow_lossy_casts {
         let lost: Vec<String> = plan
             .pairs
             .iter()
-            .zip(&sources)
-            .filter_map(|(pair, tensor)| {
+            .enumerate()
+            .filter_map(|(k, pair)| {
+                let tensor = sources.get(k);
                 let cast = pair.cast.as_ref()?;
                 let why = value_loss(tensor, cast.from, cast.to)?;
                 Some(format!(
