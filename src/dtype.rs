@@ -144,24 +144,28 @@ pub fn scalar_type(kind: Kind) -> i32 {
     }
 }
 
+/// The element types the formats hold, for tests that go through them all.
+#[cfg(test)]
+pub(crate) const COMMON_KINDS: [Kind; 10] = [
+    Kind::Uint8,
+    Kind::Int8,
+    Kind::Int16,
+    Kind::Int,
+    Kind::Int64,
+    Kind::Half,
+    Kind::Float,
+    Kind::Double,
+    Kind::BFloat16,
+    Kind::Bool,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_round_trip() {
-        for kind in [
-            Kind::Uint8,
-            Kind::Int8,
-            Kind::Int16,
-            Kind::Int,
-            Kind::Int64,
-            Kind::Half,
-            Kind::Float,
-            Kind::Double,
-            Kind::BFloat16,
-            Kind::Bool,
-        ] {
+        for kind in COMMON_KINDS {
             assert_eq!(parse(name(kind)), Some(kind));
         }
         assert_eq!(parse("bf16"), Some(Kind::BFloat16));

@@ -9,7 +9,7 @@
 //! it does.
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::{file_hash, fixture, transplant};
@@ -107,19 +107,6 @@ fn a_module_restoring_its_own_state_is_refused_not_skipped() {
     assert!(!out.exists());
 }
 
-/// The members of a zip archive, in order.
-fn members(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
-    (0..zip.len())
-        .map(|i| {
-            let mut f = zip.by_index(i).unwrap();
-            let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes).unwrap();
-            (f.name().to_string(), bytes)
-        })
-        .collect()
-}
-
 fn write_zip(path: &Path, members: &[(String, Vec<u8>)]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -133,7 +120,7 @@ fn write_zip(path: &Path, members: &[(String, Vec<u8>)]) {
 /// `path` with its largest storage record cut to 4 bytes (the zip stays
 /// valid); the record's name.
 fn with_short_record(path: &Path, out: &Path) -> String {
-    let mut all = members(path);
+    let mut all = common::zip_members(path);
     let record = all
         .iter_mut()
         .filter(|(n, _)| n.contains("/data/"))
@@ -180,7 +167,7 @@ fn records_shorter_than_their_tensors_are_clean_errors_as_targets_and_sources() 
 #[test]
 fn an_archive_naming_a_member_twice_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut all = members(&fixture("bn_net_b.pt"));
+    let mut all = common::zip_members(&fixture("bn_net_b.pt"));
     let record = all.iter().find(|(n, _)| n.ends_with("/data/0")).unwrap().clone();
     all.push((record.0, vec![0; record.1.len()]));
     let twice = dir.path().join("twice.pt");

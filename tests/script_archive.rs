@@ -67,7 +67,7 @@ fn a_copy_into_an_archive_rewrites_it_and_the_result_loads_and_computes_alike() 
     assert!(got.equal(&common::expected_tensor("bn_net.expected.safetensors", "output_a")));
     assert!(!bit_equal(original.tensor(1).unwrap(), rewritten.tensor(1).unwrap()));
     // Members other than data records are byte-identical, in the same order.
-    let (before, after) = (members(&common::fixture("bn_net_b.pt")), members(&out));
+    let (before, after) = (common::zip_members(&common::fixture("bn_net_b.pt")), common::zip_members(&out));
     assert_eq!(
         before.iter().map(|m| &m.0).collect::<Vec<_>>(),
         after.iter().map(|m| &m.0).collect::<Vec<_>>()
@@ -77,19 +77,6 @@ fn a_copy_into_an_archive_rewrites_it_and_the_result_loads_and_computes_alike() 
             assert_eq!(a, b, "{name}");
         }
     }
-}
-
-/// The members of a zip archive, in order: name and bytes.
-fn members(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
-    (0..zip.len())
-        .map(|i| {
-            let mut f = zip.by_index(i).unwrap();
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
-            (f.name().to_string(), bytes)
-        })
-        .collect()
 }
 
 /// The store of `path`'s tensors as libtorch loads them: names and tensors.
@@ -166,7 +153,7 @@ fn a_streamed_copy_into_an_archive_equals_the_libtorch_path() {
         }
         // Every member but the records written is the target's, byte for byte,
         // in the same order.
-        let (before, after) = (members(dst), members(&streamed));
+        let (before, after) = (common::zip_members(dst), common::zip_members(&streamed));
         assert_eq!(
             before.iter().map(|m| &m.0).collect::<Vec<_>>(),
             after.iter().map(|m| &m.0).collect::<Vec<_>>(),
