@@ -205,27 +205,34 @@ fn make(
 }
 
 /// Tied weights among what is written: for each written tensor (index into
-/// `written`), the first earlier one it equals because both are one source
-/// storage seen the same way (same place, shape, strides, dtype, no transform
-/// and no cast), and the groups of names tied so.
+/// `written`), the first earlier one it equals because both come, with no
+/// transform and no cast, from one source tensor or from source entries tied
+/// to each other ([`Source::ties`]), on the CPU; and the groups of names tied so.
 fn ties(
     plan: &Plan,
     source: &dyn Source,
     into: &[Vec<usize>],
     written: &[usize],
 ) -> (Vec<Option<usize>>, Vec<Vec<String>>) {
-    let mut first: HashMap<(usize, Vec<i64>, Vec<i64>, Kind), usize> = HashMap::new();
+    // Each source entry stands for its tie group by the group's first member.
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    for group in source.ties() {
+        for &i in &group {
+            group_of.insert(i, group[0]);
+        }
+    }
+    let mut first: HashMap<usize, usize> = HashMap::new();
     let mut same_as = vec![None; written.len()];
     let mut groups: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     for (i, &j) in written.iter().enumerate() {
         let [k] = into[j][..] else { continue };
         let pair = &plan.pairs[k];
-        let Some(t) = source.tensor(pair.source) else { continue };
-        if pair.transform.is_some() || pair.cast.is_some() || t.numel() == 0 || t.device() != tch::Device::Cpu
+        let Some(entry) = source.entries().get(pair.source) else { continue };
+        if pair.transform.is_some() || pair.cast.is_some() || entry.numel() == 0 || entry.device != tch::Device::Cpu
         {
             continue;
         }
-        let key = (t.data_ptr() as usize, t.size(), t.stride(), t.kind());
+        let key = group_of.get(&pair.source).copied().unwrap_or(pair.source);
         let earliest = *first.entry(key).or_insert(i);
         if earliest != i {
             same_as[i] = Some(earliest);
