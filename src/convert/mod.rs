@@ -228,7 +228,10 @@ fn ties(
         let [k] = into[j][..] else { continue };
         let pair = &plan.pairs[k];
         let Some(entry) = source.entries().get(pair.source) else { continue };
-        if pair.transform.is_some() || pair.cast.is_some() || entry.numel() == 0 || entry.device != tch::Device::Cpu
+        if pair.transform.is_some()
+            || pair.cast.is_some()
+            || entry.numel() == 0
+            || entry.device != tch::Device::Cpu
         {
             continue;
         }

@@ -226,19 +226,52 @@ impl std::fmt::Display for ConvertSummary {
     }
 }
 
+/// What writing `target` to `out` makes, from `out`'s name.
+enum Output {
+    /// A Distributed Checkpoint folder (`out` ends in `/`).
+    Distributed,
+    /// Sharded safetensors with shards of at most these bytes.
+    Sharded(u64),
+    /// The target's state dict in another format than its own.
+    StateDict(Format),
+    /// The target in its own kind (a module stays a module).
+    Own,
+}
+
+fn output_of(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> Result<Output> {
+    let name = out.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with('/') {
+        return Ok(Output::Distributed);
+    }
+    if name.ends_with(".safetensors.index.json") {
+        return Ok(Output::Sharded(max_shard_bytes.unwrap_or(transplant::DEFAULT_MAX_SHARD_BYTES)));
+    }
+    if max_shard_bytes.is_some() {
+        return Err(Error::Output {
+            path: out.into(),
+            reason: "--max-shard-size writes sharded safetensors: name the index, as DIR/model.safetensors.index.json"
+                .into(),
+        });
+    }
+    let asked = Format::for_extension(out);
+    let own = match target.kind() {
+        StoreKind::Checkpoint(f) => Some(f),
+        _ => None,
+    };
+    Ok(match asked {
+        Some(format @ (Format::Safetensors | Format::TorchSave | Format::TchArchive | Format::Npz))
+            if asked != own =>
+        {
+            Output::StateDict(format)
+        }
+        _ => Output::Own,
+    })
+}
+
 /// Whether writing `target` to `out` is a rewrite of its TorchScript archive
 /// (the output keeps the target's kind), which a copy can stream.
 pub fn streams_into_archive(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> bool {
-    let name = out.to_string_lossy().to_ascii_lowercase();
-    let other_kind = matches!(
-        Format::for_extension(out),
-        Some(Format::Safetensors | Format::TorchSave | Format::TchArchive | Format::Npz)
-    );
-    target.as_script_archive().is_some()
-        && max_shard_bytes.is_none()
-        && !other_kind
-        && !name.ends_with('/')
-        && !name.ends_with(".safetensors.index.json")
+    target.as_script_archive().is_some() && matches!(output_of(target, out, max_shard_bytes), Ok(Output::Own))
 }
 
 /// What [`write_output`] wrote.
@@ -255,42 +288,30 @@ pub struct Written {
 /// extension names another state-dict format (`.safetensors`, `.pth`/`.bin`,
 /// `.ot`, `.npz`), which then gets the target's state dict.
 pub fn write_output(target: &dyn Target, out: &Path, max_shard_bytes: Option<u64>) -> Result<Written> {
-    if out.as_os_str().to_string_lossy().ends_with('/') {
-        // A Distributed Checkpoint folder, under the key DST was read with.
-        transplant::save_distributed(target, out, target.key())?;
-        return Ok(Written { path: out.into(), kind: Format::DistributedCheckpoint.to_string() });
-    }
-    if out.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors.index.json") {
-        let max = max_shard_bytes.unwrap_or(transplant::DEFAULT_MAX_SHARD_BYTES);
-        let files = transplant::save_sharded(target, out, max)?;
-        return Ok(Written {
-            path: out.into(),
-            kind: format!("sharded safetensors, {} shard(s)", files.len() - 1),
-        });
-    }
-    if max_shard_bytes.is_some() {
-        return Err(Error::Output {
-            path: out.into(),
-            reason: "--max-shard-size writes sharded safetensors: name the index, as DIR/model.safetensors.index.json"
-                .into(),
-        });
-    }
-    let asked = Format::for_extension(out);
-    let own = match target.kind() {
-        StoreKind::Checkpoint(f) => Some(f),
-        _ => None,
-    };
-    let state_dict =
-        matches!(asked, Some(Format::Safetensors | Format::TorchSave | Format::TchArchive | Format::Npz));
-    if state_dict && asked != own {
-        let format = asked.unwrap_or(Format::Safetensors);
-        let named = (0..target.entries().len())
-            .filter_map(|i| {
-                target.tensor(i).map(|t| (target.entries()[i].name.to_string(), t.shallow_clone()))
-            })
-            .collect();
-        Checkpoint::from_tensors(target.origin(), format, named, BTreeMap::new())?.save_as(out, format)?;
-        return Ok(Written { path: out.into(), kind: format.to_string() });
+    match output_of(target, out, max_shard_bytes)? {
+        Output::Distributed => {
+            // A Distributed Checkpoint folder, under the key DST was read with.
+            transplant::save_distributed(target, out, target.key())?;
+            return Ok(Written { path: out.into(), kind: Format::DistributedCheckpoint.to_string() });
+        }
+        Output::Sharded(max) => {
+            let files = transplant::save_sharded(target, out, max)?;
+            return Ok(Written {
+                path: out.into(),
+                kind: format!("sharded safetensors, {} shard(s)", files.len() - 1),
+            });
+        }
+        Output::StateDict(format) => {
+            let named = (0..target.entries().len())
+                .filter_map(|i| {
+                    target.tensor(i).map(|t| (target.entries()[i].name.to_string(), t.shallow_clone()))
+                })
+                .collect();
+            Checkpoint::from_tensors(target.origin(), format, named, BTreeMap::new())?
+                .save_as(out, format)?;
+            return Ok(Written { path: out.into(), kind: format.to_string() });
+        }
+        Output::Own => {}
     }
     target.save(out)?;
     // A sharded checkpoint is saved as one safetensors file.
