@@ -1,4 +1,4 @@
-//! Compiles the TorchScript shim in `csrc/` against the libtorch that tch links,
+//! Compiles the shim in `csrc/` (TorchScript modules, and c10d's store and Gloo groups) against the libtorch that tch links,
 //! and makes every binary, test and example of this package find libtorch at run
 //! time (rpath). libtorch_cuda is loaded by the shim at start, only where a
 //! CUDA driver exists.
@@ -7,7 +7,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-const SHIM_FILES: &[&str] = &["csrc/shim.cpp", "csrc/shim.h"];
+const SHIM_FILES: &[&str] = &[
+    "csrc/shim.cpp",
+    "csrc/shim.h",
+    "csrc/guard.h",
+    "csrc/c10d.cpp",
+    "csrc/c10d.h",
+    "csrc/gloo/algorithm.h",
+    "csrc/gloo/common/error.h",
+    "csrc/gloo/context.h",
+    "csrc/gloo/rendezvous/store.h",
+    "csrc/gloo/transport/device.h",
+];
 
 const HOW_TO_FIX: &str = "run `scripts/setup.sh` (it installs the PyTorch 2.13.0 wheel into .venv \
 and links it as .libtorch, which .cargo/config.toml points LIBTORCH at), \
@@ -62,12 +73,15 @@ fn main() -> Result<()> {
         .pic(true)
         .warnings(false)
         .includes(&includes)
+        // gloo's declarations for c10d's ProcessGroupGloo.hpp (csrc/gloo/README.md).
+        .include("csrc")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         // at::parallel_for in the shim runs on libtorch's OpenMP threads.
         .flag("-fopenmp")
         .file("csrc/shim.cpp")
+        .file("csrc/c10d.cpp")
         .compile("transplant_shim");
 
     // Binaries, tests and examples run without LD_LIBRARY_PATH.

@@ -1,6 +1,7 @@
-// The only C++ of transplant: a thin layer over torch::jit::Module.
+// The TorchScript half of the shim: a thin layer over torch::jit::Module (c10d.cpp is the distributed half).
 // Every entry point catches every exception and returns its message (see shim.h).
 #include "shim.h"
+#include "guard.h"
 
 #include <torch/cuda.h>
 #include <torch/script.h>
@@ -21,27 +22,8 @@ struct tp_module {
 
 namespace {
 
-char *copy_message(const char *message) {
-  size_t len = std::strlen(message);
-  char *out = static_cast<char *>(std::malloc(len + 1));
-  if (out != nullptr) std::memcpy(out, message, len + 1);
-  return out;
-}
-
-// c10 errors carry a C++ backtrace in what(); users want the first line.
-template <typename F>
-char *guarded(F &&body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error &e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
+using tp::copy_message;
+using tp::guarded;
 
 void walk(const torch::jit::Module &module, const std::string &prefix, void *ctx,
           tp_entry_fn f) {

@@ -252,6 +252,13 @@ pub enum Error {
         /// Why not.
         reason: String,
     },
+    /// A live weight sync over torch.distributed failed: a peer gone, a
+    /// timeout, a store or group that could not be reached or joined.
+    #[error("sync: {message}")]
+    Sync {
+        /// What failed, and where.
+        message: String,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what}: a lock was poisoned by a panic in another thread")]
     Poisoned {

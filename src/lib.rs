@@ -9,6 +9,7 @@ mod entry;
 mod error;
 mod files;
 mod ffi;
+mod c10d;
 mod chunks;
 mod format;
 mod script_module;
@@ -23,6 +24,7 @@ mod diff;
 mod outputs;
 mod report;
 mod slot;
+pub mod sync;
 
 pub use convert::{
     convert, plan_conversion, save_distributed, save_sharded, ConvertOptions, Converted, Outline,

@@ -97,16 +97,8 @@ impl ModelSlot {
     /// (every tensor of the model gets a value); on any error the live model is
     /// untouched.
     pub fn swap_from(&self, source: &dyn Source, mapping: &Mapping, policy: &Policy) -> Result<Swap> {
-        let _one_at_a_time = self.swapping.lock().map_err(poisoned)?;
-        let start = Instant::now();
-        let retired = self.retired.lock().map_err(poisoned)?.take();
-        let (standby, reused_standby) = match retired.map(Arc::try_unwrap) {
-            Some(Ok(module)) => (module, true),
-            // Still serving an earlier request (or none yet): a fresh copy.
-            Some(Err(_)) | None => (self.current()?.deep_copy()?, false),
-        };
-        let mut standby = ModuleStore::new(standby)?;
-        let result = Plan::build(source, &standby, mapping).and_then(|plan| {
+        self.swap_with(source.origin(), |standby| {
+            let plan = Plan::build(source, &*standby, mapping)?;
             if !plan.is_complete() {
                 let open = plan.open_leftovers();
                 return Err(Error::PlanRejected {
@@ -117,9 +109,29 @@ impl ModelSlot {
                     )],
                 });
             }
-            copy(&plan, source, &mut standby, policy)
-        });
-        let copied = match result {
+            copy(&plan, source, standby, policy)
+        })
+    }
+
+    /// The swap itself: `write` fills a standby copy of the model (a retired
+    /// model reused, else a deep copy of the live one) and says what it copied;
+    /// only when it returns `Ok` does the standby go live. `source` names where
+    /// the weights came from.
+    pub(crate) fn swap_with(
+        &self,
+        source: &str,
+        write: impl FnOnce(&mut ModuleStore) -> Result<Copied>,
+    ) -> Result<Swap> {
+        let _one_at_a_time = self.swapping.lock().map_err(poisoned)?;
+        let start = Instant::now();
+        let retired = self.retired.lock().map_err(poisoned)?.take();
+        let (standby, reused_standby) = match retired.map(Arc::try_unwrap) {
+            Some(Ok(module)) => (module, true),
+            // Still serving an earlier request (or none yet): a fresh copy.
+            Some(Err(_)) | None => (self.current()?.deep_copy()?, false),
+        };
+        let mut standby = ModuleStore::new(standby)?;
+        let copied = match write(&mut standby) {
             Ok(copied) => copied,
             Err(error) => {
                 // Every later swap overwrites every tensor, so the standby can wait for it.
@@ -132,7 +144,7 @@ impl ModelSlot {
         *self.retired.lock().map_err(poisoned)? = Some(old);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         Ok(Swap {
-            source: source.origin().to_string(),
+            source: source.to_string(),
             copied,
             reused_standby,
             seconds: start.elapsed().as_secs_f64(),

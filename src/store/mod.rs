@@ -36,6 +36,9 @@ pub enum StoreKind {
     VarStore,
     /// Named tensors read from or written to a file of this format.
     Checkpoint(Format),
+    /// Tensors announced by a live-sync sender on another process
+    /// ([`crate::sync`]).
+    Remote,
 }
 
 impl fmt::Display for StoreKind {
@@ -44,6 +47,7 @@ impl fmt::Display for StoreKind {
             StoreKind::Module => f.write_str("TorchScript module"),
             StoreKind::VarStore => f.write_str("tch VarStore"),
             StoreKind::Checkpoint(format) => write!(f, "{format}"),
+            StoreKind::Remote => f.write_str("live sync sender"),
         }
     }
 }

@@ -1,0 +1,245 @@
+"""Send a PyTorch model's weights to transplant receivers, over torch.distributed.
+
+A training loop (or anything holding a ``state_dict``) pushes fresh weights into
+models that Rust services serve with transplant (``transplant::sync::Receiver``
+into a ``ModelSlot``). Each receiver plans the sender's tensors against its own
+model with its own rules -- other names, fused ``qkv`` from separate ``q``,
+``k``, ``v``, other dtypes -- and swaps the new weights in only when every byte
+arrived and checked: a sync is taken whole or not at all.
+
+Only ``torch`` is needed. The transport is ``torch.distributed``'s own: a
+``TCPStore`` to meet, a Gloo process group to broadcast the bytes; the protocol
+is described in transplant's ``src/sync/mod.rs``::
+
+    import transplant_sync
+
+    sender = transplant_sync.Sender("127.0.0.1", 29600, receivers=2, state=model)
+    for step in range(steps):
+        train_step(model)
+        if step % 100 == 0:
+            sender.sync(model)          # every receiver now serves these weights
+    sender.close()
+
+``state`` is an ``nn.Module`` (its ``state_dict()``; parameters and buffers are
+told apart) or a mapping of names to tensors. A model sharded with FSDP or
+DTensors: gather its full state dict on every rank of the training group with
+:func:`full_state_dict` and sync it from one rank; a ``DTensor`` value is
+gathered with ``full_tensor()``.
+"""
+
+import hashlib
+import json
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Sender", "SyncError", "full_state_dict"]
+
+PROTOCOL = 1
+DIGEST_BYTES = 32
+
+
+class SyncError(RuntimeError):
+    """A sync, or the start of a session, failed; the receivers keep their weights."""
+
+
+def full_state_dict(model):
+    """The full (unsharded) state dict of an FSDP / DTensor model, on the CPU.
+
+    A collective: call it on every rank of the training group."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _plain(tensor):
+    if type(tensor).__name__ == "DTensor":
+        tensor = tensor.full_tensor()
+    return tensor.detach()
+
+
+def _state(state):
+    """(name -> tensor, names of buffers or None when unknown)."""
+    if isinstance(state, torch.nn.Module):
+        buffers = {name for name, _ in state.named_buffers()}
+        return state.state_dict(keep_vars=False), buffers
+    return dict(state), None
+
+
+def _ties(names, tensors):
+    groups = {}
+    for i, name in enumerate(names):
+        t = tensors[name]
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        groups.setdefault(key, []).append(i)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
+def _json(value):
+    return json.dumps(value).encode()
+
+
+class Sender:
+    """Rank 0 of a sync session with ``receivers`` transplant receivers.
+
+    Connecting announces the entries of ``state`` and waits until every
+    receiver planned them: a receiver that cannot take them (a missing or
+    resized tensor, an unmatched name) makes this raise :class:`SyncError`
+    with its reason, and nothing is sent."""
+
+    def __init__(
+        self,
+        host,
+        port,
+        receivers,
+        state,
+        *,
+        channel="default",
+        serve_store=False,
+        bucket_bytes=64 << 20,
+        timeout=timedelta(seconds=60),
+        hostname=None,
+    ):
+        if receivers < 1:
+            raise SyncError("a sync needs at least one receiver")
+        self.receivers = receivers
+        self.timeout = timeout
+        self._corrupt_bucket = None  # test hook: flip a byte after hashing
+        self._pause_after_bucket = None  # test hook: (bucket, seconds)
+        self._ended = False
+        tcp = dist.TCPStore(host, port, None, serve_store, timeout, wait_for_workers=False)
+        self._tcp = tcp
+        channel_store = dist.PrefixStore(f"transplant/{channel}/", tcp)
+        self.session = channel_store.add("session", 1)
+        self._store = dist.PrefixStore(f"{self.session}/", channel_store)
+        tensors, buffers = _state(state)
+        self._names = list(tensors)
+        entries = []
+        for name in self._names:
+            t = _plain(tensors[name])
+            entry = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            if buffers is not None:
+                entry["role"] = "buffer" if name in buffers else "parameter"
+            entries.append(entry)
+        self._entries = entries
+        announcement = {
+            "protocol": PROTOCOL,
+            "origin": f"{type(state).__name__} from python pid {__import__('os').getpid()}",
+            "receivers": receivers,
+            "bucket_bytes": int(bucket_bytes),
+            "entries": entries,
+            "ties": _ties(self._names, tensors),
+        }
+        self._store.set("entries", _json(announcement))
+        layout = json.loads(self._get("layout", "no receiver answered (is receiver 1 running on this channel?)"))
+        if layout.get("error"):
+            raise SyncError(f"the receivers refused the transfer: {layout['error']}")
+        self._buckets = layout["buckets"]
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname or host)]
+        self._group = dist.ProcessGroupGloo(
+            dist.PrefixStore("gloo/", self._store), 0, receivers + 1, options
+        )
+        largest = max((b["bytes"] for b in self._buckets), default=0)
+        self._buffers = [torch.zeros(largest, dtype=torch.uint8) for _ in range(2)]
+        self._next = 1
+
+    def _get(self, key, why):
+        try:
+            self._store.wait([key], self.timeout)
+        except Exception as e:  # DistStoreError on timeout
+            raise SyncError(f"{why}: {key} did not appear within {self.timeout}: {e}") from None
+        return self._store.get(key)
+
+    def _announce(self, what):
+        sync = self._next
+        self._next += 1
+        self._store.set(f"sync/{sync}", _json(what))
+        return sync
+
+    def _answers(self, sync):
+        refused = []
+        for rank in range(1, self.receivers + 1):
+            ack = json.loads(self._get(f"ack/{sync}/{rank}", f"receiver {rank} did not answer sync {sync}"))
+            if ack.get("error"):
+                refused.append(f"receiver {rank}: {ack['error']}")
+        if refused:
+            raise SyncError(f"sync {sync} was refused: " + "; ".join(refused))
+
+    def sync(self, state):
+        """Sends the current values of ``state`` (the names, dtypes and shapes
+        announced at connect) to every receiver and waits until each took them.
+        Returns ``{"session", "sync", "bytes", "buckets", "seconds"}``."""
+        start = time.perf_counter()
+        tensors, _ = _state(state)
+        if list(tensors) != self._names:
+            raise SyncError("the state's names are not the ones announced: start a new Sender")
+        sync = self._announce({"kind": "weights"})
+        works = [None, None]
+        with torch.no_grad():
+            for b, bucket in enumerate(self._buckets):
+                buffer = self._buffers[b % 2]
+                if works[b % 2] is not None:
+                    self._wait(works[b % 2], sync, b - 2)
+                    works[b % 2] = None
+                for index, offset, nbytes in bucket["tensors"]:
+                    entry = self._entries[index]
+                    t = _plain(tensors[self._names[index]])
+                    if str(t.dtype).removeprefix("torch.") != entry["dtype"] or list(t.shape) != entry["shape"]:
+                        raise SyncError(f"{entry['name']} changed dtype or shape since the session began")
+                    view = buffer[offset : offset + nbytes].view(t.dtype).view(t.shape)
+                    view.copy_(t)
+                payload = bucket["bytes"] - DIGEST_BYTES
+                digest = hashlib.sha256(buffer[:payload].numpy()).digest()
+                buffer[payload : bucket["bytes"]] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+                if self._corrupt_bucket == b:
+                    self._corrupt_bucket = None
+                    buffer[0] ^= 0xFF
+                works[b % 2] = self._group.broadcast(buffer[: bucket["bytes"]], 0)
+                if self._pause_after_bucket is not None and self._pause_after_bucket[0] == b:
+                    works[b % 2].wait()
+                    time.sleep(self._pause_after_bucket[1])
+            for b in range(max(0, len(self._buckets) - 2), len(self._buckets)):
+                if works[b % 2] is not None:
+                    self._wait(works[b % 2], sync, b)
+        self._answers(sync)
+        return {
+            "session": self.session,
+            "sync": sync,
+            "bytes": sum(b["bytes"] for b in self._buckets),
+            "buckets": len(self._buckets),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _wait(self, work, sync, b):
+        try:
+            work.wait()
+        except Exception as e:
+            raise SyncError(f"sync {sync}, bucket {b + 1}: {e} (receivers keep their weights)") from None
+
+    def raw_broadcast(self, nbytes):
+        """A bare broadcast of ``nbytes`` that receivers take and drop: the
+        network's cost for a sync's bytes. Seconds until every receiver answered."""
+        start = time.perf_counter()
+        sync = self._announce({"kind": "raw", "bytes": int(nbytes)})
+        data = torch.zeros(int(nbytes), dtype=torch.uint8)
+        self._wait(self._group.broadcast(data, 0), sync, 0)
+        self._answers(sync)
+        return time.perf_counter() - start
+
+    def close(self):
+        """Ends the session: the receivers wait for the next sender."""
+        if not self._ended:
+            self._ended = True
+            self._announce({"kind": "end"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,106 @@
+"""A stand-in PyTorch trainer for transplant's live sync (demo, tests, bench).
+
+It loads a model (TorchScript, as a trainer's own module would be), changes its
+weights before every sync as a training step would, saves what the model then
+computes on a fixed input (so that receivers can check theirs), and syncs
+through python/transplant_sync.py. One JSON line per sync on stdout.
+
+    python scripts/sync_trainer.py --port P --model m.pt --input in.safetensors \
+        --out DIR [--syncs N] [--receivers R] [--bucket-bytes B] [--raw] \
+        [--pause-after-bucket B:SECONDS] [--corrupt-bucket B] [--resize NAME]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import transplant_sync  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--channel", default="default")
+    parser.add_argument("--receivers", type=int, default=1)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--input", help="a safetensors file whose `input` the model runs on")
+    parser.add_argument("--out", help="folder for expected_<session>_<sync>.safetensors")
+    parser.add_argument("--syncs", type=int, default=1)
+    parser.add_argument("--bucket-bytes", type=int, default=64 << 20)
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="also time a bare broadcast of the same bytes")
+    parser.add_argument("--pause-after-bucket", help="B:SECONDS, in the first sync (to be killed there)")
+    parser.add_argument("--corrupt-bucket", type=int)
+    parser.add_argument("--resize", help="announce this tensor with one more row")
+    parser.add_argument("--save-state", action="store_true", help="also save state_<session>_<sync>.safetensors")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    model = torch.jit.load(args.model)
+    model.eval()
+    state = model
+    if args.resize:
+        state = dict(model.state_dict())
+        t = state[args.resize]
+        state[args.resize] = torch.cat([t, t[:1]])
+    x = load_file(args.input)["input"] if args.input else None
+    from datetime import timedelta
+
+    try:
+        sender = transplant_sync.Sender(
+            args.host,
+            args.port,
+            args.receivers,
+            state,
+            channel=args.channel,
+            bucket_bytes=args.bucket_bytes,
+            timeout=timedelta(seconds=args.timeout),
+        )
+    except transplant_sync.SyncError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        sys.exit(3)
+    if args.pause_after_bucket:
+        bucket, seconds = args.pause_after_bucket.split(":")
+        sender._pause_after_bucket = (int(bucket), float(seconds))
+    if args.corrupt_bucket is not None:
+        sender._corrupt_bucket = args.corrupt_bucket
+    failed = 0
+    for k in range(args.syncs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            for name, b in model.named_buffers():
+                if b.is_floating_point():
+                    b.mul_(0.99).add_(0.01)
+        if x is not None and args.out:
+            with torch.no_grad():
+                y = model(x)
+            save_file({"output": y.contiguous()}, os.path.join(args.out, f"expected_{sender.session}_{k + 1}.safetensors"))
+        if args.save_state and args.out:
+            tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+            save_file(tensors, os.path.join(args.out, f"state_{sender.session}_{k + 1}.safetensors"))
+        try:
+            result = sender.sync(state)
+        except transplant_sync.SyncError as e:
+            failed += 1
+            print(json.dumps({"sync": k + 1, "error": str(e)}), flush=True)
+            continue
+        if args.raw:
+            result["raw_seconds"] = sender.raw_broadcast(result["bytes"])
+        print(json.dumps(result), flush=True)
+    sender.close()
+    sys.exit(4 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

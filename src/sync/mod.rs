@@ -1,0 +1,443 @@
+//! Live weight sync over torch.distributed: a trainer's weights into models
+//! served by other processes (other machines), never torn.
+//!
+//! The transport is c10d, as PyTorch users run it: a `TCPStore` to meet and a
+//! Gloo process group to move the bytes (`crate::c10d`). One [`Sender`] (rank
+//! 0: a PyTorch training loop through `python/transplant_sync.py`, or Rust)
+//! and one or more [`Receiver`]s (ranks 1..=N, each serving a
+//! [`ModelSlot`](crate::ModelSlot)) meet under a channel name.
+//!
+//! A **session** begins when a sender connects:
+//!
+//! 1. the sender takes the next session number and announces its entries
+//!    (names, roles, dtypes, shapes, which entries are one tensor);
+//! 2. every receiver plans those entries against its served model with its
+//!    own rules, matcher and transforms — the plan a `copy` would make, which
+//!    must be complete and pass the policy — and answers with the source
+//!    tensors it needs, or with why it refuses;
+//! 3. receiver 1 (the lead) joins the answers into the transfer layout: the
+//!    needed tensors in the sender's order, packed at 64-byte offsets into
+//!    buckets of at most the sender's bucket size (a larger tensor gets a
+//!    bucket of its own), each bucket followed by the SHA-256 of its bytes.
+//!    A refusal anywhere becomes the layout's error instead: every party
+//!    fails with it, and nothing is sent or written;
+//! 4. all join a Gloo group of N + 1 ranks.
+//!
+//! Each **sync** then announces itself through the store and broadcasts the
+//! buckets in order. A receiver copies each bucket, once its digest checks,
+//! into a standby copy of its model through the plan (casts, transforms,
+//! verification, as `copy` does); the standby goes live only when every
+//! bucket arrived, checked and was copied. A sender that dies mid-sync, a
+//! timeout or a digest mismatch leaves the served weights as they were: the
+//! receiver reports it (to its caller, and to the sender through the store),
+//! keeps serving, and takes the next sync — of the same session after a
+//! digest mismatch, of the sender's next session after a lost peer.
+//!
+//! The keys, under `transplant/<channel>/` (all values JSON):
+//! `session` (a counter), `<s>/entries`, `<s>/joined/<rank>`,
+//! `<s>/need/<rank>`, `<s>/layout`, `<s>/gloo/…` (the group's own),
+//! `<s>/sync/<k>` (`weights`, `raw` with a byte count — a bare broadcast for
+//! benchmarks — or `end`), `<s>/ack/<k>/<rank>`.
+mod receiver;
+mod sender;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
+
+use crate::dtype;
+use crate::entry::{inferred_role, Entry, EntryOrder, Name, Role};
+use crate::error::{Error, Result};
+use crate::store::{Source, StoreKind};
+
+pub use receiver::{Received, Receiver};
+pub use sender::{Sender, Sent};
+
+/// The version of the protocol above; both sides refuse another.
+const PROTOCOL: u32 = 1;
+/// Bucket offsets are multiples of this: every dtype's view is aligned.
+const ALIGN: u64 = 64;
+/// The digest that follows each bucket's bytes.
+const DIGEST_BYTES: u64 = 32;
+
+/// Where the parties of a sync meet: the `TCPStore`'s address, and a channel
+/// name that keeps several syncs on one store apart.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The store's host (and the address this process's Gloo sockets bind to,
+    /// unless [`SyncOptions::hostname`] says otherwise).
+    pub host: String,
+    /// The store's port (0 with `serve_store`: any free port, see
+    /// [`Receiver::store_port`]).
+    pub port: u16,
+    /// Whether this process serves the store (one party does: usually the
+    /// long-lived one, a receiver, so that trainers may come and go).
+    pub serve_store: bool,
+    /// Keeps independent syncs on one store apart.
+    pub channel: String,
+}
+
+impl Endpoint {
+    /// The store at `host:port`, served elsewhere, channel `default`.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self { host: host.into(), port, serve_store: false, channel: "default".into() }
+    }
+}
+
+/// How a sync runs.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// How long any step may wait for a peer (meeting, a bucket, an answer)
+    /// before it fails.
+    pub timeout: Duration,
+    /// The largest bucket the sender packs (a larger tensor gets its own).
+    pub bucket_bytes: u64,
+    /// The address Gloo's sockets bind to (`None`: the endpoint's host).
+    pub hostname: Option<String>,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(60), bucket_bytes: 64 << 20, hostname: None }
+    }
+}
+
+/// One entry as the sender announces it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WireEntry {
+    name: String,
+    /// `parameter` or `buffer`; absent where the sender does not know (a bare
+    /// state dict): guessed from the name and dtype, as for checkpoint files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
+    dtype: String,
+    shape: Vec<i64>,
+}
+
+/// `<s>/entries`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Announcement {
+    protocol: u32,
+    origin: String,
+    receivers: usize,
+    bucket_bytes: u64,
+    entries: Vec<WireEntry>,
+    /// Groups of entries that are one tensor (sent once).
+    #[serde(default)]
+    ties: Vec<Vec<usize>>,
+}
+
+/// `<s>/need/<rank>`: the source entries a receiver's plan reads, or why it refuses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Need {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tensors: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// One bucket of the layout: `bytes` in all (the tensors at their offsets,
+/// then the digest of everything before it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Bucket {
+    bytes: u64,
+    /// `[entry index, offset, bytes]`.
+    tensors: Vec<(usize, u64, u64)>,
+}
+
+impl Bucket {
+    fn payload(&self) -> u64 {
+        self.bytes - DIGEST_BYTES
+    }
+}
+
+/// `<s>/layout`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Layout {
+    #[serde(default)]
+    buckets: Vec<Bucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Layout {
+    /// The needed entries in the sender's order, packed into buckets of at most
+    /// `bucket_bytes` (a larger tensor alone); tied entries share their bytes.
+    fn pack(entries: &[Entry], ties: &[Vec<usize>], needed: &[usize], bucket_bytes: u64) -> Self {
+        let mut first_of: HashMap<usize, usize> = HashMap::new();
+        for group in ties {
+            if let Some(&first) = group.iter().min() {
+                for &member in group {
+                    first_of.insert(member, first);
+                }
+            }
+        }
+        let mut needed: Vec<usize> = needed.to_vec();
+        needed.sort_unstable();
+        needed.dedup();
+        let mut buckets: Vec<Bucket> = Vec::new();
+        let mut open = Bucket { bytes: 0, tensors: Vec::new() };
+        let mut placed: HashMap<usize, (usize, u64)> = HashMap::new();
+        let mut later: Vec<(usize, usize)> = Vec::new();
+        let close = |open: &mut Bucket, buckets: &mut Vec<Bucket>| {
+            if !open.tensors.is_empty() {
+                open.bytes += DIGEST_BYTES;
+                buckets.push(std::mem::replace(open, Bucket { bytes: 0, tensors: Vec::new() }));
+            }
+        };
+        for &index in &needed {
+            let first = first_of.get(&index).copied().unwrap_or(index);
+            if first != index && (needed.binary_search(&first).is_ok() || placed.contains_key(&first)) {
+                later.push((index, first));
+                continue;
+            }
+            let nbytes = entries[index].bytes();
+            let offset = open.bytes.div_ceil(ALIGN) * ALIGN;
+            if !open.tensors.is_empty() && offset + nbytes > bucket_bytes {
+                close(&mut open, &mut buckets);
+            }
+            let offset = open.bytes.div_ceil(ALIGN) * ALIGN;
+            placed.insert(index, (buckets.len(), offset));
+            if first != index {
+                placed.insert(first, (buckets.len(), offset));
+            }
+            open.tensors.push((index, offset, nbytes));
+            open.bytes = offset + nbytes;
+        }
+        close(&mut open, &mut buckets);
+        // A tied entry is read from its group's bytes, wherever they went.
+        for (index, first) in later {
+            if let Some(&(b, offset)) = placed.get(&first) {
+                buckets[b].tensors.push((index, offset, entries[index].bytes()));
+            }
+        }
+        Self { buckets, error: None }
+    }
+}
+
+/// `<s>/sync/<k>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+enum Announce {
+    Weights,
+    Raw { bytes: u64 },
+    End,
+}
+
+/// `<s>/ack/<k>/<rank>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ack {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    seconds: f64,
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Sync { message: format!("{what} is not what this protocol says: {e}") })
+}
+
+/// The SHA-256 of `bytes`.
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The bytes of a contiguous CPU `uint8` tensor, `len` of them.
+///
+/// # Safety
+/// `tensor` must be a contiguous CPU tensor of at least `len` bytes, not
+/// written while the slice lives.
+unsafe fn bytes_of(tensor: &Tensor, len: u64) -> &[u8] {
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const u8, len as usize) }
+}
+
+/// A contiguous `uint8` CPU buffer of `bytes`, zeroed.
+fn buffer(bytes: u64) -> Tensor {
+    Tensor::zeros([bytes as i64], (tch::Kind::Uint8, Device::Cpu))
+}
+
+/// The view of `entry` at `offset` bytes into `buffer`.
+fn view_in(buffer: &Tensor, entry: &Entry, offset: u64) -> Result<Tensor> {
+    let size = dtype::size(entry.dtype) as u64;
+    let mut strides = vec![1i64; entry.shape.len()];
+    for d in (0..entry.shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * entry.shape[d + 1].max(1);
+    }
+    crate::ffi::strided_view(buffer, entry.dtype, &entry.shape, &strides, (offset / size) as i64)
+        .map_err(|message| Error::Sync { message: format!("{} in the bucket: {message}", entry.name) })
+}
+
+/// The sender's entries, as announced: a source with no tensors yet (a
+/// receiver plans against it; each bucket then lends the tensors it holds).
+struct Announced {
+    origin: String,
+    entries: Vec<Entry>,
+    ties: Vec<Vec<usize>>,
+}
+
+impl Announced {
+    fn from_wire(announcement: &Announcement, origin: String) -> Result<Self> {
+        let mut entries = Vec::with_capacity(announcement.entries.len());
+        for wire in &announcement.entries {
+            let refuse =
+                |what: String| Error::Sync { message: format!("the sender's entry {}: {what}", wire.name) };
+            let kind = dtype::parse(&wire.dtype)
+                .ok_or_else(|| refuse(format!("dtype {} is not supported", wire.dtype)))?;
+            if wire.shape.iter().any(|&d| d < 0) {
+                return Err(refuse(format!("shape {:?}", wire.shape)));
+            }
+            let (role, role_inferred) = match wire.role.as_deref() {
+                Some("parameter") => (Role::Parameter, false),
+                Some("buffer") => (Role::Buffer, false),
+                Some(other) => return Err(refuse(format!("role {other}"))),
+                None => (inferred_role(&wire.name, kind), true),
+            };
+            entries.push(Entry {
+                name: Name::from(wire.name.as_str()),
+                role,
+                role_inferred,
+                shape: wire.shape.clone(),
+                dtype: kind,
+                device: Device::Cpu,
+            });
+        }
+        let n = entries.len();
+        if announcement.ties.iter().flatten().any(|&i| i >= n) {
+            return Err(Error::Sync { message: "the sender's ties name entries it does not have".into() });
+        }
+        Ok(Self { origin, entries, ties: announcement.ties.clone() })
+    }
+
+    fn to_wire(entries: &[Entry]) -> Vec<WireEntry> {
+        entries
+            .iter()
+            .map(|e| WireEntry {
+                name: e.name.to_string(),
+                role: (!e.role_inferred).then(|| e.role.to_string()),
+                dtype: dtype::name(e.dtype).to_string(),
+                shape: e.shape.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Source for Announced {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Remote
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    fn entry_order(&self) -> EntryOrder {
+        EntryOrder::Registration
+    }
+    fn tensor(&self, _index: usize) -> Option<&Tensor> {
+        None
+    }
+    fn ties(&self) -> Vec<Vec<usize>> {
+        self.ties.clone()
+    }
+}
+
+/// One bucket's tensors, lent as a source for the copy of the pairs it feeds.
+struct BucketSource<'a> {
+    announced: &'a Announced,
+    tensors: Vec<Option<Tensor>>,
+}
+
+// SAFETY: as for `Checkpoint`: shared access only reads; the views are made
+// before the bucket is lent and never written through it.
+unsafe impl Sync for BucketSource<'_> {}
+
+impl Source for BucketSource<'_> {
+    fn origin(&self) -> &str {
+        &self.announced.origin
+    }
+    fn kind(&self) -> StoreKind {
+        StoreKind::Remote
+    }
+    fn entries(&self) -> &[Entry] {
+        &self.announced.entries
+    }
+    fn entry_order(&self) -> EntryOrder {
+        EntryOrder::Registration
+    }
+    fn tensor(&self, index: usize) -> Option<&Tensor> {
+        self.tensors.get(index).and_then(Option::as_ref)
+    }
+    fn ties(&self) -> Vec<Vec<usize>> {
+        self.announced.ties.clone()
+    }
+}
+
+/// The keys of the channel, under `transplant/<channel>/`.
+fn channel_prefix(endpoint: &Endpoint) -> String {
+    format!("transplant/{}/", endpoint.channel)
+}
+
+/// How long one poll of the store waits: a receiver waiting for a sync also
+/// watches for a newer session this often.
+const POLL: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, bytes: i64) -> Entry {
+        Entry {
+            name: Name::from(name),
+            role: Role::Parameter,
+            role_inferred: false,
+            shape: vec![bytes],
+            dtype: tch::Kind::Uint8,
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn layouts_keep_the_sender_order_align_offsets_and_bound_buckets() {
+        let entries: Vec<Entry> =
+            [10, 100, 30, 500, 7].iter().enumerate().map(|(i, &b)| entry(&format!("t{i}"), b)).collect();
+        let layout = Layout::pack(&entries, &[], &[4, 0, 1, 2, 3], 200);
+        let placed: Vec<Vec<(usize, u64, u64)>> = layout.buckets.iter().map(|b| b.tensors.clone()).collect();
+        assert_eq!(
+            placed,
+            vec![vec![(0, 0, 10), (1, 64, 100)], vec![(2, 0, 30)], vec![(3, 0, 500)], vec![(4, 0, 7)]]
+        );
+        assert_eq!(layout.buckets[0].bytes, 164 + DIGEST_BYTES);
+        assert_eq!(
+            layout.buckets[2].bytes,
+            500 + DIGEST_BYTES,
+            "a tensor over the bound gets a bucket of its own"
+        );
+    }
+
+    #[test]
+    fn tied_entries_are_sent_once_and_read_from_the_same_bytes() {
+        let entries: Vec<Entry> = (0..3).map(|i| entry(&format!("t{i}"), 16)).collect();
+        let layout = Layout::pack(&entries, &[vec![0, 2]], &[0, 1, 2], 1 << 20);
+        assert_eq!(layout.buckets.len(), 1);
+        assert_eq!(layout.buckets[0].tensors, vec![(0, 0, 16), (1, 64, 16), (2, 0, 16)]);
+        assert_eq!(layout.buckets[0].bytes, 80 + DIGEST_BYTES);
+        let only_second = Layout::pack(&entries, &[vec![0, 2]], &[2], 1 << 20);
+        assert_eq!(
+            only_second.buckets[0].tensors,
+            vec![(2, 0, 16)],
+            "a tie member needed alone is sent itself"
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! [`Sender`]: the trainer's side of a sync, from any source (files, live
+//! modules, VarStores). `python/transplant_sync.py` is the same protocol for
+//! a PyTorch training loop.
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::Tensor;
+
+use super::{
+    buffer, bytes_of, channel_prefix, digest, json, parse, view_in, Ack, Announce, Announced, Announcement,
+    Endpoint, Layout, SyncOptions, PROTOCOL,
+};
+use crate::c10d::{Group, Store, Work};
+use crate::entry::Entry;
+use crate::error::{Error, Result};
+use crate::store::Source;
+
+/// What one sync did on the sender.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sent {
+    /// The session.
+    pub session: i64,
+    /// The sync's number within it (from 1).
+    pub sync: u64,
+    /// Bytes sent (every bucket, digests included).
+    pub bytes: u64,
+    /// Buckets sent.
+    pub buckets: usize,
+    /// Seconds from the announcement to every receiver's answer.
+    pub seconds: f64,
+}
+
+/// The sending side of a sync (see the [module docs](super)): rank 0 of a
+/// session with `receivers` receivers.
+pub struct Sender {
+    store: Store,
+    group: Group,
+    session: i64,
+    receivers: usize,
+    entries: Vec<Entry>,
+    layout: Layout,
+    buffers: [Tensor; 2],
+    next: u64,
+    options: SyncOptions,
+    ended: bool,
+    corrupt: Option<usize>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").field("session", &self.session).field("receivers", &self.receivers).finish()
+    }
+}
+
+impl Sender {
+    /// Starts a session at `endpoint`: announces `source`'s entries, waits
+    /// for the `receivers` to plan them (an error says which refused, and why:
+    /// nothing is sent), then joins the group.
+    pub fn connect(
+        endpoint: &Endpoint,
+        receivers: usize,
+        source: &dyn Source,
+        options: SyncOptions,
+    ) -> Result<Self> {
+        if receivers == 0 {
+            return Err(Error::Sync { message: "a sync needs at least one receiver".into() });
+        }
+        let mut channel = Store::connect(
+            &endpoint.host,
+            endpoint.port,
+            endpoint.serve_store,
+            options.timeout,
+            &channel_prefix(endpoint),
+        )?;
+        let session = channel.add("session", 1)?;
+        let mut store = channel.prefixed(&format!("{session}/"))?;
+        let announcement = Announcement {
+            protocol: PROTOCOL,
+            origin: source.origin().to_string(),
+            receivers,
+            bucket_bytes: options.bucket_bytes,
+            entries: Announced::to_wire(source.entries()),
+            ties: source.ties(),
+        };
+        store.set("entries", &json(&announcement))?;
+        let layout: Layout = match store.get("layout", options.timeout) {
+            Ok(bytes) => parse("the layout", &bytes)?,
+            Err(e) => {
+                return Err(Error::Sync {
+                    message: format!(
+                        "no receiver answered on channel {} within {:?} (is receiver 1 running?): {e}",
+                        endpoint.channel, options.timeout
+                    ),
+                })
+            }
+        };
+        if let Some(error) = layout.error {
+            return Err(Error::Sync { message: format!("the receivers refused the transfer: {error}") });
+        }
+        let hostname = options.hostname.clone().unwrap_or_else(|| endpoint.host.clone());
+        let group = Group::gloo(&mut store.prefixed("gloo/")?, 0, receivers + 1, options.timeout, &hostname)?;
+        let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
+        Ok(Self {
+            store,
+            group,
+            session,
+            receivers,
+            entries: source.entries().to_vec(),
+            layout,
+            buffers: [buffer(largest), buffer(largest)],
+            next: 1,
+            options,
+            ended: false,
+            corrupt: None,
+        })
+    }
+
+    /// The session's number.
+    pub fn session(&self) -> i64 {
+        self.session
+    }
+
+    /// Sends `source`'s current values (the entries announced at connect:
+    /// same names, dtypes and shapes) to every receiver, and waits for each
+    /// to take them: an error names the receivers that refused, and why.
+    pub fn sync(&mut self, source: &dyn Source) -> Result<Sent> {
+        self.same_entries(source)?;
+        let start = Instant::now();
+        let sync = self.announce(&Announce::Weights)?;
+        let n = self.layout.buckets.len();
+        let mut works: [Option<Work>; 2] = [None, None];
+        for b in 0..n {
+            if let Some(work) = works[b % 2].take() {
+                work.wait().map_err(|m| self.lost(sync, b - 2, m))?;
+            }
+            let bucket = &self.layout.buckets[b];
+            let buffer = &self.buffers[b % 2];
+            for &(index, offset, _) in &bucket.tensors {
+                let entry = &self.entries[index];
+                let tensor = source.tensor(index).ok_or_else(|| Error::MissingTensor {
+                    store: source.origin().to_string(),
+                    tensor: entry.name.to_string(),
+                })?;
+                let mut view = view_in(buffer, entry, offset)?;
+                view.f_copy_(tensor).map_err(|e| Error::Tensor {
+                    store: source.origin().to_string(),
+                    tensor: entry.name.to_string(),
+                    source: e,
+                })?;
+            }
+            let payload = bucket.payload() as usize;
+            // SAFETY: the buffer is a contiguous CPU uint8 tensor of at least
+            // `bucket.bytes`, not in flight (its last broadcast was waited for).
+            let sum = digest(unsafe { bytes_of(buffer, bucket.payload()) });
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u8, bucket.bytes as usize)
+            };
+            bytes[payload..].copy_from_slice(&sum);
+            if self.corrupt == Some(b) {
+                self.corrupt = None;
+                bytes[0] ^= 0xff;
+            }
+            let view = buffer.narrow(0, 0, bucket.bytes as i64);
+            works[b % 2] = Some(self.group.broadcast(&view, 0)?);
+        }
+        for b in n.saturating_sub(2)..n {
+            if let Some(work) = works[b % 2].take() {
+                work.wait().map_err(|m| self.lost(sync, b, m))?;
+            }
+        }
+        self.answers(sync)?;
+        let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
+        Ok(Sent { session: self.session, sync, bytes, buckets: n, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// Broadcasts `bytes` of zeros as one tensor, which the receivers take and
+    /// drop: what a bare torch.distributed broadcast of a sync's bytes costs,
+    /// to compare a sync with. Seconds to every receiver's answer.
+    pub fn raw_broadcast(&mut self, bytes: u64) -> Result<f64> {
+        let start = Instant::now();
+        let sync = self.announce(&Announce::Raw { bytes })?;
+        let data = super::buffer(bytes);
+        self.group.broadcast(&data, 0)?.wait().map_err(|m| self.lost(sync, 0, m))?;
+        self.answers(sync)?;
+        Ok(start.elapsed().as_secs_f64())
+    }
+
+    /// Ends the session: receivers leave it and wait for the next sender.
+    pub fn close(mut self) -> Result<()> {
+        self.end()
+    }
+
+    /// Test hook: flips a byte of bucket `bucket` of the next sync after its
+    /// digest was computed, as a fault on the way would.
+    #[doc(hidden)]
+    pub fn corrupt_next_sync(&mut self, bucket: usize) {
+        self.corrupt = Some(bucket);
+    }
+
+    fn end(&mut self) -> Result<()> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        self.announce(&Announce::End).map(|_| ())
+    }
+
+    fn announce(&mut self, what: &Announce) -> Result<u64> {
+        let sync = self.next;
+        self.next += 1;
+        self.store.set(&format!("sync/{sync}"), &json(what))?;
+        Ok(sync)
+    }
+
+    fn lost(&self, sync: u64, b: usize, message: String) -> Error {
+        Error::Sync {
+            message: format!(
+                "sync {sync}, bucket {} of {}: {message} (receivers keep their weights; connect again)",
+                b + 1,
+                self.layout.buckets.len()
+            ),
+        }
+    }
+
+    /// Every receiver's answer to `sync`.
+    fn answers(&mut self, sync: u64) -> Result<()> {
+        let mut refused = Vec::new();
+        for rank in 1..=self.receivers {
+            let key = format!("ack/{sync}/{rank}");
+            let ack: Ack = parse("an answer", &self.store.get(&key, self.options.timeout)?)?;
+            if let Some(error) = ack.error {
+                refused.push(format!("receiver {rank}: {error}"));
+            }
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Sync { message: format!("sync {sync} was refused: {}", refused.join("; ")) })
+        }
+    }
+
+    fn same_entries(&self, source: &dyn Source) -> Result<()> {
+        let now = source.entries();
+        let changed = now.len() != self.entries.len()
+            || now
+                .iter()
+                .zip(&self.entries)
+                .any(|(a, b)| a.name != b.name || a.dtype != b.dtype || a.shape != b.shape);
+        if changed {
+            return Err(Error::Sync {
+                message: format!(
+                    "{} does not have the entries announced when the session began (names, dtypes, shapes): connect again",
+                    source.origin()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}

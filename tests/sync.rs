@@ -1,0 +1,340 @@
+//! Live weight sync over torch.distributed (c10d's TCPStore and Gloo, on
+//! loopback): a PyTorch trainer (`python/transplant_sync.py`, driven by
+//! `scripts/sync_trainer.py`) or a Rust `Sender` into Rust `Receiver`s that
+//! serve `ModelSlot`s. The Python peer also checks that the gloo declarations
+//! in `csrc/gloo/` still match the libtorch built against.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+use transplant::sync::{Endpoint, Receiver, Sender, SyncOptions};
+use transplant::{open, Error, Mapping, Matcher, ModelSlot, Policy, Rules, ScriptModule};
+
+const FUSED_FROM_SPLIT: &str =
+    "q_proj\\.(weight|bias) + k_proj\\.(weight|bias) + v_proj\\.(weight|bias) => qkv.$1 | cat(0)\n\
+                                o_proj\\.(.*) => proj.$1\n";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn options() -> SyncOptions {
+    SyncOptions { timeout: Duration::from_secs(30), bucket_bytes: 256, hostname: None }
+}
+
+/// A receiver serving the store on a free loopback port.
+fn receiver(rank: usize, receivers: usize, port: u16, channel: &str, rules: &str) -> Receiver {
+    let endpoint =
+        Endpoint { host: "127.0.0.1".into(), port, serve_store: port == 0, channel: channel.into() };
+    let mapping = Mapping {
+        rules: Rules::parse(rules, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    Receiver::connect(
+        &endpoint,
+        rank,
+        receivers,
+        mapping,
+        Policy { strict: true, ..Policy::default() },
+        options(),
+    )
+    .unwrap()
+}
+
+fn slot(model: &str) -> ModelSlot {
+    ModelSlot::new(ScriptModule::load(common::fixture(model)).unwrap()).unwrap()
+}
+
+fn trainer(port: u16, out: &Path, extra: &[&str]) -> Child {
+    Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/sync_trainer.py"))
+        .args(["--port", &port.to_string(), "--bucket-bytes", "256", "--timeout", "30"])
+        .args(["--model", common::fixture("transforms/split_attn.pt").to_str().unwrap()])
+        .args(["--input", common::fixture("transforms/split_attn.expected.safetensors").to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the venv's python runs (scripts/setup.sh)")
+}
+
+fn finished(child: Child) -> (Option<i32>, String) {
+    let output = child.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.code(), text)
+}
+
+/// Receives until a sync arrives (or `limit` passes).
+fn next_sync(
+    receiver: &mut Receiver,
+    slot: &ModelSlot,
+    limit: Duration,
+) -> transplant::Result<transplant::sync::Received> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(received) = receiver.receive(slot, Duration::from_millis(500))? {
+            return Ok(received);
+        }
+    }
+    panic!("no sync within {limit:?}");
+}
+
+fn output_of(slot: &ModelSlot) -> Tensor {
+    let input = common::expected_tensor("transforms/split_attn.expected.safetensors", "input");
+    slot.forward(&[input]).unwrap().remove(0)
+}
+
+fn saved(out: &Path, what: &str, session: i64, sync: u64, name: &str) -> Tensor {
+    let file = out.join(format!("{what}_{session}_{sync}.safetensors"));
+    let source = open(&file).unwrap();
+    let index = source.entries().iter().position(|e| e.name.as_str() == name).unwrap();
+    source.tensor(index).unwrap().shallow_clone()
+}
+
+fn served(slot: &ModelSlot, name: &str) -> Tensor {
+    let live = slot.current().unwrap();
+    live.named_tensors().unwrap().into_iter().find(|n| n.name == name).unwrap().tensor.copy()
+}
+
+#[test]
+fn a_pytorch_trainer_with_separate_qkv_syncs_into_a_fused_qkv_receiver() {
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let before = output_of(&slot);
+    let mut receiver = receiver(1, 1, 0, "fused", FUSED_FROM_SPLIT);
+    let port = receiver.store_port().unwrap();
+    let child = trainer(port, out.path(), &["--syncs", "3", "--channel", "fused", "--save-state"]);
+    for k in 1..=3u64 {
+        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        assert_eq!(received.sync, k);
+        assert!(received.buckets > 1, "small buckets: {received:?}");
+        let swap = received.swap.expect("weights went live");
+        assert_eq!(swap.generation, k);
+        for what in ["weight", "bias"] {
+            let parts: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|p| saved(out.path(), "state", received.session, k, &format!("{p}.{what}")))
+                .collect();
+            let fused = served(&slot, &format!("qkv.{what}"));
+            assert!(common::bit_equal(&fused, &Tensor::cat(&parts, 0)), "sync {k}: qkv.{what} is q, k, v");
+            let o = saved(out.path(), "state", received.session, k, &format!("o_proj.{what}"));
+            assert!(common::bit_equal(&served(&slot, &format!("proj.{what}")), &o));
+        }
+        // Another architecture computes in another order: equal up to rounding.
+        let expected = saved(out.path(), "expected", received.session, k, "output");
+        let got = output_of(&slot);
+        let diff = (&got - &expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "sync {k}: the receiver computes what the trainer does (off by {diff})");
+        assert!((&got - &before).abs().max().double_value(&[]) > 1e-4, "sync {k} changed the outputs");
+    }
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+fn generation_and_output(slot: &ModelSlot) -> (u64, Tensor) {
+    (slot.generation(), output_of(slot))
+}
+
+#[test]
+fn a_plan_that_does_not_fit_is_refused_on_both_sides_and_nothing_is_written() {
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let (_, before) = generation_and_output(&slot);
+    // A resized tensor on the trainer's side.
+    let mut receiver = receiver(1, 1, 0, "resized", FUSED_FROM_SPLIT);
+    let port = receiver.store_port().unwrap();
+    let child = trainer(port, out.path(), &["--channel", "resized", "--resize", "k_proj.weight"]);
+    let error = loop {
+        match receiver.receive(&slot, Duration::from_millis(500)) {
+            Ok(None) => continue,
+            Ok(Some(r)) => panic!("a resized tensor went live: {r:?}"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(error.contains("k_proj.weight"), "the receiver says which tensor: {error}");
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("refused") && text.contains("k_proj.weight"), "the trainer is told why: {text}");
+    // A name the receiver's rules do not map (no rule for o_proj).
+    let mut receiver = receiver_for(port, "renamed");
+    let child = trainer(port, out.path(), &["--channel", "renamed"]);
+    let error = loop {
+        match receiver.receive(&slot, Duration::from_millis(500)) {
+            Ok(None) => continue,
+            Ok(Some(r)) => panic!("an incomplete plan went live: {r:?}"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(error.contains("o_proj") || error.contains("proj.weight"), "{error}");
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("refused") && text.contains("o_proj.weight is not paired"), "{text}");
+    assert_eq!(slot.generation(), 0);
+    assert!(common::bit_equal(&output_of(&slot), &before), "nothing was written");
+}
+
+/// A second receiver on the store served by the first test's receiver, with
+/// the fused rules but not the one for `o_proj`.
+fn receiver_for(port: u16, channel: &str) -> Receiver {
+    let partial =
+        "q_proj\\.(weight|bias) + k_proj\\.(weight|bias) + v_proj\\.(weight|bias) => qkv.$1 | cat(0)\n";
+    receiver(1, 1, port, channel, partial)
+}
+
+#[test]
+fn a_sender_killed_mid_sync_leaves_the_served_weights_and_the_next_sender_succeeds() {
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let (_, before) = generation_and_output(&slot);
+    let mut receiver = receiver(1, 1, 0, "killed", FUSED_FROM_SPLIT);
+    let port = receiver.store_port().unwrap();
+    // The trainer stops after the first bucket of its first sync; it is killed there.
+    let mut child = trainer(port, out.path(), &["--channel", "killed", "--pause-after-bucket", "0:60"]);
+    let pid = child.id() as i32;
+    let marker = out.path().to_path_buf();
+    let killer = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !std::fs::read_dir(&marker)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("expected_"))
+        {
+            assert!(start.elapsed() < Duration::from_secs(60), "the trainer never reached its sync");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let error = loop {
+        match receiver.receive(&slot, Duration::from_millis(500)) {
+            Ok(None) => continue,
+            Ok(Some(r)) => panic!("a torn sync went live: {r:?}"),
+            Err(e) => break e,
+        }
+    };
+    killer.join().unwrap();
+    let _ = child.wait();
+    assert!(matches!(error, Error::Sync { .. }), "{error}");
+    assert!(error.to_string().contains("unchanged"), "{error}");
+    assert_eq!(slot.generation(), 0);
+    assert!(common::bit_equal(&output_of(&slot), &before), "still serving the old weights");
+    assert_eq!(receiver.session(), None, "the lost session is left");
+    // The next trainer's sync goes live.
+    let child = trainer(port, out.path(), &["--channel", "killed"]);
+    let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    assert_eq!(received.swap.unwrap().generation, 1);
+    let expected = saved(out.path(), "expected", received.session, 1, "output");
+    assert!((&output_of(&slot) - &expected).abs().max().double_value(&[]) < 1e-5);
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+/// Runs `receivers` Rust receivers (fused qkv, rank 1 serving the store) on
+/// threads, each taking `syncs` syncs (results in order), while `send` runs.
+fn with_receivers<T: Send>(
+    channel: &str,
+    slots: &[ModelSlot],
+    syncs: usize,
+    send: impl FnOnce(u16) -> T + Send,
+) -> (T, Vec<Vec<transplant::Result<transplant::sync::Received>>>) {
+    let n = slots.len();
+    let first = receiver(1, n, 0, channel, FUSED_FROM_SPLIT);
+    let port = first.store_port().unwrap();
+    let mut all = vec![first];
+    for rank in 2..=n {
+        all.push(receiver(rank, n, port, channel, FUSED_FROM_SPLIT));
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = all
+            .into_iter()
+            .zip(slots)
+            .map(|(mut r, slot)| {
+                scope.spawn(move || {
+                    let mut results = Vec::new();
+                    let start = Instant::now();
+                    while results.len() < syncs && start.elapsed() < Duration::from_secs(60) {
+                        match r.receive(slot, Duration::from_millis(200)) {
+                            Ok(None) => {}
+                            Ok(Some(received)) => results.push(Ok(received)),
+                            Err(e) => results.push(Err(e)),
+                        }
+                    }
+                    results
+                })
+            })
+            .collect();
+        let sent = send(port);
+        (sent, handles.into_iter().map(|h| h.join().unwrap()).collect())
+    })
+}
+
+fn source() -> Box<dyn transplant::Target> {
+    open(common::fixture("transforms/split_attn.pt")).unwrap()
+}
+
+#[test]
+fn a_corrupted_bucket_is_refused_on_both_sides_and_the_next_sync_goes_live() {
+    let slots = [slot("transforms/fused_attn.pt")];
+    let (_, before) = generation_and_output(&slots[0]);
+    let source = source();
+    let (sent, received) = with_receivers("corrupt", &slots, 2, |port| {
+        let endpoint = Endpoint::new("127.0.0.1", port);
+        let endpoint = Endpoint { channel: "corrupt".into(), ..endpoint };
+        let mut sender = Sender::connect(&endpoint, 1, source.as_ref(), options()).unwrap();
+        sender.corrupt_next_sync(1);
+        let first = sender.sync(source.as_ref());
+        let after_first = generation_and_output(&slots[0]);
+        let second = sender.sync(source.as_ref());
+        (first, after_first, second)
+    });
+    let (first, (generation, output), second) = sent;
+    let error = first.unwrap_err().to_string();
+    assert!(error.contains("receiver 1") && error.contains("digest"), "the sender is told: {error}");
+    let mine = received[0][0].as_ref().unwrap_err().to_string();
+    assert!(mine.contains("bucket 2") && mine.contains("digest"), "{mine}");
+    assert_eq!(generation, 0, "the corrupted sync did not go live");
+    assert!(common::bit_equal(&output, &before));
+    second.unwrap();
+    let swap = received[0][1].as_ref().unwrap().swap.as_ref().unwrap();
+    assert_eq!(swap.generation, 1);
+    let fused = served(&slots[0], "qkv.weight");
+    let parts: Vec<Tensor> = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
+        .iter()
+        .map(|n| {
+            let i = source.entries().iter().position(|e| e.name.as_str() == *n).unwrap();
+            source.tensor(i).unwrap().shallow_clone()
+        })
+        .collect();
+    assert!(common::bit_equal(&fused, &Tensor::cat(&parts, 0)));
+}
+
+#[test]
+fn two_receivers_get_identical_weights_from_one_broadcast() {
+    let slots = [slot("transforms/fused_attn.pt"), slot("transforms/fused_attn.pt")];
+    let source = source();
+    let (sent, received) = with_receivers("two", &slots, 1, |port| {
+        let endpoint = Endpoint { channel: "two".into(), ..Endpoint::new("127.0.0.1", port) };
+        let mut sender = Sender::connect(&endpoint, 2, source.as_ref(), options()).unwrap();
+        sender.sync(source.as_ref())
+    });
+    let sent = sent.unwrap();
+    for results in &received {
+        let r = results[0].as_ref().unwrap();
+        assert_eq!((r.session, r.sync, r.bytes), (sent.session, sent.sync, sent.bytes));
+    }
+    let a = slots[0].current().unwrap().named_tensors().unwrap();
+    let b = slots[1].current().unwrap().named_tensors().unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.name, y.name);
+        assert!(common::bit_equal(&x.tensor, &y.tensor), "{}", x.name);
+    }
+    let o = source.entries().iter().position(|e| e.name.as_str() == "o_proj.weight").unwrap();
+    assert!(common::bit_equal(&served(&slots[0], "proj.weight"), source.tensor(o).unwrap()));
+}
