@@ -83,6 +83,10 @@ char *tp_store_wait(tp_store *store, const char *key, int64_t timeout_ms, int *f
   });
 }
 
+char *tp_store_check(tp_store *store, const char *key, int *found) {
+  return guarded([&] { *found = store->store->check({std::string(key)}) ? 1 : 0; });
+}
+
 char *tp_store_get(tp_store *store, const char *key, void *ctx, tp_bytes_fn f) {
   return guarded([&] {
     std::vector<uint8_t> value = store->store->get(std::string(key));

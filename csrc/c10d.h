@@ -34,6 +34,8 @@ char *tp_store_port(const tp_store *store, int *out);
 char *tp_store_set(tp_store *store, const char *key, const uint8_t *data, size_t len);
 /* Waits up to `timeout_ms` for `key`; `*found` says whether it appeared. */
 char *tp_store_wait(tp_store *store, const char *key, int64_t timeout_ms, int *found);
+/* Whether `key` exists now (does not wait). */
+char *tp_store_check(tp_store *store, const char *key, int *found);
 /* The value of `key` (which must exist or appear within the store's timeout). */
 char *tp_store_get(tp_store *store, const char *key, void *ctx, tp_bytes_fn f);
 /* Adds `delta` to the integer at `key` (0 when absent); `*out` is the sum. */

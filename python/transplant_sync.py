@@ -27,9 +27,9 @@ DTensors: gather its full state dict on every rank of the training group with
 gathered with ``full_tensor()``.
 """
 
-import hashlib
 import json
 import time
+import zlib
 from datetime import timedelta
 
 import torch
@@ -38,7 +38,7 @@ import torch.distributed as dist
 __all__ = ["Sender", "SyncError", "full_state_dict"]
 
 PROTOCOL = 1
-DIGEST_BYTES = 32
+DIGEST = "crc32"  # zlib.crc32 of each bucket's bytes, little-endian
 
 
 class SyncError(RuntimeError):
@@ -138,6 +138,8 @@ class Sender:
         layout = json.loads(self._get("layout", "no receiver answered (is receiver 1 running on this channel?)"))
         if layout.get("error"):
             raise SyncError(f"the receivers refused the transfer: {layout['error']}")
+        if layout.get("digest") != DIGEST:
+            raise SyncError(f"the layout's digest is {layout.get('digest')!r}; this sender computes {DIGEST}")
         self._buckets = layout["buckets"]
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timeout
@@ -148,6 +150,16 @@ class Sender:
         largest = max((b["bytes"] for b in self._buckets), default=0)
         self._buffers = [torch.zeros(largest, dtype=torch.uint8) for _ in range(2)]
         self._next = 1
+
+    @property
+    def bytes_per_sync(self):
+        """Bytes each sync broadcasts (every bucket, digests included)."""
+        return sum(b["bytes"] for b in self._buckets)
+
+    @property
+    def next_sync(self):
+        """The number the next sync (or bare broadcast) of this session gets."""
+        return self._next
 
     def _get(self, key, why):
         try:
@@ -180,41 +192,58 @@ class Sender:
         if list(tensors) != self._names:
             raise SyncError("the state's names are not the ones announced: start a new Sender")
         sync = self._announce({"kind": "weights"})
-        works = [None, None]
+        on_buffer = [None, None]  # (bucket, work) per buffer
+        on_tensors = []  # (bucket, work) sent straight from a tensor
+        digests = bytearray()
         with torch.no_grad():
             for b, bucket in enumerate(self._buckets):
-                buffer = self._buffers[b % 2]
-                if works[b % 2] is not None:
-                    self._wait(works[b % 2], sync, b - 2)
-                    works[b % 2] = None
-                for index, offset, nbytes in bucket["tensors"]:
-                    entry = self._entries[index]
-                    t = _plain(tensors[self._names[index]])
-                    if str(t.dtype).removeprefix("torch.") != entry["dtype"] or list(t.shape) != entry["shape"]:
-                        raise SyncError(f"{entry['name']} changed dtype or shape since the session began")
-                    view = buffer[offset : offset + nbytes].view(t.dtype).view(t.shape)
-                    view.copy_(t)
-                payload = bucket["bytes"] - DIGEST_BYTES
-                digest = hashlib.sha256(buffer[:payload].numpy()).digest()
-                buffer[payload : bucket["bytes"]] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
-                if self._corrupt_bucket == b:
+                corrupt = self._corrupt_bucket == b
+                data = None
+                whole = bucket["tensors"][0] if len(bucket["tensors"]) == 1 else None
+                if whole is not None and whole[1] == 0 and whole[2] == bucket["bytes"] and not corrupt:
+                    t = self._checked(whole[0], tensors)
+                    if t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0:
+                        data = t.reshape(-1).view(torch.uint8)
+                if data is None:
+                    buffer = self._buffers[b % 2]
+                    if on_buffer[b % 2] is not None:
+                        self._wait(on_buffer[b % 2][1], sync, on_buffer[b % 2][0])
+                        on_buffer[b % 2] = None
+                    for index, offset, nbytes in bucket["tensors"]:
+                        t = self._checked(index, tensors)
+                        buffer[offset : offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
+                    data = buffer[: bucket["bytes"]]
+                digests += zlib.crc32(data.numpy()).to_bytes(4, "little")
+                if corrupt:
                     self._corrupt_bucket = None
-                    buffer[0] ^= 0xFF
-                works[b % 2] = self._group.broadcast(buffer[: bucket["bytes"]], 0)
+                    data[0] ^= 0xFF
+                work = self._group.broadcast(data, 0)
+                if data.data_ptr() == self._buffers[b % 2].data_ptr():
+                    on_buffer[b % 2] = (b, work)
+                else:
+                    on_tensors.append((b, work))
                 if self._pause_after_bucket is not None and self._pause_after_bucket[0] == b:
-                    works[b % 2].wait()
+                    work.wait()
                     time.sleep(self._pause_after_bucket[1])
-            for b in range(max(0, len(self._buckets) - 2), len(self._buckets)):
-                if works[b % 2] is not None:
-                    self._wait(works[b % 2], sync, b)
+            for pending in [w for w in on_buffer if w is not None] + on_tensors:
+                self._wait(pending[1], sync, pending[0])
+            if self._buckets:
+                self._wait(self._group.broadcast(torch.frombuffer(digests, dtype=torch.uint8), 0), sync, len(self._buckets) - 1)
         self._answers(sync)
         return {
             "session": self.session,
             "sync": sync,
-            "bytes": sum(b["bytes"] for b in self._buckets),
+            "bytes": self.bytes_per_sync,
             "buckets": len(self._buckets),
             "seconds": time.perf_counter() - start,
         }
+
+    def _checked(self, index, tensors):
+        entry = self._entries[index]
+        t = _plain(tensors[self._names[index]])
+        if str(t.dtype).removeprefix("torch.") != entry["dtype"] or list(t.shape) != entry["shape"]:
+            raise SyncError(f"{entry['name']} changed dtype or shape since the session began")
+        return t
 
     def _wait(self, work, sync, b):
         try:
@@ -225,9 +254,9 @@ class Sender:
     def raw_broadcast(self, nbytes):
         """A bare broadcast of ``nbytes`` that receivers take and drop: the
         network's cost for a sync's bytes. Seconds until every receiver answered."""
+        data = torch.zeros(int(nbytes), dtype=torch.uint8)
         start = time.perf_counter()
         sync = self._announce({"kind": "raw", "bytes": int(nbytes)})
-        data = torch.zeros(int(nbytes), dtype=torch.uint8)
         self._wait(self._group.broadcast(data, 0), sync, 0)
         self._answers(sync)
         return time.perf_counter() - start

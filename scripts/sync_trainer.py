@@ -39,6 +39,7 @@ def main():
     parser.add_argument("--pause-after-bucket", help="B:SECONDS, in the first sync (to be killed there)")
     parser.add_argument("--corrupt-bucket", type=int)
     parser.add_argument("--resize", help="announce this tensor with one more row")
+    parser.add_argument("--cheap-steps", action="store_true", help="change weights by a constant (large models)")
     parser.add_argument("--save-state", action="store_true", help="also save state_<session>_<sync>.safetensors")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -75,28 +76,35 @@ def main():
     if args.corrupt_bucket is not None:
         sender._corrupt_bucket = args.corrupt_bucket
     failed = 0
+    if args.raw:
+        sender.raw_broadcast(1 << 20)  # the first bare broadcast also warms the receiver's buffer
     for k in range(args.syncs):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.01)
+                p.add_(1e-3 if args.cheap_steps else torch.randn_like(p) * 0.01)
             for name, b in model.named_buffers():
                 if b.is_floating_point():
                     b.mul_(0.99).add_(0.01)
         if x is not None and args.out:
             with torch.no_grad():
                 y = model(x)
-            save_file({"output": y.contiguous()}, os.path.join(args.out, f"expected_{sender.session}_{k + 1}.safetensors"))
+            number = sender.next_sync + (1 if args.raw else 0)
+            save_file({"output": y.contiguous()}, os.path.join(args.out, f"expected_{sender.session}_{number}.safetensors"))
         if args.save_state and args.out:
             tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
-            save_file(tensors, os.path.join(args.out, f"state_{sender.session}_{k + 1}.safetensors"))
+            number = sender.next_sync + (1 if args.raw else 0)
+            save_file(tensors, os.path.join(args.out, f"state_{sender.session}_{number}.safetensors"))
         try:
+            # The bare broadcast of the same bytes comes first: a receiver may
+            # stop once its last sync went live.
+            raw = sender.raw_broadcast(sender.bytes_per_sync) if args.raw else None
             result = sender.sync(state)
         except transplant_sync.SyncError as e:
             failed += 1
             print(json.dumps({"sync": k + 1, "error": str(e)}), flush=True)
             continue
-        if args.raw:
-            result["raw_seconds"] = sender.raw_broadcast(result["bytes"])
+        if raw is not None:
+            result["raw_seconds"] = raw
         print(json.dumps(result), flush=True)
     sender.close()
     sys.exit(4 if failed else 0)

@@ -45,6 +45,7 @@ extern "C" {
         timeout_ms: i64,
         found: *mut c_int,
     ) -> *mut c_char;
+    fn tp_store_check(store: *mut TpStore, key: *const c_char, found: *mut c_int) -> *mut c_char;
     fn tp_store_get(store: *mut TpStore, key: *const c_char, ctx: *mut c_void, f: BytesFn) -> *mut c_char;
     fn tp_store_add(store: *mut TpStore, key: *const c_char, delta: i64, out: *mut i64) -> *mut c_char;
     fn tp_group_gloo(
@@ -169,6 +170,16 @@ impl Store {
         let result =
             unsafe { check(tp_store_wait(self.raw, c_key.as_ptr(), millis(timeout).max(1), &mut found)) };
         result.map_err(failed(format!("waiting for {key} in store {}", self.place)))?;
+        Ok(found != 0)
+    }
+
+    /// Whether `key` exists now.
+    pub(crate) fn check(&mut self, key: &str) -> Result<bool> {
+        let c_key = c_string("key", key)?;
+        let mut found = 0;
+        // SAFETY: `self.raw` is live; `found` is an out pointer.
+        let result = unsafe { check(tp_store_check(self.raw, c_key.as_ptr(), &mut found)) };
+        result.map_err(failed(format!("looking for {key} in store {}", self.place)))?;
         Ok(found != 0)
     }
 

@@ -283,25 +283,32 @@ fn a_corrupted_bucket_is_refused_on_both_sides_and_the_next_sync_goes_live() {
     let slots = [slot("transforms/fused_attn.pt")];
     let (_, before) = generation_and_output(&slots[0]);
     let source = source();
-    let (sent, received) = with_receivers("corrupt", &slots, 2, |port| {
+    // 256-byte buckets: [q_proj.weight] [q_proj.bias] [k_proj.weight] ...
+    // [o_proj.weight] [o_proj.bias]. Bucket 2 is packed on the receiver's side;
+    // bucket 7 (o_proj.weight into proj.weight, unchanged) is received straight
+    // into the standby model.
+    let (sent, received) = with_receivers("corrupt", &slots, 3, |port| {
         let endpoint = Endpoint::new("127.0.0.1", port);
         let endpoint = Endpoint { channel: "corrupt".into(), ..endpoint };
         let mut sender = Sender::connect(&endpoint, 1, source.as_ref(), options()).unwrap();
-        sender.corrupt_next_sync(1);
-        let first = sender.sync(source.as_ref());
-        let after_first = generation_and_output(&slots[0]);
-        let second = sender.sync(source.as_ref());
-        (first, after_first, second)
+        let mut refused = Vec::new();
+        for bucket in [1, 6] {
+            sender.corrupt_next_sync(bucket);
+            refused.push((sender.sync(source.as_ref()), generation_and_output(&slots[0])));
+        }
+        (refused, sender.sync(source.as_ref()))
     });
-    let (first, (generation, output), second) = sent;
-    let error = first.unwrap_err().to_string();
-    assert!(error.contains("receiver 1") && error.contains("digest"), "the sender is told: {error}");
-    let mine = received[0][0].as_ref().unwrap_err().to_string();
-    assert!(mine.contains("bucket 2") && mine.contains("digest"), "{mine}");
-    assert_eq!(generation, 0, "the corrupted sync did not go live");
-    assert!(common::bit_equal(&output, &before));
-    second.unwrap();
-    let swap = received[0][1].as_ref().unwrap().swap.as_ref().unwrap();
+    let (refused, last) = sent;
+    for (k, (bucket, (result, (generation, output)))) in [2, 7].into_iter().zip(refused).enumerate() {
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("receiver 1") && error.contains("digest"), "the sender is told: {error}");
+        let mine = received[0][k].as_ref().unwrap_err().to_string();
+        assert!(mine.contains(&format!("bucket {bucket} of 8")) && mine.contains("digest"), "{mine}");
+        assert_eq!(generation, 0, "the corrupted sync did not go live");
+        assert!(common::bit_equal(&output, &before));
+    }
+    last.unwrap();
+    let swap = received[0][2].as_ref().unwrap().swap.as_ref().unwrap();
     assert_eq!(swap.generation, 1);
     let fused = served(&slots[0], "qkv.weight");
     let parts: Vec<Tensor> = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]

@@ -1,12 +1,15 @@
 //! [`Receiver`]: takes syncs into a [`ModelSlot`], each whole or not at all.
 use std::time::{Duration, Instant};
 
+/// How often a receiver in a session looks for a newer sender.
+const NEWER_SESSION_POLL: Duration = Duration::from_millis(250);
+
 use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    buffer, bytes_of, channel_prefix, digest, json, parse, view_in, Ack, Announce, Announced, Announcement,
-    BucketSource, Endpoint, Layout, Need, SyncOptions, POLL, PROTOCOL,
+    as_bytes, buffer, bytes_of, channel_prefix, digest, json, parse, view_in, Ack, Announce, Announced,
+    Announcement, BucketSource, Endpoint, Layout, Need, SyncOptions, DIGEST, DIGEST_BYTES, POLL, PROTOCOL,
 };
 use crate::c10d::{Group, Store};
 use crate::copy::{copy_with, Copied, CopyOptions};
@@ -15,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::plan::{Mapping, Plan, Policy};
 use crate::script_module::ScriptModule;
 use crate::slot::{ModelSlot, Swap};
-use crate::store::{Source, StoreKind};
+use crate::store::{Source, StoreKind, Target};
 
 /// What one sync did on a receiver.
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +52,8 @@ pub struct Receiver {
     session: Option<Session>,
     /// The newest session this receiver considered (joined, or refused).
     last_session: i64,
+    /// When the store was last asked for a newer session.
+    looked: Option<Instant>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -74,6 +79,8 @@ struct Session {
     /// The two buffers buckets arrive in, each as large as the largest bucket.
     buffers: [Tensor; 2],
     next: u64,
+    /// The buffer of the last bare broadcast.
+    raw: Option<Tensor>,
     /// The group failed (a peer gone, a timeout): the session is over.
     broken: bool,
 }
@@ -158,6 +165,7 @@ impl Receiver {
             options,
             session: None,
             last_session: 0,
+            looked: None,
         })
     }
 
@@ -179,7 +187,16 @@ impl Receiver {
     pub fn receive(&mut self, slot: &ModelSlot, wait: Duration) -> Result<Option<Received>> {
         let deadline = Instant::now() + wait;
         loop {
-            let newest = self.store.add("session", 0)?;
+            // A newer sender is looked for now and then (and at once when no
+            // session is joined); the next sync of this one, at every poll.
+            let look =
+                self.session.is_none() || self.looked.is_none_or(|at| at.elapsed() >= NEWER_SESSION_POLL);
+            let newest = if look {
+                self.looked = Some(Instant::now());
+                self.store.add("session", 0)?
+            } else {
+                self.last_session
+            };
             if newest > self.last_session {
                 self.last_session = newest;
                 self.session = None;
@@ -191,7 +208,8 @@ impl Receiver {
             match self.session.as_mut() {
                 Some(session) => {
                     let key = format!("sync/{}", session.next);
-                    if session.store.wait(&key, left.min(POLL))? {
+                    // Polled (c10d logs a warning for every wait that times out).
+                    if session.store.check(&key)? {
                         let announce: Announce =
                             parse(&key, &session.store.get(&key, self.options.timeout)?)?;
                         session.next += 1;
@@ -200,6 +218,8 @@ impl Receiver {
                             Announce::Raw { bytes } => return self.raw(bytes).map(Some),
                             Announce::Weights => return self.apply(slot).map(Some),
                         }
+                    } else {
+                        std::thread::sleep(left.min(POLL));
                     }
                 }
                 None => std::thread::sleep(left.min(POLL)),
@@ -253,6 +273,7 @@ impl Receiver {
         if let Some(error) = &layout.error {
             return Err(Error::Sync { message: format!("session {id} was refused: {error}") });
         }
+        layout.ensure_digest()?;
         let parts = parts_of(&plan, &layout)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
         let hostname = self.options.hostname.clone().unwrap_or_else(|| self.endpoint.host.clone());
@@ -267,6 +288,7 @@ impl Receiver {
             parts,
             buffers: [buffer(largest), buffer(largest)],
             next: 1,
+            raw: None,
             broken: false,
         })
     }
@@ -372,10 +394,11 @@ impl Receiver {
             }
         }
         let Some(announced) = announced.filter(|_| errors.is_empty()) else {
-            return Layout { buckets: Vec::new(), error: Some(errors.join("; ")) };
+            return Layout { digest: DIGEST.into(), buckets: Vec::new(), error: Some(errors.join("; ")) };
         };
         if needed.iter().any(|&i| i >= announced.entries.len()) {
             return Layout {
+                digest: DIGEST.into(),
                 buckets: Vec::new(),
                 error: Some("an answer names entries the sender does not have".into()),
             };
@@ -417,12 +440,17 @@ impl Receiver {
             return Err(Error::Sync { message: "no session".into() });
         };
         let sync = session.next - 1;
-        let received = buffer(bytes);
+        // Kept for the next bare broadcast of the same size (benchmarks run several).
+        let received = match session.raw.take() {
+            Some(kept) if kept.numel() as u64 == bytes => kept,
+            _ => buffer(bytes),
+        };
         let result = session.group.broadcast(&received, 0)?.wait().map_err(|message| {
             session.broken = true;
             Error::Sync { message: format!("bare broadcast {sync}: {message}") }
         });
         let seconds = start.elapsed().as_secs_f64();
+        session.raw = Some(received);
         let error = result.as_ref().err().map(|e| e.to_string());
         session.store.set(&format!("ack/{sync}/{rank}"), &json(&Ack { error, seconds }))?;
         let id = session.id;
@@ -465,15 +493,30 @@ fn sum(total: &mut Copied, part: Copied) {
     total.verify_seconds += part.verify_seconds;
 }
 
-/// Receives every bucket of a sync (the next one arriving while the last is
-/// checked and copied) and copies each into `standby`. A bad bucket does not
-/// stop the reception — the group must stay in step — but nothing after it is
-/// copied, and the sync fails; a failed group fails it at once.
-fn receive_buckets(
-    session: &mut Session,
-    standby: &mut dyn crate::store::Target,
-    policy: &Policy,
-) -> Result<Copied> {
+/// Where bucket `b` is received: straight into the standby's tensor where
+/// the bucket is one whole tensor that the plan copies unchanged into one
+/// whole contiguous target (`Some(pair)`), else into a buffer.
+fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Option<(usize, Tensor)> {
+    let index = session.layout.buckets[b].whole()?;
+    let part = &session.parts[b];
+    let [pair] = part.pairs.as_slice() else { return None };
+    if pair.source != index || pair.cast.is_some() || pair.transform.is_some() {
+        return None;
+    }
+    let entry = &session.announced.entries[index];
+    let target = standby.tensors_mut().get(pair.target)?;
+    if target.kind() != entry.dtype || target.size() != entry.shape {
+        return None;
+    }
+    Some((pair.target, as_bytes(target)?))
+}
+
+/// Receives every bucket of a sync, then the sender's digests, and copies
+/// each bucket into `standby` as it arrives (the next one arriving
+/// meanwhile). A bad bucket does not stop the reception — the group must stay
+/// in step — but nothing after it is copied, and the sync fails; a failed
+/// group fails it at once.
+fn receive_buckets(session: &mut Session, standby: &mut dyn Target, policy: &Policy) -> Result<Copied> {
     let sync = session.next - 1;
     let n = session.layout.buckets.len();
     let lost = |b: usize, message: String| Error::Sync {
@@ -482,15 +525,21 @@ fn receive_buckets(
             b + 1
         ),
     };
-    let start = |session: &mut Session, b: usize| {
-        let bytes = session.layout.buckets[b].bytes as i64;
-        let target = session.buffers[b % 2].narrow(0, 0, bytes);
+    // Each bucket's destination: the standby's own tensor, or a buffer.
+    let destinations: Vec<Option<(usize, Tensor)>> =
+        (0..n).map(|b| direct_target(session, b, standby)).collect();
+    let start = |session: &mut Session, b: usize, destinations: &[Option<(usize, Tensor)>]| {
+        let target = match &destinations[b] {
+            Some((_, bytes)) => bytes.shallow_clone(),
+            None => session.buffers[b % 2].narrow(0, 0, session.layout.buckets[b].bytes as i64),
+        };
         session.group.broadcast(&target, 0)
     };
     let mut total =
         Copied { tensors: 0, bytes: 0, casts: 0, copy_seconds: 0.0, verified: true, verify_seconds: 0.0 };
     let mut failure: Option<Error> = None;
-    let mut pending = if n > 0 { Some(start(session, 0)?) } else { None };
+    let mut digests: Vec<[u8; DIGEST_BYTES]> = Vec::with_capacity(n);
+    let mut pending = if n > 0 { Some(start(session, 0, &destinations)?) } else { None };
     for b in 0..n {
         let Some(work) = pending.take() else { break };
         if let Err(message) = work.wait() {
@@ -498,22 +547,22 @@ fn receive_buckets(
             return Err(lost(b, message));
         }
         if b + 1 < n {
-            pending = Some(start(session, b + 1)?);
-        }
-        if failure.is_some() {
-            continue;
+            pending = Some(start(session, b + 1, &destinations)?);
         }
         let bucket = &session.layout.buckets[b];
+        if let Some((_, bytes)) = &destinations[b] {
+            // SAFETY: a contiguous CPU uint8 view of exactly the bucket's bytes,
+            // which no operation writes any more.
+            digests.push(digest(unsafe { bytes_of(bytes, bucket.bytes) }));
+            total.tensors += 1;
+            total.bytes += bucket.bytes;
+            continue;
+        }
         let buffer = &session.buffers[b % 2];
         // SAFETY: the buffer is a contiguous CPU uint8 tensor of at least
         // `bucket.bytes`; no operation writes it until bucket b + 2 starts.
-        let bytes = unsafe { bytes_of(buffer, bucket.bytes) };
-        let (payload, sent) = bytes.split_at(bucket.payload() as usize);
-        if digest(payload) != sent {
-            failure = Some(lost(
-                b,
-                "its digest does not match the sender's: the bytes were changed on the way".into(),
-            ));
+        digests.push(digest(unsafe { bytes_of(buffer, bucket.bytes) }));
+        if failure.is_some() {
             continue;
         }
         let mut source = BucketSource { announced: &session.announced, tensors: Vec::new() };
@@ -532,8 +581,26 @@ fn receive_buckets(
             Err(e) => failure = Some(e),
         }
     }
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(total),
+    // The sender's digests come last, one per bucket.
+    let sent = Tensor::zeros([(n * DIGEST_BYTES) as i64], (tch::Kind::Uint8, tch::Device::Cpu));
+    if n > 0 {
+        if let Err(message) = session.group.broadcast(&sent, 0)?.wait() {
+            session.broken = true;
+            return Err(lost(n - 1, format!("the digests did not arrive: {message}")));
+        }
     }
+    // SAFETY: `sent` is a contiguous CPU uint8 tensor of n * DIGEST_BYTES bytes.
+    let sent = unsafe { bytes_of(&sent, (n * DIGEST_BYTES) as u64) };
+    for (b, (mine, theirs)) in digests.iter().zip(sent.chunks(DIGEST_BYTES)).enumerate() {
+        if mine.as_slice() != theirs {
+            return Err(lost(
+                b,
+                "its digest does not match the sender's: the bytes were changed on the way".into(),
+            ));
+        }
+    }
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    Ok(total)
 }

@@ -7,8 +7,8 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    buffer, bytes_of, channel_prefix, digest, json, parse, view_in, Ack, Announce, Announced, Announcement,
-    Endpoint, Layout, SyncOptions, PROTOCOL,
+    as_bytes, buffer, bytes_of, channel_prefix, digest, digests_tensor, json, parse, view_in, Ack, Announce,
+    Announced, Announcement, Endpoint, Layout, SyncOptions, PROTOCOL,
 };
 use crate::c10d::{Group, Store, Work};
 use crate::entry::Entry;
@@ -97,6 +97,7 @@ impl Sender {
         if let Some(error) = layout.error {
             return Err(Error::Sync { message: format!("the receivers refused the transfer: {error}") });
         }
+        layout.ensure_digest()?;
         let hostname = options.hostname.clone().unwrap_or_else(|| endpoint.host.clone());
         let group = Group::gloo(&mut store.prefixed("gloo/")?, 0, receivers + 1, options.timeout, &hostname)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
@@ -128,49 +129,76 @@ impl Sender {
         let start = Instant::now();
         let sync = self.announce(&Announce::Weights)?;
         let n = self.layout.buckets.len();
-        let mut works: [Option<Work>; 2] = [None, None];
+        // Operations in flight: those on a buffer (by buffer), those on a
+        // source tensor (sent straight from it).
+        let mut on_buffer: [Option<(usize, Work)>; 2] = [None, None];
+        let mut on_tensors: Vec<(usize, Work)> = Vec::new();
+        let mut digests = Vec::with_capacity(n);
         for b in 0..n {
-            if let Some(work) = works[b % 2].take() {
-                work.wait().map_err(|m| self.lost(sync, b - 2, m))?;
-            }
             let bucket = &self.layout.buckets[b];
-            let buffer = &self.buffers[b % 2];
-            for &(index, offset, _) in &bucket.tensors {
-                let entry = &self.entries[index];
-                let tensor = source.tensor(index).ok_or_else(|| Error::MissingTensor {
-                    store: source.origin().to_string(),
-                    tensor: entry.name.to_string(),
-                })?;
-                let mut view = view_in(buffer, entry, offset)?;
-                view.f_copy_(tensor).map_err(|e| Error::Tensor {
-                    store: source.origin().to_string(),
-                    tensor: entry.name.to_string(),
-                    source: e,
-                })?;
-            }
-            let payload = bucket.payload() as usize;
-            // SAFETY: the buffer is a contiguous CPU uint8 tensor of at least
-            // `bucket.bytes`, not in flight (its last broadcast was waited for).
-            let sum = digest(unsafe { bytes_of(buffer, bucket.payload()) });
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u8, bucket.bytes as usize)
+            let corrupt = self.corrupt == Some(b);
+            // A bucket that is one whole contiguous CPU tensor goes straight from it.
+            let whole = bucket
+                .whole()
+                .filter(|_| !corrupt)
+                .and_then(|index| source.tensor(index))
+                .filter(|t| t.kind() == self.entries[bucket.tensors[0].0].dtype)
+                .and_then(as_bytes);
+            let data = match whole {
+                Some(bytes) => bytes,
+                None => {
+                    if let Some((earlier, work)) = on_buffer[b % 2].take() {
+                        work.wait().map_err(|m| self.lost(sync, earlier, m))?;
+                    }
+                    self.pack(b, source)?
+                }
             };
-            bytes[payload..].copy_from_slice(&sum);
-            if self.corrupt == Some(b) {
+            // SAFETY: `data` is a contiguous CPU uint8 tensor of `bucket.bytes`,
+            // not written while this slice lives.
+            digests.push(digest(unsafe { bytes_of(&data, bucket.bytes) }));
+            if corrupt {
                 self.corrupt = None;
-                bytes[0] ^= 0xff;
+                // SAFETY: as above; the buffer is ours and not in flight.
+                unsafe { *(data.data_ptr() as *mut u8) ^= 0xff };
             }
-            let view = buffer.narrow(0, 0, bucket.bytes as i64);
-            works[b % 2] = Some(self.group.broadcast(&view, 0)?);
+            let work = self.group.broadcast(&data, 0)?;
+            if data.data_ptr() == self.buffers[b % 2].data_ptr() {
+                on_buffer[b % 2] = Some((b, work));
+            } else {
+                on_tensors.push((b, work));
+            }
         }
-        for b in n.saturating_sub(2)..n {
-            if let Some(work) = works[b % 2].take() {
-                work.wait().map_err(|m| self.lost(sync, b, m))?;
-            }
+        for (b, work) in on_buffer.into_iter().flatten().chain(on_tensors) {
+            work.wait().map_err(|m| self.lost(sync, b, m))?;
+        }
+        if n > 0 {
+            let sent = digests_tensor(&digests);
+            self.group.broadcast(&sent, 0)?.wait().map_err(|m| self.lost(sync, n - 1, m))?;
         }
         self.answers(sync)?;
         let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
         Ok(Sent { session: self.session, sync, bytes, buckets: n, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// Copies bucket `b`'s tensors from `source` into its buffer; the
+    /// buffer's first `bytes`, as a tensor.
+    fn pack(&self, b: usize, source: &dyn Source) -> Result<Tensor> {
+        let bucket = &self.layout.buckets[b];
+        let buffer = &self.buffers[b % 2];
+        for &(index, offset, _) in &bucket.tensors {
+            let entry = &self.entries[index];
+            let tensor = source.tensor(index).ok_or_else(|| Error::MissingTensor {
+                store: source.origin().to_string(),
+                tensor: entry.name.to_string(),
+            })?;
+            let mut view = view_in(buffer, entry, offset)?;
+            view.f_copy_(tensor).map_err(|e| Error::Tensor {
+                store: source.origin().to_string(),
+                tensor: entry.name.to_string(),
+                source: e,
+            })?;
+        }
+        Ok(buffer.narrow(0, 0, bucket.bytes as i64))
     }
 
     /// Broadcasts `bytes` of zeros as one tensor, which the receivers take and
