@@ -69,10 +69,13 @@ def _state(state):
 
 
 def _ties(names, tensors):
+    """Groups of entries that are one tensor (the same memory, seen the same
+    way): sent once. Only plain tensors: a subclass (DTensor) may report any
+    data_ptr, and its entries are sent each on its own."""
     groups = {}
     for i, name in enumerate(names):
         t = tensors[name]
-        if t.numel() == 0:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0 or t.data_ptr() == 0:
             continue
         key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         groups.setdefault(key, []).append(i)

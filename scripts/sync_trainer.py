@@ -41,6 +41,7 @@ def main():
     parser.add_argument("--resize", help="announce this tensor with one more row")
     parser.add_argument("--cheap-steps", action="store_true", help="change weights by a constant (large models)")
     parser.add_argument("--save-state", action="store_true", help="also save state_<session>_<sync>.safetensors")
+    parser.add_argument("--dtensor", action="store_true", help="sync DTensors (sharded on a 1-rank mesh), as FSDP2 holds them")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -54,6 +55,23 @@ def main():
         state = dict(model.state_dict())
         t = state[args.resize]
         state[args.resize] = torch.cat([t, t[:1]])
+    if args.dtensor:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+
+        def dtensors():
+            return {
+                n: distribute_tensor(t.detach(), mesh, [Shard(0)]) if t.dim() > 0 else t
+                for n, t in model.state_dict().items()
+            }
+
+        state = dtensors()
+        kinds = sorted({type(t).__name__ for t in state.values()})
+        print(json.dumps({"state": kinds}), flush=True)
     x = load_file(args.input)["input"] if args.input else None
     from datetime import timedelta
 
@@ -98,7 +116,7 @@ def main():
             # The bare broadcast of the same bytes comes first: a receiver may
             # stop once its last sync went live.
             raw = sender.raw_broadcast(sender.bytes_per_sync) if args.raw else None
-            result = sender.sync(state)
+            result = sender.sync(dtensors() if args.dtensor else state)
         except transplant_sync.SyncError as e:
             failed += 1
             print(json.dumps({"sync": k + 1, "error": str(e)}), flush=True)

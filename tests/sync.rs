@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 use transplant::sync::{Endpoint, Receiver, Sender, SyncOptions};
-use transplant::{open, Error, Mapping, Matcher, ModelSlot, Policy, Rules, ScriptModule};
+use transplant::{open, Mapping, Matcher, ModelSlot, Policy, Rules, ScriptModule};
 
 const FUSED_FROM_SPLIT: &str =
     "q_proj\\.(weight|bias) + k_proj\\.(weight|bias) + v_proj\\.(weight|bias) => qkv.$1 | cat(0)\n\
@@ -68,6 +68,20 @@ fn finished(child: Child) -> (Option<i32>, String) {
     let text =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.code(), text)
+}
+
+/// Receives until the receiver refuses (a sync going live, or none in 30 s,
+/// fails the test); the refusal's text.
+fn refusal(receiver: &mut Receiver, slot: &ModelSlot) -> String {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        match receiver.receive(slot, Duration::from_millis(200)) {
+            Ok(None) => continue,
+            Ok(Some(r)) => panic!("went live: {r:?}"),
+            Err(e) => return e.to_string(),
+        }
+    }
+    panic!("nothing was refused within 30 s");
 }
 
 /// Receives until a sync arrives (or `limit` passes).
@@ -150,13 +164,7 @@ fn a_plan_that_does_not_fit_is_refused_on_both_sides_and_nothing_is_written() {
     let mut receiver = receiver(1, 1, 0, "resized", FUSED_FROM_SPLIT);
     let port = receiver.store_port().unwrap();
     let child = trainer(port, out.path(), &["--channel", "resized", "--resize", "k_proj.weight"]);
-    let error = loop {
-        match receiver.receive(&slot, Duration::from_millis(500)) {
-            Ok(None) => continue,
-            Ok(Some(r)) => panic!("a resized tensor went live: {r:?}"),
-            Err(e) => break e.to_string(),
-        }
-    };
+    let error = refusal(&mut receiver, &slot);
     assert!(error.contains("k_proj.weight"), "the receiver says which tensor: {error}");
     let (code, text) = finished(child);
     assert_eq!(code, Some(3), "{text}");
@@ -164,13 +172,7 @@ fn a_plan_that_does_not_fit_is_refused_on_both_sides_and_nothing_is_written() {
     // A name the receiver's rules do not map (no rule for o_proj).
     let mut receiver = receiver_for(port, "renamed");
     let child = trainer(port, out.path(), &["--channel", "renamed"]);
-    let error = loop {
-        match receiver.receive(&slot, Duration::from_millis(500)) {
-            Ok(None) => continue,
-            Ok(Some(r)) => panic!("an incomplete plan went live: {r:?}"),
-            Err(e) => break e.to_string(),
-        }
-    };
+    let error = refusal(&mut receiver, &slot);
     assert!(error.contains("o_proj") || error.contains("proj.weight"), "{error}");
     let (code, text) = finished(child);
     assert_eq!(code, Some(3), "{text}");
@@ -211,17 +213,11 @@ fn a_sender_killed_mid_sync_leaves_the_served_weights_and_the_next_sender_succee
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     });
-    let error = loop {
-        match receiver.receive(&slot, Duration::from_millis(500)) {
-            Ok(None) => continue,
-            Ok(Some(r)) => panic!("a torn sync went live: {r:?}"),
-            Err(e) => break e,
-        }
-    };
+    let error = refusal(&mut receiver, &slot);
     killer.join().unwrap();
     let _ = child.wait();
-    assert!(matches!(error, Error::Sync { .. }), "{error}");
-    assert!(error.to_string().contains("unchanged"), "{error}");
+    assert!(error.starts_with("sync: "), "a transport error: {error}");
+    assert!(error.contains("unchanged"), "{error}");
     assert_eq!(slot.generation(), 0);
     assert!(common::bit_equal(&output_of(&slot), &before), "still serving the old weights");
     assert_eq!(receiver.session(), None, "the lost session is left");
@@ -344,4 +340,127 @@ fn two_receivers_get_identical_weights_from_one_broadcast() {
     }
     let o = source.entries().iter().position(|e| e.name.as_str() == "o_proj.weight").unwrap();
     assert!(common::bit_equal(&served(&slots[0], "proj.weight"), source.tensor(o).unwrap()));
+}
+
+#[test]
+fn a_sender_that_stalls_past_the_timeout_leaves_the_served_weights_and_the_next_sender_succeeds() {
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let (_, before) = generation_and_output(&slot);
+    let endpoint =
+        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "stalled".into() };
+    let mapping = Mapping {
+        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    let short = SyncOptions { timeout: Duration::from_secs(2), ..options() };
+    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let port = receiver.store_port().unwrap();
+    // Alive, but silent for 6 s after the first bucket: the receiver gives up at 2 s.
+    let child = trainer(port, out.path(), &["--channel", "stalled", "--pause-after-bucket", "0:6"]);
+    let start = Instant::now();
+    let error = refusal(&mut receiver, &slot);
+    assert!(start.elapsed() < Duration::from_secs(20), "the timeout held: {:?}", start.elapsed());
+    assert!(error.contains("unchanged"), "{error}");
+    assert_eq!(slot.generation(), 0);
+    assert!(common::bit_equal(&output_of(&slot), &before));
+    // The trainer learns its sync failed when it resumes.
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(4), "{text}");
+    let child = trainer(port, out.path(), &["--channel", "stalled"]);
+    let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    assert_eq!(received.swap.unwrap().generation, 1);
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn a_rust_sender_syncs_from_a_varstore() {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let root = vs.root();
+    tch::manual_seed(5);
+    for layer in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        let p = &root / layer;
+        let _ = p.randn("weight", &[8, 8], 0.0, 1.0);
+        let _ = p.randn("bias", &[8], 0.0, 1.0);
+    }
+    let view = transplant::VarStoreView::new(&vs).unwrap();
+    let slots = [slot("transforms/fused_attn.pt")];
+    let (sent, received) = with_receivers("varstore", &slots, 1, |port| {
+        let endpoint = Endpoint { channel: "varstore".into(), ..Endpoint::new("127.0.0.1", port) };
+        Sender::connect(&endpoint, 1, &view, options())?.sync(&view)
+    });
+    sent.unwrap();
+    received[0][0].as_ref().unwrap();
+    let variables = vs.variables();
+    let parts: Vec<Tensor> = ["q_proj.weight", "k_proj.weight", "v_proj.weight"]
+        .iter()
+        .map(|n| variables[*n].shallow_clone())
+        .collect();
+    assert!(common::bit_equal(&served(&slots[0], "qkv.weight"), &Tensor::cat(&parts, 0)));
+    assert!(common::bit_equal(&served(&slots[0], "proj.bias"), &variables["o_proj.bias"]));
+}
+
+#[test]
+fn a_dtensor_state_dict_is_gathered_and_synced() {
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let mut receiver = receiver(1, 1, 0, "dtensor", FUSED_FROM_SPLIT);
+    let port = receiver.store_port().unwrap();
+    let child = trainer(port, out.path(), &["--channel", "dtensor", "--dtensor", "--save-state"]);
+    let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    let parts: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
+        .iter()
+        .map(|p| saved(out.path(), "state", received.session, received.sync, &format!("{p}.weight")))
+        .collect();
+    let (code, text) = finished(child);
+    assert!(common::bit_equal(&served(&slot, "qkv.weight"), &Tensor::cat(&parts, 0)), "{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("DTensor"), "the trainer sent DTensors: {text}");
+}
+
+/// Receivers serving `model` with exact names, on threads, while `send` runs.
+fn exact_receiver(channel: &str) -> Receiver {
+    receiver(1, 1, 0, channel, "")
+}
+
+#[test]
+fn tied_weights_travel_once_and_an_untied_source_into_a_tied_model_is_refused() {
+    let slot = slot("tied_lm.pt");
+    // A tied sender: one tensor under two names, sent once.
+    let source = open(common::fixture("tied_lm.pt")).unwrap();
+    assert_eq!(source.ties().len(), 1, "the fixture is tied");
+    let mut receiver = exact_receiver("tied");
+    let port = receiver.store_port().unwrap();
+    let endpoint = Endpoint { channel: "tied".into(), ..Endpoint::new("127.0.0.1", port) };
+    let sent = std::thread::scope(|scope| {
+        let sender =
+            scope.spawn(|| Sender::connect(&endpoint, 1, source.as_ref(), options())?.sync(source.as_ref()));
+        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        assert!(received.swap.is_some());
+        sender.join().unwrap()
+    });
+    assert_eq!(sent.unwrap().bytes, 10 * 4 * 4, "the tied weight was sent once");
+    let i = source.entries().iter().position(|e| e.name.as_str() == "embed.weight").unwrap();
+    assert!(common::bit_equal(&served(&slot, "embed.weight"), source.tensor(i).unwrap()));
+    assert!(common::bit_equal(&served(&slot, "head.weight"), source.tensor(i).unwrap()));
+
+    // Two different tensors into one tied pair: refused before anything moves.
+    let untied = open(common::fixture("tied_untied.safetensors")).unwrap();
+    let endpoint = Endpoint { channel: "untied".into(), ..endpoint };
+    let mut receiver = receiver_on(port, "untied");
+    let (sent, error) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| Sender::connect(&endpoint, 1, untied.as_ref(), options()).map(|_| ()));
+        let error = refusal(&mut receiver, &slot);
+        (sender.join().unwrap(), error)
+    });
+    assert!(error.contains("share memory"), "{error}");
+    let sent = sent.unwrap_err().to_string();
+    assert!(sent.contains("share memory"), "the sender is told: {sent}");
+    assert_eq!(slot.generation(), 1);
+}
+
+fn receiver_on(port: u16, channel: &str) -> Receiver {
+    receiver(1, 1, port, channel, "")
 }
