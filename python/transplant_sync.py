@@ -216,11 +216,15 @@ class Sender:
                         t = self._checked(index, tensors)
                         buffer[offset : offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
                     data = buffer[: bucket["bytes"]]
-                digests += zlib.crc32(data.numpy()).to_bytes(4, "little")
-                if corrupt:
+                if corrupt:  # test hook: the digest of the bytes before a fault on the way
                     self._corrupt_bucket = None
+                    digests += zlib.crc32(data.numpy()).to_bytes(4, "little")
                     data[0] ^= 0xFF
-                work = self._group.broadcast(data, 0)
+                    work = self._group.broadcast(data, 0)
+                else:
+                    # The digest is computed while the bytes travel (it goes last).
+                    work = self._group.broadcast(data, 0)
+                    digests += zlib.crc32(data.numpy()).to_bytes(4, "little")
                 if data.data_ptr() == self._buffers[b % 2].data_ptr():
                     on_buffer[b % 2] = (b, work)
                 else:

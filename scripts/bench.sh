@@ -138,3 +138,23 @@ row "torch.jit.load(deep.pt)" "$theirs"
 echo "    inspect: $(ratio "$(field "$ours" seconds)" "$(field "$theirs" seconds)")x torch.jit.load"
 version="$(best t time "$bin" --version)"
 row "transplant --version (no CUDA driver here: libtorch_cuda not mapped)" "$version"
+
+echo
+echo "== Live sync of the wide model (1.07 GB) over loopback Gloo, into a service answering requests on 4 threads meanwhile"
+echo "   PyTorch trainer (python/transplant_sync.py) -> examples/sync_serve (release); baseline: a bare torch.distributed"
+echo "   broadcast of the same bytes, in the same session, before each sync. Targets: sync throughput >= 0.5x the bare"
+echo "   broadcast's; request p99 during syncs <= 2x the quiet run's; no response mixes two weight sets"
+cargo build --quiet --release --example sync_serve
+sync_json="$("$py" scripts/bench_sync.py "$arch" target/release/examples/sync_serve 5)"
+"$py" - "$sync_json" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print(f"  {r['bytes'] / 1e9:.2f} GB in {r['buckets']} buckets")
+print(f"  {'':8}{'sync (s)':>10}{'bare (s)':>10}")
+for i, (s, b) in enumerate(zip(r["sync_seconds"], r["raw_seconds"]), 1):
+    note = "  (first: makes the standby copy / the receiver's buffer)" if i == 1 else ""
+    print(f"  {i:<8}{s:>10.3f}{b:>10.3f}{note}")
+print(f"    sync throughput {r['throughput_ratio_median']:.2f}x the bare broadcast's (median of syncs 2..; worst {r['throughput_ratio_worst']:.2f}x)")
+q, d = r["quiet"], r["during_syncs"]
+print(f"    requests: quiet {q['requests']} (p99 {q['p99_ms']:.1f} ms), during syncs {d['requests']} (p99 {d['p99_ms']:.1f} ms): p99 {r['p99_ratio']:.2f}x; mixed responses {r['mixed']}")
+PY

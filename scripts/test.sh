@@ -17,6 +17,10 @@ done
 
 cargo test
 
+# Live sync end to end: a PyTorch trainer into a Rust service, a trainer killed mid-sync.
+echo "== scripts/sync_demo.sh 5" >&2
+scripts/sync_demo.sh 5
+
 # A service that depends on the library: built as its own crate (sharing this
 # target folder), with none of the CLI's dependencies, and run without
 # LD_LIBRARY_PATH: it must find libtorch through its rpath and answer exactly as

@@ -141,3 +141,49 @@ fn transforms_copy_into_and_on_the_gpu() {
     assert!(get("k").equal(&qkv.narrow(0, 32, 32).to_device(Device::Cpu)));
     assert!(get("ab").equal(&Tensor::cat(&[a.to_device(Device::Cpu), b], 1)));
 }
+
+/// Live sync into a model served on the GPU, over Gloo: the buckets arrive in
+/// host memory and are copied into the standby model on the device.
+#[test]
+fn a_sync_goes_live_in_a_model_served_on_the_gpu() {
+    use std::time::Duration;
+    use transplant::sync::{Endpoint, Receiver, Sender, SyncOptions};
+    use transplant::{Matcher, ModelSlot, Rules, ScriptModule};
+    let Some(device) = cuda() else { return };
+    let slot =
+        ModelSlot::new(ScriptModule::load_on(fixture("transforms/fused_attn.pt"), device).unwrap()).unwrap();
+    let rules =
+        "q_proj\\.(weight|bias) + k_proj\\.(weight|bias) + v_proj\\.(weight|bias) => qkv.$1 | cat(0)\n\
+                 o_proj\\.(.*) => proj.$1\n";
+    let mapping =
+        Mapping { rules: Rules::parse(rules, "rules").unwrap(), matcher: Matcher::Exact, source_order: None };
+    let options = SyncOptions { timeout: Duration::from_secs(30), bucket_bytes: 256, hostname: None };
+    let endpoint = Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "gpu".into() };
+    let mut receiver =
+        Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), options.clone()).unwrap();
+    let endpoint =
+        Endpoint { channel: "gpu".into(), ..Endpoint::new("127.0.0.1", receiver.store_port().unwrap()) };
+    let source = transplant::open(fixture("transforms/split_attn.pt")).unwrap();
+    std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| Sender::connect(&endpoint, 1, source.as_ref(), options.clone())?.sync(source.as_ref()));
+        let mut received = None;
+        for _ in 0..100 {
+            if let Some(r) = receiver.receive(&slot, Duration::from_millis(300)).unwrap() {
+                received = Some(r);
+                break;
+            }
+        }
+        assert_eq!(received.expect("a sync").swap.expect("went live").generation, 1);
+        sender.join().unwrap().unwrap();
+    });
+    let live = slot.current().unwrap().named_tensors().unwrap();
+    let qkv = &live.iter().find(|n| n.name == "qkv.weight").unwrap().tensor;
+    assert_eq!(qkv.device(), device, "the model stays on the GPU");
+    let part = |name: &str| {
+        let i = source.entries().iter().position(|e| e.name.as_str() == name).unwrap();
+        source.tensor(i).unwrap().shallow_clone()
+    };
+    let expected = Tensor::cat(&[part("q_proj.weight"), part("k_proj.weight"), part("v_proj.weight")], 0);
+    assert!(bit_equal(&qkv.to_device(Device::Cpu), &expected));
+}

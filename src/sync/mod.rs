@@ -28,7 +28,7 @@
 //!
 //! Each **sync** then announces itself through the store and broadcasts the
 //! buckets in order, then their digests (one CRC-32 per bucket, zlib's,
-//! little-endian: see [`digest`]) as one last small tensor. A receiver copies
+//! little-endian: why a CRC, `digest` in this file says) as one last small tensor. A receiver copies
 //! each bucket into a standby copy of its model through the plan (casts,
 //! transforms, verification, as `copy` does) and computes its digest as it
 //! arrives; the standby goes live only when every bucket arrived, was copied
@@ -43,6 +43,7 @@
 //! `<s>/need/<rank>`, `<s>/layout`, `<s>/gloo/…` (the group's own),
 //! `<s>/sync/<k>` (`weights`, `raw` with a byte count — a bare broadcast for
 //! benchmarks — or `end`), `<s>/ack/<k>/<rank>`.
+mod buckets;
 mod receiver;
 mod sender;
 

@@ -8,17 +8,16 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    as_bytes, buffer, bytes_of, channel_prefix, digest, json, parse, view_in, Ack, Announce, Announced,
-    Announcement, BucketSource, Endpoint, Layout, Need, SyncOptions, DIGEST, DIGEST_BYTES, POLL, PROTOCOL,
+    buckets, buffer, channel_prefix, json, parse, Ack, Announce, Announced, Announcement, Endpoint, Layout,
+    Need, SyncOptions, DIGEST, POLL, PROTOCOL,
 };
 use crate::c10d::{Group, Store};
-use crate::copy::{copy_with, Copied, CopyOptions};
 use crate::entry::{Entry, EntryOrder};
 use crate::error::{Error, Result};
 use crate::plan::{Mapping, Plan, Policy};
 use crate::script_module::ScriptModule;
 use crate::slot::{ModelSlot, Swap};
-use crate::store::{Source, StoreKind, Target};
+use crate::store::{Source, StoreKind};
 
 /// What one sync did on a receiver.
 #[derive(Debug, Clone, Serialize)]
@@ -68,21 +67,21 @@ impl std::fmt::Debug for Receiver {
 }
 
 /// A sender's session, joined.
-struct Session {
-    id: i64,
-    store: Store,
-    group: Group,
-    announced: Announced,
-    layout: Layout,
+pub(super) struct Session {
+    pub(super) id: i64,
+    pub(super) store: Store,
+    pub(super) group: Group,
+    pub(super) announced: Announced,
+    pub(super) layout: Layout,
     /// Per bucket, the pairs of the plan it feeds.
-    parts: Vec<Plan>,
+    pub(super) parts: Vec<Plan>,
     /// The two buffers buckets arrive in, each as large as the largest bucket.
-    buffers: [Tensor; 2],
-    next: u64,
+    pub(super) buffers: [Tensor; 2],
+    pub(super) next: u64,
     /// The buffer of the last bare broadcast.
-    raw: Option<Tensor>,
+    pub(super) raw: Option<Tensor>,
     /// The group failed (a peer gone, a timeout): the session is over.
-    broken: bool,
+    pub(super) broken: bool,
 }
 
 /// The served model's entries, with read-only handles on its tensors (for ties).
@@ -126,7 +125,7 @@ impl Source for Live {
     }
 }
 
-fn refused(plan: &Plan, problem: String) -> Error {
+pub(super) fn refused(plan: &Plan, problem: String) -> Error {
     Error::PlanRejected { from: plan.source.clone(), target: plan.target.clone(), problems: vec![problem] }
 }
 
@@ -274,7 +273,7 @@ impl Receiver {
             return Err(Error::Sync { message: format!("session {id} was refused: {error}") });
         }
         layout.ensure_digest()?;
-        let parts = parts_of(&plan, &layout)?;
+        let parts = buckets::parts_of(&plan, &layout)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
         let hostname = self.options.hostname.clone().unwrap_or_else(|| self.endpoint.host.clone());
         let mut group_store = store.prefixed("gloo/")?;
@@ -417,7 +416,7 @@ impl Receiver {
         };
         let sync = session.next - 1;
         let origin = session.announced.origin.clone();
-        let swapped = slot.swap_with(&origin, |standby| receive_buckets(session, standby, &policy));
+        let swapped = slot.swap_with(&origin, |standby| buckets::receive_buckets(session, standby, &policy));
         let seconds = start.elapsed().as_secs_f64();
         let error = swapped.as_ref().err().map(|e| e.to_string());
         let ack = session.store.set(&format!("ack/{sync}/{rank}"), &json(&Ack { error, seconds }));
@@ -460,147 +459,4 @@ impl Receiver {
         result?;
         Ok(Received { session: id, sync, bytes, buckets: 1, seconds, swap: None })
     }
-}
-
-/// Per bucket, `plan` with only the pairs whose sender tensor it carries.
-fn parts_of(plan: &Plan, layout: &Layout) -> Result<Vec<Plan>> {
-    let mut bucket_of = std::collections::HashMap::new();
-    for (b, bucket) in layout.buckets.iter().enumerate() {
-        for &(index, _, _) in &bucket.tensors {
-            bucket_of.insert(index, b);
-        }
-    }
-    let mut parts: Vec<Plan> =
-        layout.buckets.iter().map(|_| Plan { pairs: Vec::new(), ..plan.clone() }).collect();
-    for pair in &plan.pairs {
-        let b = bucket_of.get(&pair.source).ok_or_else(|| {
-            refused(
-                plan,
-                format!("the layout does not carry {}, which {} needs", pair.source_name, pair.target_name),
-            )
-        })?;
-        parts[*b].pairs.push(pair.clone());
-    }
-    Ok(parts)
-}
-
-fn sum(total: &mut Copied, part: Copied) {
-    total.tensors += part.tensors;
-    total.bytes += part.bytes;
-    total.casts += part.casts;
-    total.copy_seconds += part.copy_seconds;
-    total.verified &= part.verified;
-    total.verify_seconds += part.verify_seconds;
-}
-
-/// Where bucket `b` is received: straight into the standby's tensor where
-/// the bucket is one whole tensor that the plan copies unchanged into one
-/// whole contiguous target (`Some(pair)`), else into a buffer.
-fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Option<(usize, Tensor)> {
-    let index = session.layout.buckets[b].whole()?;
-    let part = &session.parts[b];
-    let [pair] = part.pairs.as_slice() else { return None };
-    if pair.source != index || pair.cast.is_some() || pair.transform.is_some() {
-        return None;
-    }
-    let entry = &session.announced.entries[index];
-    let target = standby.tensors_mut().get(pair.target)?;
-    if target.kind() != entry.dtype || target.size() != entry.shape {
-        return None;
-    }
-    Some((pair.target, as_bytes(target)?))
-}
-
-/// Receives every bucket of a sync, then the sender's digests, and copies
-/// each bucket into `standby` as it arrives (the next one arriving
-/// meanwhile). A bad bucket does not stop the reception — the group must stay
-/// in step — but nothing after it is copied, and the sync fails; a failed
-/// group fails it at once.
-fn receive_buckets(session: &mut Session, standby: &mut dyn Target, policy: &Policy) -> Result<Copied> {
-    let sync = session.next - 1;
-    let n = session.layout.buckets.len();
-    let lost = |b: usize, message: String| Error::Sync {
-        message: format!(
-            "sync {sync}, bucket {} of {n}: {message} (the served weights are unchanged)",
-            b + 1
-        ),
-    };
-    // Each bucket's destination: the standby's own tensor, or a buffer.
-    let destinations: Vec<Option<(usize, Tensor)>> =
-        (0..n).map(|b| direct_target(session, b, standby)).collect();
-    let start = |session: &mut Session, b: usize, destinations: &[Option<(usize, Tensor)>]| {
-        let target = match &destinations[b] {
-            Some((_, bytes)) => bytes.shallow_clone(),
-            None => session.buffers[b % 2].narrow(0, 0, session.layout.buckets[b].bytes as i64),
-        };
-        session.group.broadcast(&target, 0)
-    };
-    let mut total =
-        Copied { tensors: 0, bytes: 0, casts: 0, copy_seconds: 0.0, verified: true, verify_seconds: 0.0 };
-    let mut failure: Option<Error> = None;
-    let mut digests: Vec<[u8; DIGEST_BYTES]> = Vec::with_capacity(n);
-    let mut pending = if n > 0 { Some(start(session, 0, &destinations)?) } else { None };
-    for b in 0..n {
-        let Some(work) = pending.take() else { break };
-        if let Err(message) = work.wait() {
-            session.broken = true;
-            return Err(lost(b, message));
-        }
-        if b + 1 < n {
-            pending = Some(start(session, b + 1, &destinations)?);
-        }
-        let bucket = &session.layout.buckets[b];
-        if let Some((_, bytes)) = &destinations[b] {
-            // SAFETY: a contiguous CPU uint8 view of exactly the bucket's bytes,
-            // which no operation writes any more.
-            digests.push(digest(unsafe { bytes_of(bytes, bucket.bytes) }));
-            total.tensors += 1;
-            total.bytes += bucket.bytes;
-            continue;
-        }
-        let buffer = &session.buffers[b % 2];
-        // SAFETY: the buffer is a contiguous CPU uint8 tensor of at least
-        // `bucket.bytes`; no operation writes it until bucket b + 2 starts.
-        digests.push(digest(unsafe { bytes_of(buffer, bucket.bytes) }));
-        if failure.is_some() {
-            continue;
-        }
-        let mut source = BucketSource { announced: &session.announced, tensors: Vec::new() };
-        source.tensors.resize_with(session.announced.entries.len(), || None);
-        let mut made = Ok(());
-        for &(index, offset, _) in &bucket.tensors {
-            match view_in(buffer, &session.announced.entries[index], offset) {
-                Ok(view) => source.tensors[index] = Some(view),
-                Err(e) => made = Err(e),
-            }
-        }
-        let copied = made
-            .and_then(|()| copy_with(&session.parts[b], &source, standby, policy, CopyOptions::default()));
-        match copied {
-            Ok(part) => sum(&mut total, part),
-            Err(e) => failure = Some(e),
-        }
-    }
-    // The sender's digests come last, one per bucket.
-    let sent = Tensor::zeros([(n * DIGEST_BYTES) as i64], (tch::Kind::Uint8, tch::Device::Cpu));
-    if n > 0 {
-        if let Err(message) = session.group.broadcast(&sent, 0)?.wait() {
-            session.broken = true;
-            return Err(lost(n - 1, format!("the digests did not arrive: {message}")));
-        }
-    }
-    // SAFETY: `sent` is a contiguous CPU uint8 tensor of n * DIGEST_BYTES bytes.
-    let sent = unsafe { bytes_of(&sent, (n * DIGEST_BYTES) as u64) };
-    for (b, (mine, theirs)) in digests.iter().zip(sent.chunks(DIGEST_BYTES)).enumerate() {
-        if mine.as_slice() != theirs {
-            return Err(lost(
-                b,
-                "its digest does not match the sender's: the bytes were changed on the way".into(),
-            ));
-        }
-    }
-    if let Some(error) = failure {
-        return Err(error);
-    }
-    Ok(total)
 }

@@ -153,15 +153,21 @@ impl Sender {
                     self.pack(b, source)?
                 }
             };
-            // SAFETY: `data` is a contiguous CPU uint8 tensor of `bucket.bytes`,
-            // not written while this slice lives.
-            digests.push(digest(unsafe { bytes_of(&data, bucket.bytes) }));
             if corrupt {
                 self.corrupt = None;
-                // SAFETY: as above; the buffer is ours and not in flight.
+                // SAFETY: a contiguous CPU uint8 tensor of `bucket.bytes` (our
+                // buffer, not in flight), not written while the slice lives.
+                digests.push(digest(unsafe { bytes_of(&data, bucket.bytes) }));
+                // SAFETY: as above.
                 unsafe { *(data.data_ptr() as *mut u8) ^= 0xff };
             }
             let work = self.group.broadcast(&data, 0)?;
+            if !corrupt {
+                // The digest is computed while the bytes travel (it goes last).
+                // SAFETY: `data` is a contiguous CPU uint8 tensor of
+                // `bucket.bytes`, which the broadcast only reads.
+                digests.push(digest(unsafe { bytes_of(&data, bucket.bytes) }));
+            }
             if data.data_ptr() == self.buffers[b % 2].data_ptr() {
                 on_buffer[b % 2] = Some((b, work));
             } else {
