@@ -94,6 +94,10 @@ char *tp_store_get(tp_store *store, const char *key, void *ctx, tp_bytes_fn f) {
   });
 }
 
+char *tp_store_delete(tp_store *store, const char *key) {
+  return guarded([&] { store->store->deleteKey(std::string(key)); });
+}
+
 char *tp_store_add(tp_store *store, const char *key, int64_t delta, int64_t *out) {
   return guarded([&] { *out = store->store->add(std::string(key), delta); });
 }

@@ -38,6 +38,8 @@ char *tp_store_wait(tp_store *store, const char *key, int64_t timeout_ms, int *f
 char *tp_store_check(tp_store *store, const char *key, int *found);
 /* The value of `key` (which must exist or appear within the store's timeout). */
 char *tp_store_get(tp_store *store, const char *key, void *ctx, tp_bytes_fn f);
+/* Deletes `key` (no error when absent). */
+char *tp_store_delete(tp_store *store, const char *key);
 /* Adds `delta` to the integer at `key` (0 when absent); `*out` is the sum. */
 char *tp_store_add(tp_store *store, const char *key, int64_t delta, int64_t *out);
 

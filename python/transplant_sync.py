@@ -183,6 +183,10 @@ class Sender:
             ack = json.loads(self._get(f"ack/{sync}/{rank}", f"receiver {rank} did not answer sync {sync}"))
             if ack.get("error"):
                 refused.append(f"receiver {rank}: {ack['error']}")
+        # Every receiver has read them: a long session does not grow the store.
+        self._store.delete_key(f"sync/{sync}")
+        for rank in range(1, self.receivers + 1):
+            self._store.delete_key(f"ack/{sync}/{rank}")
         if refused:
             raise SyncError(f"sync {sync} was refused: " + "; ".join(refused))
 

@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--channel", default="default")
+    parser.add_argument("--serve-store", action="store_true", help="serve the TCPStore from this process")
     parser.add_argument("--receivers", type=int, default=1)
     parser.add_argument("--model", required=True)
     parser.add_argument("--input", help="a safetensors file whose `input` the model runs on")
@@ -82,6 +83,7 @@ def main():
             args.receivers,
             state,
             channel=args.channel,
+            serve_store=args.serve_store,
             bucket_bytes=args.bucket_bytes,
             timeout=timedelta(seconds=args.timeout),
         )
@@ -123,6 +125,7 @@ def main():
             continue
         if raw is not None:
             result["raw_seconds"] = raw
+        result["store_keys"] = sender._tcp.num_keys()
         print(json.dumps(result), flush=True)
     sender.close()
     sys.exit(4 if failed else 0)

@@ -47,6 +47,7 @@ extern "C" {
     ) -> *mut c_char;
     fn tp_store_check(store: *mut TpStore, key: *const c_char, found: *mut c_int) -> *mut c_char;
     fn tp_store_get(store: *mut TpStore, key: *const c_char, ctx: *mut c_void, f: BytesFn) -> *mut c_char;
+    fn tp_store_delete(store: *mut TpStore, key: *const c_char) -> *mut c_char;
     fn tp_store_add(store: *mut TpStore, key: *const c_char, delta: i64, out: *mut i64) -> *mut c_char;
     fn tp_group_gloo(
         store: *mut TpStore,
@@ -197,6 +198,14 @@ impl Store {
         let result = unsafe { check(tp_store_get(self.raw, c_key.as_ptr(), ctx, take_bytes)) };
         result.map_err(failed(format!("reading {key} from store {}", self.place)))?;
         Ok(value)
+    }
+
+    /// Deletes `key`, if it exists.
+    pub(crate) fn delete(&mut self, key: &str) -> Result<()> {
+        let c_key = c_string("key", key)?;
+        // SAFETY: `self.raw` is live; the key outlives the call.
+        let result = unsafe { check(tp_store_delete(self.raw, c_key.as_ptr())) };
+        result.map_err(failed(format!("deleting {key} from store {}", self.place)))
     }
 
     /// Adds `delta` to the counter at `key`; the new value.

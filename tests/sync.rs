@@ -464,3 +464,49 @@ fn tied_weights_travel_once_and_an_untied_source_into_a_tied_model_is_refused() 
 fn receiver_on(port: u16, channel: &str) -> Receiver {
     receiver(1, 1, port, channel, "")
 }
+
+#[test]
+fn trainers_that_serve_the_store_come_and_go() {
+    // The torch.distributed convention: rank 0 (the trainer) serves the store.
+    // When it exits its store goes too; the receiver connects to the next one's.
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let first = trainer(port, out.path(), &["--serve-store", "--channel", "theirs", "--syncs", "3"]);
+    let endpoint = Endpoint { host: "127.0.0.1".into(), port, serve_store: false, channel: "theirs".into() };
+    let mapping = Mapping {
+        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), options()).unwrap();
+    for k in 1..=3 {
+        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        assert_eq!(received.swap.unwrap().generation, k);
+    }
+    let (code, text) = finished(first);
+    assert_eq!(code, Some(0), "{text}");
+    // Each sync's keys are deleted once answered: a long session does not grow the store.
+    let keys: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["store_keys"].as_u64())
+        .collect();
+    assert_eq!(keys.len(), 3, "{text}");
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "the store grew: {keys:?}");
+    let second = trainer(port, out.path(), &["--serve-store", "--channel", "theirs"]);
+    let start = Instant::now();
+    let mut lost = Vec::new();
+    let received = loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "no sync from the second trainer: {lost:?}");
+        match receiver.receive(&slot, Duration::from_millis(500)) {
+            Ok(Some(received)) => break received,
+            Ok(None) => {}
+            Err(e) => lost.push(e.to_string()),
+        }
+    };
+    assert_eq!(received.swap.unwrap().generation, 4);
+    assert!(lost.iter().any(|e| e.contains("connected to the store again")), "{lost:?}");
+    let (code, text) = finished(second);
+    assert_eq!(code, Some(0), "{text}");
+}

@@ -192,7 +192,10 @@ impl Receiver {
                 self.session.is_none() || self.looked.is_none_or(|at| at.elapsed() >= NEWER_SESSION_POLL);
             let newest = if look {
                 self.looked = Some(Instant::now());
-                self.store.add("session", 0)?
+                match self.store.add("session", 0) {
+                    Ok(newest) => newest,
+                    Err(lost) => return Err(self.store_lost(lost, wait)),
+                }
             } else {
                 self.last_session
             };
@@ -208,7 +211,11 @@ impl Receiver {
                 Some(session) => {
                     let key = format!("sync/{}", session.next);
                     // Polled (c10d logs a warning for every wait that times out).
-                    if session.store.check(&key)? {
+                    let found = match session.store.check(&key) {
+                        Ok(found) => found,
+                        Err(lost) => return Err(self.store_lost(lost, wait)),
+                    };
+                    if found {
                         let announce: Announce =
                             parse(&key, &session.store.get(&key, self.options.timeout)?)?;
                         session.next += 1;
@@ -225,6 +232,30 @@ impl Receiver {
             }
             if Instant::now() >= deadline {
                 return Ok(None);
+            }
+        }
+    }
+
+    /// The store could not be reached (`lost`): where another process serves
+    /// it (a trainer that exited took its store along), connects again,
+    /// waiting up to `wait` for a server, and starts counting sessions afresh
+    /// — a new server's first session is 1. The error says what happened.
+    fn store_lost(&mut self, lost: Error, wait: Duration) -> Error {
+        self.session = None;
+        let endpoint = &self.endpoint;
+        if endpoint.serve_store {
+            return lost;
+        }
+        let timeout = wait.clamp(Duration::from_secs(1), self.options.timeout);
+        match Store::connect(&endpoint.host, endpoint.port, false, timeout, &channel_prefix(endpoint)) {
+            Ok(store) => {
+                self.store = store;
+                self.last_session = 0;
+                self.looked = None;
+                Error::Sync { message: format!("{lost}; connected to the store again, for the next sender") }
+            }
+            Err(again) => {
+                Error::Sync { message: format!("{lost}; the store cannot be reached again: {again}") }
             }
         }
     }

@@ -256,7 +256,9 @@ impl Sender {
         }
     }
 
-    /// Every receiver's answer to `sync`.
+    /// Every receiver's answer to `sync`. Its keys are deleted once all
+    /// answered (every receiver has read them), so that a long session does
+    /// not grow the store.
     fn answers(&mut self, sync: u64) -> Result<()> {
         let mut refused = Vec::new();
         for rank in 1..=self.receivers {
@@ -265,6 +267,10 @@ impl Sender {
             if let Some(error) = ack.error {
                 refused.push(format!("receiver {rank}: {error}"));
             }
+        }
+        self.store.delete(&format!("sync/{sync}"))?;
+        for rank in 1..=self.receivers {
+            self.store.delete(&format!("ack/{sync}/{rank}"))?;
         }
         if refused.is_empty() {
             Ok(())
