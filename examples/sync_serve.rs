@@ -107,7 +107,7 @@ fn main() -> Result<()> {
     };
     let slot = Arc::new(ModelSlot::new(ScriptModule::load(&args.model)?)?);
     let rules = match &args.rules {
-        Some(file) => Rules::parse(&std::fs::read_to_string(file)?, &file.display().to_string())?,
+        Some(file) => Rules::from_file(file)?,
         None => Rules::default(),
     };
     let mapping = Mapping { rules, matcher: Matcher::Exact, source_order: None };

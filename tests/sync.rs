@@ -121,7 +121,14 @@ fn a_pytorch_trainer_with_separate_qkv_syncs_into_a_fused_qkv_receiver() {
     let out = tempfile::tempdir().unwrap();
     let slot = slot("transforms/fused_attn.pt");
     let before = output_of(&slot);
-    let mut receiver = receiver(1, 1, 0, "fused", FUSED_FROM_SPLIT);
+    // The receiver's rules come from a rule file, as a service keeps them.
+    let rules = out.path().join("split_to_fused.rules");
+    std::fs::write(&rules, FUSED_FROM_SPLIT).unwrap();
+    let endpoint = Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "fused".into() };
+    let mapping =
+        Mapping { rules: Rules::from_file(&rules).unwrap(), matcher: Matcher::Exact, source_order: None };
+    let strict = Policy { strict: true, ..Policy::default() };
+    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, strict, options()).unwrap();
     let port = receiver.store_port().unwrap();
     let child = trainer(port, out.path(), &["--syncs", "3", "--channel", "fused", "--save-state"]);
     for k in 1..=3u64 {

@@ -352,15 +352,16 @@ pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String
         return None;
     }
     let (lo, hi) = dtype::range(to)?;
-    let values = tensor.f_to_kind(Kind::Double).ok()?;
+    // The extremes in the tensor's own dtype, then as f64 (no f64 copy of the
+    // tensor: it doubled a conversion's peak memory for every float tensor).
     let (min, max) =
-        (values.f_min().ok()?.f_double_value(&[]).ok()?, values.f_max().ok()?.f_double_value(&[]).ok()?);
+        (tensor.f_min().ok()?.f_double_value(&[]).ok()?, tensor.f_max().ok()?.f_double_value(&[]).ok()?);
     let to_name = dtype::name(to);
     if min < lo || max > hi {
         return Some(format!("values {min}..{max} do not fit {to_name} ({lo}..{hi})"));
     }
     if to == Kind::Bool {
-        let binary = values.f_eq(0.0).ok()?.f_logical_or(&values.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
+        let binary = tensor.f_eq(0.0).ok()?.f_logical_or(&tensor.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
         if binary.f_int64_value(&[]).ok().is_none_or(|v| v == 0) {
             return Some(format!("{} values other than 0 and 1 cannot become bool", dtype::name(from)));
         }

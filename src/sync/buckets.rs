@@ -44,10 +44,10 @@ fn sum(total: &mut Copied, part: Copied) {
     total.verify_seconds += part.verify_seconds;
 }
 
-/// Where bucket `b` is received: straight into the standby's tensor where
-/// the bucket is one whole tensor that the plan copies unchanged into one
-/// whole contiguous target (`Some(pair)`), else into a buffer.
-fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Option<(usize, Tensor)> {
+/// Where bucket `b` is received: straight into the standby's tensor (its
+/// bytes, returned) where the bucket is one whole tensor that the plan copies
+/// unchanged into one whole contiguous CPU target; `None`: into a buffer.
+fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Option<Tensor> {
     let index = session.layout.buckets[b].whole()?;
     let part = &session.parts[b];
     let [pair] = part.pairs.as_slice() else { return None };
@@ -59,7 +59,7 @@ fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Optio
     if target.kind() != entry.dtype || target.size() != entry.shape {
         return None;
     }
-    Some((pair.target, as_bytes(target)?))
+    as_bytes(target)
 }
 
 /// Receives every bucket of a sync, then the sender's digests, and copies
@@ -81,11 +81,10 @@ pub(super) fn receive_buckets(
         ),
     };
     // Each bucket's destination: the standby's own tensor, or a buffer.
-    let destinations: Vec<Option<(usize, Tensor)>> =
-        (0..n).map(|b| direct_target(session, b, standby)).collect();
-    let start = |session: &mut Session, b: usize, destinations: &[Option<(usize, Tensor)>]| {
+    let destinations: Vec<Option<Tensor>> = (0..n).map(|b| direct_target(session, b, standby)).collect();
+    let start = |session: &mut Session, b: usize, destinations: &[Option<Tensor>]| {
         let target = match &destinations[b] {
-            Some((_, bytes)) => bytes.shallow_clone(),
+            Some(bytes) => bytes.shallow_clone(),
             None => session.buffers[b % 2].narrow(0, 0, session.layout.buckets[b].bytes as i64),
         };
         session.group.broadcast(&target, 0)
@@ -105,7 +104,7 @@ pub(super) fn receive_buckets(
             pending = Some(start(session, b + 1, &destinations)?);
         }
         let bucket = &session.layout.buckets[b];
-        if let Some((_, bytes)) = &destinations[b] {
+        if let Some(bytes) = &destinations[b] {
             // SAFETY: a contiguous CPU uint8 view of exactly the bucket's bytes,
             // which no operation writes any more.
             digests.push(digest(unsafe { bytes_of(bytes, bucket.bytes) }));
