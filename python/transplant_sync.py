@@ -28,6 +28,7 @@ gathered with ``full_tensor()``.
 """
 
 import json
+import os
 import time
 import zlib
 from datetime import timedelta
@@ -111,7 +112,7 @@ class Sender:
             raise SyncError("a sync needs at least one receiver")
         self.receivers = receivers
         self.timeout = timeout
-        self._corrupt_bucket = None  # test hook: flip a byte after hashing
+        self._corrupt_bucket = None  # test hook: flip a byte after its digest is computed
         self._pause_after_bucket = None  # test hook: (bucket, seconds)
         self._ended = False
         tcp = dist.TCPStore(host, port, None, serve_store, timeout, wait_for_workers=False)
@@ -131,7 +132,7 @@ class Sender:
         self._entries = entries
         announcement = {
             "protocol": PROTOCOL,
-            "origin": f"{type(state).__name__} from python pid {__import__('os').getpid()}",
+            "origin": f"{type(state).__name__} from python pid {os.getpid()}",
             "receivers": receivers,
             "bucket_bytes": int(bucket_bytes),
             "entries": entries,
@@ -156,7 +157,7 @@ class Sender:
 
     @property
     def bytes_per_sync(self):
-        """Bytes each sync broadcasts (every bucket, digests included)."""
+        """Bytes of each sync's buckets (the digests add 4 bytes a bucket)."""
         return sum(b["bytes"] for b in self._buckets)
 
     @property

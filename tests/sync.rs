@@ -427,24 +427,19 @@ fn a_dtensor_state_dict_is_gathered_and_synced() {
     assert!(text.contains("DTensor"), "the trainer sent DTensors: {text}");
 }
 
-/// Receivers serving `model` with exact names, on threads, while `send` runs.
-fn exact_receiver(channel: &str) -> Receiver {
-    receiver(1, 1, 0, channel, "")
-}
-
 #[test]
 fn tied_weights_travel_once_and_an_untied_source_into_a_tied_model_is_refused() {
     let slot = slot("tied_lm.pt");
     // A tied sender: one tensor under two names, sent once.
     let source = open(common::fixture("tied_lm.pt")).unwrap();
     assert_eq!(source.ties().len(), 1, "the fixture is tied");
-    let mut receiver = exact_receiver("tied");
-    let port = receiver.store_port().unwrap();
+    let mut first = receiver(1, 1, 0, "tied", "");
+    let port = first.store_port().unwrap();
     let endpoint = Endpoint { channel: "tied".into(), ..Endpoint::new("127.0.0.1", port) };
     let sent = std::thread::scope(|scope| {
         let sender =
             scope.spawn(|| Sender::connect(&endpoint, 1, source.as_ref(), options())?.sync(source.as_ref()));
-        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        let received = next_sync(&mut first, &slot, Duration::from_secs(60)).unwrap();
         assert!(received.swap.is_some());
         sender.join().unwrap()
     });
@@ -456,20 +451,16 @@ fn tied_weights_travel_once_and_an_untied_source_into_a_tied_model_is_refused() 
     // Two different tensors into one tied pair: refused before anything moves.
     let untied = open(common::fixture("tied_untied.safetensors")).unwrap();
     let endpoint = Endpoint { channel: "untied".into(), ..endpoint };
-    let mut receiver = receiver_on(port, "untied");
+    let mut second = receiver(1, 1, port, "untied", "");
     let (sent, error) = std::thread::scope(|scope| {
         let sender = scope.spawn(|| Sender::connect(&endpoint, 1, untied.as_ref(), options()).map(|_| ()));
-        let error = refusal(&mut receiver, &slot);
+        let error = refusal(&mut second, &slot);
         (sender.join().unwrap(), error)
     });
     assert!(error.contains("share memory"), "{error}");
     let sent = sent.unwrap_err().to_string();
     assert!(sent.contains("share memory"), "the sender is told: {sent}");
     assert_eq!(slot.generation(), 1);
-}
-
-fn receiver_on(port: u16, channel: &str) -> Receiver {
-    receiver(1, 1, port, channel, "")
 }
 
 #[test]

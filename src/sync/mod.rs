@@ -436,9 +436,11 @@ impl Source for BucketSource<'_> {
     }
 }
 
-/// The keys of the channel, under `transplant/<channel>/`.
-fn channel_prefix(endpoint: &Endpoint) -> String {
-    format!("transplant/{}/", endpoint.channel)
+/// The endpoint's store, seen under the channel's prefix
+/// (`transplant/<channel>/`); served from this process when `serve`.
+fn channel_store(endpoint: &Endpoint, serve: bool, timeout: Duration) -> Result<crate::c10d::Store> {
+    let prefix = format!("transplant/{}/", endpoint.channel);
+    crate::c10d::Store::connect(&endpoint.host, endpoint.port, serve, timeout, &prefix)
 }
 
 /// How often a receiver waiting for a sync looks at the store (for the sync,

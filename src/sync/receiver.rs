@@ -8,7 +8,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    buckets, buffer, channel_prefix, json, parse, Ack, Announce, Announced, Announcement, Endpoint, Layout,
+    buckets, buffer, channel_store, json, parse, Ack, Announce, Announced, Announcement, Endpoint, Layout,
     Need, SyncOptions, DIGEST, POLL, PROTOCOL,
 };
 use crate::c10d::{Group, Store};
@@ -143,13 +143,7 @@ impl Receiver {
         if rank == 0 || rank > receivers {
             return Err(Error::Sync { message: format!("receiver rank {rank} is not in 1..={receivers}") });
         }
-        let store = Store::connect(
-            &endpoint.host,
-            endpoint.port,
-            endpoint.serve_store,
-            options.timeout,
-            &channel_prefix(endpoint),
-        )?;
+        let store = channel_store(endpoint, endpoint.serve_store, options.timeout)?;
         let mut endpoint = endpoint.clone();
         if endpoint.serve_store {
             endpoint.port = store.port()?;
@@ -247,7 +241,7 @@ impl Receiver {
             return lost;
         }
         let timeout = wait.clamp(Duration::from_secs(1), self.options.timeout);
-        match Store::connect(&endpoint.host, endpoint.port, false, timeout, &channel_prefix(endpoint)) {
+        match channel_store(endpoint, false, timeout) {
             Ok(store) => {
                 self.store = store;
                 self.last_session = 0;

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    as_bytes, buffer, bytes_of, channel_prefix, digest, digests_tensor, json, parse, view_in, Ack, Announce,
+    as_bytes, buffer, bytes_of, channel_store, digest, digests_tensor, json, parse, view_in, Ack, Announce,
     Announced, Announcement, Endpoint, Layout, SyncOptions, PROTOCOL,
 };
 use crate::c10d::{Group, Store, Work};
@@ -22,7 +22,7 @@ pub struct Sent {
     pub session: i64,
     /// The sync's number within it (from 1).
     pub sync: u64,
-    /// Bytes sent (every bucket, digests included).
+    /// Bytes of the buckets sent (the digests add 4 bytes a bucket).
     pub bytes: u64,
     /// Buckets sent.
     pub buckets: usize,
@@ -65,13 +65,7 @@ impl Sender {
         if receivers == 0 {
             return Err(Error::Sync { message: "a sync needs at least one receiver".into() });
         }
-        let mut channel = Store::connect(
-            &endpoint.host,
-            endpoint.port,
-            endpoint.serve_store,
-            options.timeout,
-            &channel_prefix(endpoint),
-        )?;
+        let mut channel = channel_store(endpoint, endpoint.serve_store, options.timeout)?;
         let session = channel.add("session", 1)?;
         let mut store = channel.prefixed(&format!("{session}/"))?;
         let announcement = Announcement {
