@@ -180,14 +180,44 @@ struct Layout {
 }
 
 impl Layout {
-    /// `Ok` when the layout's digest is the one this side computes.
-    fn ensure_digest(&self) -> Result<()> {
-        if self.digest == DIGEST {
-            return Ok(());
+    /// `Ok` when the layout is one this side can follow for `entries`: its
+    /// digest the one computed here, every tensor an entry's whole bytes at an
+    /// offset its dtype aligns, inside its bucket. (Each side reads the layout
+    /// from the store: a broken or foreign one is refused, not followed.)
+    fn ensure_valid(&self, entries: &[Entry]) -> Result<()> {
+        let refuse = |what: String| Err(Error::Sync { message: format!("the layout {what}") });
+        if self.digest != DIGEST {
+            return refuse(format!("names digest {:?}; this side computes {DIGEST}", self.digest));
         }
-        Err(Error::Sync {
-            message: format!("the layout's digest is {:?}; this side computes {DIGEST}", self.digest),
-        })
+        for (b, bucket) in self.buckets.iter().enumerate() {
+            // A bucket is as long as its tensors reach: no buffer is sized by a
+            // number alone.
+            let reach = bucket.tensors.iter().map(|&(_, offset, bytes)| offset.saturating_add(bytes)).max();
+            if reach != Some(bucket.bytes) {
+                return refuse(format!(
+                    "gives bucket {} {} bytes for tensors reaching {reach:?}",
+                    b + 1,
+                    bucket.bytes
+                ));
+            }
+            for &(index, offset, bytes) in &bucket.tensors {
+                let Some(entry) = entries.get(index) else {
+                    return refuse(format!("names entry {index}; the sender announced {}", entries.len()));
+                };
+                let aligned = offset % dtype::size(entry.dtype) as u64 == 0;
+                let inside = offset.checked_add(bytes).is_some_and(|end| end <= bucket.bytes);
+                if bytes != entry.bytes() || !aligned || !inside {
+                    return refuse(format!(
+                        "puts {} ({} bytes) at {offset}..+{bytes} of bucket {} ({} bytes)",
+                        entry.name,
+                        entry.bytes(),
+                        b + 1,
+                        bucket.bytes
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The needed entries in the sender's order, packed into buckets of at most
@@ -476,6 +506,34 @@ mod tests {
         assert_eq!(layout.buckets[2].bytes, 500, "a tensor over the bound gets a bucket of its own");
         assert_eq!(layout.buckets[2].whole(), Some(3));
         assert_eq!(layout.buckets[0].whole(), None);
+    }
+
+    #[test]
+    fn layouts_that_do_not_fit_the_entries_are_refused() {
+        let entries: Vec<Entry> =
+            [10, 100].iter().enumerate().map(|(i, &b)| entry(&format!("t{i}"), b)).collect();
+        let good = Layout::pack(&entries, &[], &[0, 1], 1 << 20);
+        good.ensure_valid(&entries).unwrap();
+        let broken = |edit: &dyn Fn(&mut Layout)| {
+            let mut layout = good.clone();
+            edit(&mut layout);
+            layout.ensure_valid(&entries).unwrap_err().to_string()
+        };
+        assert!(broken(&|l| l.digest = "sha256".into()).contains("digest"));
+        assert!(broken(&|l| l.buckets[0].tensors[1].0 = 7).contains("names entry 7"));
+        assert!(broken(&|l| l.buckets[0].tensors[1].1 = 100).contains("reaching"), "past the bucket's end");
+        assert!(broken(&|l| l.buckets[0].tensors[0].2 = 9).contains("t0"), "not the entry's bytes");
+        assert!(broken(&|l| l.buckets[0].tensors[1].1 = u64::MAX).contains("reaching"), "overflow");
+        let floats = vec![Entry { dtype: tch::Kind::Float, shape: vec![4], ..entry("f", 16) }];
+        let mut misaligned = Layout::pack(&floats, &[], &[0], 1 << 20);
+        misaligned.buckets[0].bytes += 2;
+        misaligned.buckets[0].tensors[0].1 = 2;
+        assert!(
+            broken(&|l| l.buckets[0].bytes = 1 << 40).contains("gives bucket 1"),
+            "a buffer sized by a number"
+        );
+        assert!(broken(&|l| l.buckets[0].tensors.clear()).contains("gives bucket 1"), "an empty bucket");
+        assert!(misaligned.ensure_valid(&floats).unwrap_err().to_string().contains("at 2"));
     }
 
     #[test]

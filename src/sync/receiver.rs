@@ -297,7 +297,7 @@ impl Receiver {
         if let Some(error) = &layout.error {
             return Err(Error::Sync { message: format!("session {id} was refused: {error}") });
         }
-        layout.ensure_digest()?;
+        layout.ensure_valid(&announced.entries)?;
         let parts = buckets::parts_of(&plan, &layout)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
         let hostname = self.options.hostname.clone().unwrap_or_else(|| self.endpoint.host.clone());

@@ -91,7 +91,7 @@ impl Sender {
         if let Some(error) = layout.error {
             return Err(Error::Sync { message: format!("the receivers refused the transfer: {error}") });
         }
-        layout.ensure_digest()?;
+        layout.ensure_valid(source.entries())?;
         let hostname = options.hostname.clone().unwrap_or_else(|| endpoint.host.clone());
         let group = Group::gloo(&mut store.prefixed("gloo/")?, 0, receivers + 1, options.timeout, &hostname)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
