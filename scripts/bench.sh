@@ -158,3 +158,13 @@ print(f"    sync throughput {r['throughput_ratio_median']:.2f}x the bare broadca
 q, d = r["quiet"], r["during_syncs"]
 print(f"    requests: quiet {q['requests']} (p99 {q['p99_ms']:.1f} ms), during syncs {d['requests']} (p99 {d['p99_ms']:.1f} ms): p99 {r['p99_ratio']:.2f}x; mixed responses {r['mixed']}")
 PY
+echo "   deep model (28,000 tensors, 71 MB), no requests; baselines: the bare broadcast, and one torch.distributed broadcast"
+echo "   per tensor between two Python processes (what a hand-written sync loop does)"
+deep_json="$("$py" scripts/bench_sync.py "$arch" target/release/examples/sync_serve 5 deep)"
+"$py" - "$deep_json" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print(f"    sync {r['sync_median']:.3f} s (median of syncs 2..), bare broadcast {r['raw_median']:.3f} s, "
+      f"per-tensor broadcasts {r['per_tensor_seconds']:.3f} s: {r['per_tensor_seconds'] / r['sync_median']:.1f}x faster than "
+      f"the per-tensor loop, {r['throughput_ratio_median']:.2f}x the bare broadcast's throughput")
+PY
