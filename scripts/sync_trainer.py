@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--cheap-steps", action="store_true", help="change weights by a constant (large models)")
     parser.add_argument("--save-state", action="store_true", help="also save state_<session>_<sync>.safetensors")
     parser.add_argument("--dtensor", action="store_true", help="sync DTensors (sharded on a 1-rank mesh), as FSDP2 holds them")
+    parser.add_argument("--fsdp", action="store_true", help="train an eager copy sharded by FSDP2 (fully_shard, 1 rank) and sync transplant_sync.full_state_dict(model)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -56,6 +57,29 @@ def main():
         state = dict(model.state_dict())
         t = state[args.resize]
         state[args.resize] = torch.cat([t, t[:1]])
+    fresh = None  # what each sync sends, made anew (None: `state`)
+    if args.fsdp:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        scripted = model
+        # An eager module with the scripted one's submodules and values, sharded.
+        model = torch.nn.Module()
+        for name, child in scripted.named_children():
+            weight = child.weight
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            layer.load_state_dict({"weight": weight, "bias": child.bias})
+            setattr(model, name, layer)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+
+        def fresh():
+            return transplant_sync.full_state_dict(model)
+
+        state = fresh()
+        kinds = sorted({type(t).__name__ for t in model.state_dict().values()})
+        print(json.dumps({"fsdp": kinds}), flush=True)
     if args.dtensor:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -70,6 +94,7 @@ def main():
                 for n, t in model.state_dict().items()
             }
 
+        fresh = dtensors
         state = dtensors()
         kinds = sorted({type(t).__name__ for t in state.values()})
         print(json.dumps({"state": kinds}), flush=True)
@@ -105,20 +130,21 @@ def main():
             for name, b in model.named_buffers():
                 if b.is_floating_point():
                     b.mul_(0.99).add_(0.01)
-        if x is not None and args.out:
+        if x is not None and args.out and not args.fsdp:
             with torch.no_grad():
                 y = model(x)
             number = sender.next_sync + (1 if args.raw else 0)
             save_file({"output": y.contiguous()}, os.path.join(args.out, f"expected_{sender.session}_{number}.safetensors"))
         if args.save_state and args.out:
-            tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
+            values = fresh() if fresh else model.state_dict()
+            tensors = {n: transplant_sync._plain(t).detach().contiguous() for n, t in values.items()}
             number = sender.next_sync + (1 if args.raw else 0)
             save_file(tensors, os.path.join(args.out, f"state_{sender.session}_{number}.safetensors"))
         try:
             # The bare broadcast of the same bytes comes first: a receiver may
             # stop once its last sync went live.
             raw = sender.raw_broadcast(sender.bytes_per_sync) if args.raw else None
-            result = sender.sync(dtensors() if args.dtensor else state)
+            result = sender.sync(fresh() if fresh else state)
         except transplant_sync.SyncError as e:
             failed += 1
             print(json.dumps({"sync": k + 1, "error": str(e)}), flush=True)

@@ -410,7 +410,7 @@ fn a_rust_sender_syncs_from_a_varstore() {
 }
 
 #[test]
-fn a_dtensor_state_dict_is_gathered_and_synced() {
+fn dtensor_and_fsdp_state_dicts_are_gathered_and_synced() {
     let out = tempfile::tempdir().unwrap();
     let slot = slot("transforms/fused_attn.pt");
     let mut receiver = receiver(1, 1, 0, "dtensor", FUSED_FROM_SPLIT);
@@ -425,6 +425,21 @@ fn a_dtensor_state_dict_is_gathered_and_synced() {
     assert!(common::bit_equal(&served(&slot, "qkv.weight"), &Tensor::cat(&parts, 0)), "{text}");
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("DTensor"), "the trainer sent DTensors: {text}");
+
+    // A model sharded by FSDP2 (fully_shard): its full state dict, gathered by
+    // transplant_sync.full_state_dict, then synced.
+    let child =
+        trainer(port, out.path(), &["--channel", "dtensor", "--fsdp", "--save-state", "--syncs", "2"]);
+    for _ in 0..2 {
+        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        let part = |p: &str| saved(out.path(), "state", received.session, received.sync, p);
+        let parts = [part("q_proj.weight"), part("k_proj.weight"), part("v_proj.weight")];
+        assert!(common::bit_equal(&served(&slot, "qkv.weight"), &Tensor::cat(&parts, 0)));
+        assert!(common::bit_equal(&served(&slot, "proj.bias"), &part("o_proj.bias")));
+    }
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(r#"{"fsdp": ["DTensor"]}"#), "the trainer's model was sharded: {text}");
 }
 
 #[test]
