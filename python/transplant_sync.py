@@ -121,6 +121,8 @@ class Sender:
         self.timeout = timeout
         self._corrupt_bucket = None  # test hook: flip a byte after its digest is computed
         self._pause_after_bucket = None  # test hook: (bucket, seconds)
+        self._fail_after_bucket = None  # test hook: raise after sending this bucket
+        self._failed = None  # why the session ended half way through a sync
         self._ended = False
         tcp = dist.TCPStore(host, port, None, serve_store, timeout, wait_for_workers=False)
         self._tcp = tcp
@@ -205,11 +207,37 @@ class Sender:
         """Sends the current values of ``state`` (the names, dtypes and shapes
         announced at connect) to every receiver and waits until each took them.
         Returns ``{"session", "sync", "bytes", "buckets", "seconds"}``."""
+        if self._failed is not None:
+            raise SyncError(f"this session ended when {self._failed}: make a new Sender")
         start = time.perf_counter()
         tensors = _tensors(state)
         if list(tensors) != self._names:
             raise SyncError("the state's names are not the ones announced: start a new Sender")
+        # Every tensor is checked before the sync is announced: a sync that
+        # began is never abandoned half way by this side.
+        needed = sorted({index for bucket in self._buckets for index, _, _ in bucket["tensors"]})
+        sources = {index: self._checked(index, tensors) for index in needed}
         sync = self._announce({"kind": "weights"})
+        try:
+            self._transfer(sync, sources)
+        except BaseException as e:
+            # Receivers wait for the rest of this sync until the connection
+            # closes or their timeout: sending anything else on this group
+            # could reach one as a bucket of another size, which Gloo answers
+            # by aborting that process.
+            self._failed = f"sync {sync}: {e}"
+            raise
+        self._answers(sync)
+        return {
+            "session": self.session,
+            "sync": sync,
+            "bytes": self.bytes_per_sync,
+            "buckets": len(self._buckets),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _transfer(self, sync, sources):
+        """The buckets, then their digests."""
         on_buffer = [None, None]  # (bucket, work) per buffer
         on_tensors = []  # (bucket, work) sent straight from a tensor
         digests = bytearray()
@@ -219,7 +247,7 @@ class Sender:
                 data = None
                 whole = bucket["tensors"][0] if len(bucket["tensors"]) == 1 else None
                 if whole is not None and whole[1] == 0 and whole[2] == bucket["bytes"] and not corrupt:
-                    t = self._checked(whole[0], tensors)
+                    t = sources[whole[0]]
                     if t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0:
                         data = t.detach().reshape(-1).view(torch.uint8)
                 if data is None:
@@ -227,7 +255,7 @@ class Sender:
                     if on_buffer[b % 2] is not None:
                         self._wait(on_buffer[b % 2][1], sync, on_buffer[b % 2][0])
                         on_buffer[b % 2] = None
-                    self._pack(b, tensors)
+                    self._pack(b, sources)
                     data = buffer[: bucket["bytes"]]
                 if corrupt:  # test hook: the digest of the bytes before a fault on the way
                     self._corrupt_bucket = None
@@ -245,18 +273,13 @@ class Sender:
                 if self._pause_after_bucket is not None and self._pause_after_bucket[0] == b:
                     work.wait()
                     time.sleep(self._pause_after_bucket[1])
+                if self._fail_after_bucket == b:
+                    self._fail_after_bucket = None
+                    raise RuntimeError("a failure half way (test hook)")
             for pending in [w for w in on_buffer if w is not None] + on_tensors:
                 self._wait(pending[1], sync, pending[0])
             if self._buckets:
                 self._wait(self._group.broadcast(torch.frombuffer(digests, dtype=torch.uint8), 0), sync, len(self._buckets) - 1)
-        self._answers(sync)
-        return {
-            "session": self.session,
-            "sync": sync,
-            "bytes": self.bytes_per_sync,
-            "buckets": len(self._buckets),
-            "seconds": time.perf_counter() - start,
-        }
 
     def _checked(self, index, tensors):
         t = _plain(tensors[self._names[index]])
@@ -264,7 +287,7 @@ class Sender:
             raise SyncError(f"{self._names[index]} changed dtype or shape since the session began")
         return t
 
-    def _pack(self, b, tensors):
+    def _pack(self, b, sources):
         """Copies bucket ``b``'s tensors into its buffer: one ``_foreach_copy_``
         into views made once per session (a model of 28,000 tensors spent most
         of a sync slicing and checking them one at a time)."""
@@ -274,12 +297,12 @@ class Sender:
                 buffer[offset : offset + nbytes].view(self._dtypes[index]).view(self._shapes[index])
                 for index, offset, nbytes in self._buckets[b]["tensors"]
             ]
-        sources = [self._checked(index, tensors) for index, _, _ in self._buckets[b]["tensors"]]
+        tensors = [sources[index] for index, _, _ in self._buckets[b]["tensors"]]
         views = self._views[b]
-        if all(t.device.type == "cpu" for t in sources):
-            torch._foreach_copy_(views, sources)
+        if all(t.device.type == "cpu" for t in tensors):
+            torch._foreach_copy_(views, tensors)
         else:
-            for view, t in zip(views, sources):
+            for view, t in zip(views, tensors):
                 view.copy_(t)
 
     def _wait(self, work, sync, b):
@@ -291,10 +314,16 @@ class Sender:
     def raw_broadcast(self, nbytes):
         """A bare broadcast of ``nbytes`` that receivers take and drop: the
         network's cost for a sync's bytes. Seconds until every receiver answered."""
+        if self._failed is not None:
+            raise SyncError(f"this session ended when {self._failed}: make a new Sender")
         data = torch.zeros(int(nbytes), dtype=torch.uint8)
         start = time.perf_counter()
         sync = self._announce({"kind": "raw", "bytes": int(nbytes)})
-        self._wait(self._group.broadcast(data, 0), sync, 0)
+        try:
+            self._wait(self._group.broadcast(data, 0), sync, 0)
+        except BaseException as e:
+            self._failed = f"bare broadcast {sync}: {e}"
+            raise
         self._answers(sync)
         return time.perf_counter() - start
 

@@ -39,11 +39,13 @@ def main():
     parser.add_argument("--raw", action="store_true", help="also time a bare broadcast of the same bytes")
     parser.add_argument("--pause-after-bucket", help="B:SECONDS, in the first sync (to be killed there)")
     parser.add_argument("--corrupt-bucket", type=int)
+    parser.add_argument("--fail-after-bucket", type=int, help="raise in the first sync after this bucket")
     parser.add_argument("--resize", help="announce this tensor with one more row")
     parser.add_argument("--cheap-steps", action="store_true", help="change weights by a constant (large models)")
     parser.add_argument("--save-state", action="store_true", help="also save state_<session>_<sync>.safetensors")
     parser.add_argument("--dtensor", action="store_true", help="sync DTensors (sharded on a 1-rank mesh), as FSDP2 holds them")
     parser.add_argument("--fsdp", action="store_true", help="train an eager copy sharded by FSDP2 (fully_shard, 1 rank) and sync transplant_sync.full_state_dict(model)")
+    parser.add_argument("--break-at-sync", help="K:NAME: at the K-th sync, send NAME as float64 (the sync must fail before it starts)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -120,6 +122,8 @@ def main():
         sender._pause_after_bucket = (int(bucket), float(seconds))
     if args.corrupt_bucket is not None:
         sender._corrupt_bucket = args.corrupt_bucket
+    if args.fail_after_bucket is not None:
+        sender._fail_after_bucket = args.fail_after_bucket
     failed = 0
     if args.raw:
         sender.raw_broadcast(1 << 20)  # the first bare broadcast also warms the receiver's buffer
@@ -144,8 +148,13 @@ def main():
             # The bare broadcast of the same bytes comes first: a receiver may
             # stop once its last sync went live.
             raw = sender.raw_broadcast(sender.bytes_per_sync) if args.raw else None
-            result = sender.sync(fresh() if fresh else state)
-        except transplant_sync.SyncError as e:
+            sent = fresh() if fresh else state
+            if args.break_at_sync and int(args.break_at_sync.split(":")[0]) == k + 1:
+                name = args.break_at_sync.split(":", 1)[1]
+                sent = dict(model.state_dict() if isinstance(sent, torch.nn.Module) else sent)
+                sent[name] = sent[name].double()
+            result = sender.sync(sent)
+        except (transplant_sync.SyncError, RuntimeError) as e:
             failed += 1
             print(json.dumps({"sync": k + 1, "error": str(e)}), flush=True)
             continue

@@ -188,6 +188,31 @@ fn a_plan_that_does_not_fit_is_refused_on_both_sides_and_nothing_is_written() {
     assert!(common::bit_equal(&output_of(&slot), &before), "nothing was written");
 }
 
+#[test]
+fn a_sync_the_sender_cannot_make_is_refused_before_it_starts_and_the_session_goes_on() {
+    // At its second sync the trainer's state has a tensor of another dtype: its
+    // sender refuses before announcing anything, so the receiver never waits for
+    // a sync that cannot come, and the third sync goes live in the same session.
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let mut receiver = receiver(1, 1, 0, "broken", FUSED_FROM_SPLIT);
+    let port = receiver.store_port().unwrap();
+    let start = Instant::now();
+    let child = trainer(
+        port,
+        out.path(),
+        &["--channel", "broken", "--syncs", "3", "--break-at-sync", "2:o_proj.weight"],
+    );
+    let first = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    let second = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    assert_eq!((first.session, second.session), (1, 1), "one session");
+    assert_eq!(second.swap.unwrap().generation, 2);
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(4), "one sync failed: {text}");
+    assert!(text.contains("o_proj.weight changed dtype"), "{text}");
+    assert!(start.elapsed() < Duration::from_secs(25), "nobody waited for a timeout: {:?}", start.elapsed());
+}
+
 /// A second receiver on the store served by the first test's receiver, with
 /// the fused rules but not the one for `o_proj`.
 fn receiver_for(port: u16, channel: &str) -> Receiver {
@@ -380,6 +405,86 @@ fn a_sender_that_stalls_past_the_timeout_leaves_the_served_weights_and_the_next_
     assert_eq!(received.swap.unwrap().generation, 1);
     let (code, text) = finished(child);
     assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn a_sender_that_fails_half_way_sends_nothing_more_in_that_session() {
+    // The trainer's first sync raises after its first bucket; its second sync
+    // must not go out on the same group (a bucket of another size where the
+    // receiver waits for the rest of the first would make Gloo abort the
+    // receiver's process), so the receiver survives, keeps its weights, and
+    // takes the next trainer's sync.
+    let out = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let (_, before) = generation_and_output(&slot);
+    let endpoint =
+        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "failed".into() };
+    let mapping = Mapping {
+        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    let short = SyncOptions { timeout: Duration::from_secs(3), ..options() };
+    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let port = receiver.store_port().unwrap();
+    let child =
+        trainer(port, out.path(), &["--channel", "failed", "--syncs", "2", "--fail-after-bucket", "0"]);
+    let error = refusal(&mut receiver, &slot);
+    assert!(error.contains("unchanged"), "{error}");
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("test hook") && text.contains("this session ended when sync 1"), "{text}");
+    assert_eq!(slot.generation(), 0);
+    assert!(common::bit_equal(&output_of(&slot), &before));
+    let child = trainer(port, out.path(), &["--channel", "failed"]);
+    assert_eq!(next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap().swap.unwrap().generation, 1);
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn a_rust_sender_that_fails_half_way_sends_nothing_more_in_that_session() {
+    let slot = slot("transforms/fused_attn.pt");
+    let source = source();
+    let endpoint =
+        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "rust-failed".into() };
+    let mapping = Mapping {
+        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    let short = SyncOptions { timeout: Duration::from_secs(3), ..options() };
+    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let endpoint = Endpoint {
+        channel: "rust-failed".into(),
+        ..Endpoint::new("127.0.0.1", receiver.store_port().unwrap())
+    };
+    let (first, second, error) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let mut sender = Sender::connect(&endpoint, 1, source.as_ref(), options()).unwrap();
+            sender.fail_next_sync_after(0);
+            let first = sender.sync(source.as_ref()).unwrap_err().to_string();
+            let second = sender.sync(source.as_ref()).unwrap_err().to_string();
+            std::thread::sleep(Duration::from_secs(4)); // the group lives on past the receiver's timeout
+            (first, second)
+        });
+        let error = refusal(&mut receiver, &slot);
+        let (first, second) = sender.join().unwrap();
+        (first, second, error)
+    });
+    assert!(first.contains("test hook"), "{first}");
+    assert!(second.contains("this session ended when sync 1"), "{second}");
+    assert!(error.contains("unchanged"), "{error}");
+    assert_eq!(slot.generation(), 0);
+    // A new session goes live.
+    let received = std::thread::scope(|scope| {
+        let sender =
+            scope.spawn(|| Sender::connect(&endpoint, 1, source.as_ref(), options())?.sync(source.as_ref()));
+        let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+        sender.join().unwrap().unwrap();
+        received
+    });
+    assert_eq!(received.swap.unwrap().generation, 1);
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub struct Sender {
     options: SyncOptions,
     ended: bool,
     corrupt: Option<usize>,
+    /// Why the session ended half way through a sync, if it did.
+    failed: Option<String>,
+    fail_after: Option<usize>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -107,6 +110,8 @@ impl Sender {
             options,
             ended: false,
             corrupt: None,
+            failed: None,
+            fail_after: None,
         })
     }
 
@@ -116,12 +121,40 @@ impl Sender {
     }
 
     /// Sends `source`'s current values (the entries announced at connect:
-    /// same names, dtypes and shapes) to every receiver, and waits for each
+    /// same names, dtypes and shapes, all checked before anything is sent)
+    /// to every receiver, and waits for each
     /// to take them: an error names the receivers that refused, and why.
     pub fn sync(&mut self, source: &dyn Source) -> Result<Sent> {
+        self.still_usable()?;
         self.same_entries(source)?;
         let start = Instant::now();
         let sync = self.announce(&Announce::Weights)?;
+        if let Err(error) = self.transfer(sync, source) {
+            // Receivers wait for the rest of this sync until the connection
+            // closes or their timeout: anything else sent on this group could
+            // reach one as a bucket of another size, which Gloo answers by
+            // aborting that process.
+            self.failed = Some(format!("sync {sync}: {error}"));
+            return Err(error);
+        }
+        self.answers(sync)?;
+        let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
+        let buckets = self.layout.buckets.len();
+        Ok(Sent { session: self.session, sync, bytes, buckets, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// `Ok` unless a sync of this session failed half way.
+    fn still_usable(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => {
+                Err(Error::Sync { message: format!("this session ended when {why}: connect again") })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The buckets of sync `sync`, then their digests.
+    fn transfer(&mut self, sync: u64, source: &dyn Source) -> Result<()> {
         let n = self.layout.buckets.len();
         // Operations in flight: those on a buffer (by buffer), those on a
         // source tensor (sent straight from it).
@@ -167,6 +200,9 @@ impl Sender {
             } else {
                 on_tensors.push((b, work));
             }
+            if self.fail_after.take_if(|after| *after == b).is_some() {
+                return Err(Error::Sync { message: format!("a failure after bucket {} (test hook)", b + 1) });
+            }
         }
         for (b, work) in on_buffer.into_iter().flatten().chain(on_tensors) {
             work.wait().map_err(|m| self.lost(sync, b, m))?;
@@ -175,9 +211,7 @@ impl Sender {
             let sent = digests_tensor(&digests);
             self.group.broadcast(&sent, 0)?.wait().map_err(|m| self.lost(sync, n - 1, m))?;
         }
-        self.answers(sync)?;
-        let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
-        Ok(Sent { session: self.session, sync, bytes, buckets: n, seconds: start.elapsed().as_secs_f64() })
+        Ok(())
     }
 
     /// Copies bucket `b`'s tensors from `source` into its buffer; the
@@ -205,10 +239,16 @@ impl Sender {
     /// drop: what a bare torch.distributed broadcast of a sync's bytes costs,
     /// to compare a sync with. Seconds to every receiver's answer.
     pub fn raw_broadcast(&mut self, bytes: u64) -> Result<f64> {
+        self.still_usable()?;
+        let data = super::buffer(bytes);
         let start = Instant::now();
         let sync = self.announce(&Announce::Raw { bytes })?;
-        let data = super::buffer(bytes);
-        self.group.broadcast(&data, 0)?.wait().map_err(|m| self.lost(sync, 0, m))?;
+        let sent =
+            self.group.broadcast(&data, 0).and_then(|work| work.wait().map_err(|m| self.lost(sync, 0, m)));
+        if let Err(error) = sent {
+            self.failed = Some(format!("bare broadcast {sync}: {error}"));
+            return Err(error);
+        }
         self.answers(sync)?;
         Ok(start.elapsed().as_secs_f64())
     }
@@ -223,6 +263,13 @@ impl Sender {
     #[doc(hidden)]
     pub fn corrupt_next_sync(&mut self, bucket: usize) {
         self.corrupt = Some(bucket);
+    }
+
+    /// Test hook: the next sync fails after sending bucket `bucket`, as a
+    /// sender failing half way would.
+    #[doc(hidden)]
+    pub fn fail_next_sync_after(&mut self, bucket: usize) {
+        self.fail_after = Some(bucket);
     }
 
     fn end(&mut self) -> Result<()> {
@@ -287,6 +334,20 @@ impl Sender {
                     source.origin()
                 ),
             });
+        }
+        // Every tensor the layout sends is there, with the shape announced,
+        // before the sync is announced: a sync that began is never abandoned
+        // half way by this side.
+        for &(index, _, _) in self.layout.buckets.iter().flat_map(|b| &b.tensors) {
+            let entry = &self.entries[index];
+            let fits =
+                source.tensor(index).is_some_and(|t| t.kind() == entry.dtype && t.size() == entry.shape);
+            if !fits {
+                return Err(Error::MissingTensor {
+                    store: source.origin().to_string(),
+                    tensor: entry.name.to_string(),
+                });
+            }
         }
         Ok(())
     }
