@@ -87,7 +87,11 @@ pub(super) fn receive_buckets(
             Some(bytes) => bytes.shallow_clone(),
             None => session.buffers[b % 2].narrow(0, 0, session.layout.buckets[b].bytes as i64),
         };
-        session.group.broadcast(&target, 0)
+        // A broadcast that cannot even start leaves the group out of step: the
+        // session is over.
+        let work = session.group.broadcast(&target, 0);
+        session.broken |= work.is_err();
+        work
     };
     let mut total =
         Copied { tensors: 0, bytes: 0, casts: 0, copy_seconds: 0.0, verified: true, verify_seconds: 0.0 };
@@ -138,7 +142,9 @@ pub(super) fn receive_buckets(
     // The sender's digests come last, one per bucket.
     let sent = Tensor::zeros([(n * DIGEST_BYTES) as i64], (tch::Kind::Uint8, tch::Device::Cpu));
     if n > 0 {
-        if let Err(message) = session.group.broadcast(&sent, 0)?.wait() {
+        let work = session.group.broadcast(&sent, 0);
+        session.broken |= work.is_err();
+        if let Err(message) = work?.wait() {
             session.broken = true;
             return Err(lost(n - 1, format!("the digests did not arrive: {message}")));
         }
