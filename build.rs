@@ -1,7 +1,7 @@
 //! Compiles the shim in `csrc/` (TorchScript modules; c10d's store and Gloo
 //! groups) against the libtorch that tch links, and makes every binary, test
-//! and example of this package find libtorch at run time (rpath). libtorch_cuda is loaded by the shim at start, only where a
-//! CUDA driver exists.
+//! and example of this package find libtorch at run time (rpath). libtorch_cuda
+//! is loaded by the shim at start, only where a CUDA driver exists.
 use std::env;
 use std::path::{Path, PathBuf};
 
