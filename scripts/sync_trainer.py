@@ -134,15 +134,15 @@ def main():
             for name, b in model.named_buffers():
                 if b.is_floating_point():
                     b.mul_(0.99).add_(0.01)
+        # The number this sync gets (a bare broadcast, with --raw, goes first).
+        number = sender.next_sync + (1 if args.raw else 0)
         if x is not None and args.out and not args.fsdp:
             with torch.no_grad():
                 y = model(x)
-            number = sender.next_sync + (1 if args.raw else 0)
             save_file({"output": y.contiguous()}, os.path.join(args.out, f"expected_{sender.session}_{number}.safetensors"))
         if args.save_state and args.out:
             values = fresh() if fresh else model.state_dict()
             tensors = {n: transplant_sync._plain(t).detach().contiguous() for n, t in values.items()}
-            number = sender.next_sync + (1 if args.raw else 0)
             save_file(tensors, os.path.join(args.out, f"state_{sender.session}_{number}.safetensors"))
         try:
             # The bare broadcast of the same bytes comes first: a receiver may

@@ -99,16 +99,7 @@ impl ModelSlot {
     pub fn swap_from(&self, source: &dyn Source, mapping: &Mapping, policy: &Policy) -> Result<Swap> {
         self.swap_with(source.origin(), |standby| {
             let plan = Plan::build(source, &*standby, mapping)?;
-            if !plan.is_complete() {
-                let open = plan.open_leftovers();
-                return Err(Error::PlanRejected {
-                    from: plan.source.clone(),
-                    target: plan.target.clone(),
-                    problems: vec![format!(
-                        "a swap needs a complete transfer; {open} tensors have no counterpart"
-                    )],
-                });
-            }
+            plan.ensure_complete("a swap")?;
             copy(&plan, source, standby, policy)
         })
     }

@@ -25,8 +25,21 @@ fn options() -> SyncOptions {
     SyncOptions { timeout: Duration::from_secs(30), bucket_bytes: 256, hostname: None }
 }
 
-/// A receiver serving the store on a free loopback port.
+/// Receiver `rank` of `receivers` with `rules` (exact names otherwise), on
+/// the store at `port` — served here, on a free loopback port, when 0.
 fn receiver(rank: usize, receivers: usize, port: u16, channel: &str, rules: &str) -> Receiver {
+    receiver_with(rank, receivers, port, channel, rules, options())
+}
+
+/// [`receiver`] with other options (a short timeout).
+fn receiver_with(
+    rank: usize,
+    receivers: usize,
+    port: u16,
+    channel: &str,
+    rules: &str,
+    options: SyncOptions,
+) -> Receiver {
     let endpoint =
         Endpoint { host: "127.0.0.1".into(), port, serve_store: port == 0, channel: channel.into() };
     let mapping = Mapping {
@@ -40,7 +53,7 @@ fn receiver(rank: usize, receivers: usize, port: u16, channel: &str, rules: &str
         receivers,
         mapping,
         Policy { strict: true, ..Policy::default() },
-        options(),
+        options,
     )
     .unwrap()
 }
@@ -379,15 +392,8 @@ fn a_sender_that_stalls_past_the_timeout_leaves_the_served_weights_and_the_next_
     let out = tempfile::tempdir().unwrap();
     let slot = slot("transforms/fused_attn.pt");
     let (_, before) = generation_and_output(&slot);
-    let endpoint =
-        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "stalled".into() };
-    let mapping = Mapping {
-        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
-        matcher: Matcher::Exact,
-        source_order: None,
-    };
     let short = SyncOptions { timeout: Duration::from_secs(2), ..options() };
-    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let mut receiver = receiver_with(1, 1, 0, "stalled", FUSED_FROM_SPLIT, short);
     let port = receiver.store_port().unwrap();
     // Alive, but silent for 6 s after the first bucket: the receiver gives up at 2 s.
     let child = trainer(port, out.path(), &["--channel", "stalled", "--pause-after-bucket", "0:6"]);
@@ -417,15 +423,8 @@ fn a_sender_that_fails_half_way_sends_nothing_more_in_that_session() {
     let out = tempfile::tempdir().unwrap();
     let slot = slot("transforms/fused_attn.pt");
     let (_, before) = generation_and_output(&slot);
-    let endpoint =
-        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "failed".into() };
-    let mapping = Mapping {
-        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
-        matcher: Matcher::Exact,
-        source_order: None,
-    };
     let short = SyncOptions { timeout: Duration::from_secs(3), ..options() };
-    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let mut receiver = receiver_with(1, 1, 0, "failed", FUSED_FROM_SPLIT, short);
     let port = receiver.store_port().unwrap();
     let child =
         trainer(port, out.path(), &["--channel", "failed", "--syncs", "2", "--fail-after-bucket", "0"]);
@@ -446,15 +445,8 @@ fn a_sender_that_fails_half_way_sends_nothing_more_in_that_session() {
 fn a_rust_sender_that_fails_half_way_sends_nothing_more_in_that_session() {
     let slot = slot("transforms/fused_attn.pt");
     let source = source();
-    let endpoint =
-        Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "rust-failed".into() };
-    let mapping = Mapping {
-        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
-        matcher: Matcher::Exact,
-        source_order: None,
-    };
     let short = SyncOptions { timeout: Duration::from_secs(3), ..options() };
-    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), short).unwrap();
+    let mut receiver = receiver_with(1, 1, 0, "rust-failed", FUSED_FROM_SPLIT, short);
     let endpoint = Endpoint {
         channel: "rust-failed".into(),
         ..Endpoint::new("127.0.0.1", receiver.store_port().unwrap())
@@ -591,13 +583,7 @@ fn trainers_that_serve_the_store_come_and_go() {
     let slot = slot("transforms/fused_attn.pt");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let first = trainer(port, out.path(), &["--serve-store", "--channel", "theirs", "--syncs", "3"]);
-    let endpoint = Endpoint { host: "127.0.0.1".into(), port, serve_store: false, channel: "theirs".into() };
-    let mapping = Mapping {
-        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
-        matcher: Matcher::Exact,
-        source_order: None,
-    };
-    let mut receiver = Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), options()).unwrap();
+    let mut receiver = receiver(1, 1, port, "theirs", FUSED_FROM_SPLIT);
     for k in 1..=3 {
         let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
         assert_eq!(received.swap.unwrap().generation, k);

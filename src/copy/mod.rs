@@ -181,7 +181,8 @@ pub fn copy_with(
     })
 }
 
-fn rejected(plan: &Plan, problem: String) -> Error {
+/// The plan refused, for `problem` (nothing was written).
+pub(crate) fn rejected(plan: &Plan, problem: String) -> Error {
     Error::PlanRejected { from: plan.source.clone(), target: plan.target.clone(), problems: vec![problem] }
 }
 

@@ -256,6 +256,32 @@ impl Plan {
         self.source_leftovers.iter().chain(&self.target_leftovers).filter(|l| l.explained.is_none()).count()
     }
 
+    /// `Ok` when the plan [is complete](Plan::is_complete); else an error saying
+    /// that a `transfer` (a swap, a sync) needs it, naming the first entries
+    /// left open.
+    pub fn ensure_complete(&self, transfer: &str) -> Result<()> {
+        if self.is_complete() {
+            return Ok(());
+        }
+        let first: Vec<String> = self
+            .source_leftovers
+            .iter()
+            .chain(&self.target_leftovers)
+            .filter(|l| l.explained.is_none())
+            .take(4)
+            .map(|l| format!("{} {}", l.side, l.name))
+            .collect();
+        let open = self.open_leftovers();
+        let named = if first.is_empty() { String::new() } else { format!(" (first: {})", first.join(", ")) };
+        Err(Error::PlanRejected {
+            from: self.source.clone(),
+            target: self.target.clone(),
+            problems: vec![format!(
+                "{transfer} needs a complete transfer; {open} tensors have no counterpart{named}"
+            )],
+        })
+    }
+
     /// Whether every target entry receives a value and every source entry goes
     /// somewhere, apart from what is explained (skipped by a rule, a
     /// `num_batches_tracked` with no counterpart).

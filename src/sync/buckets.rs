@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
-use super::receiver::{refused, Session};
+use super::receiver::Session;
 use super::{as_bytes, bytes_of, digest, view_in, BucketSource, Layout, DIGEST_BYTES};
-use crate::copy::{copy_with, Copied, CopyOptions};
+use crate::copy::{copy_with, rejected, Copied, CopyOptions};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Policy};
 use crate::store::Target;
@@ -25,7 +25,7 @@ pub(super) fn parts_of(plan: &Plan, layout: &Layout) -> Result<Vec<Plan>> {
         layout.buckets.iter().map(|_| Plan { pairs: Vec::new(), ..plan.clone() }).collect();
     for pair in &plan.pairs {
         let b = bucket_of.get(&pair.source).ok_or_else(|| {
-            refused(
+            rejected(
                 plan,
                 format!("the layout does not carry {}, which {} needs", pair.source_name, pair.target_name),
             )
@@ -97,6 +97,10 @@ pub(super) fn receive_buckets(
         Copied { tensors: 0, bytes: 0, casts: 0, copy_seconds: 0.0, verified: true, verify_seconds: 0.0 };
     let mut failure: Option<Error> = None;
     let mut digests: Vec<[u8; DIGEST_BYTES]> = Vec::with_capacity(n);
+    // The bucket's tensors by entry index (a source lends them that way), one
+    // vector for the whole sync.
+    let mut slots: Vec<Option<Tensor>> = Vec::new();
+    slots.resize_with(session.announced.entries.len(), || None);
     let mut pending = if n > 0 { Some(start(session, 0, &destinations)?) } else { None };
     for b in 0..n {
         let Some(work) = pending.take() else { break };
@@ -123,17 +127,20 @@ pub(super) fn receive_buckets(
         if failure.is_some() {
             continue;
         }
-        let mut source = BucketSource { announced: &session.announced, tensors: Vec::new() };
-        source.tensors.resize_with(session.announced.entries.len(), || None);
         let mut made = Ok(());
         for &(index, offset, _) in &bucket.tensors {
             match view_in(buffer, &session.announced.entries[index], offset) {
-                Ok(view) => source.tensors[index] = Some(view),
+                Ok(view) => slots[index] = Some(view),
                 Err(e) => made = Err(e),
             }
         }
+        let source = BucketSource { announced: &session.announced, tensors: std::mem::take(&mut slots) };
         let copied = made
             .and_then(|()| copy_with(&session.parts[b], &source, standby, policy, CopyOptions::default()));
+        slots = source.tensors;
+        for &(index, _, _) in &bucket.tensors {
+            slots[index] = None;
+        }
         match copied {
             Ok(part) => sum(&mut total, part),
             Err(e) => failure = Some(e),

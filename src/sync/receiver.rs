@@ -12,6 +12,7 @@ use super::{
     Need, SyncOptions, DIGEST, POLL, PROTOCOL,
 };
 use crate::c10d::{Group, Store};
+use crate::copy::rejected;
 use crate::entry::{Entry, EntryOrder};
 use crate::error::{Error, Result};
 use crate::plan::{Mapping, Plan, Policy};
@@ -123,10 +124,6 @@ impl Source for Live {
     fn tensor(&self, index: usize) -> Option<&Tensor> {
         self.tensors.get(index)
     }
-}
-
-pub(super) fn refused(plan: &Plan, problem: String) -> Error {
-    Error::PlanRejected { from: plan.source.clone(), target: plan.target.clone(), problems: vec![problem] }
 }
 
 impl Receiver {
@@ -346,24 +343,7 @@ impl Receiver {
         let live = Live::of(&*slot.current()?)?;
         let plan = Plan::build(&announced, &live, &self.mapping)?;
         plan.check(&self.policy)?;
-        if !plan.is_complete() {
-            let open = plan.open_leftovers();
-            let first: Vec<String> = plan
-                .source_leftovers
-                .iter()
-                .chain(&plan.target_leftovers)
-                .filter(|l| l.explained.is_none())
-                .take(4)
-                .map(|l| format!("{} {}", l.side, l.name))
-                .collect();
-            return Err(refused(
-                &plan,
-                format!(
-                    "a sync needs a complete transfer; {open} tensors have no counterpart (first: {})",
-                    first.join(", ")
-                ),
-            ));
-        }
+        plan.ensure_complete("a sync")?;
         // Buckets are copied one at a time, so a target written twice through a
         // tie must be written from one sender tensor (the copy checks each bucket).
         let group_of: std::collections::HashMap<usize, usize> = announced
@@ -385,7 +365,7 @@ impl Receiver {
             from.dedup();
             if from.len() > 1 {
                 let names: Vec<&str> = tied.iter().map(|&i| live.entries[i].name.as_str()).collect();
-                return Err(refused(
+                return Err(rejected(
                     &plan,
                     format!(
                         "{} share memory (tied weights?) but would receive different sender tensors: skip one with a rule",
