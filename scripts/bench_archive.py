@@ -15,10 +15,10 @@ Usage: .venv/bin/python scripts/bench_archive.py make DIR
 """
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_convert import measure  # noqa: E402  (one child process timed, its peak RSS)
 
 TORCH_COPY = """
 import sys, torch
@@ -60,24 +60,17 @@ def make(folder):
         os.replace(pt + ".partial", pt)
 
 
-def timed(command):
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
-
-
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "make":
         make(args[0])
         return
     if mode == "time":
-        result = timed(args)
+        result = measure(args)
     elif mode == "torch_copy":
-        result = timed([sys.executable, "-c", TORCH_COPY, *args])
+        result = measure([sys.executable, "-c", TORCH_COPY, *args])
     elif mode == "jit_load":
-        result = timed([sys.executable, "-c", JIT_LOAD, *args])
+        result = measure([sys.executable, "-c", JIT_LOAD, *args])
     else:
         sys.exit(f"unknown mode {mode}")
     print(json.dumps(result))
