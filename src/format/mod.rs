@@ -190,6 +190,51 @@ pub(crate) fn check_unique_members<R: std::io::Read + std::io::Seek>(
     })
 }
 
+/// The folder of a PyTorch zip archive as libtorch's reader finds it (`archive/`,
+/// `model/`, with its slash): the folder of the archive's first member. Every record
+/// is looked up under it; members in other folders are not part of the archive. An
+/// archive whose first member lies in no folder is refused, as libtorch refuses it,
+/// and so is one without the `version` record libtorch requires.
+pub(crate) fn archive_folder<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    format: &'static str,
+    archive: &mut zip::ZipArchive<R>,
+) -> Result<String> {
+    let bad = |message: String| Error::Format { path: path.into(), format, message };
+    let first = match archive.by_index_raw(0) {
+        Ok(member) => member.name().to_string(),
+        Err(e) => return Err(bad(format!("no first member: {e}"))),
+    };
+    let Some((folder, _)) = first.split_once('/') else {
+        return Err(bad(format!(
+            "its first member {first:?} lies in no folder: PyTorch reads an archive from the folder of \
+             its first member, and refuses this one"
+        )));
+    };
+    let folder = format!("{folder}/");
+    // libtorch's reader (2.13) refuses an archive any of whose members lies
+    // outside that folder.
+    for index in 0..archive.len() {
+        if let Ok(member) = archive.by_index_raw(index) {
+            if !member.name().starts_with(folder.as_str()) {
+                return Err(bad(format!(
+                    "member {:?} lies outside the archive's folder {folder} (its first member's): PyTorch \
+                     refuses such an archive",
+                    member.name()
+                )));
+            }
+        }
+    }
+    let has = |name: &str| archive.file_names().any(|n| n.strip_prefix(folder.as_str()) == Some(name));
+    if !has("version") && !has(".data/version") {
+        return Err(bad(format!(
+            "no {folder}version record: PyTorch refuses an archive without one (its records are read \
+             from {folder}, the folder of the first member)"
+        )));
+    }
+    Ok(folder)
+}
+
 /// The most tensors one file (or sharded index) may list. The largest models
 /// hold tens of thousands; a header that lists millions of empty tensors costs
 /// memory per entry and is refused before they are made.
@@ -299,12 +344,14 @@ fn sniff_zip(path: &Path, file: File) -> Result<Format> {
     if !names.is_empty() && names.iter().all(|n| n.ends_with(".npy")) {
         return Ok(Format::Npz);
     }
-    let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
-    if has("/constants.pkl") || names.iter().any(|n| n.contains("/code/")) {
-        let tch = tch_archive::is_tch_archive(path, &mut archive);
+    // Only the members of the archive's folder (the first member's) are read.
+    let folder = archive_folder(path, "PyTorch archive", &mut archive)?;
+    let has = |name: &str| names.iter().any(|n| n.strip_prefix(folder.as_str()) == Some(name));
+    if has("constants.pkl") || names.iter().any(|n| n.starts_with(&format!("{folder}code/"))) {
+        let tch = tch_archive::is_tch_archive(path, &mut archive, &folder);
         return Ok(if tch { Format::TchArchive } else { Format::TorchScript });
     }
-    if has("/data.pkl") || names.iter().any(|n| n == "data.pkl") {
+    if has("data.pkl") {
         return Ok(Format::TorchSave);
     }
     Err(Error::Format {

@@ -296,6 +296,36 @@ pub struct Machine {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// Where each key of a dict is among its items, by dict: a key set twice
+    /// keeps its first place and takes the last value, as Python's dict does.
+    dict_keys: HashMap<usize, HashMap<DictKey, usize>>,
+}
+
+/// A dict key as Python compares keys: `1`, `True` and `1.0` are one key.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum DictKey {
+    None,
+    Int(i64),
+    Float(u64),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+}
+
+impl DictKey {
+    /// `None` for keys compared by identity (containers, NaN) or too large to compare here.
+    fn of(v: &Value) -> Option<DictKey> {
+        Some(match v {
+            Value::None => DictKey::None,
+            Value::Bool(b) => DictKey::Int(*b as i64),
+            Value::Int(i) => DictKey::Int(*i),
+            Value::Float(f) if f.is_nan() => return None,
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e18 => DictKey::Int(*f as i64),
+            Value::Float(f) => DictKey::Float(f.to_bits()),
+            Value::Str(s) => DictKey::Str(s.clone()),
+            Value::Bytes(b) => DictKey::Bytes(b.clone()),
+            _ => return None,
+        })
+    }
 }
 
 struct Reader<'a> {
@@ -358,6 +388,7 @@ impl Machine {
         self.stack.clear();
         self.marks.clear();
         self.memo.clear();
+        self.dict_keys.clear();
         let mut r = Reader { bytes, at: start };
         for _ in 0..MAX_OPS {
             let at = r.at;
@@ -369,7 +400,11 @@ impl Machine {
                 0x95 => {
                     r.u64()?; // FRAME: a length hint
                 }
-                b'.' => return Ok((self.pop()?, r.at)), // STOP
+                b'.' => {
+                    // STOP: no dict of this pickle is written again.
+                    self.dict_keys = HashMap::new();
+                    return Ok((self.pop()?, r.at));
+                }
                 b'(' => self.marks.push(self.stack.len()),
                 b'N' => self.push(Value::None)?,
                 0x88 => self.push(Value::Bool(true))?,
@@ -452,7 +487,9 @@ impl Machine {
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = pairs_of(items)?;
-                    self.push_object(Object::Dict(pairs, Vec::new()))?
+                    self.push_object(Object::Dict(Vec::new(), Vec::new()))?;
+                    let dict = self.stack.last().cloned().unwrap_or(Value::None);
+                    self.set_items(&dict, pairs)?
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
@@ -570,7 +607,7 @@ impl Machine {
                         .last()
                         .cloned()
                         .ok_or_else(|| PickleError::Malformed("SETITEM on an empty stack".into()))?;
-                    self.dict_mut(&dict)?.push((key, value));
+                    self.set_items(&dict, vec![(key, value)])?;
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
@@ -580,7 +617,7 @@ impl Machine {
                         .cloned()
                         .ok_or_else(|| PickleError::Malformed("SETITEMS on an empty stack".into()))?;
                     let pairs = pairs_of(items)?;
-                    self.dict_mut(&dict)?.extend(pairs);
+                    self.set_items(&dict, pairs)?;
                 }
                 b'a' => {
                     let value = self.pop()?;
@@ -646,11 +683,29 @@ impl Machine {
         }
     }
 
-    fn dict_mut(&mut self, v: &Value) -> Result<&mut Vec<(Value, Value)>> {
-        match self.object_mut(v)? {
-            Object::Dict(items, _) => Ok(items),
-            _ => Err(PickleError::Malformed("SETITEM on something not a dict".into())),
+    /// `dict[key] = value` for each pair, as Python does it: a key already
+    /// there keeps its place and takes the new value.
+    fn set_items(&mut self, dict: &Value, pairs: Vec<(Value, Value)>) -> Result<()> {
+        let Value::Ref(index) = *dict else {
+            return Err(PickleError::Malformed("SETITEM on something not a dict".into()));
+        };
+        let Some(Object::Dict(items, _)) = self.objects.get_mut(index) else {
+            return Err(PickleError::Malformed("SETITEM on something not a dict".into()));
+        };
+        let places = self.dict_keys.entry(index).or_default();
+        for (key, value) in pairs {
+            match DictKey::of(&key) {
+                Some(k) => match places.get(&k) {
+                    Some(&at) => items[at].1 = value,
+                    None => {
+                        places.insert(k, items.len());
+                        items.push((key, value));
+                    }
+                },
+                None => items.push((key, value)),
+            }
         }
+        Ok(())
     }
 
     fn list_mut(&mut self, v: &Value) -> Result<&mut Vec<Value>> {

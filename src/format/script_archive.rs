@@ -39,6 +39,9 @@ struct Members {
     buffers: Vec<String>,
     /// The types of attributes typed as `__torch__` classes (submodules among them).
     children: Vec<String>,
+    /// Every attribute the class declares (`name : Type`): libtorch refuses an
+    /// object whose state sets any other.
+    attributes: Vec<String>,
 }
 
 /// The quoted names of a `__parameters__ = ["a", "b", ]` line.
@@ -59,9 +62,20 @@ fn members_of(text: &str, name: &str) -> Option<Members> {
             members.parameters = names_in(rest);
         } else if let Some(rest) = line.strip_prefix("__buffers__ =") {
             members.buffers = names_in(rest);
+        } else if let Some(rest) = line.strip_prefix("__annotations__[\"") {
+            // `__annotations__["0"] = __torch__.…`: an attribute whose name is no identifier.
+            if let Some((attr, ty)) = rest.split_once("\"] = ") {
+                members.attributes.push(attr.to_string());
+                if ty.starts_with("__torch__.") {
+                    members.children.push(ty.to_string());
+                }
+            }
         } else if let Some((attr, ty)) = line.split_once(" : ") {
-            if ty.starts_with("__torch__.") && !attr.contains(' ') {
-                members.children.push(ty.to_string());
+            if !attr.contains(' ') {
+                members.attributes.push(attr.to_string());
+                if ty.starts_with("__torch__.") {
+                    members.children.push(ty.to_string());
+                }
             }
         }
     }
@@ -96,7 +110,23 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     let mut machine = Machine::default();
     let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;
     let mut archive = Archive::new(path, view, records, bytes);
+    archive.check_references(&machine, torch_pickle::Loader::Libtorch)?;
     let mut classes: HashMap<String, Option<Members>> = HashMap::new();
+    // A submodule held by several attributes is listed under each of its
+    // names, as libtorch's `named_parameters` and `state_dict()` list it (its
+    // tensors tied); names are counted before any is made, so that a small file
+    // whose modules share children at every level cannot ask for millions.
+    let names = count_names(&machine, &root, &mut archive, &mut classes, &mut HashMap::new(), 0)?;
+    if names > super::MAX_ENTRIES as u64 {
+        return Err(bad(
+            path,
+            format!(
+                "its modules share submodules so that it names {names} tensors (each shared module is \
+                 listed under every path to it), more than the {} a file may list",
+                super::MAX_ENTRIES
+            ),
+        ));
+    }
     let mut out = Vec::new();
     walk(&machine, &root, "", &mut archive, &mut classes, &mut out, 0)?;
     let prefix = match &archive.records {
@@ -294,8 +324,59 @@ fn class_members(
         }
         Err(_) => None,
     };
+    if found.is_none() && !key.starts_with("__torch__.torch.classes.") && !defines(archive, &file, name)? {
+        // libtorch compiles the class from its definition to load the object.
+        return Err(bad(path, format!("class {key} has no definition in {file}: libtorch cannot load it")));
+    }
     classes.insert(key, found.clone());
     Ok(found)
+}
+
+/// How many names [`walk`] gives the module `v` and everything below it: each
+/// distinct module object counted once (`seen`), shared ones added once per path.
+fn count_names(
+    machine: &Machine,
+    v: &Value,
+    archive: &mut Archive,
+    classes: &mut HashMap<String, Option<Members>>,
+    seen: &mut HashMap<usize, u64>,
+    depth: usize,
+) -> Result<u64> {
+    let Value::Ref(index) = v else { return Ok(0) };
+    if let Some(&n) = seen.get(index) {
+        return Ok(n);
+    }
+    if depth > MAX_DEPTH {
+        return Err(bad(archive.path, format!("modules nested more than {MAX_DEPTH} deep")));
+    }
+    let Some((module, name, State::Attributes(items))) = script_object(machine, v) else { return Ok(0) };
+    let Some(members) = class_members(archive, classes, module, name)? else { return Ok(0) };
+    let mut n = 0u64;
+    for (k, value) in items {
+        let Value::Str(attr) = k else { continue };
+        let listed = members.parameters.iter().chain(&members.buffers).any(|m| **m == **attr);
+        if listed && torch_pickle::is_tensor(machine, value) {
+            n += 1;
+        } else if let Some((child_module, child_name, _)) = script_object(machine, value) {
+            if class_members(archive, classes, child_module, child_name)?.is_some() {
+                n = n.saturating_add(count_names(machine, value, archive, classes, seen, depth + 1)?);
+            }
+        }
+    }
+    seen.insert(*index, n);
+    Ok(n)
+}
+
+/// Whether the code file `file` defines a class `name` of any kind.
+fn defines(archive: &mut Archive, file: &str, name: &str) -> Result<bool> {
+    let path = archive.path;
+    let Records::Zip { zip, .. } = &mut archive.records else { return Ok(false) };
+    let Ok(entry) = zip.by_name(file) else { return Ok(false) };
+    super::check_expansion(path, FORMAT, file, entry.compressed_size(), entry.size())?;
+    let mut text = String::new();
+    entry.take(MAX_CODE_BYTES).read_to_string(&mut text).map_err(|e| bad(path, format!("{file}: {e}")))?;
+    let header = format!("class {name}");
+    Ok(text.lines().any(|l| l.strip_prefix(&header).is_some_and(|rest| rest.starts_with(['(', ':']))))
 }
 
 /// Each module's parameters, then its buffers, then its children's, in slot order.
@@ -346,6 +427,21 @@ fn walk(
         Value::Str(s) => Some(s.to_string()),
         _ => None,
     };
+    for (k, _) in items {
+        match key_of(k) {
+            Some(attr) if members.attributes.contains(&attr) => {}
+            other => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "module {here} ({module}.{name}) sets attribute {:?}, which its class does not \
+                         declare: libtorch refuses to load it",
+                        other.unwrap_or_else(|| "(not a string)".into())
+                    ),
+                ))
+            }
+        }
+    }
     for (role, names) in [(Role::Parameter, &members.parameters), (Role::Buffer, &members.buffers)] {
         for (k, value) in items {
             let Some(attr) = key_of(k) else { continue };

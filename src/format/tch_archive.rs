@@ -15,13 +15,17 @@ use crate::error::{Error, Result};
 /// Whether a TorchScript-style archive is a tch archive rather than a module:
 /// a tch archive's code defines no method at all (one `class Module` listing its
 /// tensors); a module has at least `forward`. The `.ot` extension decides too.
-pub(crate) fn is_tch_archive<R: Read + Seek>(path: &Path, archive: &mut zip::ZipArchive<R>) -> bool {
+pub(crate) fn is_tch_archive<R: Read + Seek>(
+    path: &Path,
+    archive: &mut zip::ZipArchive<R>,
+    folder: &str,
+) -> bool {
     if super::Format::for_extension(path) == Some(super::Format::TchArchive) {
         return true;
     }
     let code: Vec<String> = archive
         .file_names()
-        .filter(|n| n.contains("/code/") && n.ends_with(".py"))
+        .filter(|n| n.starts_with(folder) && n[folder.len()..].starts_with("code/") && n.ends_with(".py"))
         .map(str::to_string)
         .collect();
     for name in code {

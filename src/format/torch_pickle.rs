@@ -103,6 +103,25 @@ pub(super) struct Archive<'a> {
     pub(super) releaser: super::PageReleaser,
     /// Up to where in the file they were.
     pub(super) released: usize,
+    /// The type and element count of the first reference to each storage key,
+    /// in pickle order: the storage's size (and, for `torch.load`, its dtype).
+    pub(super) first: HashMap<String, (Kind, i64)>,
+    /// Which loader's reading to follow where the two differ.
+    pub(super) loader: Loader,
+}
+
+/// The two readers of PyTorch's archives, which read a storage that several
+/// references type differently in two ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Loader {
+    /// Python's `torch.load`: a storage takes the type of its first reference,
+    /// and a later `_rebuild_tensor_v2` view of it has that type whatever its
+    /// own reference names; its record must hold exactly the bytes that first
+    /// reference says.
+    Python,
+    /// libtorch's unpickler (`torch.jit.load`): each reference types its own
+    /// view; the record must hold at least the bytes of the first reference.
+    Libtorch,
 }
 
 /// Where the storages' bytes are.
@@ -125,7 +144,89 @@ impl<'a> Archive<'a> {
             storages: HashMap::new(),
             releaser: Default::default(),
             released: 0,
+            first: HashMap::new(),
+            loader: Loader::Python,
         }
+    }
+
+    /// Checks every storage reference of the pickle `machine` ran as `loader`
+    /// checks them while unpickling, whether or not its tensor is read here:
+    /// a known type, a device location, a record that exists under the
+    /// archive's folder with the size the key's first reference says.
+    pub(super) fn check_references(&mut self, machine: &Machine, loader: Loader) -> Result<()> {
+        let path = self.path;
+        self.loader = loader;
+        for pid in &machine.persistent {
+            let fields = tuple_items(machine, pid).unwrap_or(&[]);
+            let (
+                Some(Value::Str(tag)),
+                Some(Value::Global(_, class)),
+                Some(key),
+                Some(Value::Str(location)),
+                Some(Value::Int(numel)),
+            ) = (fields.first(), fields.get(1), fields.get(2), fields.get(3), fields.get(4))
+            else {
+                return Err(bad(path, "a storage reference is not ('storage', type, key, location, numel)"));
+            };
+            let key = key_text(key).ok_or_else(|| bad(path, "a storage key is not a string"))?;
+            if &**tag != "storage" {
+                return Err(bad(path, format!("persistent reference of kind {tag:?}")));
+            }
+            let kind = storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
+            if loader == Loader::Python && self.is_legacy() && &**class == "UntypedStorage" {
+                return Err(bad(
+                    path,
+                    format!("storage {key}: an untyped storage in the legacy format, which torch.load cannot read"),
+                ));
+            }
+            if !is_device(location) {
+                return Err(bad(path, format!("storage {key}: location {location:?} is not a device")));
+            }
+            if *numel < 0 {
+                return Err(bad(path, format!("storage {key}: {numel} elements")));
+            }
+            if self.first.contains_key(key) {
+                continue;
+            }
+            self.first.insert(key.to_string(), (kind, *numel));
+        }
+        let Records::Zip { zip, prefix } = &mut self.records else { return Ok(()) };
+        let mut records: HashMap<String, u64> = HashMap::new();
+        let data = format!("{prefix}data/");
+        for i in 0..zip.len() {
+            if let Ok(member) = zip.by_index_raw(i) {
+                if let Some(key) = member.name().strip_prefix(data.as_str()) {
+                    records.insert(key.to_string(), member.size());
+                }
+            }
+        }
+        for (key, &(kind, numel)) in &self.first {
+            let wanted = (numel as u64)
+                .checked_mul(dtype::size(kind) as u64)
+                .ok_or_else(|| bad(path, format!("storage {key}: its size overflows")))?;
+            let Some(&size) = records.get(key) else {
+                return Err(bad(path, format!("storage {key} is missing ({data}{key})")));
+            };
+            let fits = match loader {
+                Loader::Python => size == wanted,
+                Loader::Libtorch => size >= wanted,
+            };
+            if !fits {
+                return Err(bad(
+                    path,
+                    format!(
+                        "storage {key} ({data}{key}) holds {size} bytes; its first reference says {numel} {} \
+                         ({wanted} bytes)",
+                        dtype::name(kind)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn is_legacy(&self) -> bool {
+        matches!(self.records, Records::Legacy(_))
     }
 
     /// The pages of the file before `at` (less a margin) are no longer needed.
@@ -234,6 +335,21 @@ fn legacy_storage(
     let aligned = raw.storage_offset() as u64 % size == 0;
     let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
     raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
+}
+
+/// Whether `location` names a device as `torch.device` parses one (`cpu`,
+/// `cuda:1`): PyTorch's loaders refuse a storage whose location does not.
+fn is_device(location: &str) -> bool {
+    const TYPES: [&str; 14] = [
+        "cpu", "cuda", "mps", "xpu", "meta", "hpu", "mtia", "xla", "ipu", "lazy", "vulkan", "ve", "fpga",
+        "privateuseone",
+    ];
+    let (kind, index) = match location.split_once(':') {
+        Some((kind, index)) => (kind, Some(index)),
+        None => (location, None),
+    };
+    TYPES.contains(&kind)
+        && index.is_none_or(|i| !i.is_empty() && i.len() <= 9 && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Where an entry's data starts: after its local header (30 bytes), name and
@@ -384,18 +500,29 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
     if &**tag != "storage" {
         return Err(bad(path, format!("persistent reference of kind {tag:?}")));
     }
-    let mut kind = storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
-    let mut numel = *numel;
+    let own = storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
+    // The storage is as its key's first reference made it; which type this
+    // view has depends on the loader (see `Loader`).
+    let key_text = key.to_string();
+    let (first_kind, first_numel) = archive.first.get(&key_text).copied().unwrap_or((own, *numel));
+    let mut kind = match archive.loader {
+        Loader::Python => first_kind,
+        Loader::Libtorch => own,
+    };
     if callable == "_rebuild_tensor_v3" {
         // (storage, offset, size, stride, requires_grad, hooks, dtype, …) over untyped bytes.
-        if let Some(Value::Global(_, name)) = args.get(6) {
-            let typed = dtype::parse(name).ok_or_else(|| bad(path, format!("unknown dtype torch.{name}")))?;
-            if kind == Kind::Uint8 && typed != Kind::Uint8 {
-                numel /= dtype::size(typed) as i64;
+        match args.get(6) {
+            Some(Value::Global(_, name)) => {
+                kind = dtype::parse(name).ok_or_else(|| bad(path, format!("unknown dtype torch.{name}")))?;
             }
-            kind = typed;
+            _ => return Err(bad(path, "_rebuild_tensor_v3 without a dtype")),
         }
     }
+    let storage_bytes = first_numel
+        .checked_mul(dtype::size(first_kind) as i64)
+        .ok_or_else(|| bad(path, format!("storage {key}: its size overflows")))?;
+    // Whole elements of this view's type that the storage holds.
+    let numel = storage_bytes / dtype::size(kind) as i64;
     if size.len() != stride.len() || size.len() > MAX_DIMS {
         return Err(bad(path, format!("tensor with {} sizes and {} strides", size.len(), stride.len())));
     }
@@ -949,6 +1076,7 @@ pub(crate) fn read_from(path: &Path, bytes: &Tensor, view: &[u8], key: Option<&s
     };
     let (chosen, key) = select(&machine, &root, key, path)?;
     let mut archive = Archive::new(path, view, records, bytes);
+    archive.check_references(&machine, Loader::Python)?;
     let others = others_of(&machine, &root, &chosen, key.as_deref());
     let (weights, attrs, skipped) = weights_of(&machine, &chosen, path)?;
     super::check_entries(path, "torch.save checkpoint", weights.len())?;
@@ -989,13 +1117,12 @@ pub(super) fn zip_program<'a>(
 ) -> Result<(Value, Records<'a>)> {
     let mut zip = zip::ZipArchive::new(Cursor::new(view)).map_err(|e| bad(path, e.to_string()))?;
     super::check_unique_members(path, FORMAT, &mut zip)?;
-    let pickle_name = zip
-        .file_names()
-        .filter(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
-        .min_by_key(|n| n.len())
-        .map(str::to_string)
-        .ok_or_else(|| bad(path, "no data.pkl in the archive"))?;
-    let prefix = pickle_name.trim_end_matches("data.pkl").to_string();
+    // libtorch reads every record from the folder of the first member.
+    let prefix = super::archive_folder(path, FORMAT, &mut zip)?;
+    let pickle_name = format!("{prefix}data.pkl");
+    if !zip.file_names().any(|n| n == pickle_name) {
+        return Err(bad(path, format!("no {pickle_name} (the archive's folder is {prefix}, its first member's)")));
+    }
     if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
         let mut text = String::new();
         let _ = (&mut order).take(16).read_to_string(&mut text);
@@ -1045,8 +1172,9 @@ fn legacy_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Res
     for pid in &machine.persistent {
         if let Some([Value::Str(_), Value::Global(_, class), Value::Str(key), ..]) = tuple_items(machine, pid)
         {
+            // The first reference to a key types its storage, as torch.load reads it.
             if let Some(kind) = storage_kind(class) {
-                sizes.insert(key, dtype::size(kind));
+                sizes.entry(key).or_insert(dtype::size(kind));
             }
         }
     }
