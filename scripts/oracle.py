@@ -60,8 +60,11 @@ def sniff(path):
     return "legacy"
 
 
-def flatten(obj, key):
+def flatten(obj, key, path):
     """The state dict transplant says it read (`key`: the checkpoint key it chose)."""
+    if isinstance(obj, torch.Tensor) and not key:
+        # One tensor saved alone: transplant names it after the file.
+        return {os.path.splitext(os.path.basename(path))[0]: obj}
     if key:
         for part in key.split("."):
             if isinstance(obj, dict) and part in obj:
@@ -101,7 +104,7 @@ def torch_reads(path, key):
                 # A pickled module or a class weights_only does not allow: the
                 # corpus is made here, nothing in it runs code of its own.
                 obj = torch.load(path, map_location="cpu", weights_only=False)
-            tensors = flatten(obj, key)
+            tensors = flatten(obj, key, path)
             if tensors is None:
                 return "no state dict under the key transplant chose", None
         return None, {name: describe(t) for name, t in tensors.items()}

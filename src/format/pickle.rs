@@ -299,6 +299,8 @@ pub struct Machine {
     /// Where each key of a dict is among its items, by dict: a key set twice
     /// keeps its first place and takes the last value, as Python's dict does.
     dict_keys: HashMap<usize, HashMap<DictKey, usize>>,
+    /// Every global the pickle named (`module`, `name`), once each.
+    pub globals: std::collections::HashSet<(String, String)>,
 }
 
 /// A dict key as Python compares keys: `1`, `True` and `1.0` are one key.
@@ -555,13 +557,19 @@ impl Machine {
                 b'c' => {
                     let module = r.line()?.to_string();
                     let name = r.line()?.to_string();
-                    self.push(global(&module, &name)?)?
+                    let value = global(&module, &name)?;
+                    self.globals.insert((module, name));
+                    self.push(value)?
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.push(global(&m, &n)?)?,
+                        (Value::Str(m), Value::Str(n)) => {
+                            let value = global(&m, &n)?;
+                            self.globals.insert((m.to_string(), n.to_string()));
+                            self.push(value)?
+                        }
                         _ => return Err(PickleError::Malformed("STACK_GLOBAL needs two strings".into())),
                     }
                 }

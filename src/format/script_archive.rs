@@ -71,7 +71,8 @@ fn members_of(text: &str, name: &str) -> Option<Members> {
                 }
             }
         } else if let Some((attr, ty)) = line.split_once(" : ") {
-            if !attr.contains(' ') {
+            // A `Final[…]` attribute is a constant of the class, not state.
+            if !attr.contains(' ') && !ty.starts_with("Final[") {
                 members.attributes.push(attr.to_string());
                 if ty.starts_with("__torch__.") {
                     members.children.push(ty.to_string());
@@ -111,6 +112,15 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;
     let mut archive = Archive::new(path, view, records, bytes);
     archive.check_references(&machine, torch_pickle::Loader::Libtorch)?;
+    // libtorch's unpickler knows a fixed set of globals, and takes any other
+    // name for a TorchScript class, which must then be defined in `code/`.
+    let mut named: Vec<&(String, String)> = machine.globals.iter().collect();
+    named.sort();
+    for (module, name) in named {
+        if !libtorch_global(module, name) {
+            return Err(bad(path, format!("data.pkl names {module}.{name}, which libtorch cannot load")));
+        }
+    }
     let mut classes: HashMap<String, Option<Members>> = HashMap::new();
     // A submodule held by several attributes is listed under each of its
     // names, as libtorch's `named_parameters` and `state_dict()` list it (its
@@ -129,6 +139,7 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     }
     let mut out = Vec::new();
     walk(&machine, &root, "", &mut archive, &mut classes, &mut out, 0)?;
+    archive.check_unread_tensors(&machine)?;
     let prefix = match &archive.records {
         Records::Zip { prefix, .. } => prefix.clone(),
         Records::Legacy(_) => String::new(),
@@ -367,6 +378,19 @@ fn count_names(
     Ok(n)
 }
 
+/// Whether libtorch's unpickler resolves the global `module.name` (a
+/// `__torch__` class is checked against `code/` where it is used).
+fn libtorch_global(module: &str, name: &str) -> bool {
+    match module {
+        "collections" => name == "OrderedDict",
+        "builtins" | "__builtin__" => name == "set",
+        "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_qtensor" | "_rebuild_sparse_tensor"),
+        "torch.jit._pickle" => name.starts_with("build_") || name == "restore_type_tag",
+        "torch" => name.ends_with("Storage") || name == "device",
+        m => m == "__torch__" || m.starts_with("__torch__."),
+    }
+}
+
 /// Whether the code file `file` defines a class `name` of any kind.
 fn defines(archive: &mut Archive, file: &str, name: &str) -> Result<bool> {
     let path = archive.path;
@@ -427,6 +451,16 @@ fn walk(
         Value::Str(s) => Some(s.to_string()),
         _ => None,
     };
+    if let Some(missing) = members.attributes.iter().find(|a| !items.iter().any(|(k, _)| key_of(k).as_ref() == Some(*a)))
+    {
+        return Err(bad(
+            path,
+            format!(
+                "module {here} ({module}.{name}) has no value for attribute {missing:?}, which its class \
+                 declares: libtorch refuses to load it"
+            ),
+        ));
+    }
     for (k, _) in items {
         match key_of(k) {
             Some(attr) if members.attributes.contains(&attr) => {}

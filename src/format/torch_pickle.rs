@@ -108,6 +108,8 @@ pub(super) struct Archive<'a> {
     pub(super) first: HashMap<String, (Kind, i64)>,
     /// Which loader's reading to follow where the two differ.
     pub(super) loader: Loader,
+    /// The arena indices of the tensors rebuilt so far.
+    rebuilt: std::collections::HashSet<usize>,
 }
 
 /// The two readers of PyTorch's archives, which read a storage that several
@@ -146,7 +148,30 @@ impl<'a> Archive<'a> {
             released: 0,
             first: HashMap::new(),
             loader: Loader::Python,
+            rebuilt: Default::default(),
         }
+    }
+
+    /// Rebuilds, and drops, every tensor of the pickle not read yet: PyTorch's
+    /// loaders rebuild every tensor a file holds — one under a key set twice,
+    /// an optimizer's state, an attribute that is no parameter — and a file
+    /// with one they cannot rebuild does not load, so it is refused here too.
+    pub(super) fn check_unread_tensors(&mut self, machine: &Machine) -> Result<()> {
+        for (i, object) in machine.objects.iter().enumerate() {
+            let Object::Reduce { callable: Value::Global(module, name), .. } = object else { continue };
+            if &**module != "torch._utils" || !name.starts_with("_rebuild_tensor") || self.rebuilt.contains(&i) {
+                continue;
+            }
+            let _checked = tensor(machine, self, &Value::Ref(i), 0).map_err(|e| match e {
+                Error::Format { path, format, message } => Error::Format {
+                    path,
+                    format,
+                    message: format!("a tensor the file holds besides those read: {message}"),
+                },
+                other => other,
+            })?;
+        }
+        Ok(())
     }
 
     /// Checks every storage reference of the pickle `machine` ran as `loader`
@@ -444,6 +469,9 @@ pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth:
         .ok_or_else(|| bad(path, format!("{callable}: arguments are not a tuple")))?;
     if depth > 4 {
         return Err(bad(path, "tensor rebuilt from a tensor rebuilt from … too deep"));
+    }
+    if let Value::Ref(i) = v {
+        archive.rebuilt.insert(*i);
     }
     match callable {
         "_rebuild_parameter" | "_rebuild_parameter_with_state" | "Parameter" => {
@@ -1094,6 +1122,7 @@ pub(crate) fn read_from(path: &Path, bytes: &Tensor, view: &[u8], key: Option<&s
         };
         tensors.push((name, t));
     }
+    archive.check_unread_tensors(&machine)?;
     let metadata_json = attrs
         .iter()
         .find(|(k, _)| key_text(k) == Some("_metadata"))
