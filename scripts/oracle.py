@@ -13,8 +13,8 @@ Every disagreement is a failure unless transplant refused the file (exit 1, one
 message): where PyTorch reads a file, transplant reads the same or refuses; where
 PyTorch fails, transplant refuses.
 
-    oracle.py --transplant BIN --out DIR [--fixtures DIR] [--seed N] [--mutants N]
-              [--jobs N] [--report FILE]
+    oracle.py --transplant BIN --out DIR [--fixtures DIR] [--max-size BYTES] [--seed N]
+              [--mutants N] [--jobs N] [--report FILE]
 
 Prints the counts and one line per disagreement; exits 1 when there is any.
 """
@@ -536,6 +536,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mutants", type=int, default=4, help="mutations of each zip file")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--max-size", type=int, default=64 << 20, help="largest fixture file taken, in bytes")
     ap.add_argument("--report")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -548,7 +549,7 @@ def main():
         for root, dirs, names in os.walk(args.fixtures):
             dirs[:] = [d for d in sorted(dirs) if d not in ("hostile", "dcp")]
             for n in sorted(names):
-                if n.endswith((".pt", ".pth", ".bin", ".safetensors", ".ot")) and os.path.getsize(os.path.join(root, n)) < 64 << 20:
+                if n.endswith((".pt", ".pth", ".bin", ".safetensors", ".ot")) and os.path.getsize(os.path.join(root, n)) <= args.max_size:
                     base.append(os.path.join(root, n))
     corpus = list(base)
     for path in base:
