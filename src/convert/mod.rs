@@ -11,6 +11,7 @@
 //! tensor), written, and the source pages it read are handed back to the
 //! kernel, so that memory holds about one tensor, not the model.
 mod outline;
+mod replace;
 mod shards;
 
 use std::collections::{BTreeMap, HashMap};
