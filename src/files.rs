@@ -259,25 +259,25 @@ pub(crate) fn is_checkpoint_folder(path: &Path) -> bool {
 /// left by a killed writer is removed by the next write to `path`.
 pub(crate) fn write_folder_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let trimmed: PathBuf = path.components().collect();
-    let replaces = match std::fs::symlink_metadata(&trimmed) {
-        Ok(meta) if meta.is_dir() && is_checkpoint_folder(&trimmed) => true,
-        Ok(meta) if meta.is_dir() => {
-            return Err(Error::Output {
-                path: path.into(),
-                reason: "is a folder that holds more than a Distributed Checkpoint's files (.metadata, \
+    let replaces =
+        match std::fs::symlink_metadata(&trimmed) {
+            Ok(meta) if meta.is_dir() && is_checkpoint_folder(&trimmed) => true,
+            Ok(meta) if meta.is_dir() => {
+                return Err(Error::Output {
+                    path: path.into(),
+                    reason: "is a folder that holds more than a Distributed Checkpoint's files (.metadata, \
                          *.distcp); only such a folder is replaced; nothing was written"
-                    .into(),
-            })
-        }
-        Ok(_) => {
-            return Err(Error::Output {
+                        .into(),
+                })
+            }
+            Ok(_) => return Err(Error::Output {
                 path: path.into(),
-                reason: "exists and is not a folder (a Distributed Checkpoint is a folder); nothing was written"
-                    .into(),
-            })
-        }
-        Err(_) => false,
-    };
+                reason:
+                    "exists and is not a folder (a Distributed Checkpoint is a folder); nothing was written"
+                        .into(),
+            }),
+            Err(_) => false,
+        };
     let (folder, temp) = temporary_name(&trimmed)?;
     let name = trimmed.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     remove_stale(&folder, &|n| n == name, &|_| false);
@@ -311,7 +311,8 @@ fn switch_folder(temp: &Path, path: &Path, replaces: bool) -> Result<()> {
     let rename = |flags: libc::c_uint| {
         // SAFETY: two NUL-terminated paths that outlive the call; renameat2
         // reads them and keeps no pointer.
-        let rc = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) };
+        let rc =
+            unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags) };
         if rc == 0 {
             Ok(())
         } else {
@@ -386,7 +387,10 @@ pub(crate) fn lock_exclusive(path: &Path, named: &Path) -> Result<File> {
         .open(path)
         .map_err(io)?;
     if !file.metadata().map_err(io)?.is_file() {
-        return Err(Error::Output { path: path.into(), reason: "(a lock file) is not a regular file".into() });
+        return Err(Error::Output {
+            path: path.into(),
+            reason: "(a lock file) is not a regular file".into(),
+        });
     }
     loop {
         // SAFETY: flock on a descriptor this function owns; no memory is passed.

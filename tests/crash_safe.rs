@@ -132,9 +132,15 @@ fn uniform_value(model: &Path) -> f64 {
 }
 
 /// Kills `command` at `k` moments spread over `full_run`; after each, `check`.
-fn kill_at_moments(k: u32, full_run: Duration, mut command: impl FnMut() -> Command, mut check: impl FnMut()) {
+fn kill_at_moments(
+    k: u32,
+    full_run: Duration,
+    mut command: impl FnMut() -> Command,
+    mut check: impl FnMut(),
+) {
     for i in 0..k {
-        let delay = full_run.mul_f64((i as f64 + 0.5) / (k as f64 - 1.0)) + Duration::from_millis((i * 37 % 23) as u64);
+        let delay = full_run.mul_f64((i as f64 + 0.5) / (k as f64 - 1.0))
+            + Duration::from_millis((i * 37 % 23) as u64);
         let mut child = command().spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
@@ -160,15 +166,26 @@ fn a_killed_sharded_convert_leaves_the_old_set_or_the_new_one() {
     assert_eq!(uniform_value(&index), 2.0);
     assert!(convert(&old_src, &index, "20MB").status().unwrap().success());
     let mut outcomes = (0, 0);
-    kill_at_moments(8, full_run, || convert(&new_src, &index, "20MB"), || {
-        if uniform_value(&index) == 1.0 {
-            outcomes.0 += 1;
-        } else {
-            outcomes.1 += 1;
-            assert!(convert(&old_src, &index, "20MB").status().unwrap().success(), "restoring the old set");
-        }
-    });
-    eprintln!("8 kills: the old set {} times, the new {} times (a run takes {full_run:?})", outcomes.0, outcomes.1);
+    kill_at_moments(
+        8,
+        full_run,
+        || convert(&new_src, &index, "20MB"),
+        || {
+            if uniform_value(&index) == 1.0 {
+                outcomes.0 += 1;
+            } else {
+                outcomes.1 += 1;
+                assert!(
+                    convert(&old_src, &index, "20MB").status().unwrap().success(),
+                    "restoring the old set"
+                );
+            }
+        },
+    );
+    eprintln!(
+        "8 kills: the old set {} times, the new {} times (a run takes {full_run:?})",
+        outcomes.0, outcomes.1
+    );
     assert!(convert(&new_src, &index, "20MB").status().unwrap().success());
     assert_eq!(uniform_value(&index), 2.0);
     let mut left: Vec<String> = std::fs::read_dir(&out_dir)
@@ -214,12 +231,17 @@ fn a_killed_checkpoint_folder_write_leaves_the_old_folder_and_no_temporary() {
     assert_eq!(uniform_value(&folder), 2.0, "an existing folder is replaced");
     assert!(convert(&old_src, &folder, "").status().unwrap().success());
     let mut killed_with_temporary = 0;
-    kill_at_moments(6, full_run, || convert(&new_src, &folder, ""), || {
-        killed_with_temporary += usize::from(!temporaries(&out_dir).is_empty());
-        if uniform_value(&folder) == 2.0 {
-            assert!(convert(&old_src, &folder, "").status().unwrap().success());
-        }
-    });
+    kill_at_moments(
+        6,
+        full_run,
+        || convert(&new_src, &folder, ""),
+        || {
+            killed_with_temporary += usize::from(!temporaries(&out_dir).is_empty());
+            if uniform_value(&folder) == 2.0 {
+                assert!(convert(&old_src, &folder, "").status().unwrap().success());
+            }
+        },
+    );
     eprintln!("6 kills, {killed_with_temporary} left a temporary folder");
     assert!(convert(&new_src, &folder, "").status().unwrap().success());
     assert_eq!(uniform_value(&folder), 2.0);

@@ -117,8 +117,7 @@ fn keep_old_reachable(
             named.push(shard.clone());
         }
     }
-    let clashing: Vec<String> =
-        named.iter().filter(|s| shards.contains(&folder.join(s))).cloned().collect();
+    let clashing: Vec<String> = named.iter().filter(|s| shards.contains(&folder.join(s))).cloned().collect();
     if clashing.is_empty() {
         return Ok(named);
     }
@@ -166,19 +165,25 @@ mod tests {
     #[test]
     fn stale_temporaries_cost_one_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let names = ["m-00001-of-00003.safetensors", "m-00002-of-00003.safetensors", "m-00003-of-00003.safetensors"];
+        let names =
+            ["m-00001-of-00003.safetensors", "m-00002-of-00003.safetensors", "m-00003-of-00003.safetensors"];
         // A PID above Linux's largest (2^22) is never alive.
         for k in 0..15_000 {
             let name = names[k % 3];
-            std::fs::write(dir.path().join(format!(".{name}.transplant-tmp-{}-{k}", 9_000_000 + k % 7)), b"x")
-                .unwrap();
+            std::fs::write(
+                dir.path().join(format!(".{name}.transplant-tmp-{}-{k}", 9_000_000 + k % 7)),
+                b"x",
+            )
+            .unwrap();
         }
         std::fs::write(dir.path().join(".other.transplant-tmp-9000000-1"), b"kept: not ours").unwrap();
         let mut paths: Vec<PathBuf> = names.iter().map(|n| dir.path().join(n)).collect();
         paths.push(dir.path().join("m.safetensors.index.json"));
         let before = files::scans();
         replace_set(&paths, |temps| {
-            temps.iter().try_for_each(|t| std::fs::write(t, b"{}").map_err(|source| Error::Io { path: t.clone(), source }))
+            temps.iter().try_for_each(|t| {
+                std::fs::write(t, b"{}").map_err(|source| Error::Io { path: t.clone(), source })
+            })
         })
         .unwrap();
         assert_eq!(files::scans() - before, 1, "one scan of the folder");
