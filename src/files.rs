@@ -372,30 +372,22 @@ fn temporary_name(path: &Path) -> Result<(PathBuf, PathBuf)> {
     hidden_name(path, TEMPORARY_MARK)
 }
 
-/// Holds an exclusive lock (`flock`) on the file `path`, created if missing,
-/// until the returned file is dropped; waits while another process holds it.
-/// A killed holder's lock is released by the kernel. Errors name `named`.
-pub(crate) fn lock_exclusive(path: &Path, named: &Path) -> Result<File> {
+/// Holds an exclusive lock (`flock`) on the folder `folder` until the
+/// returned handle is dropped; waits while another process holds it. A killed
+/// holder's lock is released by the kernel, and no lock file is left behind.
+/// Errors name `named`.
+pub(crate) fn lock_folder(folder: &Path, named: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
     let io = |source| Error::Io { path: named.into(), source };
-    let file = File::options()
+    let handle = File::options()
         .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(folder)
         .map_err(io)?;
-    if !file.metadata().map_err(io)?.is_file() {
-        return Err(Error::Output {
-            path: path.into(),
-            reason: "(a lock file) is not a regular file".into(),
-        });
-    }
     loop {
         // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(file);
+        if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(handle);
         }
         let error = std::io::Error::last_os_error();
         if error.kind() != std::io::ErrorKind::Interrupted {

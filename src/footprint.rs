@@ -6,7 +6,7 @@
 //! every file in it. An output writes the file named; for a sharded index also
 //! the shards of the set it writes (`STEM-NNNNN-of-NNNNN.safetensors` beside
 //! it, whichever number of shards it turns out to be), those the index there
-//! now names (they are removed when replaced) and its lock file; for a folder
+//! now names (they are removed when replaced); for a folder
 //! (`DIR/`), everything inside it. Files are the same when their paths are,
 //! once symbolic links and `..` are resolved (for files not yet made, through
 //! their folder), or when they are one file (device and inode, hard links).
@@ -158,7 +158,7 @@ pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
                 return refuse(&folder.join(file), input, spot);
             }
         }
-        // Shards there now (by identity too), those the index there names, the lock.
+        // Shards there now (by identity too), and those the index there names.
         if let Ok(entries) = std::fs::read_dir(&folder) {
             for entry in entries.flatten().take(MAX_LISTED) {
                 if entry.file_name().to_str().is_some_and(|f| is_shard_of(f, stem)) {
@@ -169,7 +169,6 @@ pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
         if out.exists() {
             written.extend(read_by(out).into_iter().skip(1));
         }
-        written.push(Spot::of(&folder.join(format!(".{name}.transplant-lock"))));
     }
     for spot in &written {
         if let Some((input, hit)) = read.iter().find(|(_, r)| r.is(spot)) {

@@ -4,8 +4,9 @@
 //! names. Until the new index is renamed into place, no file the current index
 //! names changes:
 //!
-//! 1. Writers of one index take turns: each holds an exclusive `flock` of the
-//!    hidden `.INDEX.transplant-lock` beside it for the whole write.
+//! 1. Writers of sets in one folder take turns: each holds an exclusive
+//!    `flock` of the folder for the whole write (no lock file is left; the
+//!    kernel lets go of a killed writer's lock).
 //! 2. The new shards and index are written to temporaries and synced.
 //! 3. Where a new shard's name is one the current index names (a set rewritten
 //!    under the same names), the old shard is first hard-linked to a hidden
@@ -26,14 +27,6 @@ use crate::files;
 
 /// What the hidden links that keep an old set reachable are named.
 const OLD_MARK: &str = ".transplant-old-";
-
-/// The lock file beside `index` that its writers take turns on.
-fn lock_path(index: &Path) -> PathBuf {
-    let mut name = std::ffi::OsString::from(".");
-    name.push(index.file_name().unwrap_or_default());
-    name.push(".transplant-lock");
-    files::folder_of(index).join(name)
-}
 
 /// The index at `index` as it is now: its JSON, and the shard of each tensor
 /// (file names inside its folder only; an index that cannot be read names none).
@@ -61,7 +54,7 @@ pub(super) fn replace_set(paths: &[PathBuf], write: impl FnOnce(&[PathBuf]) -> R
         temps.push(files::temporary(path)?.1);
     }
     let folder = files::folder_of(index);
-    let _lock = files::lock_exclusive(&lock_path(index), index)?;
+    let _lock = files::lock_folder(&folder, index)?;
     let old = current(index);
     let old_shards: Vec<&String> = old.iter().flat_map(|(_, map)| map.values()).collect();
     // One pass over the folder: our temporaries, and hidden links no index names.
@@ -195,7 +188,6 @@ mod tests {
         assert_eq!(
             left,
             [
-                ".m.safetensors.index.json.transplant-lock",
                 ".other.transplant-tmp-9000000-1",
                 "m-00001-of-00003.safetensors",
                 "m-00002-of-00003.safetensors",

@@ -81,7 +81,14 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .iter()
         .map(|(name, t)| {
             let copy = t.f_contiguous().and_then(|c| {
-                if c.data_ptr() == t.data_ptr() {
+                if c.numel() == 0 {
+                    // An empty storage has no data pointer, which tch's stream
+                    // callback cannot take (a null slice): an empty view of a
+                    // one-element storage reads back as the same empty tensor.
+                    let strides: Vec<i64> = c.stride();
+                    Tensor::f_zeros([1], (c.kind(), tch::Device::Cpu))
+                        .and_then(|one| one.f_as_strided(c.size().as_slice(), strides.as_slice(), Some(0)))
+                } else if c.data_ptr() == t.data_ptr() {
                     c.f_detach_copy()
                 } else {
                     Ok(c)
