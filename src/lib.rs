@@ -8,6 +8,7 @@ mod dotted;
 mod entry;
 mod error;
 mod files;
+mod folders;
 mod ffi;
 mod c10d;
 mod chunks;
