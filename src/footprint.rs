@@ -119,15 +119,14 @@ pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
     let read: Vec<(&Path, Spot)> =
         inputs.iter().flat_map(|input| read_by(input).into_iter().map(move |spot| (*input, spot))).collect();
     let refuse = |written: &Path, input: &Path, spot: &Spot| {
-        let what = if spot.named == input {
-            format!("the input {}", input.display())
+        let reason = if spot.named == input && written == out {
+            format!("is the input {}", input.display())
+        } else if spot.named == input {
+            format!("would replace the input {}", input.display())
+        } else if written == out {
+            format!("is {}, a file the input {} reads", spot.named.display(), input.display())
         } else {
-            format!("{}, which the input {} reads", spot.named.display(), input.display())
-        };
-        let reason = if written == out {
-            format!("is {what}")
-        } else {
-            format!("would replace {what} (as {})", written.display())
+            format!("would replace {}, a file the input {} reads", written.display(), input.display())
         };
         Err(Error::Output {
             path: out.into(),
