@@ -119,20 +119,77 @@ impl Drop for PatchingWriter {
     }
 }
 
-/// Removes `.NAME.transplant-tmp-PID-N` files that a killed earlier write left
-/// in `folder`: those whose process is gone (Linux: no /proc/PID).
-fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
-    let Some(name) = name.to_str() else { return };
-    let prefix = format!(".{name}.transplant-tmp-");
+/// What our temporaries are named: `.NAME.transplant-tmp-PID-N`.
+const TEMPORARY_MARK: &str = ".transplant-tmp-";
+
+#[cfg(test)]
+thread_local! {
+    /// Folder scans for stale temporaries made on this thread (tests count them).
+    static SCANS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Folder scans for stale temporaries made on this thread so far.
+#[cfg(test)]
+pub(crate) fn scans() -> usize {
+    SCANS.with(std::cell::Cell::get)
+}
+
+/// Whether process `pid` is gone (Linux: no /proc/PID); this process is alive.
+fn is_dead(pid: u32, known: &mut std::collections::HashMap<u32, bool>) -> bool {
+    *known
+        .entry(pid)
+        .or_insert_with(|| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// The NAME and PID of a file named `.NAME{mark}PID-N`, if it is one.
+fn parse_hidden<'a>(file: &'a str, mark: &str) -> Option<(&'a str, u32)> {
+    let rest = file.strip_prefix('.')?;
+    let at = rest.rfind(mark)?;
+    let (name, tail) = (&rest[..at], &rest[at + mark.len()..]);
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    Some((name, pid.parse().ok()?))
+}
+
+/// Removes, in one pass over `folder`, what killed earlier writes left there:
+/// temporaries (`.NAME.transplant-tmp-PID-N`, files or folders) of a NAME that
+/// `ours` accepts, of processes that are gone (Linux: no /proc/PID), and the
+/// other files `also` names. However many there are, the folder is read once.
+pub(crate) fn remove_stale(folder: &Path, ours: &dyn Fn(&str) -> bool, also: &dyn Fn(&str) -> bool) {
+    #[cfg(test)]
+    SCANS.with(|s| s.set(s.get() + 1));
     let Ok(entries) = std::fs::read_dir(folder) else { return };
+    let mut known = std::collections::HashMap::new();
     for entry in entries.flatten() {
         let file = entry.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
-            let _ = std::fs::remove_file(entry.path());
+        let Some(file) = file.to_str() else { continue };
+        let stale = match parse_hidden(file, TEMPORARY_MARK) {
+            Some((name, pid)) => ours(name) && is_dead(pid, &mut known),
+            None => also(file),
+        };
+        if stale {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
         }
+    }
+}
+
+/// Whether `file` is named `.NAME{mark}PID-N` and its process is gone.
+pub(crate) fn left_by_dead_process(file: &str, mark: &str) -> bool {
+    parse_hidden(file, mark).is_some_and(|(_, pid)| is_dead(pid, &mut std::collections::HashMap::new()))
+}
+
+/// The folder `path` lies in (`.` for a bare name).
+pub(crate) fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -143,6 +200,8 @@ fn remove_stale_temporaries(folder: &Path, name: &std::ffi::OsStr) {
 /// to the same path. Errors name `path`, not the temporary file.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let (folder, temp) = temporary(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    remove_stale(&folder, &|n| n == name, &|_| false);
     let written = write(&temp).map_err(|error| error.with_path(&temp, path));
     let result = written.and_then(|()| {
         sync(&temp, path)?;
@@ -154,101 +213,86 @@ pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<
     result
 }
 
-/// Writes files that belong together (shards and their index) as one: each to
-/// a temporary name next to it first; only when every one is written and
-/// synced are they renamed into place, in order (the index, last in `paths`,
-/// last). An error before the renames removes every temporary: nothing of the
-/// set appears.
-pub(crate) fn write_set_atomically(
+/// Fills files that belong together (the shards of a set and its index): `write`
+/// writes each to its temporary (`temps`, in the order of `paths`), then all
+/// are synced. Renaming them into place is the caller's ([`commit`]); on an
+/// error here every temporary is removed. Errors name the paths, not the temporaries.
+pub(crate) fn write_temporaries(
     paths: &[PathBuf],
+    temps: &[PathBuf],
     write: impl FnOnce(&[PathBuf]) -> Result<()>,
 ) -> Result<()> {
-    let mut folders = Vec::with_capacity(paths.len());
-    let mut temps = Vec::with_capacity(paths.len());
-    for path in paths {
-        let (folder, temp) = temporary(path)?;
-        folders.push(folder);
-        temps.push(temp);
-    }
-    let written = write(&temps).map_err(|error| {
+    let written = write(temps).map_err(|error| {
         match temps.iter().zip(paths).find(|(t, _)| error.path() == Some(t.as_path())) {
             Some((temp, path)) => error.with_path(temp, path),
             None => error,
         }
     });
-    let result = written
-        .and_then(|()| temps.iter().zip(paths).try_for_each(|(temp, path)| sync(temp, path)))
-        .and_then(|()| {
-            temps
-                .iter()
-                .zip(paths)
-                .zip(&folders)
-                .try_for_each(|((temp, path), folder)| commit(temp, path, folder))
-        });
+    let result = written.and_then(|()| temps.iter().zip(paths).try_for_each(|(temp, path)| sync(temp, path)));
     if result.is_err() {
-        for temp in &temps {
+        for temp in temps {
             let _ = std::fs::remove_file(temp);
         }
     }
     result
 }
 
-/// Writes a folder (a Distributed Checkpoint) as one: into a temporary folder
-/// next to `path`, renamed into place only when `write` succeeded; an error
-/// removes it. `path` must not exist: a folder is never replaced.
-pub(crate) fn write_folder_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        return Err(Error::Output {
-            path: path.into(),
-            reason: "exists; a checkpoint folder is written whole into a new path, never over one".into(),
-        });
-    }
-    let trimmed: PathBuf = path.components().collect();
-    let (folder, temp) = temporary(&trimmed)?;
-    std::fs::create_dir(&temp).map_err(|source| Error::Io { path: path.into(), source })?;
-    let result = write(&temp).map_err(|error| error.with_path(&temp, &trimmed)).and_then(|()| {
-        for entry in std::fs::read_dir(&temp).map_err(|source| Error::Io { path: temp.clone(), source })? {
-            let entry = entry.map_err(|source| Error::Io { path: temp.clone(), source })?;
-            sync(&entry.path(), path)?;
-        }
-        commit(&temp, &trimmed, &folder)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&temp);
-    }
-    result
-}
-
 /// A temporary path next to `path` (hidden, unique to this process and write),
 /// after checking that `path` may be written; and `path`'s folder.
-fn temporary(path: &Path) -> Result<(PathBuf, PathBuf)> {
+pub(crate) fn temporary(path: &Path) -> Result<(PathBuf, PathBuf)> {
     check_destination(path)?;
+    temporary_name(path)
+}
+
+/// A hidden name next to `path`, unique to this process and write:
+/// `.NAME{mark}PID-N`; and `path`'s folder.
+pub(crate) fn hidden_name(path: &Path, mark: &str) -> Result<(PathBuf, PathBuf)> {
     let name = path.file_name().ok_or_else(|| Error::NotAFile { path: path.into() })?;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let folder = folder_of(path);
     static WRITES: AtomicU64 = AtomicU64::new(0);
-    remove_stale_temporaries(&folder, name);
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(
-        ".transplant-tmp-{}-{}",
-        std::process::id(),
-        WRITES.fetch_add(1, Ordering::Relaxed)
-    ));
-    Ok((folder.clone(), folder.join(temp_name)))
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(format!("{mark}{}-{}", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
+    Ok((folder.clone(), folder.join(hidden)))
+}
+
+pub(crate) fn temporary_name(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    hidden_name(path, TEMPORARY_MARK)
+}
+
+/// Holds an exclusive lock (`flock`) on the folder `folder` until the
+/// returned handle is dropped; waits while another process holds it. A killed
+/// holder's lock is released by the kernel, and no lock file is left behind.
+/// Errors name `named`.
+pub(crate) fn lock_folder(folder: &Path, named: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let io = |source| Error::Io { path: named.into(), source };
+    let handle = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(folder)
+        .map_err(io)?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(handle);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(io(error));
+        }
+    }
 }
 
 /// Flushes a written temporary to the disk (errors name `path`).
-fn sync(temp: &Path, path: &Path) -> Result<()> {
+pub(crate) fn sync(temp: &Path, path: &Path) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
     let file = File::options().read(true).write(true).open(temp).map_err(io)?;
     file.sync_all().map_err(io)
 }
 
 /// Renames a synced temporary into place, durably where the folder allows.
-fn commit(temp: &Path, path: &Path, folder: &Path) -> Result<()> {
+pub(crate) fn commit(temp: &Path, path: &Path, folder: &Path) -> Result<()> {
     std::fs::rename(temp, path).map_err(|source| Error::Io { path: path.into(), source })?;
     // Make the rename itself durable; not every filesystem allows syncing a folder.
     if let Ok(dir) = File::open(folder) {

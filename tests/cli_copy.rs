@@ -382,3 +382,58 @@ fn a_lossy_cast_is_refused_naming_the_flag_and_allow_lossy_writes_it() {
     let written = Checkpoint::open(&out).unwrap();
     assert_eq!(written.tensor(0).unwrap().int64_value(&[0]), 2, "float 2.5 truncated into int64");
 }
+
+/// OUT may not be any file an input reads: a shard of SRC's index, a file of
+/// SRC's checkpoint folder, a shard a sharded OUT would write over, the same
+/// file under another name (a hard link), or the folder itself. Each is refused
+/// before anything is written, naming both, and the source still loads.
+#[test]
+fn out_may_not_be_any_file_an_input_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    for entry in std::fs::read_dir(fixture("sharded")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), sharded.join(entry.file_name())).unwrap();
+    }
+    let index = sharded.join("model.safetensors.index.json");
+    // A second index naming the same shards.
+    let alias = sharded.join("alias.safetensors.index.json");
+    std::fs::copy(&index, &alias).unwrap();
+    let shard = |k: u32| sharded.join(format!("model-0000{k}-of-00003.safetensors"));
+    let dcp = dir.path().join("dcp/");
+    assert_eq!(transplant(["convert", s(&fixture("bn_net_a.pt")), "-o", s(&dcp)]).code, 0);
+    let single = dir.path().join("single.safetensors");
+    std::fs::copy(fixture("named_net.safetensors"), &single).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::fs::hard_link(&single, &link).unwrap();
+    let dst = fixture("bn_net_b.pt");
+
+    let mut watched: Vec<std::path::PathBuf> = (1..=3).map(shard).collect();
+    watched.extend([index.clone(), alias.clone(), dcp.join("__0_0.distcp"), dcp.join(".metadata"), single]);
+    let before: Vec<String> = watched.iter().map(|p| file_hash(p)).collect();
+    let dcp_data = dcp.join("__0_0.distcp");
+    let (one, two, three) = (shard(1), shard(2), shard(3));
+    let cases: Vec<(Vec<&str>, &Path, &Path)> = vec![
+        (vec!["convert", s(&index), "-o", s(&two)], &two, &index),
+        (vec!["copy", s(&index), s(&dst), "-o", s(&one)], &one, &index),
+        (vec!["copy", s(&dcp), s(&dst), "-o", s(&dcp_data)], &dcp_data, &dcp),
+        (vec!["convert", s(&dcp), "-o", s(&dcp)], &dcp, &dcp),
+        (vec!["convert", s(&alias), "-o", s(&index)], &index, &alias),
+        (vec!["convert", s(&three), "-o", s(&index), "--max-shard-size", "1kB"], &index, &three),
+        (vec!["convert", s(&link), "-o", s(&watched[7])], &watched[7], &link),
+    ];
+    for (args, out, input) in &cases {
+        let run = transplant(args);
+        assert_eq!(run.code, 1, "{args:?}: {}{}", run.stdout, run.stderr);
+        let (out, input) = (s(out).trim_end_matches('/'), s(input).trim_end_matches('/'));
+        assert!(run.stderr.contains(out) && run.stderr.contains(input), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains("inputs are never modified"), "{args:?}: {}", run.stderr);
+    }
+    let after: Vec<String> = watched.iter().map(|p| file_hash(p)).collect();
+    assert_eq!(before, after, "an input changed");
+    for model in [&index, &alias, &dcp] {
+        let run = transplant(["inspect", s(model)]);
+        assert_eq!(run.code, 0, "{}: {}", model.display(), run.stderr);
+    }
+}

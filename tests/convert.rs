@@ -296,3 +296,23 @@ fn ties_are_kept_where_the_format_can_share_and_reported_where_it_cannot() {
         run.stdout
     );
 }
+
+/// A tensor name that as an `.npz` member would leave the archive when
+/// extracted, or that readers split differently, is refused by name; nothing
+/// is written. A name with a plain `/` inside stays writable.
+#[test]
+fn npz_member_names_that_leave_the_archive_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.npz");
+    let src = fixture("named_net.safetensors");
+    for (to, shown) in
+        [("../../evil", "../../evil"), ("/abs", "/abs"), ("a\\\\b", "a\\\\b"), ("a//b", "a//b")]
+    {
+        let run = convert(&[path(&src), "-o", path(&out), "--map", &format!("head\\.bias=>{to}")]);
+        assert_eq!(run.code, 1, "{to}: {}", run.stderr);
+        assert!(run.stderr.contains(&format!("tensor {shown} as npz")), "{to}: {}", run.stderr);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{to}: something was written");
+    }
+    let run = convert(&[path(&src), "-o", path(&out), "--map", "head\\.bias=>head/bias"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

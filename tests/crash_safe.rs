@@ -95,3 +95,155 @@ fn a_killed_copy_leaves_the_old_file_or_the_whole_new_one() {
     assert!(std::fs::read(&out).unwrap() == new_bytes);
     assert_eq!(temporaries(&out_dir), Vec::<String>::new(), "temporary files left behind");
 }
+
+/// Four float32 tensors of `mb` MB each, all `fill`, as one safetensors file.
+fn write_parts(path: &Path, fill: f64, mb: i64) {
+    let tensors = (0..4)
+        .map(|k| (format!("layer{k}.weight"), Tensor::full([mb, 1 << 18], fill, (Kind::Float, Device::Cpu))))
+        .collect();
+    Checkpoint::from_tensors("crash", Format::Safetensors, tensors, BTreeMap::new())
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+fn convert(src: &Path, out: &Path, shard: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_transplant"));
+    command.args(["convert".as_ref(), src.as_os_str(), "-o".as_ref(), out.as_os_str()]);
+    if !shard.is_empty() {
+        command.args(["--max-shard-size", shard]);
+    }
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    command
+}
+
+/// The one value every element of every tensor of `model` holds (checked at
+/// each tensor's first and last element), or a panic naming the mix.
+fn uniform_value(model: &Path) -> f64 {
+    let store = transplant::open(model).unwrap_or_else(|e| panic!("{} does not load: {e}", model.display()));
+    let mut values = Vec::new();
+    for (i, entry) in store.entries().iter().enumerate() {
+        let t = store.tensor(i).unwrap().flatten(0, -1);
+        values.push((entry.name.to_string(), t.double_value(&[0]), t.double_value(&[t.numel() as i64 - 1])));
+    }
+    let first = values[0].1;
+    assert!(values.iter().all(|(_, a, b)| *a == first && *b == first), "a mixed set: {values:?}");
+    first
+}
+
+/// Kills `command` at `k` moments spread over `full_run`; after each, `check`.
+fn kill_at_moments(
+    k: u32,
+    full_run: Duration,
+    mut command: impl FnMut() -> Command,
+    mut check: impl FnMut(),
+) {
+    for i in 0..k {
+        let delay = full_run.mul_f64((i as f64 + 0.5) / (k as f64 - 1.0))
+            + Duration::from_millis((i * 37 % 23) as u64);
+        let mut child = command().spawn().unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        check();
+    }
+}
+
+#[test]
+fn a_killed_sharded_convert_leaves_the_old_set_or_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_src, new_src) = (dir.path().join("old.safetensors"), dir.path().join("new.safetensors"));
+    write_parts(&old_src, 1.0, 16);
+    write_parts(&new_src, 2.0, 16);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let index = out_dir.join("model.safetensors.index.json");
+    // 4 shards each time: the new set's shard names are the old set's.
+    assert!(convert(&old_src, &index, "20MB").status().unwrap().success());
+    let started = Instant::now();
+    assert!(convert(&new_src, &index, "20MB").status().unwrap().success());
+    let full_run = started.elapsed();
+    assert_eq!(uniform_value(&index), 2.0);
+    assert!(convert(&old_src, &index, "20MB").status().unwrap().success());
+    let mut outcomes = (0, 0);
+    kill_at_moments(
+        8,
+        full_run,
+        || convert(&new_src, &index, "20MB"),
+        || {
+            if uniform_value(&index) == 1.0 {
+                outcomes.0 += 1;
+            } else {
+                outcomes.1 += 1;
+                assert!(
+                    convert(&old_src, &index, "20MB").status().unwrap().success(),
+                    "restoring the old set"
+                );
+            }
+        },
+    );
+    eprintln!(
+        "8 kills: the old set {} times, the new {} times (a run takes {full_run:?})",
+        outcomes.0, outcomes.1
+    );
+    assert!(convert(&new_src, &index, "20MB").status().unwrap().success());
+    assert_eq!(uniform_value(&index), 2.0);
+    let mut left: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with("-of-00004.safetensors"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["model.safetensors.index.json"]);
+}
+
+#[test]
+fn concurrent_sharded_converts_into_one_index_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    write_parts(&a, 1.0, 1);
+    write_parts(&b, 2.0, 1);
+    let index = dir.path().join("out").join("model.safetensors.index.json");
+    std::fs::create_dir(index.parent().unwrap()).unwrap();
+    for round in 0..12 {
+        let mut first = convert(&a, &index, "1MB").spawn().unwrap();
+        let mut second = convert(&b, &index, "1MB").spawn().unwrap();
+        assert!(first.wait().unwrap().success() && second.wait().unwrap().success(), "round {round}");
+        let value = uniform_value(&index);
+        assert!(value == 1.0 || value == 2.0, "round {round}: {value}");
+    }
+}
+
+#[test]
+fn a_killed_checkpoint_folder_write_leaves_the_old_folder_and_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_src, new_src) = (dir.path().join("old.safetensors"), dir.path().join("new.safetensors"));
+    write_parts(&old_src, 1.0, 16);
+    write_parts(&new_src, 2.0, 16);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let folder = out_dir.join("dcp/");
+    assert!(convert(&old_src, &folder, "").status().unwrap().success());
+    let started = Instant::now();
+    assert!(convert(&new_src, &folder, "").status().unwrap().success());
+    let full_run = started.elapsed();
+    assert_eq!(uniform_value(&folder), 2.0, "an existing folder is replaced");
+    assert!(convert(&old_src, &folder, "").status().unwrap().success());
+    let mut killed_with_temporary = 0;
+    kill_at_moments(
+        6,
+        full_run,
+        || convert(&new_src, &folder, ""),
+        || {
+            killed_with_temporary += usize::from(!temporaries(&out_dir).is_empty());
+            if uniform_value(&folder) == 2.0 {
+                assert!(convert(&old_src, &folder, "").status().unwrap().success());
+            }
+        },
+    );
+    eprintln!("6 kills, {killed_with_temporary} left a temporary folder");
+    assert!(convert(&new_src, &folder, "").status().unwrap().success());
+    assert_eq!(uniform_value(&folder), 2.0);
+    assert_eq!(temporaries(&out_dir), Vec::<String>::new(), "temporary folders left behind");
+}

@@ -104,10 +104,16 @@ fn what_transplant_writes_pytorch_loads_in_one_process_and_in_two_ranks() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let (ok, out) = python(&["load", s(&from_dcp), s(&module)]);
     assert!(ok, "{out}");
-    // The folder is new or nothing is written.
+    // A checkpoint folder is replaced whole; a folder holding anything else is not.
+    let run = transplant(["convert", s(&fixture("bn_net_a.pt")), "-o", s(&flat)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let (ok, out) = python(&["load", s(&flat), s(&fixture("bn_net_a.pt"))]);
+    assert!(ok, "{out}");
+    std::fs::write(flat.join("notes.txt"), "mine").unwrap();
     let run = transplant(["convert", s(&module), "-o", s(&flat)]);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("exists") || run.stderr.contains("is a directory"), "{}", run.stderr);
+    assert!(run.stderr.contains("holds more than a Distributed Checkpoint"), "{}", run.stderr);
+    assert!(flat.join("notes.txt").exists());
 }
 
 #[test]

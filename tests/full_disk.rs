@@ -1,7 +1,8 @@
 //! A full disk while writing OUT (a small tmpfs, mounted where the test may;
 //! skipped where it may not): a clean error naming OUT, exit 1, no temporary
 //! file left, and the old OUT intact — for a TorchScript archive rewrite, a
-//! safetensors file, sharded safetensors and a Distributed Checkpoint folder.
+//! safetensors file, sharded safetensors, a Distributed Checkpoint folder and a
+//! `.ot` file (libtorch's own writer aborted the process there).
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -38,7 +39,10 @@ fn left_over(dir: &Path) -> Vec<String> {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "old.pt" && n != "old.safetensors")
+        // The lock file sharded writers take turns on stays, empty.
+        .filter(|n| {
+            n != "old.pt" && n != "old.safetensors" && n != "old.ot" && !n.ends_with(".transplant-lock")
+        })
         .collect()
 }
 
@@ -54,7 +58,19 @@ fn a_full_disk_is_a_clean_error_and_the_old_out_stays() {
     std::fs::copy(fixture("bn_net_a.pt"), &old_pt).unwrap();
     let old_st = disk.0.join("old.safetensors");
     std::fs::copy(fixture("named_net.safetensors"), &old_st).unwrap();
-    let (pt_hash, st_hash) = (file_hash(&old_pt), file_hash(&old_st));
+    // libtorch's own `.ot` writer aborted the process on a full disk.
+    let old_ot = disk.0.join("old.ot");
+    let made = tempfile::tempdir().unwrap();
+    let small_ot = made.path().join("small.ot");
+    let run = transplant([
+        "convert",
+        fixture("named_net.safetensors").to_str().unwrap(),
+        "-o",
+        small_ot.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    std::fs::copy(&small_ot, &old_ot).unwrap();
+    let (pt_hash, st_hash, ot_hash) = (file_hash(&old_pt), file_hash(&old_st), file_hash(&old_ot));
     let cases: Vec<Vec<String>> = vec![
         vec![
             "copy".into(),
@@ -73,6 +89,14 @@ fn a_full_disk_is_a_clean_error_and_the_old_out_stays() {
             "1MB".into(),
         ],
         vec!["convert".into(), src.display().to_string(), "-o".into(), format!("{}/dcp/", disk.0.display())],
+        vec!["convert".into(), src.display().to_string(), "-o".into(), old_ot.display().to_string()],
+        vec![
+            "copy".into(),
+            src.display().to_string(),
+            fixture("resnet18.pt").display().to_string(),
+            "-o".into(),
+            old_ot.display().to_string(),
+        ],
     ];
     for args in cases {
         let run = transplant(&args);
@@ -84,6 +108,10 @@ fn a_full_disk_is_a_clean_error_and_the_old_out_stays() {
             run.stderr
         );
         assert_eq!(left_over(&disk.0), Vec::<String>::new(), "{args:?}");
-        assert_eq!((file_hash(&old_pt), file_hash(&old_st)), (pt_hash.clone(), st_hash.clone()), "{args:?}");
+        assert_eq!(
+            (file_hash(&old_pt), file_hash(&old_st), file_hash(&old_ot)),
+            (pt_hash.clone(), st_hash.clone(), ot_hash.clone()),
+            "{args:?}"
+        );
     }
 }

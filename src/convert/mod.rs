@@ -11,6 +11,7 @@
 //! tensor), written, and the source pages it read are handed back to the
 //! kernel, so that memory holds about one tensor, not the model.
 mod outline;
+mod replace;
 mod shards;
 
 use std::collections::{BTreeMap, HashMap};
@@ -407,7 +408,7 @@ pub fn save_sharded(store: &dyn Source, index: &Path, max_shard_bytes: u64) -> R
 }
 
 /// Writes every tensor of `store` as a Distributed Checkpoint folder `out`
-/// (which must not exist): one writer, each tensor one chunk, names under
+/// (new, or an old checkpoint folder, replaced whole): one writer, each tensor one chunk, names under
 /// `prefix.` when given (the key a checkpoint was read under); the folder
 /// appears whole or not at all. `torch.distributed.checkpoint.load` reads it
 /// and reshards it as its state dict asks.

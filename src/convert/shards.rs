@@ -27,7 +27,8 @@ pub(super) fn note_origin(metadata: &mut BTreeMap<String, String>, source: &dyn 
 /// Writes sharded safetensors: shards of at most `max` bytes of tensors (in
 /// order; a larger tensor alone), named `STEM-0000K-of-0000N.safetensors` next
 /// to the index `STEM.safetensors.index.json`, which lists every tensor's shard
-/// and the total size. The set appears whole or not at all.
+/// and the total size. The set appears whole or not at all, replacing the set
+/// the index named before as a whole (see [`super::replace`]).
 pub(super) fn write_shards(
     index: &Path,
     outgoing: &[Outgoing],
@@ -75,7 +76,7 @@ pub(super) fn write_shards(
         format: "safetensors index",
         message: e.to_string(),
     })?;
-    crate::files::write_set_atomically(&paths, |temps| {
+    super::replace::replace_set(&paths, |temps| {
         for (k, range) in shards.iter().enumerate() {
             let mut offset_produce = |i: usize| produce(range.start + i);
             safetensors::write_stream(&temps[k], &outgoing[range.clone()], metadata, &mut offset_produce)?;

@@ -277,7 +277,7 @@ pub(crate) fn overlapping(size: &[i64], stride: &[i64]) -> bool {
 pub(crate) const LEGACY_TORCH_MAGIC: [u8; 12] =
     [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8];
 /// Index files larger than this are not read as JSON.
-const MAX_INDEX_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// Tells which [`Format`] a file is in, from its content (magic bytes, archive
 /// entries), not from its extension — except where two formats share one

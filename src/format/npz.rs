@@ -214,6 +214,26 @@ fn npy_header(descr: &str, shape: &[i64]) -> Vec<u8> {
     out
 }
 
+/// Why the tensor name `name` cannot be an `.npz` member's name (`NAME.npy`),
+/// if it cannot: one that would leave the archive when extracted (`..`, an
+/// absolute path), or that readers split or cut differently (`\\`, NUL, an
+/// empty part).
+fn unsafe_member_name(name: &str) -> Option<&'static str> {
+    Some(if name.is_empty() {
+        "the name is empty"
+    } else if name.contains('\0') {
+        "the name holds a NUL character"
+    } else if name.contains('\\') {
+        "the name holds a backslash"
+    } else if name.starts_with('/') {
+        "the name is an absolute path"
+    } else if name.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        "the name has an empty, `.` or `..` path part"
+    } else {
+        return None;
+    })
+}
+
 /// Writes `tensors` as an uncompressed `.npz` that `numpy.load` reads (directly:
 /// callers wanting atomicity go through [`crate::files::write_atomically`]).
 pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
@@ -225,6 +245,16 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 pub(crate) fn write_stream(path: &Path, outgoing: &[super::Outgoing], produce: super::Produce) -> Result<()> {
     let io = |source| Error::Io { path: path.into(), source };
     let descrs = super::check_types(path, FORMAT, outgoing, descr_of)?;
+    for o in outgoing {
+        if let Some(reason) = unsafe_member_name(&o.name) {
+            return Err(Error::Unrepresentable {
+                path: path.into(),
+                tensor: o.name.clone(),
+                format: FORMAT,
+                reason: format!("{reason}: as the archive member {}.npy it is unsafe", o.name),
+            });
+        }
+    }
     let file = File::create(path).map_err(io)?;
     let mut archive = zip::ZipWriter::new(crate::files::PatchingWriter::new(file));
     let options = zip::write::FileOptions::default()
@@ -266,6 +296,16 @@ mod tests {
         assert!(parse_header("{'descr': '<f4', 'shape': (x,), }").is_err());
         assert!(parse_header("{'fortran_order': False, 'shape': (3,), }").is_err());
         assert!(parse_header("").is_err());
+    }
+
+    #[test]
+    fn member_names_that_leave_the_archive_are_refused() {
+        for bad in ["", "../x", "a/../../x", "/abs", "a\\b", "a\0b", "a//b", "./a", "a/"] {
+            assert!(unsafe_member_name(bad).is_some(), "{bad:?}");
+        }
+        for good in ["a", "layer.0.weight", "a/b", "x..y", ".hidden"] {
+            assert_eq!(unsafe_member_name(good), None, "{good:?}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! attributes are the tensors, with `.` in names replaced by `|` (attribute names
 //! cannot hold dots). We read it as an archive (no libtorch load), write it
 //! through tch, and give names back their dots.
-use std::io::{Read, Seek};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 use tch::Tensor;
@@ -84,7 +85,14 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .iter()
         .map(|(name, t)| {
             let copy = t.f_contiguous().and_then(|c| {
-                if c.data_ptr() == t.data_ptr() {
+                if c.numel() == 0 {
+                    // An empty storage has no data pointer, which tch's stream
+                    // callback cannot take (a null slice): an empty view of a
+                    // one-element storage reads back as the same empty tensor.
+                    let strides: Vec<i64> = c.stride();
+                    Tensor::f_zeros([1], (c.kind(), tch::Device::Cpu))
+                        .and_then(|one| one.f_as_strided(c.size().as_slice(), strides.as_slice(), Some(0)))
+                } else if c.data_ptr() == t.data_ptr() {
                     c.f_detach_copy()
                 } else {
                     Ok(c)
@@ -97,9 +105,52 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Tensor::save_multi(&owned, path).map_err(|e| Error::Format {
+    // libtorch's own file writer aborts the process when a write fails (a full
+    // disk): its destructor throws. It writes into a stream here instead, which
+    // never fails towards libtorch; the first error is kept and returned.
+    let sink = std::rc::Rc::new(std::cell::RefCell::new(Sink {
+        file: std::io::BufWriter::with_capacity(1 << 20, File::create(path).map_err(io(path))?),
+        error: None,
+    }));
+    Tensor::save_multi_to_stream(&owned, SinkHandle(sink.clone())).map_err(|e| Error::Format {
         path: path.into(),
         format: "tch archive (.ot)",
         message: e.to_string(),
-    })
+    })?;
+    let mut sink = sink.borrow_mut();
+    if let Some(error) = sink.error.take() {
+        return Err(io(path)(error));
+    }
+    sink.file.flush().map_err(io(path))
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.into(), source }
+}
+
+/// The file libtorch's archive writer streams into, and the first error a
+/// write met: after it, writes are dropped (and reported as done, so that
+/// libtorch finishes without throwing).
+struct Sink {
+    file: std::io::BufWriter<File>,
+    error: Option<std::io::Error>,
+}
+
+/// What libtorch holds of the [`Sink`] while it writes.
+struct SinkHandle(std::rc::Rc<std::cell::RefCell<Sink>>);
+
+impl Write for SinkHandle {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut sink = self.0.borrow_mut();
+        if sink.error.is_none() {
+            if let Err(error) = sink.file.write_all(data) {
+                sink.error = Some(error);
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -185,8 +185,6 @@ fn run(command: Command) -> Result<Outcome> {
             json,
         } => {
             transfer::check_output(&out, &inputs(&[&src, &dst], &args, plan.as_deref()))?;
-            transfer::check_shards(&out, &src)?;
-            transfer::check_shards(&out, &dst)?;
             let (mapping, mut policy) = mapping(&args)?;
             policy.allow_lossy_casts = allow_lossy;
             let device = transfer::device(&device)?;
@@ -249,7 +247,6 @@ fn run(command: Command) -> Result<Outcome> {
             let mut inputs: Vec<&Path> = vec![&src];
             inputs.extend(rules.as_deref());
             transfer::check_output(&out, &inputs)?;
-            transfer::check_shards(&out, &src)?;
             let mapping = Mapping::from_parts(rules.as_deref(), &maps, &skips, Matcher::Exact)?;
             let policy = Policy { strict, allow_lossy_casts: allow_lossy };
             let source = transfer::open_source(&src, key.as_deref())?;

@@ -78,60 +78,15 @@ pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<B
     }
 }
 
-/// The path `path` will have once it exists (symlinks and `..` resolved).
-fn resolved(path: &Path) -> PathBuf {
-    if let Ok(real) = path.canonicalize() {
-        return real;
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (parent.canonicalize(), path.file_name()) {
-        (Ok(dir), Some(name)) => dir.join(name),
-        _ => path.to_path_buf(),
-    }
-}
-
-/// Refuses an output path that names one of the inputs or a folder. (The
-/// library refuses special files and symbolic links where it writes.)
+/// Refuses an output path that is a folder (unless it names a Distributed
+/// Checkpoint folder, `DIR/`) or whose write would create, replace or remove a
+/// file an input reads ([`transplant::check_output`]). (The library refuses
+/// special files and symbolic links where it writes.)
 pub fn check_output(out: &Path, inputs: &[&Path]) -> Result<()> {
-    if out.is_dir() {
+    if out.is_dir() && !out.as_os_str().to_string_lossy().ends_with('/') {
         return Err(Error::Output { path: out.into(), reason: "is a directory".into() });
     }
-    let target = resolved(out);
-    for input in inputs {
-        if resolved(input) == target {
-            return Err(Error::Output {
-                path: out.into(),
-                reason: format!(
-                    "is the input {}; inputs are never modified, write elsewhere",
-                    input.display()
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Refuses a sharded output whose shards would replace the shards of the
-/// source it is converted from (an index of the same name in the same folder).
-pub fn check_shards(out: &Path, src: &Path) -> Result<()> {
-    let sharded = |p: &Path| p.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors.index.json");
-    if sharded(out) && sharded(src) {
-        let stem = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase());
-        let folder = |p: &Path| resolved(p).parent().map(Path::to_path_buf);
-        if stem(out) == stem(src) && folder(out) == folder(src) {
-            return Err(Error::Output {
-                path: out.into(),
-                reason: format!(
-                    "its shards would replace those of the input {}; write the index under another name or folder",
-                    src.display()
-                ),
-            });
-        }
-    }
-    Ok(())
+    transplant::check_output(out, inputs)
 }
 
 /// What a conversion read, renamed, transformed, skipped and wrote, in numbers.

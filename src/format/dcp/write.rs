@@ -129,8 +129,8 @@ fn metadata(written: &[Written], planner: &dyn Fn(&str) -> Vec<String>) -> Vec<u
     p.out
 }
 
-/// Writes a Distributed Checkpoint into the folder `out` (which must not
-/// exist yet): the `outgoing` tensors, each made by `produce` in turn and
+/// Writes a Distributed Checkpoint into the folder `out` (new, or an old
+/// checkpoint folder it replaces whole): the `outgoing` tensors, each made by `produce` in turn and
 /// written as one chunk (`torch.save` stream) into `__0_0.distcp`, and the
 /// `.metadata` that `torch.distributed.checkpoint.load` reads (and reshards on
 /// load). Names get `prefix.` in front (`model`, for a checkpoint read under
@@ -142,7 +142,7 @@ pub(crate) fn write_stream(
     prefix: Option<&str>,
     produce: crate::format::Produce,
 ) -> Result<()> {
-    crate::files::write_folder_atomically(out, |temp| {
+    crate::folders::write_folder_atomically(out, |temp| {
         let data_path = temp.join(DATA_FILE);
         let io = |source| Error::Io { path: data_path.clone(), source };
         let file = std::fs::File::create(&data_path).map_err(io)?;
