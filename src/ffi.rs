@@ -190,8 +190,11 @@ impl<'a> Pairs<'a> {
     /// overlapping views) but would receive different bytes there: copying
     /// both would leave one of them wrong whatever the order. Shared memory
     /// that receives the same bytes from both (tied sources, equal values) is
-    /// fine. Only contiguous targets are seen.
-    pub(crate) fn first_conflict(&self) -> Option<(usize, usize)> {
+    /// fine. Only contiguous targets are seen. Where a pair converts its
+    /// values (a cast, a GPU), two pairs that write the same whole range are
+    /// asked of `equal` (`equal(a, b)`: whether pairs `a` and `b` write the
+    /// same bytes), since their sources cannot be compared as they lie.
+    pub(crate) fn first_conflict(&self, equal: &dyn Fn(usize, usize) -> bool) -> Option<(usize, usize)> {
         let mut ranges: Vec<(usize, usize, usize)> = (self.moves.iter().enumerate())
             .filter(|(_, m)| !m.to.is_null() && m.nbytes > 0)
             .map(|(i, m)| (m.to as usize, m.to as usize + m.nbytes as usize, i))
@@ -205,7 +208,7 @@ impl<'a> Pairs<'a> {
             open.retain(|&(_, reach, _)| reach > start);
             for &(other_start, other_end, j) in &open {
                 let shared = start..end.min(other_end);
-                if !self.same_bytes(j, other_start, i, start, shared) {
+                if !self.same_bytes(j, other_start, i, start, shared, equal) {
                     let found = (i.min(j), i.max(j));
                     conflict = Some(conflict.map_or(found, |c| c.min(found)));
                 }
@@ -224,6 +227,7 @@ impl<'a> Pairs<'a> {
         b: usize,
         b_start: usize,
         shared: std::ops::Range<usize>,
+        equal: &dyn Fn(usize, usize) -> bool,
     ) -> bool {
         let (x, y) = (&self.moves[a], &self.moves[b]);
         let cpu_bytes = |m: &TpMove| m.kind != TP_MOVE_OTHER && !m.from.is_null();
@@ -236,7 +240,9 @@ impl<'a> Pairs<'a> {
             return true; // one source written twice into one place
         }
         if !cpu_bytes(x) || !cpu_bytes(y) {
-            return false; // converted or on a GPU: not compared, so not assumed equal
+            // Converted or on a GPU: the values are compared once converted,
+            // where both fill the same range; otherwise not assumed equal.
+            return a_start == b_start && x.nbytes == y.nbytes && equal(a, b);
         }
         let len = shared.end - shared.start;
         // SAFETY: both pairs are plain CPU pairs: `from` points at `nbytes`

@@ -437,3 +437,31 @@ fn out_may_not_be_any_file_an_input_reads() {
         assert_eq!(run.code, 0, "{}: {}", model.display(), run.stderr);
     }
 }
+
+/// A tied target filled from two source tensors of equal values through a
+/// cast (the model's own converted file, copied with `--dtype` or into
+/// another dtype): the values are compared once converted, not assumed to
+/// differ; sources that do differ are still refused.
+#[test]
+fn a_tied_target_takes_equal_sources_through_a_cast() {
+    let dir = tempfile::tempdir().unwrap();
+    let tied = fixture("tied_lm.pt");
+    let f32_file = dir.path().join("f32.safetensors");
+    let bf16_file = dir.path().join("bf16.safetensors");
+    assert_eq!(common::transplant(["convert", s(&tied), "-o", s(&f32_file)]).code, 0);
+    assert_eq!(common::transplant(["convert", s(&tied), "-o", s(&bf16_file), "--dtype", "bf16"]).code, 0);
+    for (source, dtype) in [(&f32_file, Some("bf16")), (&bf16_file, None)] {
+        let out = dir.path().join(format!("out-{}.pt", dtype.unwrap_or("f32")));
+        let mut args = vec![s(source), s(&tied), "-o", s(&out)];
+        args.extend(dtype.map(|d| ["--dtype", d]).into_iter().flatten());
+        let run = copy(&args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let read = common::inspected(&out);
+        let digest = |name: &str| read.iter().find(|r| r.name == name).map(|r| r.sha256.clone()).unwrap();
+        assert_eq!(digest("embed.weight"), digest("head.weight"));
+    }
+    let out = dir.path().join("untied.pt");
+    let run = copy(&[s(&fixture("tied_untied.safetensors")), s(&tied), "-o", s(&out), "--dtype", "bf16"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("share memory") && !out.exists(), "{}", run.stderr);
+}

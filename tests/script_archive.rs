@@ -301,3 +301,95 @@ fn a_dtype_conversion_in_the_archive_equals_libtorchs_and_leaves_plain_attribute
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Archives laid out as libtorch never writes them are read as libtorch reads
+/// them or refused: members outside the first member's folder, a storage
+/// typed twice, an attribute the class does not declare, one it declares
+/// missing, a module graph whose shared children name millions of tensors.
+#[test]
+fn archives_libtorch_would_not_read_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, zipfile, torch
+
+class Pair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.tensor([101.0, 102.0]))
+        self.register_buffer("b", torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float16))
+    def forward(self, x):
+        return x * self.w.sum() + self.b.float().sum()
+
+out = sys.argv[1]
+torch.jit.save(torch.jit.script(Pair()), f"{out}/pair.pt")
+
+# 24 levels of modules whose two children are one object (TorchScript itself
+# takes exponential time to script that): 2^25 names in a file of a few KB,
+# the pickle written op by op as libtorch writes a module's.
+import struct
+def s(text):
+    b = text.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+def obj(module, name, items):
+    body = b"c" + f"{module}\n{name}\n".encode() + b")\x81}("
+    for k, v in items:
+        body += s(k) + v
+    return body + b"ub"
+tensor = (b"ctorch._utils\n_rebuild_tensor_v2\n((" + s("storage") + b"ctorch\nFloatStorage\n" + s("0") + s("cpu")
+          + b"K\x01tQK\x00K\x01\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR")
+program = b"\x80\x02" + obj("__torch__.torch.nn.modules.linear", "Linear",
+                           [("training", b"\x89"), ("weight", tensor), ("bias", tensor)]) + b"q\x00"
+for level in range(24):
+    program += obj("__torch__", "Chain", [("training", b"\x89"), ("left", b"h" + bytes([level])),
+                                          ("right", b"h" + bytes([level]))]) + b"q" + bytes([level + 1])
+program += b"."
+chain_code = "class Chain(Module):\n  __parameters__ = []\n  __buffers__ = []\n  training : bool\n  left : __torch__.Chain\n  right : __torch__.Chain\n"
+linear_code = "class Linear(Module):\n  __parameters__ = [\"weight\", \"bias\", ]\n  __buffers__ = []\n  weight : Tensor\n  bias : Tensor\n  training : bool\n"
+with zipfile.ZipFile(f"{out}/chain.pt", "w") as z:
+    for n, d in [("data.pkl", program), ("code/__torch__.py", chain_code),
+                 ("code/__torch__/torch/nn/modules/linear.py", linear_code), ("data/0", b"\0\0\0\0"),
+                 ("constants.pkl", b"\x80\x02).") , ("version", b"3\n")]:
+        z.writestr("chain/" + n, d)
+members = [(i.filename, zipfile.ZipFile(f"{out}/pair.pt").read(i)) for i in zipfile.ZipFile(f"{out}/pair.pt").infolist()]
+
+def write(name, ms):
+    with zipfile.ZipFile(f"{out}/{name}", "w") as z:
+        for n, d in ms:
+            z.writestr(n, d)
+
+def patched(old, new, after=None):
+    res = []
+    for n, d in members:
+        if n.endswith("data.pkl"):
+            at = d.index(after) if after else 0
+            i = d.index(old, at)
+            d = d[:i] + new + d[i + len(old):]
+        res.append((n, d))
+    return res
+
+write("outside.pt", members + [("zz/data.pkl", b"")])
+write("typed_twice.pt", patched(b"X\x01\x00\x00\x001", b"X\x01\x00\x00\x000", after=b"HalfStorage"))
+write("undeclared.pt", patched(b"X\x01\x00\x00\x00w", b"X\x01\x00\x00\x00v"))
+"#;
+    // torch.jit.script reads the classes' source: the script runs from a file.
+    let file = dir.path().join("make.py");
+    std::fs::write(&file, script).unwrap();
+    common::python(
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        &[&file, dir.path()],
+    );
+    // libtorch loads the unmodified archive; transplant reads it.
+    let run = common::transplant(["inspect".as_ref(), dir.path().join("pair.pt").as_os_str()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for (file, says) in [
+        ("outside.pt", "outside the archive's folder"),
+        ("typed_twice.pt", "is typed both float32 and float16"),
+        ("undeclared.pt", "which its class declares"),
+        ("chain.pt", "share submodules"),
+    ] {
+        let path = dir.path().join(file);
+        let run = common::transplant(["inspect".as_ref(), path.as_os_str()]);
+        assert_eq!(run.code, 1, "{file}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains(says) && run.stderr.contains(file), "{file}: {}", run.stderr);
+    }
+}

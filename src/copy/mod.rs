@@ -287,8 +287,23 @@ fn run_pairs(
     };
     let start = Instant::now();
     // Every pair is checked (shapes) and described before any batch is written.
+    let kinds: Vec<Kind> = targets.iter().map(|t| t.kind()).collect();
     let mut pairs = ffi::Pairs::to_write(targets, sources).map_err(copy_failed)?;
-    if let Some((a, b)) = pairs.first_conflict() {
+    // Two pairs that fill one tied target with converted values: equal when
+    // their sources are, bit for bit, once converted as the copy converts them.
+    let converted_equal = |a: usize, b: usize| {
+        let bytes = |i: usize| {
+            sources[i]
+                .f_to_kind(kinds[i])
+                .and_then(|t| t.f_to_device(tch::Device::Cpu))
+                .and_then(|t| t.f_contiguous())
+                .and_then(|t| t.f_reshape([-1]))
+                .and_then(|t| t.f_view_dtype(Kind::Uint8))
+        };
+        kinds[a] == kinds[b]
+            && matches!((bytes(a), bytes(b)), (Ok(x), Ok(y)) if x.size() == y.size() && x.equal(&y))
+    };
+    if let Some((a, b)) = pairs.first_conflict(&converted_equal) {
         let (a, b) = (&plan.pairs[ks[a]], &plan.pairs[ks[b]]);
         return Err(rejected(
             plan,

@@ -121,8 +121,10 @@ pub(super) enum Loader {
     /// own reference names; its record must hold exactly the bytes that first
     /// reference says.
     Python,
-    /// libtorch's unpickler (`torch.jit.load`): each reference types its own
-    /// view; the record must hold at least the bytes of the first reference.
+    /// libtorch's unpickler (`torch.jit.load`): every reference to a storage
+    /// must name one type (its writer names one, and its reader is not
+    /// defined otherwise); the record must hold at least the bytes of the
+    /// first reference.
     Libtorch,
 }
 
@@ -157,9 +159,20 @@ impl<'a> Archive<'a> {
     /// an optimizer's state, an attribute that is no parameter — and a file
     /// with one they cannot rebuild does not load, so it is refused here too.
     pub(super) fn check_unread_tensors(&mut self, machine: &Machine) -> Result<()> {
+        // The storages only these tensors view are not among those read.
+        let read: std::collections::HashSet<String> = self.storages.keys().cloned().collect();
+        let checked = self.rebuild_unread(machine);
+        self.storages.retain(|key, _| read.contains(key));
+        checked
+    }
+
+    fn rebuild_unread(&mut self, machine: &Machine) -> Result<()> {
         for (i, object) in machine.objects.iter().enumerate() {
             let Object::Reduce { callable: Value::Global(module, name), .. } = object else { continue };
-            if &**module != "torch._utils" || !name.starts_with("_rebuild_tensor") || self.rebuilt.contains(&i) {
+            if &**module != "torch._utils"
+                || !name.starts_with("_rebuild_tensor")
+                || self.rebuilt.contains(&i)
+            {
                 continue;
             }
             let _checked = tensor(machine, self, &Value::Ref(i), 0).map_err(|e| match e {
@@ -197,7 +210,8 @@ impl<'a> Archive<'a> {
             if &**tag != "storage" {
                 return Err(bad(path, format!("persistent reference of kind {tag:?}")));
             }
-            let kind = storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
+            let kind =
+                storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
             if loader == Loader::Python && self.is_legacy() && &**class == "UntypedStorage" {
                 return Err(bad(
                     path,
@@ -210,7 +224,21 @@ impl<'a> Archive<'a> {
             if *numel < 0 {
                 return Err(bad(path, format!("storage {key}: {numel} elements")));
             }
-            if self.first.contains_key(key) {
+            if let Some(&(first, _)) = self.first.get(key) {
+                if loader == Loader::Libtorch && first != kind {
+                    // libtorch writes one type for every view of a storage (and
+                    // cannot load what it wrote of views of two dtypes): a file
+                    // that types one storage twice has no reading to follow.
+                    return Err(bad(
+                        path,
+                        format!(
+                            "storage {key} is typed both {} and {}: libtorch writes no such archive, and \
+                             what it would read from it is not defined",
+                            dtype::name(first),
+                            dtype::name(kind)
+                        ),
+                    ));
+                }
                 continue;
             }
             self.first.insert(key.to_string(), (kind, *numel));
@@ -366,7 +394,19 @@ fn legacy_storage(
 /// `cuda:1`): PyTorch's loaders refuse a storage whose location does not.
 fn is_device(location: &str) -> bool {
     const TYPES: [&str; 14] = [
-        "cpu", "cuda", "mps", "xpu", "meta", "hpu", "mtia", "xla", "ipu", "lazy", "vulkan", "ve", "fpga",
+        "cpu",
+        "cuda",
+        "mps",
+        "xpu",
+        "meta",
+        "hpu",
+        "mtia",
+        "xla",
+        "ipu",
+        "lazy",
+        "vulkan",
+        "ve",
+        "fpga",
         "privateuseone",
     ];
     let (kind, index) = match location.split_once(':') {
@@ -1150,7 +1190,10 @@ pub(super) fn zip_program<'a>(
     let prefix = super::archive_folder(path, FORMAT, &mut zip)?;
     let pickle_name = format!("{prefix}data.pkl");
     if !zip.file_names().any(|n| n == pickle_name) {
-        return Err(bad(path, format!("no {pickle_name} (the archive's folder is {prefix}, its first member's)")));
+        return Err(bad(
+            path,
+            format!("no {pickle_name} (the archive's folder is {prefix}, its first member's)"),
+        ));
     }
     if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
         let mut text = String::new();
