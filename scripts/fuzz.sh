@@ -24,3 +24,15 @@ for target in "${targets[@]}"; do
   printf '%-16s %12s %8s %s\n' "$target" "${execs:-0}" "$crashes" "$seconds"
   rm -f "$log"
 done
+
+# PyTorch as the oracle over a larger corpus than the test's: every fixture and
+# written file, mutated 20 times with a seed of the day (scripts/oracle.py).
+cd "$root"
+cargo build --quiet --bin transplant
+seed="${ORACLE_SEED:-$(date +%j)}"
+out="$(mktemp -d)"
+echo "oracle: seed $seed, 20 mutations of each archive" >&2
+.venv/bin/python -W ignore scripts/oracle.py --transplant target/debug/transplant --out "$out" \
+  --fixtures target/fixtures --mutants 20 --seed "$seed" || status=$?
+rm -rf "$out"
+exit "${status:-0}"
