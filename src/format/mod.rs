@@ -5,6 +5,7 @@ pub mod pickle;
 pub mod retype;
 pub mod safetensors;
 pub mod script_archive;
+mod script_classes;
 pub mod tch_archive;
 pub mod torch_pickle;
 
