@@ -62,3 +62,37 @@ fn an_error_names_the_file_and_says_its_cause_once() {
     assert!(run.stderr.contains("/nonexistent/model.pt"), "{}", run.stderr);
     assert_eq!(run.stderr.matches("No such file or directory").count(), 1, "{}", run.stderr);
 }
+
+#[test]
+fn inspect_digest_is_pytorchs_sha256_of_each_tensors_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("views.pth");
+    common::python(
+        r#"
+import sys, torch
+base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+shared = torch.arange(10, dtype=torch.int64)
+torch.save({
+    "transposed": base.t(),
+    "strided": base[:, ::2],
+    "offset": shared[3:7],
+    "scalar": torch.tensor(2.5, dtype=torch.float64),
+    "empty": torch.zeros(0, 3),
+    "tied_a": shared, "tied_b": shared,
+    "mask": torch.tensor([True, False, True]),
+    "half": torch.linspace(-2, 2, 7, dtype=torch.bfloat16),
+}, sys.argv[1])
+"#,
+        &[&path],
+    );
+    let (pytorch, _) = common::read_back(&path);
+    assert_eq!(common::inspected(&path), pytorch, "name by name: dtype, shape and sha256");
+    let empty = pytorch.iter().find(|r| r.name == "empty").unwrap();
+    assert_eq!(empty.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    let text = transplant(["inspect".as_ref(), path.as_os_str(), "--digest".as_ref()]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("sha256") && text.stdout.contains(&pytorch[0].sha256), "{}", text.stdout);
+    let plain = transplant(["inspect".as_ref(), path.as_os_str(), "--json".as_ref()]);
+    assert!(plain.json()["entries"][0].get("sha256").is_none(), "a digest only when asked for");
+}

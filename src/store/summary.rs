@@ -3,11 +3,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tch::Tensor;
 
 use super::Source;
 use crate::dotted::escaped;
 use crate::dtype;
 use crate::entry::{device_name, Entry, Role};
+use crate::error::{Error, Result};
 
 /// Count and bytes of the entries of one role and dtype.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -33,6 +36,19 @@ pub struct Other {
     pub value: String,
 }
 
+/// One entry as `inspect` lists it: the entry and, when asked for, the digest
+/// of its bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// SHA-256 of the tensor's bytes (see [`sha256`]), when the summary was
+    /// made [`with_digests`](Summary::with_digests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
 /// A store described: every entry, totals per role and dtype, and the grand total.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -43,7 +59,7 @@ pub struct Summary {
     /// For a checkpoint dict, the key its state dict was found under.
     pub key: Option<String>,
     /// Every entry, in registration order.
-    pub entries: Vec<Entry>,
+    pub entries: Vec<Listed>,
     /// Per role and dtype, parameters first.
     pub totals: Vec<Total>,
     /// Number of tensors.
@@ -95,10 +111,57 @@ impl Summary {
             bytes: entries.iter().zip(&repeated).filter(|(_, &r)| !r).map(|(e, _)| e.bytes()).sum(),
             ties: ties.iter().map(|g| g.iter().map(|&i| entries[i].name.to_string()).collect()).collect(),
             totals: totals.into_values().collect(),
-            entries,
+            entries: entries.into_iter().map(|entry| Listed { entry, sha256: None }).collect(),
             others: store.others().into_iter().map(|(key, value)| Other { key, value }).collect(),
         }
     }
+
+    /// [`Summary::of`], each entry with the [`sha256`] of its tensor's bytes
+    /// (tied names each their own).
+    pub fn with_digests(store: &dyn Source) -> Result<Self> {
+        let mut summary = Self::of(store);
+        for (i, listed) in summary.entries.iter_mut().enumerate() {
+            let tensor = store.tensor(i).ok_or_else(|| Error::Tensor {
+                store: store.origin().to_string(),
+                tensor: listed.entry.name.to_string(),
+                source: tch::TchError::Kind("the store lends no tensor for this entry".into()),
+            })?;
+            let digest = sha256(tensor).map_err(|source| Error::Tensor {
+                store: store.origin().to_string(),
+                tensor: listed.entry.name.to_string(),
+                source,
+            })?;
+            listed.sha256 = Some(digest);
+        }
+        Ok(summary)
+    }
+}
+
+/// Elements hashed per step: a large tensor is never copied whole.
+const DIGEST_CHUNK_BYTES: i64 = 1 << 24;
+
+/// SHA-256, in lowercase hex, of `tensor`'s bytes in C-contiguous row-major
+/// order, little-endian: what PyTorch's
+/// `hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes())` gives
+/// (a 0-dim tensor's one element; no bytes for no elements). A tensor that
+/// carries a dtype tch has no kind for (see [`crate::dtype::Dtype`]) holds the
+/// same bytes, so its digest is the true dtype's.
+pub fn sha256(tensor: &Tensor) -> std::result::Result<String, tch::TchError> {
+    let element = tensor.f_kind()?.elt_size_in_bytes() as i64;
+    let flat = tensor.f_to_device(tch::Device::Cpu)?.f_contiguous()?.f_reshape([-1])?;
+    let numel = flat.numel() as i64;
+    let step = (DIGEST_CHUNK_BYTES / element.max(1)).max(1);
+    let mut hasher = Sha256::new();
+    let mut buffer = Vec::new();
+    let mut start = 0;
+    while start < numel {
+        let len = step.min(numel - start);
+        buffer.resize((len * element) as usize, 0);
+        flat.f_narrow(0, start, len)?.f_copy_data_u8(&mut buffer, len as usize)?;
+        hasher.update(&buffer);
+        start += len;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `1.5 MB`-style sizes (decimal units, as `ls -h --si` and PyTorch docs use).
@@ -131,14 +194,16 @@ impl fmt::Display for Summary {
             None => writeln!(f, "{} ({})", escaped(&self.origin), self.kind)?,
         }
         let name_width =
-            self.entries.iter().map(|e| escaped(&e.name).chars().count()).max().unwrap_or(4).max(4);
-        writeln!(
+            self.entries.iter().map(|e| escaped(&e.entry.name).chars().count()).max().unwrap_or(4).max(4);
+        let digests = self.entries.iter().any(|e| e.sha256.is_some());
+        write!(
             f,
             "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
             "name", "role", "dtype", "shape", "device", "bytes"
         )?;
-        for entry in &self.entries {
-            writeln!(
+        writeln!(f, "{}", if digests { "  sha256" } else { "" })?;
+        for Listed { entry, sha256 } in &self.entries {
+            write!(
                 f,
                 "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
                 escaped(&entry.name),
@@ -148,6 +213,10 @@ impl fmt::Display for Summary {
                 device_name(entry.device),
                 human_bytes(entry.bytes())
             )?;
+            match sha256 {
+                Some(digest) => writeln!(f, "  {digest}")?,
+                None => writeln!(f)?,
+            }
         }
         writeln!(f, "totals:")?;
         for total in &self.totals {

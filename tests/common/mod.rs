@@ -219,3 +219,33 @@ pub fn zip_members(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         })
         .collect()
 }
+
+/// Runs `script` with the venv's python (`sys.argv[1:]` = `args`), asserting it succeeds.
+pub fn python(script: &str, args: &[&std::path::Path]) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the venv's python runs (scripts/setup.sh)");
+    assert!(output.status.success(), "python: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// What `transplant inspect --json --digest` says of `path`: each entry as a [`Record`].
+pub fn inspected(path: &std::path::Path) -> Vec<Record> {
+    let run = transplant(["inspect".as_ref(), path.as_os_str(), "--json".as_ref(), "--digest".as_ref()]);
+    assert_eq!(run.code, 0, "inspect {}: {}", path.display(), run.stderr);
+    let json = run.json();
+    json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| Record {
+            name: e["name"].as_str().unwrap().to_string(),
+            dtype: e["dtype"].as_str().unwrap().to_string(),
+            shape: e["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect(),
+            sha256: e["sha256"].as_str().expect("sha256 with --digest").to_string(),
+        })
+        .collect()
+}

@@ -31,6 +31,10 @@ pub enum Command {
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,
+        /// Also give each tensor's SHA-256: of its bytes in C-contiguous row-major
+        /// order, little-endian (`sha256` in JSON).
+        #[arg(long)]
+        digest: bool,
     },
     /// Show what a copy from SRC into DST would do, writing nothing.
     Plan {

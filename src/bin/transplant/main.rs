@@ -144,9 +144,11 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
 
 fn run(command: Command) -> Result<Outcome> {
     match command {
-        Command::Inspect { model, key, json } => {
+        Command::Inspect { model, key, json, digest } => {
             let store = transplant::open_with_key(&model, key.as_deref())?;
-            emit(json, &Summary::of(store.as_ref()))?;
+            let summary =
+                if digest { Summary::with_digests(store.as_ref())? } else { Summary::of(store.as_ref()) };
+            emit(json, &summary)?;
             Ok(Outcome::Complete)
         }
         Command::Plan { src, dst, mapping: args, save_plan, json } => {
