@@ -15,9 +15,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::dtype;
+use crate::dtype::{self, Dtype};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Plan, Policy};
@@ -348,7 +348,7 @@ fn run_pairs(
 /// Why converting `tensor` (of `from`) to `to` loses information because of
 /// its values: out of `to`'s range, or not 0/1 for a bool. (Losses whatever the
 /// values, such as float to integer, are the plan's findings.)
-pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
+pub(crate) fn value_loss(tensor: &Tensor, from: Dtype, to: Dtype) -> Option<String> {
     if from == to || dtype::static_loss(from, to).is_some() || tensor.numel() == 0 {
         return None;
     }
@@ -361,7 +361,7 @@ pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String
     if min < lo || max > hi {
         return Some(format!("values {min}..{max} do not fit {to_name} ({lo}..{hi})"));
     }
-    if to == Kind::Bool {
+    if to == Dtype::Bool {
         let binary = tensor.f_eq(0.0).ok()?.f_logical_or(&tensor.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
         if binary.f_int64_value(&[]).ok().is_none_or(|v| v == 0) {
             return Some(format!("{} values other than 0 and 1 cannot become bool", dtype::name(from)));

@@ -147,16 +147,25 @@ const DIGEST_CHUNK_BYTES: i64 = 1 << 24;
 /// carries a dtype tch has no kind for (see [`crate::dtype::Dtype`]) holds the
 /// same bytes, so its digest is the true dtype's.
 pub fn sha256(tensor: &Tensor) -> std::result::Result<String, tch::TchError> {
-    let element = tensor.f_kind()?.elt_size_in_bytes() as i64;
+    let element = crate::dtype::Dtype::of(tensor)?.size() as i64;
     let flat = tensor.f_to_device(tch::Device::Cpu)?.f_contiguous()?.f_reshape([-1])?;
-    let numel = flat.numel() as i64;
-    let step = (DIGEST_CHUNK_BYTES / element.max(1)).max(1);
+    // Its bytes, as `uint8` (tch copies out only the dtypes it names).
+    let numel = flat.numel() as i64 * element;
+    let flat = crate::ffi::strided_view(
+        &flat,
+        crate::dtype::Dtype::UInt8,
+        &[numel],
+        &[1],
+        flat.storage_offset() * element,
+    )
+    .map_err(tch::TchError::Kind)?;
+    let step = DIGEST_CHUNK_BYTES;
     let mut hasher = Sha256::new();
     let mut buffer = Vec::new();
     let mut start = 0;
     while start < numel {
         let len = step.min(numel - start);
-        buffer.resize((len * element) as usize, 0);
+        buffer.resize(len as usize, 0);
         flat.f_narrow(0, start, len)?.f_copy_data_u8(&mut buffer, len as usize)?;
         hasher.update(&buffer);
         start += len;
