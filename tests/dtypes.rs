@@ -204,3 +204,40 @@ fn a_live_module_with_a_dtype_tch_cannot_name_is_refused_by_name() {
     let records = inspected(&path);
     assert!(records.iter().any(|r| r.dtype == "uint16"));
 }
+
+#[test]
+fn diff_compares_every_dtype_bit_for_bit_and_by_value_where_it_has_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = every_dtype(dir.path(), "a.pth", "zip", "");
+    let run = transplant(["diff".as_ref(), a.as_os_str(), a.as_os_str(), "--json".as_ref()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let pairs = run.json()["pairs"].as_array().unwrap().clone();
+    assert_eq!(pairs.len(), 28);
+    assert!(pairs.iter().all(|p| p["identical"] == true), "{pairs:?}");
+    // One element changed in B's float8, uint16 and bits8 tensors.
+    let b = dir.path().join("b.pth");
+    common::python(
+        r#"
+import sys, torch
+d = torch.load(sys.argv[1])
+for k in ["t_float8_e4m3fn", "t_uint16", "t_bits8"]:
+    raw = d[k].view(torch.uint8).clone()
+    raw.view(-1)[0] ^= 0x01
+    d[k] = raw.view(d[k].dtype)
+d["t_uint16_view"] = d["t_uint16"].t()
+torch.save(d, sys.argv[2])
+"#,
+        &[&a, &b],
+    );
+    let run = transplant(["diff".as_ref(), a.as_os_str(), b.as_os_str(), "--json".as_ref()]);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    let json = run.json();
+    let differing: Vec<&str> = json["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["identical"] == false)
+        .map(|p| p["a"].as_str().unwrap())
+        .collect();
+    assert_eq!(differing, ["t_uint16", "t_float8_e4m3fn", "t_bits8", "t_uint16_view"]);
+}

@@ -92,14 +92,8 @@ pub(crate) type Produce<'a> = &'a mut dyn FnMut(usize) -> Result<tch::Tensor>;
 
 /// What is announced of `tensors`, for a streaming writer given them whole.
 pub(crate) fn outgoing(tensors: &[(String, tch::Tensor)]) -> Vec<Outgoing> {
-    tensors
-        .iter()
-        .map(|(name, t)| Outgoing {
-            name: name.clone(),
-            kind: crate::dtype::Dtype::of(t).unwrap_or(crate::dtype::Dtype::UInt8),
-            shape: t.size(),
-        })
-        .collect()
+    let dtype = |t| crate::dtype::Dtype::of(t).unwrap_or(crate::dtype::Dtype::UInt8);
+    tensors.iter().map(|(name, t)| Outgoing { name: name.clone(), kind: dtype(t), shape: t.size() }).collect()
 }
 
 /// Every announced dtype has a name in the format (`type_of`): checked before
