@@ -101,6 +101,7 @@ fn convert_round_trips_keep_every_dtype_bit_for_bit() {
         (st.clone(), vec![d.join("st.safetensors"), d.join("st_back.pth")]),
         (np.clone(), vec![d.join("np.npz"), d.join("np_back.pth")]),
         (all.clone(), vec![d.join("all_dcp/"), d.join("dcp_back.pth")]),
+        (all.clone(), vec![d.join("all.ot"), d.join("ot_back.pth")]),
     ];
     let mut files = Vec::new();
     for (src, steps) in &chains {
@@ -121,6 +122,26 @@ fn convert_round_trips_keep_every_dtype_bit_for_bit() {
             assert_eq!(sorted(read[out].0.clone()), want, "{} from {}", out.display(), src.display());
         }
     }
+}
+
+#[test]
+fn a_distributed_checkpoint_of_every_dtype_loads_in_pytorch_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = every_dtype(dir.path(), "buffers.pt", "script", "");
+    let folder = dir.path().join("dcp/");
+    let run = transplant(["convert".as_ref(), module.as_os_str(), "--out".as_ref(), folder.as_os_str()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/dcp_check.py"))
+        .args(["load".as_ref(), folder.as_os_str(), module.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "torch.distributed.checkpoint.load: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
