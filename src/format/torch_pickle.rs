@@ -401,7 +401,14 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
             Some(Value::Global(module, name)) if &**module == "torch" => name,
             _ => return Err(bad(path, "_rebuild_tensor_v3 without a torch dtype")),
         };
+        // `torch.<name>` as the unpickler finds it: a dtype's name or one of
+        // torch's aliases (`torch.half`), never transplant's short forms.
+        let alias = matches!(
+            &**name,
+            "half" | "float" | "double" | "long" | "int" | "short" | "cfloat" | "cdouble" | "chalf"
+        );
         let typed = dtype::parse(name)
+            .filter(|d| alias || d.name() == &**name)
             .filter(|d| storage_kind(&format!("{}Storage", d.c10_name())).is_some())
             .ok_or_else(|| bad(path, format!("unknown or unsupported dtype torch.{name}")))?;
         if kind != Dtype::UInt8 {
@@ -410,12 +417,7 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
                 format!("_rebuild_tensor_v3 of torch.{name} over a typed storage {class}"),
             ));
         }
-        if numel % typed.size() as i64 != 0 {
-            return Err(bad(
-                path,
-                format!("an untyped storage of {numel} bytes is no whole number of torch.{name}"),
-            ));
-        }
+        // As `Tensor.set_` sees it: the whole elements the bytes hold.
         numel /= typed.size() as i64;
         kind = typed;
     }

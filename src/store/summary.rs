@@ -205,16 +205,18 @@ impl fmt::Display for Summary {
         let name_width =
             self.entries.iter().map(|e| escaped(&e.entry.name).chars().count()).max().unwrap_or(4).max(4);
         let digests = self.entries.iter().any(|e| e.sha256.is_some());
+        // float4_e2m1fn_x2 is 16 characters wide; most files need 8.
+        let dw = self.entries.iter().map(|e| e.entry.dtype.name().len()).max().unwrap_or(8).max(8);
         write!(
             f,
-            "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+            "  {:<name_width$}  {:<9}  {:<dw$}  {:<18}  {:<6}  {:>9}",
             "name", "role", "dtype", "shape", "device", "bytes"
         )?;
         writeln!(f, "{}", if digests { "  sha256" } else { "" })?;
         for Listed { entry, sha256 } in &self.entries {
             write!(
                 f,
-                "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+                "  {:<name_width$}  {:<9}  {:<dw$}  {:<18}  {:<6}  {:>9}",
                 escaped(&entry.name),
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
@@ -231,7 +233,7 @@ impl fmt::Display for Summary {
         for total in &self.totals {
             writeln!(
                 f,
-                "  {:<9}  {:<8}  {:>6} tensors  {:>12} elements  {:>9}",
+                "  {:<9}  {:<dw$}  {:>6} tensors  {:>12} elements  {:>9}",
                 total.role.to_string(),
                 total.dtype,
                 total.tensors,
