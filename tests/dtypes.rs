@@ -262,3 +262,38 @@ torch.save(d, sys.argv[2])
         .collect();
     assert_eq!(differing, ["t_uint16", "t_float8_e4m3fn", "t_bits8", "t_uint16_view"]);
 }
+
+#[test]
+fn a_v3_tensor_whose_dtype_pytorch_cannot_rebuild_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = every_dtype(dir.path(), "good.pth", "zip", "uint16");
+    // The dtype argument of _rebuild_tensor_v3 replaced: torch.load fails on a name
+    // torch has not; quantized tensors are not read (see the README).
+    for (i, dtype) in ["qint8", "u16", "float128"].iter().enumerate() {
+        let bad = dir.path().join(format!("bad{i}.pth"));
+        common::python(
+            r#"
+import sys, zipfile, torch
+src, out, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
+with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
+    for info in z.infolist():
+        data = z.read(info)
+        if info.filename.endswith("data.pkl"):
+            assert b"ctorch\nuint16\n" in data
+            data = data.replace(b"ctorch\nuint16\n", b"ctorch\n" + dtype.encode() + b"\n")
+        w.writestr(info, data)
+try:
+    torch.load(out)
+except Exception:
+    pass
+else:
+    # torch.load makes a quantized tensor of qint8: transplant reads no quantized ones.
+    assert dtype == "qint8", "torch.load read it"
+"#,
+            &[&good, &bad, Path::new(dtype)],
+        );
+        let run = transplant(["inspect".as_ref(), bad.as_os_str()]);
+        assert_eq!(run.code, 1, "{dtype}: {}", run.stdout);
+        assert!(run.stderr.contains(dtype) && run.stderr.contains(&format!("bad{i}.pth")), "{}", run.stderr);
+    }
+}

@@ -399,7 +399,14 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
         // untyped bytes: offset, sizes and strides count elements of `dtype`.
         let name = match args.get(6) {
             Some(Value::Global(module, name)) if &**module == "torch" => name,
-            _ => return Err(bad(path, "_rebuild_tensor_v3 without a torch dtype")),
+            Some(other) => {
+                let what = describe(machine, other);
+                return Err(bad(
+                    path,
+                    format!("_rebuild_tensor_v3 of dtype {what}, which is no torch dtype"),
+                ));
+            }
+            None => return Err(bad(path, "_rebuild_tensor_v3 without a dtype")),
         };
         // `torch.<name>` as the unpickler finds it: a dtype's name or one of
         // torch's aliases (`torch.half`), never transplant's short forms.
