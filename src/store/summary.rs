@@ -43,7 +43,7 @@ pub struct Listed {
     /// The entry.
     #[serde(flatten)]
     pub entry: Entry,
-    /// SHA-256 of the tensor's bytes (see [`sha256`]), when the summary was
+    /// SHA-256 of the tensor's bytes (C-contiguous, little-endian), when the summary was
     /// made [`with_digests`](Summary::with_digests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
@@ -116,7 +116,7 @@ impl Summary {
         }
     }
 
-    /// [`Summary::of`], each entry with the [`sha256`] of its tensor's bytes
+    /// [`Summary::of`], each entry with the SHA-256 (`sha256`) of its tensor's bytes
     /// (tied names each their own).
     pub fn with_digests(store: &dyn Source) -> Result<Self> {
         let mut summary = Self::of(store);
@@ -144,7 +144,7 @@ const DIGEST_CHUNK_BYTES: i64 = 1 << 24;
 /// order, little-endian: what PyTorch's
 /// `hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes())` gives
 /// (a 0-dim tensor's one element; no bytes for no elements). A tensor that
-/// carries a dtype tch has no kind for (see [`crate::dtype::Dtype`]) holds the
+/// carries a dtype tch has no kind for (see [`Dtype`](crate::Dtype)) holds the
 /// same bytes, so its digest is the true dtype's.
 pub fn sha256(tensor: &Tensor) -> std::result::Result<String, tch::TchError> {
     let element = crate::dtype::Dtype::of(tensor)?.size() as i64;
