@@ -38,7 +38,7 @@ fn entry(name: String, role: Role, shape: &[i64]) -> Entry {
         role,
         role_inferred: false,
         shape: shape.to_vec(),
-        dtype: Kind::Float,
+        dtype: Kind::Float.into(),
         device: Device::Cpu,
     }
 }

@@ -6,9 +6,9 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use crate::dtype;
+use crate::dtype::{self, Dtype};
 
 /// Whether a named tensor is a learned parameter or a buffer (running statistics,
 /// counters, masks: state that `parameters()` does not list).
@@ -137,16 +137,11 @@ pub struct Entry {
     pub role_inferred: bool,
     /// Sizes of each dimension.
     pub shape: Vec<i64>,
-    /// Element type.
-    #[serde(serialize_with = "serialize_kind")]
-    pub dtype: Kind,
+    /// Element type (PyTorch's name in JSON).
+    pub dtype: Dtype,
     /// Where the tensor lives.
     #[serde(serialize_with = "serialize_device")]
     pub device: Device,
-}
-
-fn serialize_kind<S: serde::Serializer>(kind: &Kind, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(dtype::name(*kind))
 }
 
 fn serialize_device<S: serde::Serializer>(device: &Device, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -164,24 +159,34 @@ pub fn device_name(device: Device) -> String {
 }
 
 impl Entry {
-    /// Describes `tensor` under `name`.
-    pub fn of(name: impl Into<Name>, role: Role, tensor: &Tensor) -> Self {
-        Self {
+    /// Describes `tensor` under `name`. An undefined tensor, or one of a dtype
+    /// libtorch names and this crate does not, is an error.
+    pub fn of(name: impl Into<Name>, role: Role, tensor: &Tensor) -> Result<Self, tch::TchError> {
+        Ok(Self {
             name: name.into(),
             role,
             role_inferred: false,
             shape: tensor.size(),
-            dtype: tensor.kind(),
+            dtype: Dtype::of(tensor)?,
             device: tensor.device(),
-        }
+        })
     }
 
     /// Describes `tensor` under `name`, its role guessed from the name and dtype
     /// (BatchNorm statistics and non-floating tensors are buffers).
-    pub fn inferred(name: impl Into<Name>, tensor: &Tensor) -> Self {
+    pub fn inferred(name: impl Into<Name>, tensor: &Tensor) -> Result<Self, tch::TchError> {
         let name = name.into();
-        let role = inferred_role(&name, tensor.kind());
-        Self { role_inferred: true, ..Self::of(name, role, tensor) }
+        let role = inferred_role(&name, Dtype::of(tensor)?);
+        Ok(Self { role_inferred: true, ..Self::of(name, role, tensor)? })
+    }
+
+    /// [`Entry::of`] for a live tensor (a loaded module's, a `VarStore`'s):
+    /// one whose dtype tch has no `Kind` for is refused by name, since tch
+    /// could not write into it.
+    pub fn of_live(name: impl Into<Name>, role: Role, tensor: &Tensor) -> Result<Self, tch::TchError> {
+        let entry = Self::of(name, role, tensor)?;
+        entry.dtype.require_kind("a live tensor")?;
+        Ok(entry)
     }
 
     /// Number of elements.
@@ -209,7 +214,7 @@ pub enum EntryOrder {
 
 /// The role a file that does not record roles most likely gave `name`: BatchNorm
 /// statistics and non-floating tensors are buffers, everything else parameters.
-pub fn inferred_role(name: &str, dtype: Kind) -> Role {
+pub fn inferred_role(name: &str, dtype: Dtype) -> Role {
     let leaf = crate::dotted::leaf(name);
     let floating = dtype::is_floating(dtype) || dtype::is_complex(dtype);
     if matches!(leaf, "running_mean" | "running_var" | "num_batches_tracked") || !floating {

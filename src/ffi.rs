@@ -333,7 +333,7 @@ pub(crate) fn tensor_identity(tensor: &Tensor) -> usize {
 /// files with tens of thousands of tensors make them this way.
 pub(crate) fn strided_view(
     base: &Tensor,
-    kind: tch::Kind,
+    kind: impl Into<crate::dtype::Dtype>,
     sizes: &[i64],
     strides: &[i64],
     offset: i64,
@@ -357,6 +357,43 @@ pub(crate) fn strided_view(
     };
     // SAFETY: on success `out` is a fresh `new at::Tensor` that we now own.
     result.map(|()| unsafe { Tensor::from_ptr(out) })
+}
+
+/// The 1-D contiguous `uint8` tensor `bytes` seen as elements of `dtype`
+/// (any dtype libtorch has, also those tch has no `Kind` for); its offset
+/// in its storage must be a multiple of the element size, its length too.
+pub(crate) fn view_bytes_as(bytes: &Tensor, dtype: crate::dtype::Dtype) -> Result<Tensor, String> {
+    let element = dtype.size() as i64;
+    let (offset, len) = (bytes.storage_offset(), bytes.numel() as i64);
+    if offset % element != 0 || len % element != 0 || bytes.stride() != [1] {
+        return Err(format!("{len} bytes at offset {offset} are not whole {dtype} elements"));
+    }
+    strided_view(bytes, dtype, &[len / element], &[1], offset / element)
+}
+
+/// An uninitialised contiguous CPU tensor of `dtype` and `shape`, for any
+/// dtype (also those tch has no `Kind` for).
+pub(crate) fn empty(shape: &[i64], dtype: crate::dtype::Dtype) -> Result<Tensor, tch::TchError> {
+    if let Some(kind) = dtype.kind() {
+        return Tensor::f_empty(shape, (kind, tch::Device::Cpu));
+    }
+    let numel = shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d.max(0)));
+    let bytes = numel
+        .and_then(|n| n.checked_mul(dtype.size() as i64))
+        .ok_or_else(|| tch::TchError::Shape(format!("{shape:?} of {dtype} overflows")))?;
+    let raw = Tensor::f_empty([bytes], (tch::Kind::Uint8, tch::Device::Cpu))?;
+    view_bytes_as(&raw, dtype).map_err(tch::TchError::Kind)?.f_reshape(shape)
+}
+
+/// `tensor` as `dtype`: itself when it has that dtype already, else cast
+/// (only between dtypes tch has a `Kind` for; any other is refused by name).
+pub(crate) fn to_dtype(tensor: &Tensor, dtype: crate::dtype::Dtype) -> Result<Tensor, tch::TchError> {
+    let own = crate::dtype::Dtype::of(tensor)?;
+    if own == dtype {
+        return Ok(tensor.shallow_clone());
+    }
+    own.require_kind(&format!("a cast from {own} to {dtype}"))?;
+    tensor.f_to_kind(dtype.require_kind(&format!("a cast from {own} to {dtype}"))?)
 }
 
 /// The address range of `tensor`'s whole storage (empty without one).

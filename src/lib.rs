@@ -35,6 +35,7 @@ pub use convert::{
 pub use copy::{copy, copy_to_file, copy_with, verify, Copied, CopyOptions, Progress};
 pub use diff::{diff, Diff, TensorDiff, Tolerance};
 pub use dotted::escaped;
+pub use dtype::Dtype;
 pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
 pub use ffi::cuda_backend;

@@ -29,7 +29,9 @@ fn zeros_like(store: &ModuleStore) -> Checkpoint {
     let tensors = store
         .entries()
         .iter()
-        .map(|e| (e.name.to_string(), Tensor::zeros(e.shape.as_slice(), (e.dtype, Device::Cpu))))
+        .map(|e| {
+            (e.name.to_string(), Tensor::zeros(e.shape.as_slice(), (e.dtype.kind().unwrap(), Device::Cpu)))
+        })
         .collect();
     Checkpoint::from_tensors("zeros", Format::Safetensors, tensors, BTreeMap::new()).unwrap()
 }

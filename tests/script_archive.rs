@@ -34,10 +34,12 @@ fn every_torchscript_fixture_reads_as_libtorch_loads_it() {
         let shim = ModuleStore::open(&file).unwrap();
         let archive = transplant::fuzzing::read_script_archive(&file)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let want: Vec<(String, transplant::Role, Vec<i64>, tch::Kind)> =
+        let want: Vec<(String, transplant::Role, Vec<i64>, transplant::Dtype)> =
             shim.entries().iter().map(|e| (e.name.to_string(), e.role, e.shape.clone(), e.dtype)).collect();
-        let got: Vec<(String, transplant::Role, Vec<i64>, tch::Kind)> =
-            archive.iter().map(|(n, r, t)| (n.clone(), *r, t.size(), t.kind())).collect();
+        let got: Vec<(String, transplant::Role, Vec<i64>, transplant::Dtype)> = archive
+            .iter()
+            .map(|(n, r, t)| (n.clone(), *r, t.size(), transplant::Dtype::of(t).unwrap()))
+            .collect();
         assert_eq!(got, want, "{}", file.display());
         for (i, (name, _, t)) in archive.iter().enumerate() {
             assert!(bit_equal(t, shim.tensor(i).unwrap()), "{}: {name}", file.display());

@@ -191,10 +191,10 @@ fn make(
         |k: usize| plan.pairs[k].transform.as_ref().is_none_or(|t: &Transform| t.target_ops.is_empty());
     if let [k] = pairs {
         if whole(*k) {
-            return view(*k)?.f_to_kind(entry.dtype).map_err(failed);
+            return crate::ffi::to_dtype(&view(*k)?, entry.dtype).map_err(failed);
         }
     }
-    let out = Tensor::f_empty(entry.shape.as_slice(), (entry.dtype, tch::Device::Cpu)).map_err(failed)?;
+    let out = crate::ffi::empty(&entry.shape, entry.dtype).map_err(failed)?;
     for &k in pairs {
         let mut region = match &plan.pairs[k].transform {
             Some(t) => t.target_view(&out).map_err(failed)?,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
-use crate::dtype;
+use crate::dtype::Dtype;
 use crate::entry::{Entry, EntryOrder, Format};
 use crate::plan::Mapping;
 use crate::rules::{Action, Outcome};
@@ -39,11 +39,12 @@ impl Source for Outline {
     }
 }
 
-/// The dtype a source tensor of `kind` is written as: `dtype` for floating
-/// tensors when asked, else its own (integer buffers stay integers).
-fn written_kind(kind: Kind, dtype: Option<Kind>) -> Kind {
+/// The dtype a source tensor of `kind` is written as: `dtype` for float16,
+/// bfloat16, float32 and float64 tensors when asked, else its own (integer
+/// buffers stay integers; float8 and the other stored-only dtypes keep theirs).
+fn written_kind(kind: Dtype, dtype: Option<Kind>) -> Dtype {
     match dtype {
-        Some(to) if dtype::is_floating(kind) => to,
+        Some(to) if kind.is_castable_float() => to.into(),
         _ => kind,
     }
 }

@@ -56,7 +56,7 @@ fn whole_record(
     let pair = &plan.pairs[*k];
     let (target, source) = (archive.tensor(pair.target)?, sources[*k]);
     let plain = pair.cast.is_none() && pair.transform.is_none();
-    let same = source.kind() == storage.kind()
+    let same = crate::dtype::Dtype::of(source).ok() == crate::dtype::Dtype::of(storage).ok()
         && source.device() == tch::Device::Cpu
         && source.is_contiguous()
         && target.is_contiguous()
@@ -122,7 +122,12 @@ pub(super) fn stream(
         }
         let start = Instant::now();
         let storage = &records[r].1;
-        let (kind, numel) = (storage.kind(), storage.numel());
+        let kind = crate::dtype::Dtype::of(storage).map_err(|source| Error::CopyFailed {
+            store: plan.target.clone(),
+            tensor: None,
+            message: source.to_string(),
+        })?;
+        let numel = storage.numel();
         let element = dtype::size(kind);
         if let Some(whole) = whole_record(plan, ks, archive, storage, &sources) {
             // One source fills the record as it is: its bytes are written as
@@ -144,10 +149,9 @@ pub(super) fn stream(
             scratch = Tensor::f_empty([(numel * element) as i64], (Kind::Uint8, tch::Device::Cpu))
                 .map_err(failed)?;
         }
-        let mut buffer = scratch
-            .f_narrow(0, 0, (numel * element) as i64)
-            .and_then(|b| b.f_view_dtype(kind))
-            .map_err(failed)?;
+        let buffer = scratch.f_narrow(0, 0, (numel * element) as i64).map_err(failed)?;
+        let mut buffer =
+            crate::ffi::view_bytes_as(&buffer, kind).map_err(|e| failed(tch::TchError::Kind(e)))?;
         let base = storage.data_ptr() as usize;
         let old: Vec<&Tensor> = ks.iter().filter_map(|&k| archive.tensor(plan.pairs[k].target)).collect();
         if !covers(&old, base, element, numel) {

@@ -15,9 +15,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::dtype;
+use crate::dtype::{self, Dtype};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::plan::{Plan, Policy};
@@ -287,20 +287,22 @@ fn run_pairs(
     };
     let start = Instant::now();
     // Every pair is checked (shapes) and described before any batch is written.
-    let kinds: Vec<Kind> = targets.iter().map(|t| t.kind()).collect();
+    let kinds: Vec<Option<tch::Kind>> = targets.iter().map(|t| t.f_kind().ok()).collect();
     let mut pairs = ffi::Pairs::to_write(targets, sources).map_err(copy_failed)?;
     // Two pairs that fill one tied target with converted values: equal when
     // their sources are, bit for bit, once converted as the copy converts them.
     let converted_equal = |a: usize, b: usize| {
         let bytes = |i: usize| {
+            let kind = kinds[i].ok_or(tch::TchError::Kind("a dtype tch has no kind for".into()))?;
             sources[i]
-                .f_to_kind(kinds[i])
+                .f_to_kind(kind)
                 .and_then(|t| t.f_to_device(tch::Device::Cpu))
                 .and_then(|t| t.f_contiguous())
                 .and_then(|t| t.f_reshape([-1]))
-                .and_then(|t| t.f_view_dtype(Kind::Uint8))
+                .and_then(|t| t.f_view_dtype(tch::Kind::Uint8))
         };
-        kinds[a] == kinds[b]
+        kinds[a].is_some()
+            && kinds[a] == kinds[b]
             && matches!((bytes(a), bytes(b)), (Ok(x), Ok(y)) if x.size() == y.size() && x.equal(&y))
     };
     if let Some((a, b)) = pairs.first_conflict(&converted_equal) {
@@ -363,7 +365,7 @@ fn run_pairs(
 /// Why converting `tensor` (of `from`) to `to` loses information because of
 /// its values: out of `to`'s range, or not 0/1 for a bool. (Losses whatever the
 /// values, such as float to integer, are the plan's findings.)
-pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String> {
+pub(crate) fn value_loss(tensor: &Tensor, from: Dtype, to: Dtype) -> Option<String> {
     if from == to || dtype::static_loss(from, to).is_some() || tensor.numel() == 0 {
         return None;
     }
@@ -376,7 +378,7 @@ pub(crate) fn value_loss(tensor: &Tensor, from: Kind, to: Kind) -> Option<String
     if min < lo || max > hi {
         return Some(format!("values {min}..{max} do not fit {to_name} ({lo}..{hi})"));
     }
-    if to == Kind::Bool {
+    if to == Dtype::Bool {
         let binary = tensor.f_eq(0.0).ok()?.f_logical_or(&tensor.f_eq(1.0).ok()?).ok()?.f_all().ok()?;
         if binary.f_int64_value(&[]).ok().is_none_or(|v| v == 0) {
             return Some(format!("{} values other than 0 and 1 cannot become bool", dtype::name(from)));

@@ -74,7 +74,8 @@ pub(crate) fn map_file(path: &Path, format: &'static str) -> Result<MappedFile> 
 #[derive(Debug, Clone)]
 pub(crate) struct Outgoing {
     pub name: String,
-    pub kind: tch::Kind,
+    /// Its element type.
+    pub kind: crate::dtype::Dtype,
     pub shape: Vec<i64>,
 }
 
@@ -92,7 +93,8 @@ pub(crate) type Produce<'a> = &'a mut dyn FnMut(usize) -> Result<tch::Tensor>;
 
 /// What is announced of `tensors`, for a streaming writer given them whole.
 pub(crate) fn outgoing(tensors: &[(String, tch::Tensor)]) -> Vec<Outgoing> {
-    tensors.iter().map(|(name, t)| Outgoing { name: name.clone(), kind: t.kind(), shape: t.size() }).collect()
+    let dtype = |t| crate::dtype::Dtype::of(t).unwrap_or(crate::dtype::Dtype::UInt8);
+    tensors.iter().map(|(name, t)| Outgoing { name: name.clone(), kind: dtype(t), shape: t.size() }).collect()
 }
 
 /// Every announced dtype has a name in the format (`type_of`): checked before
@@ -101,7 +103,7 @@ pub(crate) fn check_types<T>(
     path: &Path,
     format: &'static str,
     outgoing: &[Outgoing],
-    type_of: impl Fn(tch::Kind) -> Option<T>,
+    type_of: impl Fn(crate::dtype::Dtype) -> Option<T>,
 ) -> Result<Vec<T>> {
     outgoing
         .iter()
@@ -127,7 +129,8 @@ pub(crate) fn produce_checked(
 ) -> Result<tch::Tensor> {
     let o = &outgoing[i];
     let tensor = produce(i)?;
-    if tensor.kind() != o.kind || tensor.size() != o.shape {
+    let made = crate::dtype::Dtype::of(&tensor).ok();
+    if made != Some(o.kind) || tensor.size() != o.shape {
         return Err(Error::Format {
             path: path.into(),
             format,
@@ -136,7 +139,7 @@ pub(crate) fn produce_checked(
                 o.name,
                 crate::dtype::name(o.kind),
                 o.shape,
-                crate::dtype::name(tensor.kind()),
+                made.map_or("an unknown dtype", crate::dtype::Dtype::name),
                 tensor.size()
             ),
         });
@@ -150,7 +153,7 @@ pub(crate) fn produce_checked(
 
 /// The bytes of a contiguous CPU tensor, as long as it is borrowed.
 pub(crate) fn bytes_of(tensor: &tch::Tensor) -> &[u8] {
-    let len = tensor.numel() * crate::dtype::size(tensor.kind());
+    let len = tensor.numel() * crate::dtype::Dtype::of(tensor).map_or(0, crate::dtype::Dtype::size);
     if len == 0 {
         return &[];
     }
@@ -393,7 +396,7 @@ impl PageReleaser {
         if tensor.device() != tch::Device::Cpu || !tensor.defined() {
             return;
         }
-        let bytes = tensor.numel() * crate::dtype::size(tensor.kind());
+        let bytes = tensor.numel() * crate::dtype::Dtype::of(tensor).map_or(0, crate::dtype::Dtype::size);
         if bytes == 0 || !tensor.is_contiguous() {
             return;
         }

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
+
+use crate::dtype::Dtype;
 
 use crate::dtype;
 use crate::error::{Error, Result};
@@ -21,40 +23,46 @@ fn format_error(path: &Path, message: impl Into<String>) -> Error {
 }
 
 /// The numpy type string of an element type, if numpy has it.
-fn descr_of(kind: Kind) -> Option<&'static str> {
+fn descr_of(kind: Dtype) -> Option<&'static str> {
     Some(match kind {
-        Kind::Bool => "|b1",
-        Kind::Uint8 => "|u1",
-        Kind::Int8 => "|i1",
-        Kind::Int16 => "<i2",
-        Kind::Int => "<i4",
-        Kind::Int64 => "<i8",
-        Kind::Half => "<f2",
-        Kind::Float => "<f4",
-        Kind::Double => "<f8",
-        Kind::ComplexFloat => "<c8",
-        Kind::ComplexDouble => "<c16",
+        Dtype::Bool => "|b1",
+        Dtype::UInt8 => "|u1",
+        Dtype::Int8 => "|i1",
+        Dtype::Int16 => "<i2",
+        Dtype::Int32 => "<i4",
+        Dtype::Int64 => "<i8",
+        Dtype::UInt16 => "<u2",
+        Dtype::UInt32 => "<u4",
+        Dtype::UInt64 => "<u8",
+        Dtype::Float16 => "<f2",
+        Dtype::Float32 => "<f4",
+        Dtype::Float64 => "<f8",
+        Dtype::Complex64 => "<c8",
+        Dtype::Complex128 => "<c16",
         _ => return None,
     })
 }
 
-fn kind_of(descr: &str) -> std::result::Result<Kind, String> {
+fn kind_of(descr: &str) -> std::result::Result<Dtype, String> {
     let (order, code) = descr.split_at(descr.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0));
     if order == ">" && !matches!(code, "b1" | "u1" | "i1") {
         return Err(format!("big-endian arrays ({descr}) are not supported: save them little-endian"));
     }
     let kind = match code {
-        "b1" | "?" => Kind::Bool,
-        "u1" | "B" => Kind::Uint8,
-        "i1" | "b" => Kind::Int8,
-        "i2" | "h" => Kind::Int16,
-        "i4" | "i" => Kind::Int,
-        "i8" | "q" | "l" => Kind::Int64,
-        "f2" | "e" => Kind::Half,
-        "f4" | "f" => Kind::Float,
-        "f8" | "d" => Kind::Double,
-        "c8" | "F" => Kind::ComplexFloat,
-        "c16" | "D" => Kind::ComplexDouble,
+        "b1" | "?" => Dtype::Bool,
+        "u1" | "B" => Dtype::UInt8,
+        "i1" | "b" => Dtype::Int8,
+        "i2" | "h" => Dtype::Int16,
+        "i4" | "i" => Dtype::Int32,
+        "i8" | "q" | "l" => Dtype::Int64,
+        "u2" | "H" => Dtype::UInt16,
+        "u4" | "I" => Dtype::UInt32,
+        "u8" | "Q" | "L" => Dtype::UInt64,
+        "f2" | "e" => Dtype::Float16,
+        "f4" | "f" => Dtype::Float32,
+        "f8" | "d" => Dtype::Float64,
+        "c8" | "F" => Dtype::Complex64,
+        "c16" | "D" => Dtype::Complex128,
         _ => return Err(format!("numpy dtype {descr} has no libtorch equivalent")),
     };
     Ok(kind)
@@ -63,7 +71,7 @@ fn kind_of(descr: &str) -> std::result::Result<Kind, String> {
 /// What an `.npy` header says.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Header {
-    kind: Kind,
+    kind: Dtype,
     fortran_order: bool,
     shape: Vec<i64>,
 }
@@ -146,14 +154,13 @@ fn read_npy(reader: &mut impl Read, declared_size: u64) -> std::result::Result<T
     }
     let mut data = vec![0u8; bytes as usize];
     reader.read_exact(&mut data).map_err(|e| format!("truncated data: {e}"))?;
+    let flat = crate::ffi::view_bytes_as(&Tensor::from_slice(&data), header.kind)?;
     let tensor = if header.fortran_order {
         let reversed: Vec<i64> = header.shape.iter().rev().copied().collect();
         let order: Vec<i64> = (0..reversed.len() as i64).rev().collect();
-        Tensor::f_from_data_size(&data, &reversed, header.kind)
-            .and_then(|t| t.f_permute(order.as_slice()))
-            .and_then(|t| t.f_contiguous())
+        flat.f_reshape(&reversed).and_then(|t| t.f_permute(order.as_slice())).and_then(|t| t.f_contiguous())
     } else {
-        Tensor::f_from_data_size(&data, &header.shape, header.kind)
+        flat.f_reshape(&header.shape)
     };
     tensor.map_err(|e| e.to_string())
 }
@@ -281,9 +288,9 @@ mod tests {
         let twice = parse_header("{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (3,), }");
         assert!(twice.unwrap_err().contains("'descr' appears 2 times"));
         let h = parse_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }").unwrap();
-        assert_eq!(h, Header { kind: Kind::Float, fortran_order: false, shape: vec![3, 4] });
+        assert_eq!(h, Header { kind: Dtype::Float32, fortran_order: false, shape: vec![3, 4] });
         let h = parse_header("{'descr': '|b1', 'fortran_order': True, 'shape': (5,), }").unwrap();
-        assert_eq!(h, Header { kind: Kind::Bool, fortran_order: true, shape: vec![5] });
+        assert_eq!(h, Header { kind: Dtype::Bool, fortran_order: true, shape: vec![5] });
         let h = parse_header("{'descr': '<i8', 'fortran_order': False, 'shape': (), }").unwrap();
         assert_eq!(h.shape, Vec::<i64>::new());
     }

@@ -176,9 +176,8 @@ pub fn retype_storages(program: &[u8], retype: &HashMap<String, Kind>) -> Result
                     let Item::Global(_, old) = &class.item else { unreachable!("matched as a global") };
                     let new = match retype.get(&key) {
                         Some(&kind) => Some(
-                            super::torch_pickle::storage_name(kind)
-                                .ok_or_else(|| format!("no storage type for {kind:?}"))?
-                                .to_string(),
+                            super::torch_pickle::storage_name(kind.into())
+                                .ok_or_else(|| format!("no storage type for {kind:?}"))?,
                         ),
                         // A storage kept as it was, whose class is fetched from a
                         // memoised GLOBAL that was replaced: named again.

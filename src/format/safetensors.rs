@@ -6,7 +6,7 @@ use std::path::{Component, Path};
 use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::dtype;
 use crate::error::{Error, Result};
@@ -21,42 +21,35 @@ fn format_error(path: &Path, message: impl Into<String>) -> Error {
     Error::Format { path: path.into(), format: FORMAT, message: message.into() }
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::BOOL => Kind::Bool,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::I8 => Kind::Int8,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I32 => Kind::Int,
-        Dtype::I64 => Kind::Int64,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::C64 => Kind::ComplexFloat,
-        Dtype::F8_E5M2 => Kind::Float8e5m2,
-        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
-        _ => return None,
-    })
+/// The dtypes of the `safetensors` package's PyTorch binding (its `_TYPES`),
+/// by their header codes: exactly what `safetensors.torch` reads and writes.
+const CODES: [(Dtype, dtype::Dtype); 18] = [
+    (Dtype::BOOL, dtype::Dtype::Bool),
+    (Dtype::U8, dtype::Dtype::UInt8),
+    (Dtype::I8, dtype::Dtype::Int8),
+    (Dtype::I16, dtype::Dtype::Int16),
+    (Dtype::U16, dtype::Dtype::UInt16),
+    (Dtype::I32, dtype::Dtype::Int32),
+    (Dtype::U32, dtype::Dtype::UInt32),
+    (Dtype::I64, dtype::Dtype::Int64),
+    (Dtype::U64, dtype::Dtype::UInt64),
+    (Dtype::F16, dtype::Dtype::Float16),
+    (Dtype::BF16, dtype::Dtype::BFloat16),
+    (Dtype::F32, dtype::Dtype::Float32),
+    (Dtype::F64, dtype::Dtype::Float64),
+    (Dtype::C64, dtype::Dtype::Complex64),
+    (Dtype::F8_E5M2, dtype::Dtype::Float8E5M2),
+    (Dtype::F8_E4M3, dtype::Dtype::Float8E4M3Fn),
+    (Dtype::F8_E5M2FNUZ, dtype::Dtype::Float8E5M2Fnuz),
+    (Dtype::F8_E4M3FNUZ, dtype::Dtype::Float8E4M3Fnuz),
+];
+
+fn kind_of(code: Dtype) -> Option<dtype::Dtype> {
+    CODES.iter().find(|(c, _)| *c == code).map(|(_, d)| *d)
 }
 
-fn dtype_of(kind: Kind) -> Option<Dtype> {
-    Some(match kind {
-        Kind::Bool => Dtype::BOOL,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Int8 => Dtype::I8,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int => Dtype::I32,
-        Kind::Int64 => Dtype::I64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::ComplexFloat => Dtype::C64,
-        Kind::Float8e5m2 => Dtype::F8_E5M2,
-        Kind::Float8e4m3fn => Dtype::F8_E4M3,
-        _ => return None,
-    })
+fn dtype_of(dtype: dtype::Dtype) -> Option<Dtype> {
+    CODES.iter().find(|(_, d)| *d == dtype).map(|(c, _)| *c)
 }
 
 /// Reads a `.safetensors` file: header checked by the `safetensors` crate (offsets
@@ -107,7 +100,7 @@ pub fn read(path: &Path) -> Result<Contents> {
         let kind = kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
             path: path.into(),
             tensor: name.clone(),
-            dtype: format!("{:?}", info.dtype),
+            dtype: format!("{:?} (PyTorch's safetensors reads no such code)", info.dtype),
         })?;
         let shape = info
             .shape
@@ -127,13 +120,13 @@ pub fn read(path: &Path) -> Result<Contents> {
 fn typed_view(
     bytes: &Tensor,
     (start, end): (usize, usize),
-    kind: Kind,
+    kind: dtype::Dtype,
     shape: &[i64],
 ) -> Result<Tensor, tch::TchError> {
     let len = (end - start) as i64;
     let slice = bytes.f_narrow(0, start as i64, len)?;
-    let slice = if start % dtype::size(kind) == 0 { slice } else { slice.f_detach_copy()? };
-    slice.f_view_dtype(kind)?.f_reshape(shape)
+    let slice = if start % kind.size() == 0 { slice } else { slice.f_detach_copy()? };
+    ffi::view_bytes_as(&slice, kind).map_err(tch::TchError::Kind)?.f_reshape(shape)
 }
 
 /// safetensors' name of a dtype, as its header writes it.

@@ -103,7 +103,7 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
         .enumerate()
         .map(|(r, (_, t))| {
             let start = t.data_ptr() as usize;
-            (start, start + t.numel() * crate::dtype::size(t.kind()), r)
+            (start, start + t.numel() * crate::dtype::Dtype::of(t).map_or(1, crate::dtype::Dtype::size), r)
         })
         .collect();
     starts.sort_unstable();

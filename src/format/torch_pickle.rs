@@ -20,7 +20,7 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::pickle::{Machine, Object, Value};
-use crate::dtype;
+use crate::dtype::{self, Dtype};
 use crate::error::{Error, Result};
 
 const FORMAT: &str = "torch.save";
@@ -55,40 +55,46 @@ pub struct Loaded {
     pub others: Vec<(String, String)>,
 }
 
-pub(super) fn storage_kind(name: &str) -> Option<Kind> {
-    Some(match name {
-        "FloatStorage" => Kind::Float,
-        "DoubleStorage" => Kind::Double,
-        "HalfStorage" => Kind::Half,
-        "BFloat16Storage" => Kind::BFloat16,
-        "LongStorage" => Kind::Int64,
-        "IntStorage" => Kind::Int,
-        "ShortStorage" => Kind::Int16,
-        "CharStorage" => Kind::Int8,
-        "ByteStorage" | "UntypedStorage" => Kind::Uint8,
-        "BoolStorage" => Kind::Bool,
-        "ComplexFloatStorage" => Kind::ComplexFloat,
-        "ComplexDoubleStorage" => Kind::ComplexDouble,
-        _ => return None,
-    })
+/// The dtype of a storage class: `torch.save`'s typed storages
+/// (`FloatStorage`), TorchScript's (`<c10 name>Storage`: `UInt16Storage`,
+/// `Float8_e4m3fnStorage`), and `UntypedStorage` (bytes, typed by the
+/// `_rebuild_tensor_v3` that uses it). Quantized storages are not read.
+pub(super) fn storage_kind(name: &str) -> Option<Dtype> {
+    if name == "UntypedStorage" {
+        return Some(Dtype::UInt8);
+    }
+    let stem = name.strip_suffix("Storage")?;
+    let dtype = Dtype::ALL.iter().copied().find(|d| d.c10_name() == stem)?;
+    let quantized =
+        matches!(dtype, Dtype::QInt8 | Dtype::QUInt8 | Dtype::QInt32 | Dtype::QUInt4x2 | Dtype::QUInt2x4);
+    (!quantized).then_some(dtype)
 }
 
-pub(super) fn storage_name(kind: Kind) -> Option<&'static str> {
-    Some(match kind {
-        Kind::Float => "FloatStorage",
-        Kind::Double => "DoubleStorage",
-        Kind::Half => "HalfStorage",
-        Kind::BFloat16 => "BFloat16Storage",
-        Kind::Int64 => "LongStorage",
-        Kind::Int => "IntStorage",
-        Kind::Int16 => "ShortStorage",
-        Kind::Int8 => "CharStorage",
-        Kind::Uint8 => "ByteStorage",
-        Kind::Bool => "BoolStorage",
-        Kind::ComplexFloat => "ComplexFloatStorage",
-        Kind::ComplexDouble => "ComplexDoubleStorage",
-        _ => return None,
-    })
+/// TorchScript's storage class of `dtype` (`FloatStorage`, `UInt16Storage`).
+pub(super) fn storage_name(dtype: Dtype) -> Option<String> {
+    storage_kind(&format!("{}Storage", dtype.c10_name()))?;
+    Some(format!("{}Storage", dtype.c10_name()))
+}
+
+/// Whether `torch.save` writes `dtype` as `_rebuild_tensor_v3` over an
+/// `UntypedStorage` (`torch.storage._new_dtypes()`): the dtypes that have no
+/// legacy typed storage class.
+pub(super) fn saved_untyped(dtype: Dtype) -> bool {
+    !matches!(
+        dtype,
+        Dtype::Float64
+            | Dtype::Float32
+            | Dtype::Float16
+            | Dtype::Int64
+            | Dtype::Int32
+            | Dtype::Int16
+            | Dtype::Int8
+            | Dtype::UInt8
+            | Dtype::Bool
+            | Dtype::BFloat16
+            | Dtype::Complex128
+            | Dtype::Complex64
+    )
 }
 
 /// The archive, mapped, and what is needed to find storages in it.
@@ -105,7 +111,7 @@ pub(super) struct Archive<'a> {
     pub(super) released: usize,
     /// The type and element count of the first reference to each storage key,
     /// in pickle order: the storage's size (and, for `torch.load`, its dtype).
-    pub(super) first: HashMap<String, (Kind, i64)>,
+    pub(super) first: HashMap<String, (Dtype, i64)>,
     /// Which loader's reading to follow where the two differ.
     pub(super) loader: Loader,
     /// The arena indices of the tensors rebuilt so far.
@@ -134,7 +140,7 @@ pub(super) enum Records<'a> {
     Zip { zip: zip::ZipArchive<Cursor<&'a [u8]>>, prefix: String },
     /// The legacy format: after the pickles, each storage as an 8-byte element
     /// count and its bytes, in the order of the key list; (offset of the bytes,
-    /// element count) by key.
+    /// their length) by key.
     Legacy(HashMap<String, (u64, u64)>),
 }
 
@@ -295,9 +301,9 @@ impl<'a> Archive<'a> {
     }
 
     /// The storage `key` as a 1-D tensor of `kind` with `numel` elements.
-    fn storage(&mut self, key: &str, kind: Kind, numel: i64) -> Result<Tensor> {
+    fn storage(&mut self, key: &str, kind: Dtype, numel: i64) -> Result<Tensor> {
         if let Some(t) = self.storages.get(key) {
-            if t.kind() == kind {
+            if Dtype::of(t).ok() == Some(kind) {
                 return Ok(t.shallow_clone());
             }
         }
@@ -305,9 +311,9 @@ impl<'a> Archive<'a> {
         let (zip, prefix) = match &mut self.records {
             Records::Zip { zip, prefix } => (zip, prefix.as_str()),
             Records::Legacy(records) => {
-                let &(start, count) =
+                let &(start, len) =
                     records.get(key).ok_or_else(|| bad(path, format!("storage {key} is missing")))?;
-                return legacy_storage(path, &self.bytes, key, kind, numel, start, count).inspect(|t| {
+                return legacy_storage(path, &self.bytes, key, kind, numel, start, len).inspect(|t| {
                     self.storages.insert(key.to_string(), t.shallow_clone());
                 });
             }
@@ -358,28 +364,30 @@ impl<'a> Archive<'a> {
         // Aligned in the buffer the view reads (a blob may start anywhere in its file).
         let aligned = raw.storage_offset() as usize % dtype::size(kind) == 0 || !stored;
         let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
-        let typed = raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))?;
+        let typed =
+            crate::ffi::view_bytes_as(&raw, kind).map_err(|e| bad(path, format!("storage {key}: {e}")))?;
         self.storages.insert(key.to_string(), typed.shallow_clone());
         Ok(typed)
     }
 }
 
-/// A storage of the legacy format: `count` elements of `kind` at `start` in
-/// the mapped file (checked to hold the `numel` the tensors need).
+/// A storage of the legacy format: `len` bytes at `start` in the mapped file,
+/// seen as elements of `kind` (checked to hold the `numel` the tensors need).
 fn legacy_storage(
     path: &Path,
     bytes: &Tensor,
     key: &str,
-    kind: Kind,
+    kind: Dtype,
     numel: i64,
     start: u64,
-    count: u64,
+    len: u64,
 ) -> Result<Tensor> {
-    let size = dtype::size(kind) as u64;
+    let size = kind.size() as u64;
+    let count = len / size;
     if numel < 0 || count < numel as u64 {
         return Err(bad(path, format!("storage {key} holds {count} elements, its tensors need {numel}")));
     }
-    let len = count.checked_mul(size).ok_or_else(|| bad(path, "storage size overflows"))?;
+    let len = count * size;
     let end = start.checked_add(len).ok_or_else(|| bad(path, "storage size overflows"))?;
     if end > bytes.size()[0] as u64 {
         return Err(bad(path, format!("storage {key} runs past the end of the file")));
@@ -387,7 +395,7 @@ fn legacy_storage(
     let raw = bytes.f_narrow(0, start as i64, len as i64).map_err(|e| bad(path, e.to_string()))?;
     let aligned = raw.storage_offset() as u64 % size == 0;
     let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
-    raw.f_view_dtype(kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
+    crate::ffi::view_bytes_as(&raw, kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
 }
 
 /// Whether `location` names a device as `torch.device` parses one (`cpu`,
@@ -578,13 +586,36 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
         Loader::Libtorch => own,
     };
     if callable == "_rebuild_tensor_v3" {
-        // (storage, offset, size, stride, requires_grad, hooks, dtype, …) over untyped bytes.
-        match args.get(6) {
-            Some(Value::Global(_, name)) => {
-                kind = dtype::parse(name).ok_or_else(|| bad(path, format!("unknown dtype torch.{name}")))?;
+        // (storage, offset, size, stride, requires_grad, hooks, dtype, …) over
+        // untyped bytes: offset, sizes and strides count elements of `dtype`.
+        let name = match args.get(6) {
+            Some(Value::Global(module, name)) if &**module == "torch" => name,
+            Some(other) => {
+                let what = describe(machine, other);
+                return Err(bad(
+                    path,
+                    format!("_rebuild_tensor_v3 of dtype {what}, which is no torch dtype"),
+                ));
             }
-            _ => return Err(bad(path, "_rebuild_tensor_v3 without a dtype")),
+            None => return Err(bad(path, "_rebuild_tensor_v3 without a dtype")),
+        };
+        // `torch.<name>` as the unpickler finds it: a dtype's name or one of
+        // torch's aliases (`torch.half`), never transplant's short forms.
+        let alias = matches!(
+            &**name,
+            "half" | "float" | "double" | "long" | "int" | "short" | "cfloat" | "cdouble" | "chalf"
+        );
+        let typed = dtype::parse(name)
+            .filter(|d| alias || d.name() == &**name)
+            .filter(|d| storage_kind(&format!("{}Storage", d.c10_name())).is_some())
+            .ok_or_else(|| bad(path, format!("unknown or unsupported dtype torch.{name}")))?;
+        if own != Dtype::UInt8 {
+            return Err(bad(
+                path,
+                format!("_rebuild_tensor_v3 of torch.{name} over a typed storage {class}"),
+            ));
         }
+        kind = typed;
     }
     let storage_bytes = first_numel
         .checked_mul(dtype::size(first_kind) as i64)
@@ -1245,6 +1276,14 @@ fn legacy_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Res
         if let Some([Value::Str(_), Value::Global(_, class), Value::Str(key), ..]) = tuple_items(machine, pid)
         {
             // The first reference to a key types its storage, as torch.load reads it.
+            if &**class == "UntypedStorage" {
+                // torch.load's legacy reader asks the storage class for its
+                // dtype, which an untyped storage has not: PyTorch fails here.
+                return Err(legacy(format!(
+                    "storage {key} is an UntypedStorage (a tensor of a dtype such as uint16 or float8 saved \
+                     with _use_new_zipfile_serialization=False), which torch.load cannot read either: refused"
+                )));
+            }
             if let Some(kind) = storage_kind(class) {
                 sizes.entry(key).or_insert(dtype::size(kind));
             }
@@ -1263,7 +1302,7 @@ fn legacy_program<'a>(path: &Path, view: &'a [u8], machine: &mut Machine) -> Res
             count.checked_mul(size as u64).filter(|&l| l <= (view.len() - at) as u64).ok_or_else(|| {
                 legacy(format!("storage {key} declares {count} elements, more than the file holds"))
             })?;
-        records.insert(key, (at as u64, count));
+        records.insert(key, (at as u64, len));
         at += len as usize;
     }
     Ok((root, Records::Legacy(records)))
@@ -1367,20 +1406,30 @@ impl Pickler {
         }
         self.op(b't');
     }
-    /// `_rebuild_tensor_v2` of a contiguous tensor of `size` over storage `key`.
-    fn tensor(&mut self, class: &str, key: usize, size: &[i64]) {
+    /// A contiguous tensor of `dtype` and `size` over storage `key`, as
+    /// `torch.save` writes it: `_rebuild_tensor_v2` over a typed storage
+    /// (`torch.FloatStorage`), or `_rebuild_tensor_v3` over an `UntypedStorage`
+    /// of bytes with the dtype as its last argument for the dtypes that have
+    /// no typed storage class ([`saved_untyped`]).
+    fn tensor(&mut self, dtype: Dtype, class: &str, key: usize, size: &[i64]) {
         let mut stride = vec![1i64; size.len()];
         for d in (0..size.len().saturating_sub(1)).rev() {
             stride[d] = stride[d + 1] * size[d + 1].max(1);
         }
-        self.global("torch._utils", "_rebuild_tensor_v2");
+        let untyped = saved_untyped(dtype);
+        let numel = size.iter().product::<i64>();
+        self.global("torch._utils", if untyped { "_rebuild_tensor_v3" } else { "_rebuild_tensor_v2" });
         self.op(b'(');
         self.op(b'(');
         self.str("storage");
-        self.global("torch", class);
+        if untyped {
+            self.global("torch.storage", "UntypedStorage");
+        } else {
+            self.global("torch", class);
+        }
         self.str(&key.to_string());
         self.str("cpu");
-        self.int(size.iter().product::<i64>());
+        self.int(if untyped { numel * dtype.size() as i64 } else { numel });
         self.op(b't');
         self.op(b'Q');
         self.int(0);
@@ -1388,6 +1437,9 @@ impl Pickler {
         self.ints(&stride);
         self.op(0x89);
         self.ordered_dict();
+        if untyped {
+            self.global("torch", dtype.name());
+        }
         self.op(b't');
         self.op(b'R');
     }
@@ -1464,9 +1516,9 @@ pub(crate) fn write_stream(
             let i = storage_of.len();
             let storage = shared(i).map_or(i, |k| storage_of[k]);
             storage_of.push(storage);
-            let (name, class, size) = (&o.name, *class, o.shape.clone());
+            let (name, size) = (&o.name, o.shape.clone());
             p.str(name);
-            p.tensor(class, storage, &size);
+            p.tensor(o.kind, class, storage, &size);
         }
         p.op(b'u');
     }
@@ -1507,13 +1559,18 @@ pub(crate) fn write_stream(
 /// Checkpoint keeps each chunk in.
 pub(crate) fn tensor_stream(name: &str, tensor: &Tensor) -> Result<Vec<u8>> {
     let path = Path::new(name);
-    let o = super::Outgoing { name: name.to_string(), kind: tensor.kind(), shape: tensor.size() };
-    let class = super::check_types(path, FORMAT, std::slice::from_ref(&o), storage_name)?[0];
+    let kind = Dtype::of(tensor).map_err(|source| Error::Tensor {
+        store: name.into(),
+        tensor: name.into(),
+        source,
+    })?;
+    let o = super::Outgoing { name: name.to_string(), kind, shape: tensor.size() };
+    let class = super::check_types(path, FORMAT, std::slice::from_ref(&o), storage_name)?.remove(0);
     let data = super::produce_checked(path, FORMAT, std::slice::from_ref(&o), 0, &mut |_| {
         Ok(tensor.shallow_clone())
     })?;
     let mut p = Pickler { out: vec![0x80, 2] };
-    p.tensor(class, 0, &o.shape);
+    p.tensor(o.kind, &class, 0, &o.shape);
     p.op(b'.');
     let zerr = |e: zip::result::ZipError| bad(path, e.to_string());
     let io = |source| Error::Io { path: path.into(), source };

@@ -53,6 +53,16 @@ pub enum Finding {
         /// Why.
         reason: String,
     },
+    /// A cast from or to a dtype whose casts are refused whatever the policy
+    /// (`uint16`, `float8_e4m3fn`: see `Dtype::is_stored_only`).
+    RefusedCast {
+        /// Source name.
+        source: String,
+        /// Target name.
+        target: String,
+        /// Why.
+        reason: String,
+    },
     /// A rule that matched no source name.
     UnusedRule {
         /// The rule as written.
@@ -196,6 +206,7 @@ impl Finding {
             Finding::ShapeMismatch { .. }
             | Finding::Collision { .. }
             | Finding::Transform { .. }
+            | Finding::RefusedCast { .. }
             | Finding::IncompleteGroup { .. } => Severity::Error,
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
@@ -253,6 +264,7 @@ impl fmt::Display for Raw<'_> {
             Finding::LossyCast { source, target, reason } => {
                 write!(f, "lossy cast: {source} -> {target}: {reason} (allow it with --allow-lossy, Policy::allow_lossy_casts in the library)")
             }
+            Finding::RefusedCast { source, target, reason } => write!(f, "refused cast: {source} -> {target}: {reason}"),
             Finding::UnusedRule { rule, at } => write!(f, "unused rule at {at}: `{rule}` matched no source name"),
             Finding::Ambiguous { side, name, candidates, how, paired } => write!(
                 f,

@@ -85,12 +85,13 @@ fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
             provenance: p.provenance(),
         });
     }
-    if let Some(Cast { lossy: Some(reason), .. }) = &p.cast {
-        out.push(Finding::LossyCast {
-            source: s.name.to_string(),
-            target: t.name.to_string(),
-            reason: reason.clone(),
-        });
+    if let Some(Cast { from, to, lossy: Some(reason) }) = &p.cast {
+        let (source, target, reason) = (s.name.to_string(), t.name.to_string(), reason.clone());
+        if from.is_stored_only() || to.is_stored_only() {
+            out.push(Finding::RefusedCast { source, target, reason });
+        } else {
+            out.push(Finding::LossyCast { source, target, reason });
+        }
     }
     if s.role != t.role && !s.role_inferred && !t.role_inferred {
         out.push(Finding::RoleMismatch {

@@ -25,13 +25,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tch::Kind;
 
 pub use file::{PlanFile, PlannedPair};
 pub use finding::{Finding, Severity};
 pub use mapping::{Mapping, NameOrder};
 
-use crate::dtype;
+use crate::dtype::Dtype;
 use crate::entry::Name;
 use crate::error::{Error, Result};
 use crate::matching::{How, Matcher, ModuleMatch};
@@ -52,17 +51,11 @@ pub struct Policy {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Cast {
     /// Source dtype.
-    #[serde(serialize_with = "kind_name")]
-    pub from: Kind,
+    pub from: Dtype,
     /// Target dtype.
-    #[serde(serialize_with = "kind_name")]
-    pub to: Kind,
+    pub to: Dtype,
     /// Why the cast loses information, when it does.
     pub lossy: Option<String>,
-}
-
-fn kind_name<S: serde::Serializer>(kind: &Kind, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(dtype::name(*kind))
 }
 
 /// One source tensor going into one target tensor.

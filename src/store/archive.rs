@@ -47,7 +47,13 @@ impl ScriptArchive {
         let mut entries = Vec::with_capacity(contents.entries.len());
         let mut tensors = Vec::with_capacity(contents.entries.len());
         for (name, role, tensor) in contents.entries {
-            entries.push(Entry::of(name, role, &tensor));
+            let entry =
+                Entry::of(name.clone(), role, &tensor).map_err(|source| crate::error::Error::Tensor {
+                    store: path.display().to_string(),
+                    tensor: name.to_string(),
+                    source,
+                })?;
+            entries.push(entry);
             tensors.push(tensor);
         }
         Ok(Self {
@@ -67,7 +73,7 @@ impl ScriptArchive {
     /// and a file written from it names their new types in `data.pkl` (the
     /// rest of the archive is copied through as always). Nothing is run.
     pub fn converted(mut self, dtype: Kind) -> Result<Self> {
-        if !dtype::is_floating(dtype) {
+        if !dtype::Dtype::from(dtype).is_castable_float() {
             return Err(Error::Module {
                 module: self.origin.clone(),
                 operation: "conversion",
@@ -85,8 +91,8 @@ impl ScriptArchive {
         }
         for (r, views) in viewing.iter().enumerate() {
             let storage = &self.records[r].1;
-            let old = storage.kind();
-            if !dtype::is_floating(old) || old == dtype {
+            let old = dtype::Dtype::of(storage).map_err(|e| failed(e.to_string()))?;
+            if !old.is_castable_float() || old == dtype.into() {
                 continue;
             }
             let (base, element) = (storage.data_ptr() as usize, dtype::size(old));
@@ -96,7 +102,7 @@ impl ScriptArchive {
                 let offset = ((t.data_ptr() as usize - base) / element) as i64;
                 self.tensors[j] =
                     crate::ffi::strided_view(&new, dtype, &t.size(), &t.stride(), offset).map_err(failed)?;
-                self.entries[j].dtype = dtype;
+                self.entries[j].dtype = dtype.into();
             }
             self.records[r].1 = new;
             retype.insert(self.records[r].0.clone(), dtype);

@@ -114,24 +114,33 @@ impl Checkpoint {
                 return Err(Error::DuplicateName { origin, tensor: name.clone() });
             }
         }
-        let entries = tensors.iter().map(|(n, t)| Entry::inferred(n.clone(), t)).collect();
+        let entries = tensors
+            .iter()
+            .map(|(n, t)| {
+                Entry::inferred(n.clone(), t).map_err(|source| Error::Tensor {
+                    store: origin.clone(),
+                    tensor: n.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<_>>()?;
         let tensors = tensors.into_iter().map(|(_, t)| t).collect();
         Ok(Self { origin, format, entries, tensors, metadata, key: None, others: Vec::new() })
     }
 
     /// The same checkpoint with its tensors on `device` and, with `dtype`, its
-    /// floating tensors converted (integer and bool tensors keep their type).
+    /// float16, bfloat16, float32 and float64 tensors converted (integer, bool,
+    /// float8 and other stored-only tensors keep their type).
     pub fn converted(&self, device: tch::Device, dtype: Option<tch::Kind>) -> Result<Self> {
         let mut tensors = Vec::with_capacity(self.tensors.len());
         for (entry, tensor) in self.entries.iter().zip(&self.tensors) {
-            let floating = matches!(
-                entry.dtype,
-                tch::Kind::Half | tch::Kind::Float | tch::Kind::Double | tch::Kind::BFloat16
-            );
-            let kind = dtype.filter(|_| floating).unwrap_or(entry.dtype);
+            let cast = dtype.filter(|_| entry.dtype.is_castable_float());
             let moved = tensor
                 .f_to_device(device)
-                .and_then(|t| t.f_to_kind(kind))
+                .and_then(|t| match cast {
+                    Some(kind) => t.f_to_kind(kind),
+                    None => Ok(t),
+                })
                 .and_then(|t| t.f_contiguous())
                 .map_err(|source| Error::Tensor {
                     store: self.origin.clone(),

@@ -100,7 +100,7 @@ fn tied_entries<'t>(entries: &[Entry], tensor: impl Fn(usize) -> Option<&'t Tens
     use std::collections::HashMap;
     // Grouped by address, dtype and shape first (no allocation per tensor);
     // strides are compared only where those agree.
-    let mut by_place: HashMap<(usize, tch::Device, tch::Kind, &[i64]), Vec<usize>> = HashMap::new();
+    let mut by_place: HashMap<(usize, tch::Device, crate::dtype::Dtype, &[i64]), Vec<usize>> = HashMap::new();
     for (i, entry) in entries.iter().enumerate() {
         let Some(t) = tensor(i) else { continue };
         if entry.numel() == 0 || !t.defined() {

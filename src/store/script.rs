@@ -36,7 +36,18 @@ impl ModuleStore {
     /// Lists the parameters and buffers of `module`.
     pub fn new(module: ScriptModule) -> Result<Self> {
         let named = module.named_tensors()?;
-        let entries = named.iter().map(|n| Entry::of(n.name.clone(), n.role, &n.tensor)).collect();
+        let entries = named
+            .iter()
+            .map(|n| {
+                Entry::of_live(n.name.clone(), n.role, &n.tensor).map_err(|source| {
+                    crate::error::Error::Tensor {
+                        store: module.origin().to_string(),
+                        tensor: n.name.to_string(),
+                        source,
+                    }
+                })
+            })
+            .collect::<Result<_>>()?;
         let tensors = named.into_iter().map(|n| n.tensor).collect();
         Ok(Self { module, entries, tensors })
     }

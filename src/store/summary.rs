@@ -43,7 +43,7 @@ pub struct Listed {
     /// The entry.
     #[serde(flatten)]
     pub entry: Entry,
-    /// SHA-256 of the tensor's bytes (see [`sha256`]), when the summary was
+    /// SHA-256 of the tensor's bytes (C-contiguous, little-endian), when the summary was
     /// made [`with_digests`](Summary::with_digests).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
@@ -116,7 +116,7 @@ impl Summary {
         }
     }
 
-    /// [`Summary::of`], each entry with the [`sha256`] of its tensor's bytes
+    /// [`Summary::of`], each entry with the SHA-256 (`sha256`) of its tensor's bytes
     /// (tied names each their own).
     pub fn with_digests(store: &dyn Source) -> Result<Self> {
         let mut summary = Self::of(store);
@@ -144,19 +144,28 @@ const DIGEST_CHUNK_BYTES: i64 = 1 << 24;
 /// order, little-endian: what PyTorch's
 /// `hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes())` gives
 /// (a 0-dim tensor's one element; no bytes for no elements). A tensor that
-/// carries a dtype tch has no kind for (see [`crate::dtype::Dtype`]) holds the
+/// carries a dtype tch has no kind for (see [`Dtype`](crate::Dtype)) holds the
 /// same bytes, so its digest is the true dtype's.
 pub fn sha256(tensor: &Tensor) -> std::result::Result<String, tch::TchError> {
-    let element = tensor.f_kind()?.elt_size_in_bytes() as i64;
+    let element = crate::dtype::Dtype::of(tensor)?.size() as i64;
     let flat = tensor.f_to_device(tch::Device::Cpu)?.f_contiguous()?.f_reshape([-1])?;
-    let numel = flat.numel() as i64;
-    let step = (DIGEST_CHUNK_BYTES / element.max(1)).max(1);
+    // Its bytes, as `uint8` (tch copies out only the dtypes it names).
+    let numel = flat.numel() as i64 * element;
+    let flat = crate::ffi::strided_view(
+        &flat,
+        crate::dtype::Dtype::UInt8,
+        &[numel],
+        &[1],
+        flat.storage_offset() * element,
+    )
+    .map_err(tch::TchError::Kind)?;
+    let step = DIGEST_CHUNK_BYTES;
     let mut hasher = Sha256::new();
     let mut buffer = Vec::new();
     let mut start = 0;
     while start < numel {
         let len = step.min(numel - start);
-        buffer.resize((len * element) as usize, 0);
+        buffer.resize(len as usize, 0);
         flat.f_narrow(0, start, len)?.f_copy_data_u8(&mut buffer, len as usize)?;
         hasher.update(&buffer);
         start += len;
@@ -196,16 +205,18 @@ impl fmt::Display for Summary {
         let name_width =
             self.entries.iter().map(|e| escaped(&e.entry.name).chars().count()).max().unwrap_or(4).max(4);
         let digests = self.entries.iter().any(|e| e.sha256.is_some());
+        // float4_e2m1fn_x2 is 16 characters wide; most files need 8.
+        let dw = self.entries.iter().map(|e| e.entry.dtype.name().len()).max().unwrap_or(8).max(8);
         write!(
             f,
-            "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+            "  {:<name_width$}  {:<9}  {:<dw$}  {:<18}  {:<6}  {:>9}",
             "name", "role", "dtype", "shape", "device", "bytes"
         )?;
         writeln!(f, "{}", if digests { "  sha256" } else { "" })?;
         for Listed { entry, sha256 } in &self.entries {
             write!(
                 f,
-                "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
+                "  {:<name_width$}  {:<9}  {:<dw$}  {:<18}  {:<6}  {:>9}",
                 escaped(&entry.name),
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
@@ -222,7 +233,7 @@ impl fmt::Display for Summary {
         for total in &self.totals {
             writeln!(
                 f,
-                "  {:<9}  {:<8}  {:>6} tensors  {:>12} elements  {:>9}",
+                "  {:<9}  {:<dw$}  {:>6} tensors  {:>12} elements  {:>9}",
                 total.role.to_string(),
                 total.dtype,
                 total.tensors,

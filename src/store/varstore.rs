@@ -80,9 +80,13 @@ impl VarStoreView {
             .iter()
             .map(|(name, tensor, rank)| {
                 let role = if rank.is_some() { Role::Parameter } else { Role::Buffer };
-                Entry::of(name.as_str(), role, tensor)
+                Entry::of_live(name.as_str(), role, tensor).map_err(|source| crate::error::Error::Tensor {
+                    store: "tch VarStore".into(),
+                    tensor: name.to_string(),
+                    source,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let tensors = named.iter().map(|(_, tensor, _)| tensor.shallow_clone()).collect();
         Ok(Self { origin: "tch VarStore".into(), entries, tensors })
     }

@@ -56,7 +56,7 @@ fn direct_target(session: &Session, b: usize, standby: &mut dyn Target) -> Optio
     }
     let entry = &session.announced.entries[index];
     let target = standby.tensors_mut().get(pair.target)?;
-    if target.kind() != entry.dtype || target.size() != entry.shape {
+    if crate::dtype::Dtype::of(target).ok() != Some(entry.dtype) || target.size() != entry.shape {
         return None;
     }
     as_bytes(target)

@@ -150,7 +150,7 @@ mod tests {
             role: Role::Parameter,
             role_inferred: false,
             shape: vec![bytes],
-            dtype: tch::Kind::Uint8,
+            dtype: crate::dtype::Dtype::UInt8,
             device: Device::Cpu,
         }
     }
@@ -187,7 +187,7 @@ mod tests {
         assert!(broken(&|l| l.buckets[0].tensors[1].1 = 100).contains("reaching"), "past the bucket's end");
         assert!(broken(&|l| l.buckets[0].tensors[0].2 = 9).contains("t0"), "not the entry's bytes");
         assert!(broken(&|l| l.buckets[0].tensors[1].1 = u64::MAX).contains("reaching"), "overflow");
-        let floats = vec![Entry { dtype: tch::Kind::Float, shape: vec![4], ..entry("f", 16) }];
+        let floats = vec![Entry { dtype: crate::dtype::Dtype::Float32, shape: vec![4], ..entry("f", 16) }];
         let mut misaligned = Layout::pack(&floats, &[], &[0], 1 << 20);
         misaligned.buckets[0].bytes += 2;
         misaligned.buckets[0].tensors[0].1 = 2;

@@ -95,7 +95,18 @@ struct Live {
 impl Live {
     fn of(module: &ScriptModule) -> Result<Self> {
         let named = module.named_tensors()?;
-        let entries = named.iter().map(|n| Entry::of(n.name.clone(), n.role, &n.tensor)).collect();
+        let entries = named
+            .iter()
+            .map(|n| {
+                Entry::of_live(n.name.clone(), n.role, &n.tensor).map_err(|source| {
+                    crate::error::Error::Tensor {
+                        store: module.origin().to_string(),
+                        tensor: n.name.to_string(),
+                        source,
+                    }
+                })
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             origin: module.origin().to_string(),
             entries,

@@ -169,7 +169,7 @@ impl Sender {
                 .whole()
                 .filter(|_| !corrupt)
                 .and_then(|index| source.tensor(index))
-                .filter(|t| t.kind() == self.entries[bucket.tensors[0].0].dtype)
+                .filter(|t| crate::dtype::Dtype::of(t).ok() == Some(self.entries[bucket.tensors[0].0].dtype))
                 .and_then(as_bytes);
             let data = match whole {
                 Some(bytes) => bytes,
@@ -340,8 +340,9 @@ impl Sender {
         // half way by this side.
         for &(index, _, _) in self.layout.buckets.iter().flat_map(|b| &b.tensors) {
             let entry = &self.entries[index];
-            let fits =
-                source.tensor(index).is_some_and(|t| t.kind() == entry.dtype && t.size() == entry.shape);
+            let fits = source.tensor(index).is_some_and(|t| {
+                crate::dtype::Dtype::of(t).ok() == Some(entry.dtype) && t.size() == entry.shape
+            });
             if !fits {
                 return Err(Error::MissingTensor {
                     store: source.origin().to_string(),

@@ -401,12 +401,13 @@ fn tensor(
             let loaded = torch_pickle::read_from(&path, &bytes, &mapped.map[start..end], None)?;
             let [(_, t)] = <[(String, Tensor); 1]>::try_from(loaded.tensors)
                 .map_err(|_| bad(&path, format!("{fqn}: the chunk at {offsets:?} is not one tensor")))?;
-            if t.size() != sizes || t.kind() != kind {
+            let chunk_dtype = dtype::Dtype::of(&t).map_err(|e| bad(&path, format!("{fqn}: {e}")))?;
+            if t.size() != sizes || chunk_dtype != kind {
                 return Err(bad(
                     &path,
                     format!(
                         "{fqn}: the chunk at {offsets:?} holds {} {:?}, the metadata says {} {sizes:?}",
-                        dtype::name(t.kind()),
+                        chunk_dtype.name(),
                         t.size(),
                         dtype::name(kind)
                     ),
@@ -418,8 +419,16 @@ fn tensor(
     if let [(offsets, sizes)] = boxes.as_slice() {
         return read_chunk(files, offsets, sizes);
     }
-    let whole =
-        Tensor::f_zeros(shape.as_slice(), (kind, tch::Device::Cpu)).map_err(|e| bad(m, e.to_string()))?;
+    // Zeroed bytes seen as `kind` (any dtype, also those tch has no `Kind` for).
+    let numel = shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d.max(0)));
+    let bytes = numel
+        .and_then(|n| n.checked_mul(kind.size() as i64))
+        .ok_or_else(|| bad(m, format!("{fqn}: size {shape:?} overflows")))?;
+    let whole = Tensor::f_zeros([bytes], (tch::Kind::Uint8, tch::Device::Cpu))
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::ffi::view_bytes_as(&b, kind))
+        .and_then(|t| t.f_reshape(shape.as_slice()).map_err(|e| e.to_string()))
+        .map_err(|e| bad(m, e))?;
     for (offsets, sizes) in &boxes {
         let chunk = read_chunk(files, offsets, sizes)?;
         let mut region = whole.shallow_clone();

@@ -36,7 +36,7 @@ fn torch_size(p: &mut Pickler, dims: &[i64]) {
 /// One tensor written: its name, dtype, shape, and where its stream is.
 struct Written {
     fqn: String,
-    kind: tch::Kind,
+    kind: crate::dtype::Dtype,
     shape: Vec<i64>,
     offset: u64,
     length: u64,
