@@ -171,6 +171,9 @@ fn archive(pickle: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
         zip.start_file(format!("archive/data/{key}"), options).unwrap();
         zip.write_all(data).unwrap();
     }
+    // PyTorch refuses an archive without its version record.
+    zip.start_file("archive/version", options).unwrap();
+    zip.write_all(b"3\n").unwrap();
     zip.finish().unwrap().into_inner()
 }
 
