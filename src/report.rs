@@ -44,6 +44,17 @@ pub struct ReportLeftover {
     pub did_you_mean: Option<String>,
 }
 
+/// One target tensor kept as it is on purpose, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportKept {
+    /// Its name.
+    pub name: String,
+    /// The `keep` rule that keeps it, as written.
+    pub rule: String,
+    /// Where the rule was written.
+    pub at: String,
+}
+
 /// One finding with its severity under the policy used.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportProblem {
@@ -78,6 +89,8 @@ pub struct Report {
     pub pairs: Vec<ReportPair>,
     /// Leftovers, source side then target side.
     pub leftovers: Vec<ReportLeftover>,
+    /// Target tensors kept as they are on purpose (`keep`): not left over.
+    pub kept: Vec<ReportKept>,
     /// Findings, most serious first — except a `num_batches_tracked` with no
     /// counterpart, a note that its leftover entry already explains.
     pub problems: Vec<ReportProblem>,
@@ -146,6 +159,11 @@ impl Report {
                 })
                 .collect(),
             leftovers,
+            kept: plan
+                .kept
+                .iter()
+                .map(|k| ReportKept { name: k.name.to_string(), rule: k.rule.clone(), at: k.at.clone() })
+                .collect(),
             problems: plan
                 .problems(policy)
                 .into_iter()
@@ -248,6 +266,13 @@ impl fmt::Display for Report {
                 }
             }
             more(f, list.len())?;
+        }
+        if !self.kept.is_empty() {
+            writeln!(f, "  kept in the target ({}):", self.kept.len())?;
+            for k in self.kept.iter().take(SHOWN) {
+                writeln!(f, "    {} (`{}`, {})", escaped(&k.name), escaped(&k.rule), escaped(&k.at))?;
+            }
+            more(f, self.kept.len())?;
         }
         // Unpaired entries are listed above; the other findings follow.
         let problems: Vec<&ReportProblem> =

@@ -110,6 +110,43 @@ pub enum Finding {
         /// The paired entry it is tied to.
         with: String,
     },
+    /// A target a `keep` rule keeps as it is, which a rule or the matcher
+    /// would fill: the pair is not made.
+    KeptFilled {
+        /// The kept target.
+        target: String,
+        /// The keep rule as written.
+        keep: String,
+        /// Where it was written.
+        at: String,
+        /// The source that would fill it.
+        source: String,
+        /// What paired them.
+        by: String,
+        /// A `--skip` pattern that leaves the source out.
+        skip: String,
+    },
+    /// A source entry that nothing paired but that is one tensor with a paired
+    /// one (tied weights): its values go with that one.
+    SourceTied {
+        /// The entry nothing paired.
+        source: String,
+        /// The paired entry it is tied to.
+        with: String,
+    },
+    /// A `skip` rule that matched no source name, where the name it skips is
+    /// tied to another that the source holds (a safetensors file keeps one
+    /// name of a tie): not an unused rule.
+    SkipOfTie {
+        /// The rule as written.
+        rule: String,
+        /// Where it was written.
+        at: String,
+        /// The tied name the source does not hold.
+        name: String,
+        /// The name it is tied to.
+        with: String,
+    },
     /// An entry that nothing paired.
     Leftover {
         /// Its side.
@@ -196,11 +233,14 @@ impl Finding {
             Finding::ShapeMismatch { .. }
             | Finding::Collision { .. }
             | Finding::Transform { .. }
-            | Finding::IncompleteGroup { .. } => Severity::Error,
+            | Finding::IncompleteGroup { .. }
+            | Finding::KeptFilled { .. } => Severity::Error,
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
             Finding::NumBatchesTracked { .. }
             | Finding::Tied { .. }
+            | Finding::SourceTied { .. }
+            | Finding::SkipOfTie { .. }
             | Finding::OrderReconstructed { .. }
             | Finding::CouldPair { .. } => Severity::Note,
             Finding::AmbiguousModule { .. } | Finding::Unaligned { .. } => escalate(Severity::Warning),
@@ -275,6 +315,19 @@ impl fmt::Display for Raw<'_> {
                 write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
             }
             Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::KeptFilled { target, keep, at, source, by, skip } => write!(
+                f,
+                "target {target} is kept by `{keep}` ({at}), but source {source} would fill it (paired by {by}); \
+                 leave the source out with --skip '{skip}' (`skip {skip}` in a rules file), or drop the keep"
+            ),
+            Finding::SourceTied { source, with } => write!(
+                f,
+                "source {source} is tied to {with} (one tensor under two names): its values go with {with}"
+            ),
+            Finding::SkipOfTie { rule, at, name, with } => write!(
+                f,
+                "rule at {at} `{rule}` matched no source name: {name} is tied to {with}, which the source holds"
+            ),
             Finding::Tied { target, with } => write!(
                 f,
                 "target {target} is tied to {with} (one tensor under two names): it gets {with}'s values"

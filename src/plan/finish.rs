@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::build::{Builder, PAIRS_PER_THREAD};
-use super::{Cast, Finding, Leftover, Pair, Plan, Side};
+use super::{Cast, Finding, Kept, Leftover, Pair, Plan, Side};
 use crate::chunks;
 use crate::dotted::module_and_leaf;
 use crate::entry::Entry;
@@ -256,6 +256,19 @@ impl Plan {
         };
         let (source_nbt_open, target_nbt_open) =
             (open_nbt(sources, &paired_source), open_nbt(targets, &paired_target));
+        // A source tied to a paired one goes with it: not left over.
+        let open_source =
+            |i: usize, explained: &HashMap<usize, String>| !paired_source[i] && !explained.contains_key(&i);
+        if (0..sources.len()).any(|i| open_source(i, &b.source_explained)) {
+            for group in b.source.ties() {
+                let Some(&with) = group.iter().find(|&&i| paired_source[i]) else { continue };
+                for i in group.iter().copied().filter(|&i| open_source(i, &b.source_explained)).collect::<Vec<_>>() {
+                    let (name, with) = (sources[i].name.to_string(), sources[with].name.to_string());
+                    b.source_explained.insert(i, format!("tied to {with}: one tensor, paired through it"));
+                    b.findings.push(Finding::SourceTied { source: name, with });
+                }
+            }
+        }
         let mut source_leftovers = Vec::new();
         for (i, e) in sources.iter().enumerate().filter(|(i, _)| !paired_source[*i]) {
             let mut explained = b.source_explained.get(&i).cloned();
@@ -285,7 +298,13 @@ impl Plan {
             }
         }
         let mut target_leftovers = Vec::new();
+        let mut kept = Vec::new();
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
+            if let Some(&Some(k)) = b.kept_by.get(j) {
+                let (rule, at) = b.keep_texts[k].clone();
+                kept.push(Kept { index: j, name: e.name.clone(), rule, at });
+                continue;
+            }
             let explained = if is_nbt(&e.name) && !source_nbt_open {
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.to_string() });
                 Some(
@@ -358,6 +377,7 @@ impl Plan {
             order: b.order,
             source_leftovers,
             target_leftovers,
+            kept,
             findings: b.findings,
         }
     }

@@ -138,6 +138,20 @@ pub struct Leftover {
     pub explained: Option<String>,
 }
 
+/// A target entry kept as it is on purpose (`keep PATTERN`, `--keep`): it
+/// receives nothing and is not left over.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kept {
+    /// Index of the target entry.
+    pub index: usize,
+    /// Its name.
+    pub name: Name,
+    /// The keep rule, as written.
+    pub rule: String,
+    /// Where the rule was written.
+    pub at: String,
+}
+
 /// The whole transfer, decided and checked before anything is written.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -157,6 +171,8 @@ pub struct Plan {
     pub source_leftovers: Vec<Leftover>,
     /// Target entries that receive nothing.
     pub target_leftovers: Vec<Leftover>,
+    /// Target entries kept as they are on purpose (`keep`): not left over.
+    pub kept: Vec<Kept>,
     /// Everything found, whatever the policy.
     pub findings: Vec<Finding>,
 }
@@ -294,6 +310,7 @@ impl Plan {
                         | Finding::ShapeMismatch { .. }
                         | Finding::Transform { .. }
                         | Finding::IncompleteGroup { .. }
+                        | Finding::KeptFilled { .. }
                 )
             })
     }

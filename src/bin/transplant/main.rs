@@ -131,6 +131,9 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
         MatchArg::Order => Matcher::Order,
     };
     let mut mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    for pattern in &args.keeps {
+        mapping.rules.add_keep(pattern)?;
+    }
     if let Some(model) = &args.order_from {
         anyhow::ensure!(
             matcher == Matcher::Order,
