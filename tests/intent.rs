@@ -81,7 +81,10 @@ torch.jit.save(torch.jit.script(LM()), f"{d}/lm.pt")
 fn script(dir: &Path, text: &str) {
     let file = dir.join("make_models.py");
     std::fs::write(&file, text).unwrap();
-    python("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", &[&file, dir]);
+    python(
+        "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        &[&file, dir],
+    );
 }
 
 fn setup() -> (tempfile::TempDir, PathBuf) {
@@ -110,10 +113,12 @@ fn a_new_head_kept_on_purpose_is_one_command_with_exit_0() {
         assert_eq!(record, want);
     }
     // JSON lists the kept tensors, and none as left over.
-    let json = run(&[&["plan"], &[s(&tv), s(&ft), "--skip", r"fc\..*", "--keep", r"fc\..*", "--json"][..]].concat());
+    let json =
+        run(&[&["plan"], &[s(&tv), s(&ft), "--skip", r"fc\..*", "--keep", r"fc\..*", "--json"][..]].concat());
     assert_eq!(json.code, 0, "{}", json.stderr);
     let json = json.json();
-    let kept: Vec<&str> = json["kept"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    let kept: Vec<&str> =
+        json["kept"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
     assert_eq!(kept, ["fc.weight", "fc.bias"]);
     assert_eq!(json["kept"][0]["rule"], r"keep fc\..*");
     let leftovers = json["leftovers"].as_array().unwrap();
@@ -128,8 +133,9 @@ fn a_kept_target_that_the_matcher_would_fill_is_an_error_naming_both_and_the_ski
     assert_eq!(copy.code, 1, "{}\n{}", copy.stdout, copy.stderr);
     let all = format!("{}{}", copy.stdout, copy.stderr);
     assert!(
-        all.contains(r"target fc.weight is kept by `keep fc\..*` (--keep #1), but source fc.weight would fill it")
-            && all.contains(r"--skip 'fc\..*'"),
+        all.contains(
+            r"target fc.weight is kept by `keep fc\..*` (--keep #1), but source fc.weight would fill it"
+        ) && all.contains(r"--skip 'fc\..*'"),
         "{all}"
     );
     assert!(!out.exists());
@@ -145,7 +151,18 @@ fn a_kept_target_that_the_matcher_would_fill_is_an_error_naming_both_and_the_ski
 #[test]
 fn a_keep_that_names_no_target_is_an_unused_rule() {
     let (_dir, d) = setup();
-    let plan = run(&["plan", s(&d.join("tv.pth")), s(&d.join("ft10.pt")), "--skip", r"fc\..*", "--keep", r"head\..*", "--keep", r"fc\..*", "--strict"]);
+    let plan = run(&[
+        "plan",
+        s(&d.join("tv.pth")),
+        s(&d.join("ft10.pt")),
+        "--skip",
+        r"fc\..*",
+        "--keep",
+        r"head\..*",
+        "--keep",
+        r"fc\..*",
+        "--strict",
+    ]);
     assert_eq!(plan.code, 1, "{}\n{}", plan.stdout, plan.stderr);
     assert!(plan.stdout.contains(r"unused rule at --keep #1: `keep head\..*`"), "{}", plan.stdout);
 }
@@ -161,4 +178,65 @@ fn buffers_computed_at_construction_are_kept_and_strict_passes() {
     let (got, want) = (inspected(&out), inspected(&dst));
     let mask = |records: &[common::Record]| records.iter().find(|r| r.name == "attn_mask").cloned().unwrap();
     assert_eq!(mask(&got), mask(&want));
+}
+
+#[test]
+fn a_tied_source_name_goes_with_its_pair_and_is_not_left_over() {
+    let (_dir, d) = setup();
+    // lm.bin holds lm_head.weight, one storage with transformer.wte.weight;
+    // the safetensors form holds only the latter.
+    let plan = run(&["plan", s(&d.join("lm.bin")), s(&d.join("lm.safetensors")), "--strict"]);
+    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stdout
+            .contains("lm_head.weight (tied to transformer.wte.weight: one tensor, paired through it)"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout.contains("note: source lm_head.weight is tied to transformer.wte.weight"),
+        "{}",
+        plan.stdout
+    );
+}
+
+#[test]
+fn one_strict_rules_file_serves_the_bin_and_the_safetensors_form_of_a_tied_model() {
+    let (_dir, d) = setup();
+    let rules = d.join("gpt.rules");
+    std::fs::write(&rules, "skip lm_head\\.weight\n").unwrap();
+    for source in ["lm.bin", "lm.safetensors"] {
+        let out = d.join(format!("out-{source}.pt"));
+        let copy = run(&[
+            "copy",
+            s(&d.join(source)),
+            s(&d.join("lm.pt")),
+            "-o",
+            s(&out),
+            "--rules",
+            s(&rules),
+            "--strict",
+        ]);
+        assert_eq!(copy.code, 0, "{source}: {}\n{}", copy.stdout, copy.stderr);
+        let want = inspected(&d.join("lm.bin"));
+        let got = inspected(&out);
+        for name in ["transformer.wte.weight", "lm_head.weight", "transformer.h.weight"] {
+            let digest = |r: &[common::Record]| r.iter().find(|r| r.name == name).map(|r| r.sha256.clone());
+            assert_eq!(digest(&got), digest(&want), "{source}: {name}");
+        }
+        if source == "lm.safetensors" {
+            assert!(
+                copy.stdout
+                    .contains("lm_head.weight is tied to transformer.wte.weight, which the source holds"),
+                "{}",
+                copy.stdout
+            );
+        }
+    }
+    // A skip that names no tie is still unused.
+    std::fs::write(&rules, "skip lm_head\\.bias\n").unwrap();
+    let plan =
+        run(&["plan", s(&d.join("lm.safetensors")), s(&d.join("lm.pt")), "--rules", s(&rules), "--strict"]);
+    assert_eq!(plan.code, 1, "{}", plan.stdout);
+    assert!(plan.stdout.contains("unused rule"), "{}", plan.stdout);
 }

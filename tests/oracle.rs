@@ -21,7 +21,8 @@ fn oracle(transplant: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .expect("the venv's python runs (scripts/setup.sh)");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
 }
 

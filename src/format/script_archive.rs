@@ -384,7 +384,9 @@ fn libtorch_global(module: &str, name: &str) -> bool {
     match module {
         "collections" => name == "OrderedDict",
         "builtins" | "__builtin__" => name == "set",
-        "torch._utils" => matches!(name, "_rebuild_tensor_v2" | "_rebuild_qtensor" | "_rebuild_sparse_tensor"),
+        "torch._utils" => {
+            matches!(name, "_rebuild_tensor_v2" | "_rebuild_qtensor" | "_rebuild_sparse_tensor")
+        }
         "torch.jit._pickle" => name.starts_with("build_") || name == "restore_type_tag",
         "torch" => name.ends_with("Storage") || name == "device",
         m => m == "__torch__" || m.starts_with("__torch__."),
@@ -451,7 +453,8 @@ fn walk(
         Value::Str(s) => Some(s.to_string()),
         _ => None,
     };
-    if let Some(missing) = members.attributes.iter().find(|a| !items.iter().any(|(k, _)| key_of(k).as_ref() == Some(*a)))
+    if let Some(missing) =
+        members.attributes.iter().find(|a| !items.iter().any(|(k, _)| key_of(k).as_ref() == Some(*a)))
     {
         return Err(bad(
             path,

@@ -159,7 +159,10 @@ impl<'a> Archive<'a> {
     pub(super) fn check_unread_tensors(&mut self, machine: &Machine) -> Result<()> {
         for (i, object) in machine.objects.iter().enumerate() {
             let Object::Reduce { callable: Value::Global(module, name), .. } = object else { continue };
-            if &**module != "torch._utils" || !name.starts_with("_rebuild_tensor") || self.rebuilt.contains(&i) {
+            if &**module != "torch._utils"
+                || !name.starts_with("_rebuild_tensor")
+                || self.rebuilt.contains(&i)
+            {
                 continue;
             }
             let _checked = tensor(machine, self, &Value::Ref(i), 0).map_err(|e| match e {
@@ -197,7 +200,8 @@ impl<'a> Archive<'a> {
             if &**tag != "storage" {
                 return Err(bad(path, format!("persistent reference of kind {tag:?}")));
             }
-            let kind = storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
+            let kind =
+                storage_kind(class).ok_or_else(|| bad(path, format!("unknown storage type {class}")))?;
             if loader == Loader::Python && self.is_legacy() && &**class == "UntypedStorage" {
                 return Err(bad(
                     path,
@@ -366,7 +370,19 @@ fn legacy_storage(
 /// `cuda:1`): PyTorch's loaders refuse a storage whose location does not.
 fn is_device(location: &str) -> bool {
     const TYPES: [&str; 14] = [
-        "cpu", "cuda", "mps", "xpu", "meta", "hpu", "mtia", "xla", "ipu", "lazy", "vulkan", "ve", "fpga",
+        "cpu",
+        "cuda",
+        "mps",
+        "xpu",
+        "meta",
+        "hpu",
+        "mtia",
+        "xla",
+        "ipu",
+        "lazy",
+        "vulkan",
+        "ve",
+        "fpga",
         "privateuseone",
     ];
     let (kind, index) = match location.split_once(':') {
@@ -1150,7 +1166,10 @@ pub(super) fn zip_program<'a>(
     let prefix = super::archive_folder(path, FORMAT, &mut zip)?;
     let pickle_name = format!("{prefix}data.pkl");
     if !zip.file_names().any(|n| n == pickle_name) {
-        return Err(bad(path, format!("no {pickle_name} (the archive's folder is {prefix}, its first member's)")));
+        return Err(bad(
+            path,
+            format!("no {pickle_name} (the archive's folder is {prefix}, its first member's)"),
+        ));
     }
     if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
         let mut text = String::new();

@@ -278,7 +278,8 @@ impl<'a> Builder<'a> {
         }
         for (keep, used) in keeps.iter().zip(fired) {
             if !used {
-                self.findings.push(Finding::UnusedRule { rule: keep.to_string(), at: keep.source.to_string() });
+                self.findings
+                    .push(Finding::UnusedRule { rule: keep.to_string(), at: keep.source.to_string() });
             }
         }
     }

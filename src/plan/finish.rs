@@ -262,7 +262,9 @@ impl Plan {
         if (0..sources.len()).any(|i| open_source(i, &b.source_explained)) {
             for group in b.source.ties() {
                 let Some(&with) = group.iter().find(|&&i| paired_source[i]) else { continue };
-                for i in group.iter().copied().filter(|&i| open_source(i, &b.source_explained)).collect::<Vec<_>>() {
+                for i in
+                    group.iter().copied().filter(|&i| open_source(i, &b.source_explained)).collect::<Vec<_>>()
+                {
                     let (name, with) = (sources[i].name.to_string(), sources[with].name.to_string());
                     b.source_explained.insert(i, format!("tied to {with}: one tensor, paired through it"));
                     b.findings.push(Finding::SourceTied { source: name, with });

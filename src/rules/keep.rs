@@ -31,8 +31,10 @@ impl Keep {
                 message: format!("pattern {pattern:?} contains a space, which no tensor name has"),
             });
         }
-        let regex = Regex::new(&anchored(pattern))
-            .map_err(|e| Error::Rule { at: at(), message: format!("bad pattern {pattern:?}: {}", one_line(&e)) })?;
+        let regex = Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
+            at: at(),
+            message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
+        })?;
         Ok(Self { pattern: pattern.to_string(), source, regex })
     }
 

@@ -124,7 +124,10 @@ fn keep_rules_name_target_tensors_and_rename_nothing() {
     let keeps = r.keeps();
     assert_eq!(keeps.len(), 1);
     assert!(keeps[0].matches("head.weight") && !keeps[0].matches("x.head.weight"));
-    assert_eq!((keeps[0].to_string(), keeps[0].source.to_string()), ("keep head\\..*".into(), "rules.txt:1".into()));
+    assert_eq!(
+        (keeps[0].to_string(), keeps[0].source.to_string()),
+        ("keep head\\..*".into(), "rules.txt:1".into())
+    );
     assert!(error("keep\n").contains("`keep` needs a pattern"));
     assert!(error("keep (\n").contains("rules.txt:1"));
     let mut flags = Rules::new();
