@@ -40,8 +40,12 @@ pub struct ReportLeftover {
     pub name: String,
     /// Why it is expected, when it is.
     pub explained: Option<String>,
-    /// The nearest unpaired name on the other side, when one is close.
+    /// The unpaired name on the other side it most likely is: of the same leaf
+    /// and shape where there is one, else the nearest in spelling.
     pub did_you_mean: Option<String>,
+    /// For a source a rule renamed: the name it made, and the rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renamed: Option<String>,
 }
 
 /// One target tensor kept as it is on purpose, as reported.
@@ -131,9 +135,10 @@ impl Report {
                     side: l.side,
                     name: l.name.to_string(),
                     explained: l.explained.clone(),
-                    did_you_mean: (suggest && l.explained.is_none())
-                        .then(|| suggestion(&l.name, others))
-                        .flatten(),
+                    did_you_mean: l.near.as_ref().map(|n| n.to_string()).or_else(|| {
+                        (suggest && l.explained.is_none()).then(|| suggestion(&l.name, others)).flatten()
+                    }),
+                    renamed: l.renamed.clone(),
                 }
             })
             .collect();
@@ -257,8 +262,14 @@ impl fmt::Display for Report {
             }
             writeln!(f, "  left over in the {side} ({}):", list.len())?;
             for l in list.iter().take(SHOWN) {
+                let renamed =
+                    l.renamed.as_ref().map_or(String::new(), |r| format!(" (renamed to {})", escaped(r)));
                 match (&l.explained, &l.did_you_mean) {
                     (Some(why), _) => writeln!(f, "    {} ({})", escaped(&l.name), escaped(why))?,
+                    (None, Some(near)) if !renamed.is_empty() => {
+                        writeln!(f, "    {}{renamed} (did you mean {}?)", escaped(&l.name), escaped(near))?
+                    }
+                    (None, None) if !renamed.is_empty() => writeln!(f, "    {}{renamed}", escaped(&l.name))?,
                     (None, Some(near)) => {
                         writeln!(f, "    {} (did you mean {}?)", escaped(&l.name), escaped(near))?
                     }

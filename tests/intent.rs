@@ -240,3 +240,70 @@ fn one_strict_rules_file_serves_the_bin_and_the_safetensors_form_of_a_tied_model
     assert_eq!(plan.code, 1, "{}", plan.stdout);
     assert!(plan.stdout.contains("unused rule"), "{}", plan.stdout);
 }
+
+/// Safetensors files of these tensors (name, shape) into `dir/NAME`.
+fn safetensors(dir: &Path, name: &str, tensors: &str) -> PathBuf {
+    let path = dir.join(name);
+    python(
+        &format!("import sys, torch, safetensors.torch as st\nst.save_file({{n: torch.rand(s) for n, s in {tensors}.items()}}, sys.argv[1])"),
+        &[&path],
+    );
+    path
+}
+
+#[test]
+fn refusals_name_the_next_step_and_never_what_was_already_passed() {
+    let (_dir, d) = setup();
+    let (tv, ft, out) = (d.join("tv.pth"), d.join("ft10.pt"), d.join("out.pt"));
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&out)]);
+    assert_eq!(copy.code, 1);
+    assert!(copy.stderr.contains(r"--skip 'fc\..*' --keep 'fc\..*'"), "{}", copy.stderr);
+    // --skip alone: the target's head is open; the step is --keep, not --skip.
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&out), "--skip", r"fc\..*"]);
+    assert_eq!(copy.code, 1);
+    assert!(copy.stderr.contains(r"--keep 'fc\..*'") && !copy.stderr.contains("--skip '"), "{}", copy.stderr);
+    // With --match order given, no "try --match order".
+    let copy =
+        run(&["copy", s(&d.join("masked.pth")), s(&d.join("masked.pt")), "-o", s(&out), "--match", "order"]);
+    assert_eq!(copy.code, 1);
+    assert!(
+        copy.stderr.contains("--keep 'attn_mask'") && !copy.stderr.contains("--match order"),
+        "{}",
+        copy.stderr
+    );
+    // Same elements, merged dimensions: the reshape is the step.
+    let a = safetensors(&d, "a.safetensors", "{'ls.gamma': (4, 1, 1)}");
+    let b = safetensors(&d, "b.safetensors", "{'ls.gamma': (4,)}");
+    let plan = run(&["plan", s(&a), s(&b)]);
+    assert_eq!(plan.code, 1);
+    assert!(
+        plan.stdout.contains(r"--map 'ls\.gamma => ls.gamma | reshape(4)' pairs them"),
+        "{}",
+        plan.stdout
+    );
+}
+
+#[test]
+fn a_renamed_source_left_over_shows_the_name_the_rule_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = safetensors(dir.path(), "a.safetensors", "{'encoder.scale': (1,), 'encoder.w': (2,)}");
+    let b = safetensors(dir.path(), "b.safetensors", "{'backbone.w': (2,), 'temperature': (3,)}");
+    let plan = run(&["plan", s(&a), s(&b), "--map", r"encoder\.(.*)=>backbone.$1", "--strict"]);
+    assert_eq!(plan.code, 1);
+    let all = format!("{}{}", plan.stdout, plan.stderr);
+    assert!(
+        all.contains(r"source encoder.scale is not paired: renamed to backbone.scale by rule `encoder\.(.*) => backbone.$1`"),
+        "{all}"
+    );
+    assert!(all.contains(r"encoder.scale (renamed to backbone.scale by rule"), "{all}");
+}
+
+#[test]
+fn did_you_mean_prefers_the_tensor_of_the_same_leaf_and_shape_over_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    // The models number their stages differently: stage 3 of one is stage 1 of the other.
+    let a = safetensors(dir.path(), "a.safetensors", "{'stages.3.w': (16,)}");
+    let b = safetensors(dir.path(), "b.safetensors", "{'layers.3.w': (8,), 'layers.1.w': (16,)}");
+    let plan = run(&["plan", s(&a), s(&b), "--match", "exact"]);
+    assert!(plan.stdout.contains("stages.3.w (did you mean layers.1.w?)"), "{}", plan.stdout);
+}

@@ -52,6 +52,9 @@ pub(super) struct Builder<'a> {
     pub(super) kept_by: Vec<Option<usize>>,
     /// Each `keep` rule as written, with where it was written.
     pub(super) keep_texts: Vec<(String, String)>,
+    /// Each source's name after the rules, and the rule that renamed it (empty
+    /// when no rule ran).
+    pub(super) renamed: Vec<(Cow<'a, str>, Option<usize>)>,
     pub(super) modules: Vec<ModuleMatch>,
     pub(super) order: Option<Orders>,
 }
@@ -68,6 +71,7 @@ impl<'a> Builder<'a> {
             source_explained: HashMap::new(),
             kept_by: Vec::new(),
             keep_texts: Vec::new(),
+            renamed: Vec::new(),
             modules: Vec::new(),
             order: None,
         }
@@ -481,6 +485,7 @@ impl Plan {
         }
         b.run_matcher(mapping, lent, &mut renamed);
         b.hold_kept(&mapping.rules);
+        b.renamed = renamed.names.into_iter().zip(renamed.rule_of).collect();
         b.pairs.sort_by_key(|p| p.target);
         b
     }

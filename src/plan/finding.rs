@@ -153,6 +153,9 @@ pub enum Finding {
         side: Side,
         /// Its name.
         name: String,
+        /// For a source a rule renamed: the name it made, and the rule.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        renamed: Option<String>,
     },
     /// A module the order matcher left unpaired although the other side has
     /// compatible ones: it could not tell which.
@@ -281,11 +284,34 @@ impl Finding {
 impl fmt::Display for Raw<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => write!(
-                f,
-                "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
-                 shapes must be equal, nothing is broadcast"
-            ),
+            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => {
+                write!(
+                    f,
+                    "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
+                     shapes must be equal, nothing is broadcast"
+                )?;
+                let numel = |shape: &[i64]| shape.iter().product::<i64>();
+                if numel(source_shape) == numel(target_shape)
+                    && super::finish::merges_or_splits(source_shape, target_shape)
+                {
+                    let dims: Vec<String> = target_shape.iter().map(i64::to_string).collect();
+                    write!(
+                        f,
+                        "; they hold as many elements: --map '{} => {} | reshape({})' pairs them",
+                        regex::escape(source),
+                        target.replace('$', "$$"),
+                        dims.join(", ")
+                    )
+                } else {
+                    write!(
+                        f,
+                        "; if the target's is new on purpose (a new head), leave the source out and keep the \
+                         target's: --skip '{}' --keep '{}'",
+                        crate::rules::Keep::module_pattern(source),
+                        crate::rules::Keep::module_pattern(target)
+                    )
+                }
+            }
             Finding::Collision { target, sources } => {
                 let list: Vec<String> = sources.iter().map(|(s, r)| format!("{s} (by {r})")).collect();
                 write!(f, "collision: {} all map to {target}", list.join(", "))
@@ -314,7 +340,10 @@ impl fmt::Display for Raw<'_> {
             Finding::RoleMismatch { source, target, source_role, target_role } => {
                 write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
             }
-            Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::Leftover { side, name, renamed: None } => write!(f, "{side} {name} is not paired"),
+            Finding::Leftover { side, name, renamed: Some(renamed) } => {
+                write!(f, "{side} {name} is not paired: renamed to {renamed}, and the target has no such name")
+            }
             Finding::KeptFilled { target, keep, at, source, by, skip } => write!(
                 f,
                 "target {target} is kept by `{keep}` ({at}), but source {source} would fill it (paired by {by}); \

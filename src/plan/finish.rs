@@ -105,7 +105,7 @@ fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
 /// Whether shapes `a` and `b` (of as many elements) differ only by merging
 /// neighbouring dimensions or splitting them (and dimensions of size 1): a
 /// reshape between them keeps every row where it was.
-fn merges_or_splits(a: &[i64], b: &[i64]) -> bool {
+pub(super) fn merges_or_splits(a: &[i64], b: &[i64]) -> bool {
     let a: Vec<i64> = a.iter().copied().filter(|&d| d != 1).collect();
     let b: Vec<i64> = b.iter().copied().filter(|&d| d != 1).collect();
     let (mut i, mut j) = (0, 0);
@@ -212,6 +212,53 @@ fn pair_hints(
     }
 }
 
+/// Candidates of one leaf and shape compared by name, at most.
+const MAX_NEAR_CANDIDATES: usize = 256;
+
+/// For each open leftover, the open leftover of the other side it most likely
+/// is: one of the same leaf, shape and dtype class (what the order matcher
+/// would align), nearest in name. Structure first, spelling second: two
+/// models that number their stages differently put `layers.1.x` where the
+/// other has `layers.3.x`, which spelling alone would not find.
+fn near_leftovers<'n>(
+    sources: &'n [Entry],
+    targets: &'n [Entry],
+    source_name: impl Fn(usize) -> &'n str,
+    source_leftovers: &mut [Leftover],
+    target_leftovers: &mut [Leftover],
+) {
+    type Key<'k> = (&'k str, &'k [i64], crate::dtype::DtypeClass);
+    let key =
+        |e: &'n Entry| -> Key<'n> { (crate::dotted::leaf(&e.name), &e.shape, crate::dtype::class(e.dtype)) };
+    let bucket = |list: &[Leftover], entries: &'n [Entry]| {
+        let mut by: HashMap<Key<'n>, Vec<usize>> = HashMap::new();
+        for l in list.iter().filter(|l| l.explained.is_none()) {
+            by.entry(key(&entries[l.index])).or_default().push(l.index);
+        }
+        by
+    };
+    let nearest = |name: &str, candidates: &[usize], other: &dyn Fn(usize) -> &'n str| {
+        candidates
+            .iter()
+            .take(MAX_NEAR_CANDIDATES)
+            .map(|&c| (strsim::normalized_levenshtein(name, other(c)), c))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, c)| c)
+    };
+    let (by_target, by_source) = (bucket(target_leftovers, targets), bucket(source_leftovers, sources));
+    let target_name = |j: usize| targets[j].name.as_str();
+    for l in source_leftovers.iter_mut().filter(|l| l.explained.is_none()) {
+        if let Some(candidates) = by_target.get(&key(&sources[l.index])) {
+            l.near = nearest(source_name(l.index), candidates, &target_name).map(|j| targets[j].name.clone());
+        }
+    }
+    for l in target_leftovers.iter_mut().filter(|l| l.explained.is_none()) {
+        if let Some(candidates) = by_source.get(&key(&targets[l.index])) {
+            l.near = nearest(&l.name, candidates, &source_name).map(|i| sources[i].name.clone());
+        }
+    }
+}
+
 impl Plan {
     /// Everything that follows from the pairs: shape, cast and role findings,
     /// leftovers, BatchNorm groups.
@@ -280,10 +327,28 @@ impl Plan {
                         .into(),
                 );
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.to_string() });
-            } else if explained.is_none() {
-                b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.to_string() });
             }
-            source_leftovers.push(Leftover { side: Side::Source, index: i, name: e.name.clone(), explained });
+            let renamed = match b.renamed.get(i) {
+                Some((to, Some(rule))) if explained.is_none() && *to != *e.name => {
+                    Some(format!("{to} by rule `{}`", b.rule_texts[*rule]))
+                }
+                _ => None,
+            };
+            if explained.is_none() {
+                b.findings.push(Finding::Leftover {
+                    side: Side::Source,
+                    name: e.name.to_string(),
+                    renamed: renamed.clone(),
+                });
+            }
+            source_leftovers.push(Leftover {
+                side: Side::Source,
+                index: i,
+                name: e.name.clone(),
+                explained,
+                renamed,
+                near: None,
+            });
         }
         // A target tied to a paired one is filled through it: not left over.
         if paired_target.iter().any(|&p| !p) {
@@ -315,10 +380,21 @@ impl Plan {
                         .into(),
                 )
             } else {
-                b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.to_string() });
+                b.findings.push(Finding::Leftover {
+                    side: Side::Target,
+                    name: e.name.to_string(),
+                    renamed: None,
+                });
                 None
             };
-            target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
+            target_leftovers.push(Leftover {
+                side: Side::Target,
+                index: j,
+                name: e.name.clone(),
+                explained,
+                renamed: None,
+                near: None,
+            });
         }
         // BatchNorm groups of the target (modules with running statistics):
         // weight, bias and statistics go together. Only a module with a target
@@ -369,6 +445,9 @@ impl Plan {
                 missing: missing.iter().map(leaf).collect(),
             });
         }
+        let renamed_name =
+            |i: usize| b.renamed.get(i).map_or(sources[i].name.as_str(), |(to, _)| to.as_ref());
+        near_leftovers(sources, targets, renamed_name, &mut source_leftovers, &mut target_leftovers);
         pair_hints(sources, targets, &source_leftovers, &target_leftovers, &mut b.findings);
         Plan {
             source: b.source.origin().to_string(),

@@ -136,6 +136,14 @@ pub struct Leftover {
     /// Why it is left over, when that is expected (skipped by a rule, a
     /// `num_batches_tracked` with no counterpart); `None` when nothing paired it.
     pub explained: Option<String>,
+    /// For a source a rule renamed: the name the rule made and the rule
+    /// (`backbone.scale by rule `…``), which no target has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renamed: Option<String>,
+    /// The open leftover of the other side it most likely is: of the same leaf
+    /// and shape (the structure agrees), nearest in name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub near: Option<Name>,
 }
 
 /// A target entry kept as it is on purpose (`keep PATTERN`, `--keep`): it

@@ -38,6 +38,16 @@ impl Keep {
         Ok(Self { pattern: pattern.to_string(), source, regex })
     }
 
+    /// A pattern for the whole module `name` belongs to (`fc\..*` for
+    /// `fc.weight`), or for the name itself at the root: what a `--keep` or
+    /// `--skip` suggested in a message names.
+    pub fn module_pattern(name: &str) -> String {
+        match crate::dotted::module_and_leaf(name) {
+            ("", _) => regex::escape(name),
+            (module, _) => format!("{}\\..*", regex::escape(module)),
+        }
+    }
+
     /// Whether this rule keeps the target tensor `name`.
     pub fn matches(&self, name: &str) -> bool {
         self.regex.is_match(name)

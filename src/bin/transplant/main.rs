@@ -205,11 +205,12 @@ fn run(command: Command) -> Result<Outcome> {
             }
             if !plan.is_complete() && !allow_partial {
                 let open = plan.open_leftovers();
+                let steps = transfer::next_steps(&plan, mapping.matcher);
                 return refused(
                     &plan,
                     anyhow::anyhow!(
                         "the transfer is incomplete ({open} tensors have no counterpart); nothing was written: \
-                         add rules, try --match order, or pass --allow-partial to write it anyway"
+                         {steps}"
                     ),
                 );
             }

@@ -10,6 +10,47 @@ use tch::{Device, Kind};
 use transplant::{Checkpoint, Error, Format, ModuleStore, Result, ScriptModule, StoreKind, Target};
 
 /// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
+/// What to do about an incomplete transfer, from what is left open and what
+/// was already asked (no `--match order` suggested to who passed it).
+pub fn next_steps(plan: &transplant::Plan, matcher: transplant::Matcher) -> String {
+    let open = |list: &[transplant::Leftover]| -> Vec<String> {
+        let mut modules: Vec<String> = list
+            .iter()
+            .filter(|l| l.explained.is_none())
+            .map(|l| transplant::Keep::module_pattern(&l.name))
+            .collect();
+        modules.dedup();
+        modules
+    };
+    let (sources, targets) = (open(&plan.source_leftovers), open(&plan.target_leftovers));
+    let flags = |flag: &str, patterns: &[String]| -> String {
+        if patterns.len() > 3 {
+            return format!("{flag} PATTERN");
+        }
+        patterns.iter().map(|p| format!("{flag} '{p}'")).collect::<Vec<_>>().join(" ")
+    };
+    let mut steps = Vec::new();
+    if !sources.is_empty() || targets.is_empty() {
+        steps.push("add rules (--map, --rules)".to_string());
+    }
+    if matcher != transplant::Matcher::Order && !sources.is_empty() && !targets.is_empty() {
+        steps.push("try --match order".to_string());
+    }
+    if !sources.is_empty() {
+        steps.push(format!("leave source tensors out on purpose with {}", flags("--skip", &sources)));
+    }
+    if !targets.is_empty() {
+        steps.push(format!("keep target tensors as they are on purpose with {}", flags("--keep", &targets)));
+    }
+    steps.push("pass --allow-partial to write it anyway".to_string());
+    let last = steps.pop().unwrap_or_default();
+    if steps.is_empty() {
+        last
+    } else {
+        format!("{}, or {last}", steps.join(", "))
+    }
+}
+
 pub fn device(text: &str) -> Result<Device> {
     let device = match text {
         "cpu" => Device::Cpu,
