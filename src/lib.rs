@@ -51,8 +51,8 @@ pub use rules::{Action, Keep, Rule, RuleSource, Rules};
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::{ModelSlot, Swap};
 pub use store::{
-    open, open_with_key, Checkpoint, ModuleStore, Other, ScriptArchive, Source, StoreKind, Summary, Target,
-    Total, VarStoreView,
+    model_file, open, open_with_key, Checkpoint, ModuleStore, Other, ScriptArchive, Source, StoreKind,
+    Summary, Target, Total, VarStoreView,
 };
 pub use transform::{Op, Transform};
 

@@ -307,3 +307,56 @@ fn did_you_mean_prefers_the_tensor_of_the_same_leaf_and_shape_over_spelling() {
     let plan = run(&["plan", s(&a), s(&b), "--match", "exact"]);
     assert!(plan.stdout.contains("stages.3.w (did you mean layers.1.w?)"), "{}", plan.stdout);
 }
+
+#[test]
+fn a_folder_laid_out_as_save_pretrained_is_a_model_and_says_which_file_was_read() {
+    let (_dir, d) = setup();
+    let folder = d.join("gpt");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("config.json"), "{\"model_type\": \"gpt2\"}").unwrap();
+    std::fs::copy(d.join("lm.safetensors"), folder.join("model.safetensors")).unwrap();
+    let inspect = run(&["inspect", s(&folder)]);
+    assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+    assert!(inspect.stdout.starts_with(&format!("{}/model.safetensors", s(&folder))), "{}", inspect.stdout);
+    assert_eq!(inspected(&folder), inspected(&d.join("lm.safetensors")));
+    // As SRC and as DST.
+    for (src, dst) in [(folder.clone(), d.join("lm.safetensors")), (d.join("lm.bin"), folder.clone())] {
+        let plan = run(&["plan", s(&src), s(&dst), "--strict"]);
+        assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+        assert!(plan.stdout.contains("model.safetensors"), "{}", plan.stdout);
+    }
+    // safetensors first; a .bin of the same tensors agrees, one of others does not.
+    std::fs::copy(d.join("lm.bin"), folder.join("pytorch_model.bin")).unwrap();
+    let inspect = run(&["inspect", s(&folder)]);
+    assert_eq!(inspect.code, 1, "{}", inspect.stdout);
+    assert!(
+        inspect.stderr.contains("holds two models that disagree")
+            && inspect.stderr.contains("model.safetensors")
+            && inspect.stderr.contains("pytorch_model.bin has lm_head.weight"),
+        "{}",
+        inspect.stderr
+    );
+    std::fs::remove_file(folder.join("model.safetensors")).unwrap();
+    let inspect = run(&["inspect", s(&folder)]);
+    assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+    assert!(inspect.stdout.contains("pytorch_model.bin"), "{}", inspect.stdout);
+    // A folder of no model says what it looked for.
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let inspect = run(&["inspect", s(&empty)]);
+    assert_eq!(inspect.code, 1);
+    assert!(inspect.stderr.contains("expected one of model.safetensors"), "{}", inspect.stderr);
+}
+
+#[test]
+fn missing_output_folders_are_created_and_removed_again_on_failure() {
+    let (_dir, d) = setup();
+    let out = d.join("new/sub/model.safetensors.index.json");
+    let convert = run(&["convert", s(&d.join("tv.pth")), "-o", s(&out), "--max-shard-size", "2kB"]);
+    assert_eq!(convert.code, 0, "{}\n{}", convert.stdout, convert.stderr);
+    assert!(out.is_file(), "{}", convert.stdout);
+    let failed = d.join("other/sub/out.safetensors");
+    let convert = run(&["convert", s(&d.join("tv.pth")), "-o", s(&failed), "--map", "bad(=>x"]);
+    assert_eq!(convert.code, 1, "{}", convert.stderr);
+    assert!(!d.join("other").exists());
+}

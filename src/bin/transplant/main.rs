@@ -48,7 +48,22 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    match run(cli.command) {
+    // Missing folders of OUT are created, and removed again if the command fails.
+    let out = match &cli.command {
+        Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
+        _ => None,
+    };
+    let mut created = Vec::new();
+    let result = match out.as_deref().map(|out| transfer::create_folders_of(out, &mut created)) {
+        Some(Err(error)) => Err(error.into()),
+        _ => run(cli.command),
+    };
+    if result.is_err() {
+        for folder in created.iter().rev() {
+            let _ = std::fs::remove_dir(folder);
+        }
+    }
+    match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Incomplete) => ExitCode::from(3),
         Err(error) => {

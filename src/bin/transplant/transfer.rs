@@ -91,6 +91,8 @@ pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
 /// Opens the model to copy into, its tensors on `device` and, with `dtype`,
 /// its floating tensors converted to that dtype.
 pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
+    let file = transplant::model_file(path)?;
+    let path = file.as_path();
     match transplant::sniff(path)? {
         // On the CPU a module is read and rewritten as an archive (converted
         // to `dtype` there too), running none of its code; a device needs libtorch.
@@ -117,6 +119,20 @@ pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<B
             }
         }
     }
+}
+
+/// Creates the folders `out` needs that do not exist (its parents; for a
+/// Distributed Checkpoint `DIR/`, DIR's parents), recording each in `created`,
+/// outermost first, so that a failed command can remove them again.
+pub fn create_folders_of(out: &Path, created: &mut Vec<PathBuf>) -> Result<()> {
+    let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(()) };
+    let missing: Vec<&Path> =
+        parent.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).collect();
+    for folder in missing.into_iter().rev() {
+        std::fs::create_dir(folder).map_err(|source| Error::Io { path: folder.into(), source })?;
+        created.push(folder.to_path_buf());
+    }
+    Ok(())
 }
 
 /// Refuses an output path that is a folder (unless it names a Distributed
