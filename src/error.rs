@@ -53,6 +53,14 @@ pub enum Error {
         /// The path given.
         path: PathBuf,
     },
+    /// A folder given as a model holds no model file, or several that disagree.
+    #[error("{path}: {message}")]
+    ModelFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What it holds, and what was looked for.
+        message: String,
+    },
     /// A model file is empty.
     #[error("{path}: the file is empty")]
     EmptyFile {
@@ -291,6 +299,7 @@ macro_rules! file_of {
             | Error::LoadModule { path: $path, .. }
             | Error::SaveModule { path: $path, .. }
             | Error::NotAFile { path: $path }
+            | Error::ModelFolder { path: $path, .. }
             | Error::EmptyFile { path: $path }
             | Error::NotRegular { path: $path }
             | Error::TooLarge { path: $path, .. }

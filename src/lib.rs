@@ -44,16 +44,16 @@ pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};
 pub use outputs::{compare_outputs, OutputComparison, OutputDiff, MAX_INPUT_ELEMENTS};
 pub use plan::{
-    Cast, Finding, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,
+    Cast, Finding, Kept, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,
     Policy, Severity, Side,
 };
-pub use report::{Report, ReportLeftover, ReportPair, ReportProblem};
-pub use rules::{Action, Rule, RuleSource, Rules};
+pub use report::{Report, ReportKept, ReportLeftover, ReportPair, ReportProblem};
+pub use rules::{Action, Keep, Rule, RuleSource, Rules};
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::{ModelSlot, Swap};
 pub use store::{
-    open, open_with_key, Checkpoint, ModuleStore, Other, ScriptArchive, Source, StoreKind, Summary, Target,
-    Total, VarStoreView,
+    model_file, open, open_with_key, Checkpoint, ModuleStore, Other, ScriptArchive, Source, StoreKind,
+    Summary, Target, Total, VarStoreView,
 };
 pub use transform::{Op, Transform};
 

@@ -40,8 +40,23 @@ pub struct ReportLeftover {
     pub name: String,
     /// Why it is expected, when it is.
     pub explained: Option<String>,
-    /// The nearest unpaired name on the other side, when one is close.
+    /// The unpaired name on the other side it most likely is: of the same leaf
+    /// and shape where there is one, else the nearest in spelling.
     pub did_you_mean: Option<String>,
+    /// For a source a rule renamed: the name it made, and the rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renamed: Option<String>,
+}
+
+/// One target tensor kept as it is on purpose, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportKept {
+    /// Its name.
+    pub name: String,
+    /// The `keep` rule that keeps it, as written.
+    pub rule: String,
+    /// Where the rule was written.
+    pub at: String,
 }
 
 /// One finding with its severity under the policy used.
@@ -78,6 +93,8 @@ pub struct Report {
     pub pairs: Vec<ReportPair>,
     /// Leftovers, source side then target side.
     pub leftovers: Vec<ReportLeftover>,
+    /// Target tensors kept as they are on purpose (`keep`): not left over.
+    pub kept: Vec<ReportKept>,
     /// Findings, most serious first — except a `num_batches_tracked` with no
     /// counterpart, a note that its leftover entry already explains.
     pub problems: Vec<ReportProblem>,
@@ -118,9 +135,10 @@ impl Report {
                     side: l.side,
                     name: l.name.to_string(),
                     explained: l.explained.clone(),
-                    did_you_mean: (suggest && l.explained.is_none())
-                        .then(|| suggestion(&l.name, others))
-                        .flatten(),
+                    did_you_mean: l.near.as_ref().map(|n| n.to_string()).or_else(|| {
+                        (suggest && l.explained.is_none()).then(|| suggestion(&l.name, others)).flatten()
+                    }),
+                    renamed: l.renamed.clone(),
                 }
             })
             .collect();
@@ -146,6 +164,11 @@ impl Report {
                 })
                 .collect(),
             leftovers,
+            kept: plan
+                .kept
+                .iter()
+                .map(|k| ReportKept { name: k.name.to_string(), rule: k.rule.clone(), at: k.at.clone() })
+                .collect(),
             problems: plan
                 .problems(policy)
                 .into_iter()
@@ -239,8 +262,14 @@ impl fmt::Display for Report {
             }
             writeln!(f, "  left over in the {side} ({}):", list.len())?;
             for l in list.iter().take(SHOWN) {
+                let renamed =
+                    l.renamed.as_ref().map_or(String::new(), |r| format!(" (renamed to {})", escaped(r)));
                 match (&l.explained, &l.did_you_mean) {
                     (Some(why), _) => writeln!(f, "    {} ({})", escaped(&l.name), escaped(why))?,
+                    (None, Some(near)) if !renamed.is_empty() => {
+                        writeln!(f, "    {}{renamed} (did you mean {}?)", escaped(&l.name), escaped(near))?
+                    }
+                    (None, None) if !renamed.is_empty() => writeln!(f, "    {}{renamed}", escaped(&l.name))?,
                     (None, Some(near)) => {
                         writeln!(f, "    {} (did you mean {}?)", escaped(&l.name), escaped(near))?
                     }
@@ -248,6 +277,13 @@ impl fmt::Display for Report {
                 }
             }
             more(f, list.len())?;
+        }
+        if !self.kept.is_empty() {
+            writeln!(f, "  kept in the target ({}):", self.kept.len())?;
+            for k in self.kept.iter().take(SHOWN) {
+                writeln!(f, "    {} (`{}`, {})", escaped(&k.name), escaped(&k.rule), escaped(&k.at))?;
+            }
+            more(f, self.kept.len())?;
         }
         // Unpaired entries are listed above; the other findings follow.
         let problems: Vec<&ReportProblem> =

@@ -43,7 +43,7 @@ pub fn plan_conversion(
     dtype: Option<Kind>,
 ) -> Result<(Plan, Outline)> {
     let outline = Outline::of(source, mapping, &out.display().to_string(), dtype);
-    let exact = Mapping { rules: mapping.rules.clone(), matcher: Matcher::Exact, source_order: None };
+    let exact = Mapping { rules: mapping.rules.without_keeps(), matcher: Matcher::Exact, source_order: None };
     let plan = Plan::build(source, &outline, &exact)?;
     Ok((plan, outline))
 }

@@ -48,6 +48,13 @@ pub(super) struct Builder<'a> {
     pub(super) pairs: Vec<Pair>,
     pub(super) findings: Vec<Finding>,
     pub(super) source_explained: HashMap<usize, String>,
+    /// Per target entry, the `keep` rule that keeps it (empty: no keep rules).
+    pub(super) kept_by: Vec<Option<usize>>,
+    /// Each `keep` rule as written, with where it was written.
+    pub(super) keep_texts: Vec<(String, String)>,
+    /// Each source's name after the rules, and the rule that renamed it (empty
+    /// when no rule ran).
+    pub(super) renamed: Vec<(Cow<'a, str>, Option<usize>)>,
     pub(super) modules: Vec<ModuleMatch>,
     pub(super) order: Option<Orders>,
 }
@@ -62,6 +69,9 @@ impl<'a> Builder<'a> {
             pairs: Vec::with_capacity(source.entries().len().min(target.entries().len())),
             findings: Vec::new(),
             source_explained: HashMap::new(),
+            kept_by: Vec::new(),
+            keep_texts: Vec::new(),
+            renamed: Vec::new(),
             modules: Vec::new(),
             order: None,
         }
@@ -174,13 +184,108 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        let mut absent_ties = None;
         for (rule, used) in rules.rules().iter().zip(&fired) {
-            if !used {
-                self.findings
-                    .push(Finding::UnusedRule { rule: rule.to_string(), at: rule.source.to_string() });
+            if *used {
+                continue;
             }
+            // A skip of a name the model ties to another is not unused where the
+            // file simply does not hold that name (a safetensors file keeps one
+            // name of a tie): one rules file serves both forms of a model.
+            if rule.action == Action::Skip {
+                let ties = absent_ties.get_or_insert_with(|| self.tied_names_not_in_source());
+                if let Some((name, with)) = ties.iter().find(|(name, _)| rule.matches(name)) {
+                    self.findings.push(Finding::SkipOfTie {
+                        rule: rule.to_string(),
+                        at: rule.source.to_string(),
+                        name: name.clone(),
+                        with: with.clone(),
+                    });
+                    continue;
+                }
+            }
+            self.findings.push(Finding::UnusedRule { rule: rule.to_string(), at: rule.source.to_string() });
         }
         r
+    }
+
+    /// Names tied to another tensor that the source does not hold, each with
+    /// the name it is tied to: those the source's metadata records as dropped
+    /// for a tie (`safetensors.torch.save_model` writes `dropped: kept`), and
+    /// the target's tied names the source lacks.
+    fn tied_names_not_in_source(&self) -> Vec<(String, String)> {
+        let held: std::collections::HashSet<&str> =
+            self.source.entries().iter().map(|e| e.name.as_str()).collect();
+        let mut out: Vec<(String, String)> = self
+            .source
+            .metadata()
+            .into_iter()
+            .filter(|(dropped, kept)| !held.contains(dropped.as_str()) && held.contains(kept.as_str()))
+            .collect();
+        let targets = self.target.entries();
+        for group in self.target.ties() {
+            for &j in &group {
+                let name = targets[j].name.as_str();
+                if !held.contains(name) {
+                    let with = group.iter().find(|&&k| k != j).map_or("", |&k| targets[k].name.as_str());
+                    out.push((name.to_string(), with.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Step 4: targets a `keep` rule names receive nothing. A pair into one
+    /// (made by a rule or the matcher) is taken out and reported as an error
+    /// naming both the keep and what would have filled it; a keep that names
+    /// no target is an unused rule.
+    fn hold_kept(&mut self, rules: &Rules) {
+        let keeps = rules.keeps();
+        if keeps.is_empty() {
+            return;
+        }
+        self.keep_texts = keeps.iter().map(|k| (k.to_string(), k.source.to_string())).collect();
+        let mut fired = vec![false; keeps.len()];
+        self.kept_by = self
+            .target
+            .entries()
+            .iter()
+            .map(|t| {
+                let k = keeps.iter().position(|k| k.matches(&t.name));
+                if let Some(k) = k {
+                    fired[k] = true;
+                }
+                k
+            })
+            .collect();
+        let (kept_by, mut filled) = (&self.kept_by, Vec::new());
+        self.pairs.retain(|p| match kept_by[p.target] {
+            Some(k) => {
+                filled.push((k, p.source_name.to_string(), p.target_name.to_string(), p.provenance()));
+                false
+            }
+            None => true,
+        });
+        for (k, source, target, by) in filled {
+            let keep = &keeps[k];
+            // The next step: leave the source out, with the keep's own pattern
+            // where it names the source too (the usual case: a new head).
+            let skip = if keep.matches(&source) { keep.pattern.clone() } else { regex::escape(&source) };
+            self.findings.push(Finding::KeptFilled {
+                target,
+                keep: keep.to_string(),
+                at: keep.source.to_string(),
+                source,
+                by,
+                skip,
+            });
+        }
+        for (keep, used) in keeps.iter().zip(fired) {
+            if !used {
+                self.findings
+                    .push(Finding::UnusedRule { rule: keep.to_string(), at: keep.source.to_string() });
+            }
+        }
     }
 
     /// Step 2: a name a rule produced that exists in the target pairs with it,
@@ -334,6 +439,7 @@ impl Plan {
         // nothing else to say, so that is done directly. (The order matcher aligns
         // by shape, not name, so it always takes the long way.)
         if mapping.rules.rules().is_empty()
+            && mapping.rules.keeps().is_empty()
             && mapping.matcher != Matcher::Order
             && sources.len() == targets.len()
         {
@@ -378,6 +484,8 @@ impl Plan {
             b.pair_groups(&mapping.rules, &lookup, &mut renamed);
         }
         b.run_matcher(mapping, lent, &mut renamed);
+        b.hold_kept(&mapping.rules);
+        b.renamed = renamed.names.into_iter().zip(renamed.rule_of).collect();
         b.pairs.sort_by_key(|p| p.target);
         b
     }

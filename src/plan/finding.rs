@@ -120,12 +120,52 @@ pub enum Finding {
         /// The paired entry it is tied to.
         with: String,
     },
+    /// A target a `keep` rule keeps as it is, which a rule or the matcher
+    /// would fill: the pair is not made.
+    KeptFilled {
+        /// The kept target.
+        target: String,
+        /// The keep rule as written.
+        keep: String,
+        /// Where it was written.
+        at: String,
+        /// The source that would fill it.
+        source: String,
+        /// What paired them.
+        by: String,
+        /// A `--skip` pattern that leaves the source out.
+        skip: String,
+    },
+    /// A source entry that nothing paired but that is one tensor with a paired
+    /// one (tied weights): its values go with that one.
+    SourceTied {
+        /// The entry nothing paired.
+        source: String,
+        /// The paired entry it is tied to.
+        with: String,
+    },
+    /// A `skip` rule that matched no source name, where the name it skips is
+    /// tied to another that the source holds (a safetensors file keeps one
+    /// name of a tie): not an unused rule.
+    SkipOfTie {
+        /// The rule as written.
+        rule: String,
+        /// Where it was written.
+        at: String,
+        /// The tied name the source does not hold.
+        name: String,
+        /// The name it is tied to.
+        with: String,
+    },
     /// An entry that nothing paired.
     Leftover {
         /// Its side.
         side: Side,
         /// Its name.
         name: String,
+        /// For a source a rule renamed: the name it made, and the rule.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        renamed: Option<String>,
     },
     /// A module the order matcher left unpaired although the other side has
     /// compatible ones: it could not tell which.
@@ -207,11 +247,14 @@ impl Finding {
             | Finding::Collision { .. }
             | Finding::Transform { .. }
             | Finding::RefusedCast { .. }
-            | Finding::IncompleteGroup { .. } => Severity::Error,
+            | Finding::IncompleteGroup { .. }
+            | Finding::KeptFilled { .. } => Severity::Error,
             Finding::LossyCast { .. } if !policy.allow_lossy_casts => Severity::Error,
             Finding::LossyCast { .. } => escalate(Severity::Warning),
             Finding::NumBatchesTracked { .. }
             | Finding::Tied { .. }
+            | Finding::SourceTied { .. }
+            | Finding::SkipOfTie { .. }
             | Finding::OrderReconstructed { .. }
             | Finding::CouldPair { .. } => Severity::Note,
             Finding::AmbiguousModule { .. } | Finding::Unaligned { .. } => escalate(Severity::Warning),
@@ -252,11 +295,34 @@ impl Finding {
 impl fmt::Display for Raw<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => write!(
-                f,
-                "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
-                 shapes must be equal, nothing is broadcast"
-            ),
+            Finding::ShapeMismatch { source, target, source_shape, target_shape, provenance } => {
+                write!(
+                    f,
+                    "shape mismatch: {source} {source_shape:?} -> {target} {target_shape:?} (paired by {provenance}); \
+                     shapes must be equal, nothing is broadcast"
+                )?;
+                let numel = |shape: &[i64]| shape.iter().product::<i64>();
+                if numel(source_shape) == numel(target_shape)
+                    && super::finish::merges_or_splits(source_shape, target_shape)
+                {
+                    let dims: Vec<String> = target_shape.iter().map(i64::to_string).collect();
+                    write!(
+                        f,
+                        "; they hold as many elements: --map '{} => {} | reshape({})' pairs them",
+                        regex::escape(source),
+                        target.replace('$', "$$"),
+                        dims.join(", ")
+                    )
+                } else {
+                    write!(
+                        f,
+                        "; if the target's is new on purpose (a new head), leave the source out and keep the \
+                         target's: --skip '{}' --keep '{}'",
+                        crate::rules::Keep::module_pattern(source),
+                        crate::rules::Keep::module_pattern(target)
+                    )
+                }
+            }
             Finding::Collision { target, sources } => {
                 let list: Vec<String> = sources.iter().map(|(s, r)| format!("{s} (by {r})")).collect();
                 write!(f, "collision: {} all map to {target}", list.join(", "))
@@ -286,7 +352,23 @@ impl fmt::Display for Raw<'_> {
             Finding::RoleMismatch { source, target, source_role, target_role } => {
                 write!(f, "role differs: {source_role} {source} -> {target_role} {target}")
             }
-            Finding::Leftover { side, name } => write!(f, "{side} {name} is not paired"),
+            Finding::Leftover { side, name, renamed: None } => write!(f, "{side} {name} is not paired"),
+            Finding::Leftover { side, name, renamed: Some(renamed) } => {
+                write!(f, "{side} {name} is not paired: renamed to {renamed}, and the target has no such name")
+            }
+            Finding::KeptFilled { target, keep, at, source, by, skip } => write!(
+                f,
+                "target {target} is kept by `{keep}` ({at}), but source {source} would fill it (paired by {by}); \
+                 leave the source out with --skip '{skip}' (`skip {skip}` in a rules file), or drop the keep"
+            ),
+            Finding::SourceTied { source, with } => write!(
+                f,
+                "source {source} is tied to {with} (one tensor under two names): its values go with {with}"
+            ),
+            Finding::SkipOfTie { rule, at, name, with } => write!(
+                f,
+                "rule at {at} `{rule}` matched no source name: {name} is tied to {with}, which the source holds"
+            ),
             Finding::Tied { target, with } => write!(
                 f,
                 "target {target} is tied to {with} (one tensor under two names): it gets {with}'s values"

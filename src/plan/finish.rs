@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::build::{Builder, PAIRS_PER_THREAD};
-use super::{Cast, Finding, Leftover, Pair, Plan, Side};
+use super::{Cast, Finding, Kept, Leftover, Pair, Plan, Side};
 use crate::chunks;
 use crate::dotted::module_and_leaf;
 use crate::entry::Entry;
@@ -106,7 +106,7 @@ fn pair_findings(p: &Pair, s: &Entry, t: &Entry, out: &mut Vec<Finding>) {
 /// Whether shapes `a` and `b` (of as many elements) differ only by merging
 /// neighbouring dimensions or splitting them (and dimensions of size 1): a
 /// reshape between them keeps every row where it was.
-fn merges_or_splits(a: &[i64], b: &[i64]) -> bool {
+pub(super) fn merges_or_splits(a: &[i64], b: &[i64]) -> bool {
     let a: Vec<i64> = a.iter().copied().filter(|&d| d != 1).collect();
     let b: Vec<i64> = b.iter().copied().filter(|&d| d != 1).collect();
     let (mut i, mut j) = (0, 0);
@@ -213,6 +213,53 @@ fn pair_hints(
     }
 }
 
+/// Candidates of one leaf and shape compared by name, at most.
+const MAX_NEAR_CANDIDATES: usize = 256;
+
+/// For each open leftover, the open leftover of the other side it most likely
+/// is: one of the same leaf, shape and dtype class (what the order matcher
+/// would align), nearest in name. Structure first, spelling second: two
+/// models that number their stages differently put `layers.1.x` where the
+/// other has `layers.3.x`, which spelling alone would not find.
+fn near_leftovers<'n>(
+    sources: &'n [Entry],
+    targets: &'n [Entry],
+    source_name: impl Fn(usize) -> &'n str,
+    source_leftovers: &mut [Leftover],
+    target_leftovers: &mut [Leftover],
+) {
+    type Key<'k> = (&'k str, &'k [i64], crate::dtype::DtypeClass);
+    let key =
+        |e: &'n Entry| -> Key<'n> { (crate::dotted::leaf(&e.name), &e.shape, crate::dtype::class(e.dtype)) };
+    let bucket = |list: &[Leftover], entries: &'n [Entry]| {
+        let mut by: HashMap<Key<'n>, Vec<usize>> = HashMap::new();
+        for l in list.iter().filter(|l| l.explained.is_none()) {
+            by.entry(key(&entries[l.index])).or_default().push(l.index);
+        }
+        by
+    };
+    let nearest = |name: &str, candidates: &[usize], other: &dyn Fn(usize) -> &'n str| {
+        candidates
+            .iter()
+            .take(MAX_NEAR_CANDIDATES)
+            .map(|&c| (strsim::normalized_levenshtein(name, other(c)), c))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, c)| c)
+    };
+    let (by_target, by_source) = (bucket(target_leftovers, targets), bucket(source_leftovers, sources));
+    let target_name = |j: usize| targets[j].name.as_str();
+    for l in source_leftovers.iter_mut().filter(|l| l.explained.is_none()) {
+        if let Some(candidates) = by_target.get(&key(&sources[l.index])) {
+            l.near = nearest(source_name(l.index), candidates, &target_name).map(|j| targets[j].name.clone());
+        }
+    }
+    for l in target_leftovers.iter_mut().filter(|l| l.explained.is_none()) {
+        if let Some(candidates) = by_source.get(&key(&targets[l.index])) {
+            l.near = nearest(&l.name, candidates, &source_name).map(|i| sources[i].name.clone());
+        }
+    }
+}
+
 impl Plan {
     /// Everything that follows from the pairs: shape, cast and role findings,
     /// leftovers, BatchNorm groups.
@@ -257,6 +304,21 @@ impl Plan {
         };
         let (source_nbt_open, target_nbt_open) =
             (open_nbt(sources, &paired_source), open_nbt(targets, &paired_target));
+        // A source tied to a paired one goes with it: not left over.
+        let open_source =
+            |i: usize, explained: &HashMap<usize, String>| !paired_source[i] && !explained.contains_key(&i);
+        if (0..sources.len()).any(|i| open_source(i, &b.source_explained)) {
+            for group in b.source.ties() {
+                let Some(&with) = group.iter().find(|&&i| paired_source[i]) else { continue };
+                for i in
+                    group.iter().copied().filter(|&i| open_source(i, &b.source_explained)).collect::<Vec<_>>()
+                {
+                    let (name, with) = (sources[i].name.to_string(), sources[with].name.to_string());
+                    b.source_explained.insert(i, format!("tied to {with}: one tensor, paired through it"));
+                    b.findings.push(Finding::SourceTied { source: name, with });
+                }
+            }
+        }
         let mut source_leftovers = Vec::new();
         for (i, e) in sources.iter().enumerate().filter(|(i, _)| !paired_source[*i]) {
             let mut explained = b.source_explained.get(&i).cloned();
@@ -266,10 +328,28 @@ impl Plan {
                         .into(),
                 );
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Source, name: e.name.to_string() });
-            } else if explained.is_none() {
-                b.findings.push(Finding::Leftover { side: Side::Source, name: e.name.to_string() });
             }
-            source_leftovers.push(Leftover { side: Side::Source, index: i, name: e.name.clone(), explained });
+            let renamed = match b.renamed.get(i) {
+                Some((to, Some(rule))) if explained.is_none() && *to != *e.name => {
+                    Some(format!("{to} by rule `{}`", b.rule_texts[*rule]))
+                }
+                _ => None,
+            };
+            if explained.is_none() {
+                b.findings.push(Finding::Leftover {
+                    side: Side::Source,
+                    name: e.name.to_string(),
+                    renamed: renamed.clone(),
+                });
+            }
+            source_leftovers.push(Leftover {
+                side: Side::Source,
+                index: i,
+                name: e.name.clone(),
+                explained,
+                renamed,
+                near: None,
+            });
         }
         // A target tied to a paired one is filled through it: not left over.
         if paired_target.iter().any(|&p| !p) {
@@ -286,7 +366,13 @@ impl Plan {
             }
         }
         let mut target_leftovers = Vec::new();
+        let mut kept = Vec::new();
         for (j, e) in targets.iter().enumerate().filter(|(j, _)| !paired_target[*j]) {
+            if let Some(&Some(k)) = b.kept_by.get(j) {
+                let (rule, at) = b.keep_texts[k].clone();
+                kept.push(Kept { index: j, name: e.name.clone(), rule, at });
+                continue;
+            }
             let explained = if is_nbt(&e.name) && !source_nbt_open {
                 b.findings.push(Finding::NumBatchesTracked { side: Side::Target, name: e.name.to_string() });
                 Some(
@@ -295,10 +381,21 @@ impl Plan {
                         .into(),
                 )
             } else {
-                b.findings.push(Finding::Leftover { side: Side::Target, name: e.name.to_string() });
+                b.findings.push(Finding::Leftover {
+                    side: Side::Target,
+                    name: e.name.to_string(),
+                    renamed: None,
+                });
                 None
             };
-            target_leftovers.push(Leftover { side: Side::Target, index: j, name: e.name.clone(), explained });
+            target_leftovers.push(Leftover {
+                side: Side::Target,
+                index: j,
+                name: e.name.clone(),
+                explained,
+                renamed: None,
+                near: None,
+            });
         }
         // BatchNorm groups of the target (modules with running statistics):
         // weight, bias and statistics go together. Only a module with a target
@@ -349,6 +446,9 @@ impl Plan {
                 missing: missing.iter().map(leaf).collect(),
             });
         }
+        let renamed_name =
+            |i: usize| b.renamed.get(i).map_or(sources[i].name.as_str(), |(to, _)| to.as_ref());
+        near_leftovers(sources, targets, renamed_name, &mut source_leftovers, &mut target_leftovers);
         pair_hints(sources, targets, &source_leftovers, &target_leftovers, &mut b.findings);
         Plan {
             source: b.source.origin().to_string(),
@@ -359,6 +459,7 @@ impl Plan {
             order: b.order,
             source_leftovers,
             target_leftovers,
+            kept,
             findings: b.findings,
         }
     }

@@ -129,6 +129,28 @@ pub struct Leftover {
     /// Why it is left over, when that is expected (skipped by a rule, a
     /// `num_batches_tracked` with no counterpart); `None` when nothing paired it.
     pub explained: Option<String>,
+    /// For a source a rule renamed: the name the rule made and the rule
+    /// (`backbone.scale by rule `…``), which no target has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renamed: Option<String>,
+    /// The open leftover of the other side it most likely is: of the same leaf
+    /// and shape (the structure agrees), nearest in name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub near: Option<Name>,
+}
+
+/// A target entry kept as it is on purpose (`keep PATTERN`, `--keep`): it
+/// receives nothing and is not left over.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kept {
+    /// Index of the target entry.
+    pub index: usize,
+    /// Its name.
+    pub name: Name,
+    /// The keep rule, as written.
+    pub rule: String,
+    /// Where the rule was written.
+    pub at: String,
 }
 
 /// The whole transfer, decided and checked before anything is written.
@@ -150,6 +172,8 @@ pub struct Plan {
     pub source_leftovers: Vec<Leftover>,
     /// Target entries that receive nothing.
     pub target_leftovers: Vec<Leftover>,
+    /// Target entries kept as they are on purpose (`keep`): not left over.
+    pub kept: Vec<Kept>,
     /// Everything found, whatever the policy.
     pub findings: Vec<Finding>,
 }
@@ -287,6 +311,7 @@ impl Plan {
                         | Finding::ShapeMismatch { .. }
                         | Finding::Transform { .. }
                         | Finding::IncompleteGroup { .. }
+                        | Finding::KeptFilled { .. }
                 )
             })
     }

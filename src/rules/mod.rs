@@ -7,6 +7,7 @@
 //! (.*)\.qkv\.weight         => $1.q.weight, $1.k.weight, $1.v.weight | split(0)
 //! (.*)\.q\.w + (.*)\.k\.w   => $1.kv.w | cat(0)
 //! skip   head\..*
+//! keep   head\..*
 //! ```
 //!
 //! A pattern matches the **whole** source name; the replacement is the whole
@@ -18,7 +19,8 @@
 //! when parsed (a bad pattern is an error naming where the rule came from), and
 //! the first rule that matches a name is found by one regex of all patterns
 //! (built on first use; tried one by one if too large), so mapping many names
-//! stays cheap.
+//! stays cheap. `keep PATTERN` names **target** tensors that stay as they
+//! are ([`Keep`]); it renames nothing and is kept apart from the other rules.
 use std::fmt;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -31,8 +33,10 @@ use crate::error::{Error, Result};
 use crate::transform::Op;
 
 mod chain;
+mod keep;
 
 use chain::parse_rename;
+pub use keep::Keep;
 
 /// Where a rule was written: a file and line, or a command-line flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,9 +49,9 @@ pub enum RuleSource {
         /// The line, from 1.
         line: usize,
     },
-    /// A `--map` / `--skip` flag (the n-th, from 1).
+    /// A `--map` / `--skip` / `--keep` flag (the n-th, from 1).
     Flag {
-        /// `--map` or `--skip`.
+        /// `--map`, `--skip` or `--keep`.
         flag: &'static str,
         /// Which one, from 1.
         index: usize,
@@ -128,6 +132,11 @@ impl Rule {
     pub fn patterns(&self) -> Vec<&str> {
         self.regexes.iter().map(|r| &r.as_str()[4..r.as_str().len() - 2]).collect()
     }
+
+    /// Whether one of the rule's patterns matches the whole of `name`.
+    pub fn matches(&self, name: &str) -> bool {
+        self.regexes.iter().any(|r| r.is_match(name))
+    }
 }
 
 /// What the rules did to one name.
@@ -181,7 +190,9 @@ pub struct Rules {
     first: OnceLock<Option<meta::Regex>>,
     /// Each pattern of the one regex: its rule and member.
     patterns: Vec<(usize, usize)>,
-    flags: [usize; 2],
+    /// The `keep` rules, over target names.
+    keeps: Vec<Keep>,
+    flags: [usize; 3],
 }
 
 /// The regex crate's error in one line (its syntax errors draw a caret diagram).
@@ -278,9 +289,13 @@ impl Rules {
             (Some("skip"), None) => {
                 Err(Error::Rule { at: source.to_string(), message: "`skip` needs a pattern".into() })
             }
+            (Some("keep"), pattern) => {
+                self.keeps.push(Keep::new(pattern.unwrap_or_default().trim(), source)?);
+                Ok(())
+            }
             _ => Err(Error::Rule {
                 at: source.to_string(),
-                message: format!("cannot read {line:?}: expected `PATTERN => REPLACEMENT` or `skip PATTERN`"),
+                message: format!("cannot read {line:?}: expected `PATTERN => REPLACEMENT`, `skip PATTERN` or `keep PATTERN`"),
             }),
         }
     }
@@ -315,6 +330,25 @@ impl Rules {
         self.push(pattern.trim(), Action::Skip, source)
     }
 
+    /// Adds a `--keep PATTERN` rule: target tensors matching it stay as they are.
+    pub fn add_keep(&mut self, pattern: &str) -> Result<()> {
+        self.flags[2] += 1;
+        let source = RuleSource::Flag { flag: "--keep", index: self.flags[2] };
+        self.keeps.push(Keep::new(pattern.trim(), source)?);
+        Ok(())
+    }
+
+    /// The `keep` rules, in order.
+    pub fn keeps(&self) -> &[Keep] {
+        &self.keeps
+    }
+
+    /// These rules without their `keep` rules (for a conversion, which has no
+    /// target to keep anything of).
+    pub fn without_keeps(&self) -> Self {
+        Self { keeps: Vec::new(), ..self.clone() }
+    }
+
     /// Adds one rule of one pattern, with no transforms, after the others.
     pub fn push(&mut self, pattern: &str, action: Action, source: RuleSource) -> Result<()> {
         self.add(vec![pattern.to_string()], action, Vec::new(), source)
@@ -326,6 +360,7 @@ impl Rules {
             let patterns = rule.patterns().into_iter().map(str::to_string).collect();
             self.add(patterns, rule.action.clone(), rule.ops.clone(), rule.source.clone())?;
         }
+        self.keeps.extend(other.keeps.iter().cloned());
         Ok(())
     }
 
@@ -342,7 +377,7 @@ impl Rules {
                     at: at(),
                     message: format!(
                         "pattern {pattern:?} contains a space, which no tensor name has \
-                         (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT` or `skip PATTERN`)"
+                         (`{first}` is not a keyword: rules are `PATTERN => REPLACEMENT`, `skip PATTERN` or `keep PATTERN`)"
                     ),
                 });
             }
@@ -407,7 +442,7 @@ impl Rules {
         &self.rules
     }
 
-    /// Whether there are no rules.
+    /// Whether there are no rules (`keep` rules aside).
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

@@ -115,3 +115,23 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn keep_rules_name_target_tensors_and_rename_nothing() {
+    let r = rules("keep head\\..*\nskip aux\\..*\n");
+    assert_eq!(r.rules().len(), 1, "a keep is not a rule over source names");
+    assert_eq!(r.apply("head.weight"), Outcome::Kept);
+    let keeps = r.keeps();
+    assert_eq!(keeps.len(), 1);
+    assert!(keeps[0].matches("head.weight") && !keeps[0].matches("x.head.weight"));
+    assert_eq!(
+        (keeps[0].to_string(), keeps[0].source.to_string()),
+        ("keep head\\..*".into(), "rules.txt:1".into())
+    );
+    assert!(error("keep\n").contains("`keep` needs a pattern"));
+    assert!(error("keep (\n").contains("rules.txt:1"));
+    let mut flags = Rules::new();
+    flags.add_keep("fc\\..*").unwrap();
+    assert_eq!(flags.keeps()[0].source.to_string(), "--keep #1");
+    assert!(flags.without_keeps().keeps().is_empty());
+}

@@ -7,6 +7,7 @@
 //! writes into the model itself.
 mod archive;
 mod checkpoint;
+mod folder;
 mod script;
 pub mod summary;
 mod varstore;
@@ -19,6 +20,7 @@ use tch::Tensor;
 
 pub use archive::ScriptArchive;
 pub use checkpoint::Checkpoint;
+pub use folder::model_file;
 pub use script::ModuleStore;
 pub use summary::{Other, Summary, Total};
 pub use varstore::VarStoreView;
@@ -154,8 +156,12 @@ pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn Target>> {
 
 /// [`open`], with `key` picking the state dict inside a `torch.save`
 /// checkpoint dict (see [`Checkpoint::open_with_key`]).
+///
+/// A folder holding one model as `save_pretrained` lays it out stands for its
+/// model file ([`model_file`]); the store's origin names that file.
 pub fn open_with_key(path: impl AsRef<Path>, key: Option<&str>) -> Result<Box<dyn Target>> {
-    let path = path.as_ref();
+    let file = model_file(path.as_ref())?;
+    let path = file.as_path();
     match format::sniff(path)? {
         // Read as an archive: none of the module's code runs (a live module,
         // loaded through libtorch, is `ModuleStore::open`).

@@ -181,7 +181,7 @@ pub enum Command {
 /// How source names become target names.
 #[derive(Debug, Args)]
 pub struct MappingArgs {
-    /// A rules file: `PATTERN => REPLACEMENT` and `skip PATTERN`, one per line.
+    /// A rules file: `PATTERN => REPLACEMENT`, `skip PATTERN` and `keep PATTERN`, one per line.
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
     /// A rename rule, `PATTERN=>REPLACEMENT` (regex on the whole name; $1, ${name}).
@@ -190,6 +190,11 @@ pub struct MappingArgs {
     /// Leave source names matching PATTERN out (tried before every other rule).
     #[arg(long = "skip", value_name = "PATTERN")]
     pub skips: Vec<String>,
+    /// Keep the target tensors matching PATTERN as they are, on purpose (a new
+    /// head, masks computed at construction): listed as kept, never left over.
+    /// A kept target that a rule or the matcher would fill is an error.
+    #[arg(long = "keep", value_name = "PATTERN")]
+    pub keeps: Vec<String>,
     /// The matcher for what the rules leave.
     #[arg(long = "match", value_enum, default_value_t = MatchArg::Auto)]
     pub matcher: MatchArg,

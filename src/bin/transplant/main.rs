@@ -48,7 +48,22 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    match run(cli.command) {
+    // Missing folders of OUT are created, and removed again if the command fails.
+    let out = match &cli.command {
+        Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
+        _ => None,
+    };
+    let mut created = Vec::new();
+    let result = match out.as_deref().map(|out| transfer::create_folders_of(out, &mut created)) {
+        Some(Err(error)) => Err(error.into()),
+        _ => run(cli.command),
+    };
+    if result.is_err() {
+        for folder in created.iter().rev() {
+            let _ = std::fs::remove_dir(folder);
+        }
+    }
+    match result {
         Ok(Outcome::Complete) => ExitCode::SUCCESS,
         Ok(Outcome::Incomplete) => ExitCode::from(3),
         Err(error) => {
@@ -131,6 +146,9 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
         MatchArg::Order => Matcher::Order,
     };
     let mut mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    for pattern in &args.keeps {
+        mapping.rules.add_keep(pattern)?;
+    }
     if let Some(model) = &args.order_from {
         anyhow::ensure!(
             matcher == Matcher::Order,
@@ -202,11 +220,12 @@ fn run(command: Command) -> Result<Outcome> {
             }
             if !plan.is_complete() && !allow_partial {
                 let open = plan.open_leftovers();
+                let steps = transfer::next_steps(&plan, mapping.matcher);
                 return refused(
                     &plan,
                     anyhow::anyhow!(
                         "the transfer is incomplete ({open} tensors have no counterpart); nothing was written: \
-                         add rules, try --match order, or pass --allow-partial to write it anyway"
+                         {steps}"
                     ),
                 );
             }

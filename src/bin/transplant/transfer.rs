@@ -10,6 +10,47 @@ use tch::{Device, Kind};
 use transplant::{Checkpoint, Error, Format, ModuleStore, Result, ScriptModule, StoreKind, Target};
 
 /// Parses `cpu`, `cuda`, `cuda:N` and checks that the device exists here.
+/// What to do about an incomplete transfer, from what is left open and what
+/// was already asked (no `--match order` suggested to who passed it).
+pub fn next_steps(plan: &transplant::Plan, matcher: transplant::Matcher) -> String {
+    let open = |list: &[transplant::Leftover]| -> Vec<String> {
+        let mut modules: Vec<String> = list
+            .iter()
+            .filter(|l| l.explained.is_none())
+            .map(|l| transplant::Keep::module_pattern(&l.name))
+            .collect();
+        modules.dedup();
+        modules
+    };
+    let (sources, targets) = (open(&plan.source_leftovers), open(&plan.target_leftovers));
+    let flags = |flag: &str, patterns: &[String]| -> String {
+        if patterns.len() > 3 {
+            return format!("{flag} PATTERN");
+        }
+        patterns.iter().map(|p| format!("{flag} '{p}'")).collect::<Vec<_>>().join(" ")
+    };
+    let mut steps = Vec::new();
+    if !sources.is_empty() || targets.is_empty() {
+        steps.push("add rules (--map, --rules)".to_string());
+    }
+    if matcher != transplant::Matcher::Order && !sources.is_empty() && !targets.is_empty() {
+        steps.push("try --match order".to_string());
+    }
+    if !sources.is_empty() {
+        steps.push(format!("leave source tensors out on purpose with {}", flags("--skip", &sources)));
+    }
+    if !targets.is_empty() {
+        steps.push(format!("keep target tensors as they are on purpose with {}", flags("--keep", &targets)));
+    }
+    steps.push("pass --allow-partial to write it anyway".to_string());
+    let last = steps.pop().unwrap_or_default();
+    if steps.is_empty() {
+        last
+    } else {
+        format!("{}, or {last}", steps.join(", "))
+    }
+}
+
 pub fn device(text: &str) -> Result<Device> {
     let device = match text {
         "cpu" => Device::Cpu,
@@ -50,6 +91,8 @@ pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
 /// Opens the model to copy into, its tensors on `device` and, with `dtype`,
 /// its floating tensors converted to that dtype.
 pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
+    let file = transplant::model_file(path)?;
+    let path = file.as_path();
     match transplant::sniff(path)? {
         // On the CPU a module is read and rewritten as an archive (converted
         // to `dtype` there too), running none of its code; a device needs libtorch.
@@ -76,6 +119,20 @@ pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<B
             }
         }
     }
+}
+
+/// Creates the folders `out` needs that do not exist (its parents; for a
+/// Distributed Checkpoint `DIR/`, DIR's parents), recording each in `created`,
+/// outermost first, so that a failed command can remove them again.
+pub fn create_folders_of(out: &Path, created: &mut Vec<PathBuf>) -> Result<()> {
+    let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(()) };
+    let missing: Vec<&Path> =
+        parent.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).collect();
+    for folder in missing.into_iter().rev() {
+        std::fs::create_dir(folder).map_err(|source| Error::Io { path: folder.into(), source })?;
+        created.push(folder.to_path_buf());
+    }
+    Ok(())
 }
 
 /// Refuses an output path that is a folder (unless it names a Distributed
