@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::Source;
-use crate::dotted::escaped;
+use crate::dotted::{escaped, shown};
 use crate::dtype;
 use crate::entry::{device_name, Entry, Role};
 
@@ -130,8 +130,13 @@ impl fmt::Display for Summary {
             }
             None => writeln!(f, "{} ({})", escaped(&self.origin), self.kind)?,
         }
-        let name_width =
-            self.entries.iter().map(|e| escaped(&e.name).chars().count()).max().unwrap_or(4).max(4);
+        let name_width = self
+            .entries
+            .iter()
+            .map(|e| shown(&e.name).chars().count())
+            .max()
+            .unwrap_or(4)
+            .clamp(4, 2 * crate::dotted::SHOWN_CHARS);
         writeln!(
             f,
             "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
@@ -141,7 +146,7 @@ impl fmt::Display for Summary {
             writeln!(
                 f,
                 "  {:<name_width$}  {:<9}  {:<8}  {:<18}  {:<6}  {:>9}",
-                escaped(&entry.name),
+                shown(&entry.name),
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
                 shape_text(&entry.shape),
@@ -165,15 +170,21 @@ impl fmt::Display for Summary {
         if !self.ties.is_empty() {
             write!(f, " (tied tensors counted once)\ntied (one tensor under several names):")?;
             for group in &self.ties {
-                let names: Vec<String> = group.iter().map(|n| escaped(n).into_owned()).collect();
+                let names: Vec<String> = group.iter().map(|n| shown(n).into_owned()).collect();
                 write!(f, "\n  {}", names.join(" = "))?;
             }
         }
         if !self.others.is_empty() {
             write!(f, "\nalso in the file, not read as tensors:")?;
-            let width = self.others.iter().map(|o| escaped(&o.key).chars().count()).max().unwrap_or(0);
+            let width = self
+                .others
+                .iter()
+                .map(|o| shown(&o.key).chars().count())
+                .max()
+                .unwrap_or(0)
+                .min(2 * crate::dotted::SHOWN_CHARS);
             for o in &self.others {
-                write!(f, "\n  {:<width$}  {}", escaped(&o.key), escaped(&o.value))?;
+                write!(f, "\n  {:<width$}  {}", shown(&o.key), escaped(&o.value))?;
             }
         }
         Ok(())
