@@ -296,6 +296,9 @@ pub struct Machine {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// A bound on objects below [`MAX_OBJECTS`], for pickles whose size in
+    /// objects is known from what they describe.
+    max_objects: Option<usize>,
 }
 
 struct Reader<'a> {
@@ -346,6 +349,12 @@ fn utf8(bytes: &[u8]) -> Result<Rc<str>> {
 }
 
 impl Machine {
+    /// A machine that refuses a pickle creating more than `max_objects`
+    /// objects (at most [`MAX_OBJECTS`]).
+    pub fn with_max_objects(max_objects: usize) -> Self {
+        Self { max_objects: Some(max_objects.min(MAX_OBJECTS)), ..Self::default() }
+    }
+
     /// Runs the pickle in `bytes` and returns what `STOP` left on the stack.
     pub fn run(&mut self, bytes: &[u8]) -> Result<Value> {
         self.run_from(bytes, 0).map(|(value, _)| value)
@@ -615,8 +624,9 @@ impl Machine {
     }
 
     fn push_object(&mut self, o: Object) -> Result<()> {
-        if self.objects.len() >= MAX_OBJECTS {
-            return Err(PickleError::TooLarge(format!("more than {MAX_OBJECTS} objects")));
+        let max = self.max_objects.unwrap_or(MAX_OBJECTS);
+        if self.objects.len() >= max {
+            return Err(PickleError::TooLarge(format!("more than {max} objects")));
         }
         self.objects.push(o);
         self.push(Value::Ref(self.objects.len() - 1))
