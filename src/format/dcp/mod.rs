@@ -332,15 +332,6 @@ fn view_slice<'f>(files: &'f HashMap<String, Mapped>, file: &str, range: &(usize
     &files[file].map[range.0..range.1]
 }
 
-/// The elements a shape holds; `None` past an `i64` (or a negative size). A
-/// shape with a zero holds none whatever its other sizes, as in PyTorch.
-fn elements(shape: &[i64]) -> Option<i64> {
-    if shape.contains(&0) {
-        return shape.iter().all(|&d| d >= 0).then_some(0);
-    }
-    shape.iter().try_fold(1i64, |n, &d| if d < 0 { None } else { n.checked_mul(d) })
-}
-
 /// Refuses storage entries whose byte ranges in one file overlap: each
 /// chunk is read from bytes of its own, so that what a checkpoint makes is
 /// never more than its files hold. Sorted by file and offset, then swept.
@@ -361,91 +352,6 @@ fn disjoint_ranges(folder: &Path, stored: &HashMap<(&str, Option<Vec<i64>>), Sto
         }
     }
     Ok(())
-}
-
-/// Two chunks of a tensor of `shape` (`numel` elements) that overlap, if any,
-/// by their places in `boxes`; each chunk lies inside the tensor and its
-/// bytes have been checked (so their elements together are no more than the
-/// files hold). Sorted by offsets, equal neighbours overlap; chunks whose
-/// elements add up to the tensor's or more are marked in a bitmap of the
-/// tensor (one bit an element, an eighth of the bytes the chunks hold), a
-/// contiguous run at a time. Fewer elements than the tensor's: they cannot
-/// cover it, which the caller says.
-fn overlap(shape: &[i64], numel: i64, boxes: &[(Vec<i64>, Vec<i64>)]) -> Option<(usize, usize)> {
-    let mut order: Vec<usize> = (0..boxes.len()).filter(|&i| !boxes[i].1.contains(&0)).collect();
-    order.sort_unstable_by(|&a, &b| boxes[a].0.cmp(&boxes[b].0));
-    if let Some(w) = order.windows(2).find(|w| boxes[w[0]].0 == boxes[w[1]].0) {
-        return Some((w[0], w[1]));
-    }
-    let volume = order.iter().try_fold(0i64, |n, &i| n.checked_add(elements(&boxes[i].1)?));
-    if volume.is_some_and(|v| v < numel) {
-        return None;
-    }
-    let b = mark(shape, numel, boxes, &order)?;
-    let meets = |a: usize| {
-        let (x, y) = (&boxes[a], &boxes[b]);
-        (0..shape.len()).all(|d| x.0[d] < y.0[d] + y.1[d] && y.0[d] < x.0[d] + x.1[d])
-    };
-    order.iter().copied().find(|&a| a != b && meets(a)).map(|a| (a, b))
-}
-
-/// Marks each chunk of `order` in a bitmap of the tensor; the first chunk
-/// that meets an element marked already.
-fn mark(shape: &[i64], numel: i64, boxes: &[(Vec<i64>, Vec<i64>)], order: &[usize]) -> Option<usize> {
-    let rank = shape.len();
-    let mut bits = vec![0u64; (numel as u64).div_ceil(64) as usize];
-    if rank == 0 {
-        return order.iter().copied().find(|_| !set_run(&mut bits, 0, 1));
-    }
-    // Row-major strides of the tensor (no overflow: they divide `numel`).
-    let mut strides = vec![1i64; rank];
-    for d in (0..rank - 1).rev() {
-        strides[d] = strides[d + 1] * shape[d + 1];
-    }
-    for &i in order {
-        let (offsets, sizes) = &boxes[i];
-        // Dimensions after `k` the chunk spans whole: with `k` they form one
-        // contiguous run; dimensions before `k` are walked.
-        let mut k = rank - 1;
-        while k > 0 && offsets[k] == 0 && sizes[k] == shape[k] {
-            k -= 1;
-        }
-        let run = (sizes[k] * strides[k]) as u64;
-        let mut index = vec![0i64; k];
-        'runs: loop {
-            let start: i64 =
-                (0..k).map(|d| (offsets[d] + index[d]) * strides[d]).sum::<i64>() + offsets[k] * strides[k];
-            if !set_run(&mut bits, start as u64, run) {
-                return Some(i);
-            }
-            for d in (0..k).rev() {
-                index[d] += 1;
-                if index[d] < sizes[d] {
-                    continue 'runs;
-                }
-                index[d] = 0;
-            }
-            break;
-        }
-    }
-    None
-}
-
-/// Sets bits `start .. start + len`; false if one was set already.
-fn set_run(bits: &mut [u64], start: u64, len: u64) -> bool {
-    let end = start + len;
-    let mut at = start;
-    while at < end {
-        let (word, bit) = ((at / 64) as usize, at % 64);
-        let n = (64 - bit).min(end - at);
-        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
-        if bits[word] & mask != 0 {
-            return false;
-        }
-        bits[word] |= mask;
-        at += n;
-    }
-    true
 }
 
 /// Puts tensor `fqn` together from its chunks.
@@ -572,6 +478,9 @@ fn tensor(
     Ok(whole)
 }
 
+mod chunks;
 mod write;
+
+use chunks::{elements, overlap};
 
 pub(crate) use write::write_stream;
