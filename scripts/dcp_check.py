@@ -8,7 +8,13 @@ Usage: .venv/bin/python scripts/dcp_check.py load DIR MODULE.pt [PREFIX]
            the same by two ranks (gloo on CPU), tensors sharded on dim 0 (Shard(0))
        .venv/bin/python scripts/dcp_check.py corrupt DIR OUT CASE
            a copy of DIR with its metadata broken: overlap, missing, outside,
-           past_end, escape, transforms
+           past_end, escape, transforms; huge (two chunks claiming 3 GB each
+           over a few bytes), overflow (a size past an i64), shared_bytes (two
+           tensors' storage at one offset)
+       .venv/bin/python scripts/dcp_check.py many DIR OUT N
+           a copy of DIR whose first tensor is claimed as N one-element chunks,
+           each with four bytes of its own in a new file (of zeros, not
+           torch.save streams)
 """
 import os
 import pickle
@@ -111,8 +117,49 @@ def corrupt(folder, out, case):
         info.relative_path = "../" + info.relative_path
     elif case == "transforms":
         info.transform_descriptors = ["zstd"]
+    elif case == "huge":
+        n = 3 << 30  # elements of one byte each: 3 GB a chunk
+        tsm.size = torch.Size([2 * n])
+        tsm.properties.dtype = torch.uint8
+        half = type(chunk)(offsets=torch.Size([0]), sizes=torch.Size([n]))
+        other = type(chunk)(offsets=torch.Size([n]), sizes=torch.Size([n]))
+        tsm.chunks = [half, other]
+        for key in [i for i in meta.storage_data if i.fqn == name]:
+            del meta.storage_data[key]
+        meta.storage_data[type(index)(fqn=name, offset=torch.Size([0]))] = type(info)(relative_path="huge.distcp", offset=0, length=8)
+        meta.storage_data[type(index)(fqn=name, offset=torch.Size([n]))] = type(info)(relative_path="huge.distcp", offset=8, length=8)
+        with open(os.path.join(out, "huge.distcp"), "wb") as f:
+            f.write(bytes(16))
+    elif case == "shared_bytes":
+        other = next(i for i in meta.storage_data if i.fqn != name)
+        meta.storage_data[other].offset = info.offset
+    elif case == "overflow":
+        tsm.size = torch.Size([1 << 62, 1 << 62] + list(tsm.size[1:]))
     else:
         sys.exit(f"unknown case {case}")
+    with open(os.path.join(out, ".metadata"), "wb") as f:
+        pickle.dump(meta, f)
+    print(name)
+
+
+def many(folder, out, n):
+    n = int(n)
+    shutil.copytree(folder, out)
+    with open(os.path.join(out, ".metadata"), "rb") as f:
+        meta = pickle.load(f)
+    name = next(k for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks"))
+    tsm = meta.state_dict_metadata[name]
+    index = next(i for i in meta.storage_data if i.fqn == name)
+    info = meta.storage_data[index]
+    del meta.storage_data[index]
+    tsm.size = torch.Size([n])
+    tsm.properties.dtype = torch.float32
+    chunk = type(tsm.chunks[0])
+    tsm.chunks = [chunk(offsets=torch.Size([i]), sizes=torch.Size([1])) for i in range(n)]
+    for i in range(n):
+        meta.storage_data[type(index)(fqn=name, offset=torch.Size([i]))] = type(info)(relative_path="many.distcp", offset=4 * i, length=4)
+    with open(os.path.join(out, "many.distcp"), "wb") as f:
+        f.write(bytes(4 * n))
     with open(os.path.join(out, ".metadata"), "wb") as f:
         pickle.dump(meta, f)
     print(name)
@@ -122,6 +169,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "corrupt":
         corrupt(*args)
+    elif mode == "many":
+        many(*args)
     else:
         folder, module = args[0], args[1]
         prefix = args[2] if len(args) > 2 else None

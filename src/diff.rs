@@ -4,7 +4,7 @@ use std::fmt;
 use serde::Serialize;
 use tch::{Device, Kind};
 
-use crate::dotted::escaped;
+use crate::dotted::{escaped, shown};
 use crate::dtype::{self, Dtype};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Side};
@@ -214,9 +214,9 @@ impl fmt::Display for Diff {
         )?;
         for p in self.pairs.iter().filter(|p| !p.close).take(SHOWN) {
             let name = if p.a == p.b {
-                escaped(&p.a).into_owned()
+                shown(&p.a).into_owned()
             } else {
-                format!("{} / {}", escaped(&p.a), escaped(&p.b))
+                format!("{} / {}", shown(&p.a), shown(&p.b))
             };
             match (&p.shapes, p.max_abs) {
                 (Some((sa, sb)), _) => writeln!(f, "    {name}: shapes differ {sa:?} vs {sb:?}")?,
@@ -239,13 +239,13 @@ impl fmt::Display for Diff {
         }
         for (label, list) in [("only in A", &self.only_in_a), ("only in B", &self.only_in_b)] {
             if !list.is_empty() {
-                let shown: Vec<&str> = list.iter().take(SHOWN).map(String::as_str).collect();
+                let names: Vec<String> = list.iter().take(SHOWN).map(|n| shown(n).into_owned()).collect();
                 let more = if list.len() > SHOWN {
                     format!(" … and {} more", list.len() - SHOWN)
                 } else {
                     String::new()
                 };
-                writeln!(f, "  {label} ({}): {}{more}", list.len(), shown.join(", "))?;
+                writeln!(f, "  {label} ({}): {}{more}", list.len(), names.join(", "))?;
             }
         }
         write!(f, "  verdict: {}", if self.is_same() { "same" } else { "different" })

@@ -63,12 +63,30 @@ pub fn segments(path: &str) -> impl Iterator<Item = &str> {
     (!path.is_empty()).then(|| path.split('.')).into_iter().flatten()
 }
 
+/// Characters that reorder or hide text on a terminal without being control
+/// characters: the bidirectional overrides, embeddings and isolates (U+202A–E,
+/// U+2066–9), the direction marks (U+200E/F, U+061C), and the zero-width and
+/// line/paragraph separators that would let two different names look alike or
+/// break a line.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
 /// `text` as a terminal may show it: control characters written as escapes
-/// (`\n`, `\t`, `\x1b`), so that a name read from a file can neither start a
-/// line of its own (a forged `verdict:`) nor send escape sequences. JSON output
-/// is not escaped this way: it is exact.
+/// (`\n`, `\t`, `\x1b`), and bidirectional overrides and other invisible
+/// formatting characters as `\u{202e}`, so that a name read from a file can
+/// neither start a line of its own (a forged `verdict:`), send escape
+/// sequences, nor show its characters in another order than they are. JSON
+/// output is not escaped this way: it is exact.
 pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(|c| c.is_control() || is_invisible(c)) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
@@ -78,10 +96,28 @@ pub fn escaped(text: &str) -> std::borrow::Cow<'_, str> {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if is_invisible(c) => out.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
             c => out.push(c),
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// The most characters of a name a table shows.
+pub const SHOWN_CHARS: usize = 200;
+
+/// `text` escaped (see [`escaped`]) and, if longer than [`SHOWN_CHARS`],
+/// cut there with a mark that says so and how long it was:
+/// `layer.…(1048576 chars)`. For tables, whose columns are as wide as their
+/// longest cell.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    let out = escaped(text);
+    match out.char_indices().nth(SHOWN_CHARS) {
+        None => out,
+        Some((cut, _)) => {
+            std::borrow::Cow::Owned(format!("{}…({} chars)", &out[..cut], text.chars().count()))
+        }
+    }
 }
 
 /// Finds names among a list of unique names, trying first the position a name
@@ -139,6 +175,22 @@ mod tests {
         assert_eq!(escaped("a\nverdict: complete"), "a\\nverdict: complete");
         assert_eq!(escaped("\u{1b}[31mred"), "\\x1b[31mred");
         assert_eq!(escaped("tab\there\u{7f}"), "tab\\there\\x7f");
+        assert_eq!(
+            escaped("a\u{202e}b\u{2066}\u{2069}\u{200e}\u{200f}"),
+            "a\\u{202e}b\\u{2066}\\u{2069}\\u{200e}\\u{200f}"
+        );
+        assert_eq!(escaped("épée.权重"), "épée.权重");
+    }
+
+    #[test]
+    fn long_names_are_cut_in_tables_and_say_so() {
+        assert_eq!(shown("fc.weight"), "fc.weight");
+        let long = "é".repeat(1 << 20);
+        let cut = shown(&long);
+        assert!(cut.ends_with("…(1048576 chars)"), "{}", &cut[cut.len() - 40..]);
+        assert_eq!(cut.chars().count(), SHOWN_CHARS + "…(1048576 chars)".chars().count());
+        let exact = "a".repeat(SHOWN_CHARS);
+        assert_eq!(shown(&exact), exact);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::copy::Copied;
-use crate::dotted::escaped;
+use crate::dotted::{escaped, shown};
 use crate::matching::{How, ModuleMatch};
 use crate::plan::{Cast, Finding, Orders, Plan, Policy, Severity, Side};
 use crate::store::summary::human_bytes;
@@ -192,7 +192,7 @@ impl Report {
 
 /// Characters a name takes on a terminal, once escaped.
 fn shown_len(text: &str) -> usize {
-    escaped(text).chars().count()
+    shown(text).chars().count()
 }
 
 fn more(f: &mut fmt::Formatter<'_>, total: usize) -> fmt::Result {
@@ -218,15 +218,22 @@ impl fmt::Display for Report {
         // Pairs the order matcher made are shown a module a line.
         let by_module = |p: &&ReportPair| p.how == How::Order || p.how == How::ReconstructedOrder;
         if !self.modules.is_empty() {
-            let width = self.modules.iter().take(SHOWN).map(|m| shown_len(&m.target)).max().unwrap_or(0);
+            let width = self
+                .modules
+                .iter()
+                .take(SHOWN)
+                .map(|m| shown_len(&m.target))
+                .max()
+                .unwrap_or(0)
+                .min(2 * crate::dotted::SHOWN_CHARS);
             writeln!(f, "  module pairs: {}", self.modules.len())?;
             for m in self.modules.iter().take(SHOWN) {
                 let plural = if m.tensors == 1 { "" } else { "s" };
                 writeln!(
                     f,
                     "    {:<width$} <- {}  ({}, {} tensor{plural})",
-                    escaped(&m.target),
-                    escaped(&m.source),
+                    shown(&m.target),
+                    shown(&m.source),
                     m.how,
                     m.tensors
                 )?;
@@ -240,14 +247,20 @@ impl fmt::Display for Report {
         // and both tensors' shapes.
         let target_shown = |p: &ReportPair| {
             let region = p.transform.as_ref().map_or(String::new(), Transform::target_text);
-            format!("{}{region}", escaped(&p.target))
+            format!("{}{region}", shown(&p.target))
         };
-        let width = listed.iter().take(SHOWN).map(|p| target_shown(p).chars().count()).max().unwrap_or(0);
+        let width = listed
+            .iter()
+            .take(SHOWN)
+            .map(|p| target_shown(p).chars().count())
+            .max()
+            .unwrap_or(0)
+            .min(2 * crate::dotted::SHOWN_CHARS);
         for p in listed.iter().take(SHOWN) {
             let cast = p.cast.as_ref().map_or(String::new(), |c| {
                 format!("  [{} -> {}]", crate::dtype::name(c.from), crate::dtype::name(c.to))
             });
-            let (source, how) = (escaped(&p.source), escaped(&p.provenance));
+            let (source, how) = (shown(&p.source), escaped(&p.provenance));
             let (ops, shapes) = p.transform.as_ref().map_or((String::new(), String::new()), |t| {
                 let shapes = format!("  {} -> {}", shape_text(&t.source_shape), shape_text(&t.target_shape));
                 (t.source_text(), shapes)
@@ -265,15 +278,15 @@ impl fmt::Display for Report {
                 let renamed =
                     l.renamed.as_ref().map_or(String::new(), |r| format!(" (renamed to {})", escaped(r)));
                 match (&l.explained, &l.did_you_mean) {
-                    (Some(why), _) => writeln!(f, "    {} ({})", escaped(&l.name), escaped(why))?,
+                    (Some(why), _) => writeln!(f, "    {} ({})", shown(&l.name), escaped(why))?,
                     (None, Some(near)) if !renamed.is_empty() => {
-                        writeln!(f, "    {}{renamed} (did you mean {}?)", escaped(&l.name), escaped(near))?
+                        writeln!(f, "    {}{renamed} (did you mean {}?)", shown(&l.name), escaped(near))?
                     }
-                    (None, None) if !renamed.is_empty() => writeln!(f, "    {}{renamed}", escaped(&l.name))?,
+                    (None, None) if !renamed.is_empty() => writeln!(f, "    {}{renamed}", shown(&l.name))?,
                     (None, Some(near)) => {
-                        writeln!(f, "    {} (did you mean {}?)", escaped(&l.name), escaped(near))?
+                        writeln!(f, "    {} (did you mean {}?)", shown(&l.name), shown(near))?
                     }
-                    (None, None) => writeln!(f, "    {}", escaped(&l.name))?,
+                    (None, None) => writeln!(f, "    {}", shown(&l.name))?,
                 }
             }
             more(f, list.len())?;

@@ -75,18 +75,33 @@ pub(crate) fn normalize(dim: i64, rank: usize, shape: &[i64]) -> Result<usize, S
     }
 }
 
-fn numel(shape: &[i64]) -> i64 {
-    shape.iter().product()
+/// The elements of `shape`, or why they cannot be counted (a negative size,
+/// or more than an `i64` holds).
+fn numel(shape: &[i64]) -> Result<i64, String> {
+    shape
+        .iter()
+        .try_fold(1i64, |n, &d| if d < 0 { None } else { n.checked_mul(d) })
+        .ok_or_else(|| format!("{} has no element count (a negative size or an overflow)", shape_text(shape)))
 }
 
 impl Op {
-    /// The shape this op makes of `shape`, or why it cannot apply.
+    /// The shape this op makes of `shape`, or why it cannot apply. Every
+    /// number is checked here, with checked arithmetic, so that libtorch only
+    /// ever sees ops that fit.
     pub fn shape(&self, shape: &[i64]) -> Result<Vec<i64>, String> {
         let rank = shape.len();
         match self {
             Op::Reshape { shape: to } => {
-                let total = numel(shape);
-                let known: i64 = to.iter().filter(|&&d| d != -1).product();
+                let total = numel(shape)?;
+                let inferred = to.iter().filter(|&&d| d == -1).count();
+                if inferred > 1 || to.iter().any(|&d| d < -1) {
+                    return Err(format!("{self}: sizes are at least 0, and one at most is -1 (inferred)"));
+                }
+                let known = to
+                    .iter()
+                    .filter(|&&d| d != -1)
+                    .try_fold(1i64, |n, &d| n.checked_mul(d))
+                    .ok_or_else(|| format!("{self}: its sizes multiply past what an i64 holds"))?;
                 let mut out = to.clone();
                 if let Some(at) = to.iter().position(|&d| d == -1) {
                     if known == 0 || total % known != 0 {
@@ -115,8 +130,12 @@ impl Op {
             Op::Narrow { dim, start, length } => {
                 let d = normalize(*dim, rank, shape)?;
                 let size = shape[d];
-                let from = if *start < 0 { start + size } else { *start };
-                if from < 0 || *length < 0 || from + length > size {
+                let from = if *start < 0 { start.checked_add(size) } else { Some(*start) };
+                let fits = from
+                    .filter(|&from| from >= 0 && *length >= 0)
+                    .and_then(|from| from.checked_add(*length))
+                    .is_some_and(|end| end <= size);
+                if !fits {
                     return Err(format!(
                         "{self} is out of range: dimension {dim} of {} has {size} indices",
                         shape_text(shape)
@@ -270,6 +289,26 @@ mod tests {
         assert!(Op::Permute { dims: vec![0] }.shape(&[2, 3]).unwrap_err().contains("names 1"));
         assert_eq!(Op::Narrow { dim: 0, start: -2, length: 2 }.shape(&[5, 3]).unwrap(), vec![2, 3]);
         assert!(Op::Narrow { dim: 0, start: 4, length: 2 }.shape(&[5]).unwrap_err().contains("out of range"));
+    }
+
+    /// Numbers that overflow are refused by name, never handed to libtorch.
+    #[test]
+    fn overflowing_numbers_are_refused() {
+        let max = i64::MAX;
+        for op in [
+            Op::Narrow { dim: 0, start: max, length: max },
+            Op::Narrow { dim: 0, start: 1, length: max },
+            Op::Narrow { dim: 0, start: i64::MIN, length: 1 },
+            Op::Narrow { dim: i64::MIN, start: 0, length: 1 },
+        ] {
+            assert!(op.shape(&[5]).unwrap_err().contains("out of range"), "{op}");
+        }
+        assert!(Op::Reshape { shape: vec![max, max, 0] }.shape(&[0]).unwrap_err().contains("multiply"));
+        assert!(Op::Reshape { shape: vec![-1, -1] }.shape(&[4]).unwrap_err().contains("one at most"));
+        assert!(Op::Reshape { shape: vec![-2, -2] }.shape(&[4]).unwrap_err().contains("at least 0"));
+        assert!(Op::Reshape { shape: vec![-1] }.shape(&[max, max]).unwrap_err().contains("overflow"));
+        assert!(Op::Transpose { dims: [i64::MIN, 0] }.shape(&[2]).unwrap_err().contains("out of range"));
+        assert!(Op::Permute { dims: vec![i64::MIN] }.shape(&[2]).unwrap_err().contains("out of range"));
     }
 
     #[test]

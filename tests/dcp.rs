@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{expected_tensor, fixture, parse_records, store_records, transplant};
+use common::{expected_tensor, fixture, parse_records, store_records, transplant, transplant_measured};
 use transplant::{Checkpoint, ModuleStore, Source};
 
 fn two_ranks() -> PathBuf {
@@ -137,4 +137,74 @@ fn broken_metadata_is_refused_naming_the_tensor() {
         assert_eq!(run.code, 1, "{case}: {}", run.stdout);
         assert!(run.stderr.contains(needle) && run.stderr.contains(name.trim()), "{case}: {}", run.stderr);
     }
+}
+
+/// Sizes are checked against the bytes behind them before anything is
+/// allocated: two chunks claiming 3 GB each over 16 bytes, and a size past an
+/// i64, are refused at once, naming the file, in little memory.
+#[test]
+fn sizes_are_checked_against_the_bytes_before_anything_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good/");
+    let run = transplant(["convert", s(&fixture("bn_net_a.pt")), "-o", s(&good)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for (case, file, needle) in [
+        ("huge", "huge.distcp", "needs more bytes than the 8 its storage holds"),
+        ("overflow", ".metadata", "counts more elements than an i64 holds"),
+    ] {
+        let bad = dir.path().join(case);
+        let (ok, name) = python(&["corrupt", s(&good), s(&bad), case]);
+        assert!(ok, "{name}");
+        let (run, rss) = transplant_measured(&["inspect", s(&bad)]);
+        assert_eq!(run.code, 1, "{case}: {}", run.stderr);
+        assert!(run.stderr.contains(needle) && run.stderr.contains(file), "{case}: {}", run.stderr);
+        assert!(!run.stderr.contains("panicked") && !run.stderr.contains("frame #"), "{}", run.stderr);
+        assert!(rss < 600 << 20, "{case}: {} MB", rss >> 20);
+    }
+}
+
+/// Many chunks: 120,000 one-element chunks of a tensor are checked (inside
+/// the tensor, bytes of their own, no overlap, coverage) in time proportional
+/// to their number, reaching the first chunk's bytes (zeros, not a torch.save
+/// stream); 200,000 are more than a checkpoint may list and are refused
+/// before the metadata is all parsed, in bounded memory.
+#[test]
+fn many_chunks_are_checked_in_bounded_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good/");
+    let run = transplant(["convert", s(&fixture("bn_net_a.pt")), "-o", s(&good)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let within = dir.path().join("within");
+    let (ok, out) = python(&["many", s(&good), s(&within), "120000"]);
+    assert!(ok, "{out}");
+    let started = std::time::Instant::now();
+    let (run, rss) = transplant_measured(&["inspect", s(&within)]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("many.distcp") && run.stderr.contains("torch.save"), "{}", run.stderr);
+    assert!(rss < 1200 << 20, "{} MB for 120,000 chunks", rss >> 20);
+    assert!(started.elapsed().as_secs() < 120, "a guard against a quadratic check");
+    let over = dir.path().join("over");
+    let (ok, out) = python(&["many", s(&good), s(&over), "200000"]);
+    assert!(ok, "{out}");
+    let (run, rss) = transplant_measured(&["inspect", s(&over)]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains(".metadata") && run.stderr.contains("131072 chunks"), "{}", run.stderr);
+    assert!(rss < 1200 << 20, "{} MB refusing 200,000 chunks", rss >> 20);
+}
+
+/// Chunks whose storage shares bytes in one file are refused by name: each
+/// chunk reads bytes of its own, so a checkpoint never makes more than its
+/// files hold.
+#[test]
+fn storage_ranges_that_overlap_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good/");
+    let run = transplant(["convert", s(&fixture("bn_net_a.pt")), "-o", s(&good)]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let bad = dir.path().join("shared");
+    let (ok, name) = python(&["corrupt", s(&good), s(&bad), "shared_bytes"]);
+    assert!(ok, "{name}");
+    let run = transplant(["inspect", s(&bad)]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("__0_0.distcp") && run.stderr.contains("overlap"), "{}", run.stderr);
 }

@@ -467,3 +467,37 @@ fn the_readme_examples_do_what_they_say() {
     assert!(tensor_of(&target, "a.v.weight").equal(&qkv.narrow(0, 4, 2)));
     assert!(tensor_of(&target, "b.qkv.weight").equal(&Tensor::cat(&[&q, &k, &v], 0)));
 }
+
+/// Numbers that overflow (`narrow(0, i64::MAX, i64::MAX)`, reshape sizes whose
+/// product passes an i64) are refused at plan time naming the rule, never
+/// handed to libtorch (whose error would come with a C++ backtrace).
+#[test]
+fn overflowing_numbers_are_refused_at_plan_time_naming_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("huge.rules");
+    let max = i64::MAX;
+    std::fs::write(
+        &rules,
+        format!(
+            "temperature => temperature | narrow(0, {max}, {max})\n\
+             features\\.0\\.bn\\.weight => features.0.bn.weight | reshape({max}, {max}, 0)\n"
+        ),
+    )
+    .unwrap();
+    let (a, b) = (common::fixture("bn_net_a.pt"), common::fixture("bn_net_b.pt"));
+    let out = dir.path().join("out.pt");
+    for command in ["plan", "copy"] {
+        let mut args =
+            vec![command, a.to_str().unwrap(), b.to_str().unwrap(), "--rules", rules.to_str().unwrap()];
+        if command == "copy" {
+            args.extend(["-o", out.to_str().unwrap()]);
+        }
+        let run = common::transplant(&args);
+        assert_eq!(run.code, 1, "{command}: {}", run.stdout);
+        let all = format!("{}{}", run.stdout, run.stderr);
+        assert!(all.contains("rule `temperature =>"), "{all}");
+        assert!(all.contains("is out of range") && all.contains("multiply past what an i64 holds"), "{all}");
+        assert!(!all.contains("frame #") && !all.contains("panicked"), "{all}");
+    }
+    assert!(!out.exists());
+}

@@ -66,7 +66,7 @@ fn split_shapes(shape: &[i64], dim: i64, sizes: Option<&Vec<i64>>, parts: usize)
         None if parts > 0 && shape[d] % parts as i64 == 0 => vec![shape[d] / parts as i64; parts],
         None => return None,
     };
-    (sizes.iter().sum::<i64>() == shape[d]).then(|| {
+    (sizes.iter().try_fold(0i64, |a, &b| a.checked_add(b)) == Some(shape[d])).then(|| {
         sizes
             .iter()
             .map(|&s| {
@@ -134,10 +134,11 @@ impl Outline {
             let r = &rules.rules()[rule];
             let Action::Cat { dim, .. } = &r.action else { continue };
             if let Some(shapes) = shapes.into_iter().collect::<Option<Vec<_>>>() {
-                let joined = normalize(*dim, shapes[0].len(), &shapes[0]).ok().map(|d| {
+                let joined = normalize(*dim, shapes[0].len(), &shapes[0]).ok().and_then(|d| {
                     let mut shape = shapes[0].clone();
-                    shape[d] = shapes.iter().map(|s| s.get(d).copied().unwrap_or(0)).sum();
-                    shape
+                    shape[d] =
+                        shapes.iter().try_fold(0i64, |a, s| a.checked_add(s.get(d).copied().unwrap_or(0)))?;
+                    Some(shape)
                 });
                 if let Some(shape) = joined.and_then(|s| shape_after(&r.ops, &s).ok()) {
                     e.shape = shape;

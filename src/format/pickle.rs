@@ -301,6 +301,9 @@ pub struct Machine {
     dict_keys: HashMap<usize, HashMap<DictKey, usize>>,
     /// Every global the pickle named (`module`, `name`), once each.
     pub globals: std::collections::HashSet<(String, String)>,
+    /// A bound on objects below [`MAX_OBJECTS`], for pickles whose size in
+    /// objects is known from what they describe.
+    max_objects: Option<usize>,
 }
 
 /// A dict key as Python compares keys: `1`, `True` and `1.0` are one key.
@@ -378,6 +381,12 @@ fn utf8(bytes: &[u8]) -> Result<Rc<str>> {
 }
 
 impl Machine {
+    /// A machine that refuses a pickle creating more than `max_objects`
+    /// objects (at most [`MAX_OBJECTS`]).
+    pub fn with_max_objects(max_objects: usize) -> Self {
+        Self { max_objects: Some(max_objects.min(MAX_OBJECTS)), ..Self::default() }
+    }
+
     /// Runs the pickle in `bytes` and returns what `STOP` left on the stack.
     pub fn run(&mut self, bytes: &[u8]) -> Result<Value> {
         self.run_from(bytes, 0).map(|(value, _)| value)
@@ -660,8 +669,9 @@ impl Machine {
     }
 
     fn push_object(&mut self, o: Object) -> Result<()> {
-        if self.objects.len() >= MAX_OBJECTS {
-            return Err(PickleError::TooLarge(format!("more than {MAX_OBJECTS} objects")));
+        let max = self.max_objects.unwrap_or(MAX_OBJECTS);
+        if self.objects.len() >= max {
+            return Err(PickleError::TooLarge(format!("more than {max} objects")));
         }
         self.objects.push(o);
         self.push(Value::Ref(self.objects.len() - 1))

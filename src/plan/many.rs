@@ -209,13 +209,16 @@ impl Builder<'_> {
                 let shape = shape_after(ops, &sources[i].shape)?;
                 let d = normalize(*dim, shape.len(), &shape)?;
                 let size = shape[d];
+                let total = sizes.as_ref().map(|s| s.iter().try_fold(0i64, |a, &b| a.checked_add(b)));
                 let sizes = match sizes {
-                    Some(sizes) if sizes.iter().sum::<i64>() != size => {
+                    Some(sizes) if total != Some(Some(size)) => {
+                        let total =
+                            total.flatten().map_or("more than an i64 holds".to_string(), |t| t.to_string());
                         return Err(format!(
-                            "the parts add up to {}, dimension {dim} of {} has {size}",
-                            sizes.iter().sum::<i64>(),
+                            "the parts of split({dim}, {}) add up to {total}, dimension {dim} of {} has {size}",
+                            sizes.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
                             shape_text(&shape)
-                        ))
+                        ));
                     }
                     Some(sizes) => sizes.clone(),
                     None if size % names.len() as i64 != 0 => {
@@ -271,7 +274,9 @@ impl Builder<'_> {
                     return Err(format!("cannot concatenate {} along dimension {dim}", list.join(", ")));
                 }
                 let mut shape = shapes[0].to_vec();
-                shape[d] = shapes.iter().map(|s| s[d]).sum();
+                shape[d] = shapes.iter().try_fold(0i64, |a, s| a.checked_add(s[d])).ok_or_else(|| {
+                    format!("the members' sizes along dimension {dim} add up past what an i64 holds")
+                })?;
                 // The inverse of the ops after cat, from the target back to the concatenation.
                 let mut back = Vec::new();
                 for op in ops {

@@ -5,7 +5,8 @@ use std::fmt;
 
 use regex::Regex;
 
-use super::{anchored, one_line, RuleSource};
+use super::first::anchored;
+use super::{one_line, RuleSource};
 use crate::error::{Error, Result};
 
 /// One compiled `keep` rule: a pattern over the **target's** names.

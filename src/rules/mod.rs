@@ -17,22 +17,20 @@
 //! of one source, `cat` one target of several sources (one per pattern, those
 //! whose captures are equal forming a group). Every rule is compiled
 //! when parsed (a bad pattern is an error naming where the rule came from), and
-//! the first rule that matches a name is found by one regex of all patterns
-//! (built on first use; tried one by one if too large), so mapping many names
-//! stays cheap. `keep PATTERN` names **target** tensors that stay as they
+//! the first rule that matches a name is found through an index of the
+//! patterns' literal text (`first.rs`), each regex compiled only when a name
+//! could match it, so that mapping many names over many rules stays about
+//! linear in both. `keep PATTERN` names **target** tensors that stay as they
 //! are ([`Keep`]); it renames nothing and is kept apart from the other rules.
+use serde::Serialize;
 use std::fmt;
 use std::path::Path;
-use std::sync::OnceLock;
-
-use regex::Regex;
-use regex_automata::meta;
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::transform::Op;
 
 mod chain;
+mod first;
 mod keep;
 
 use chain::parse_rename;
@@ -108,8 +106,8 @@ pub struct Rule {
     pub ops: Vec<Op>,
     /// Where it was written.
     pub source: RuleSource,
-    /// One regex per pattern (a `cat` has several).
-    regexes: Vec<Regex>,
+    /// Each pattern (a `cat` has several).
+    members: Vec<first::Pattern>,
 }
 
 impl fmt::Display for Rule {
@@ -130,12 +128,12 @@ impl fmt::Display for Rule {
 impl Rule {
     /// The patterns: one, or a `cat`'s members in order.
     pub fn patterns(&self) -> Vec<&str> {
-        self.regexes.iter().map(|r| &r.as_str()[4..r.as_str().len() - 2]).collect()
+        self.members.iter().map(first::Pattern::text).collect()
     }
 
     /// Whether one of the rule's patterns matches the whole of `name`.
     pub fn matches(&self, name: &str) -> bool {
-        self.regexes.iter().any(|r| r.is_match(name))
+        self.members.iter().any(|m| m.regex().is_some_and(|r| r.is_match(name)))
     }
 }
 
@@ -184,11 +182,10 @@ const MAX_RULES_BYTES: u64 = 16 << 20;
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
-    /// All patterns in one regex, built on first use; a match's pattern id is the
-    /// first pattern that matches (see `patterns`). `None` inside if too large to
-    /// build: then the rules are tried one by one.
-    first: OnceLock<Option<meta::Regex>>,
-    /// Each pattern of the one regex: its rule and member.
+    /// Every pattern indexed by its literal text, to find the first that
+    /// matches a name.
+    index: first::Index,
+    /// Each pattern of the index: its rule and member.
     patterns: Vec<(usize, usize)>,
     /// The `keep` rules, over target names.
     keeps: Vec<Keep>,
@@ -198,20 +195,20 @@ pub struct Rules {
 /// The regex crate's error in one line (its syntax errors draw a caret diagram).
 fn one_line(error: &regex::Error) -> String {
     match error {
-        regex::Error::Syntax(text) => text
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or(text)
-            .trim()
-            .trim_start_matches("error: ")
-            .to_string(),
+        regex::Error::Syntax(text) => one_line_text(text),
         other => other.to_string(),
     }
 }
 
-fn anchored(pattern: &str) -> String {
-    format!("^(?:{pattern})$")
+/// A syntax error's text in one line: its last line, which says what is wrong.
+fn one_line_text(text: &str) -> String {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(text)
+        .trim()
+        .trim_start_matches("error: ")
+        .to_string()
 }
 
 /// The capture-group references (`$1`, `$name`, `${name}`) in a replacement.
@@ -381,9 +378,9 @@ impl Rules {
                     ),
                 });
             }
-            regexes.push(Regex::new(&anchored(pattern)).map_err(|e| Error::Rule {
+            regexes.push(first::Pattern::new(pattern).map_err(|e| Error::Rule {
                 at: at(),
-                message: format!("bad pattern {pattern:?}: {}", one_line(&e)),
+                message: format!("bad pattern {pattern:?}: {}", one_line_text(&e)),
             })?);
         }
         let replacements: Vec<&String> = match &action {
@@ -401,12 +398,11 @@ impl Rules {
             if replacement.is_empty() {
                 return Err(Error::Rule { at: at(), message: "empty replacement".into() });
             }
-            for (pattern, regex) in patterns.iter().zip(&regexes) {
-                let names: Vec<&str> = regex.capture_names().flatten().collect();
+            for (pattern, (regex, _)) in patterns.iter().zip(&regexes) {
                 for group in group_references(replacement) {
                     let known = match group.parse::<usize>() {
                         Ok(n) => n < regex.captures_len(),
-                        Err(_) => names.contains(&group.as_str()),
+                        Err(_) => regex.has_name(&group),
                     };
                     if !known {
                         return Err(Error::Rule {
@@ -420,7 +416,7 @@ impl Rules {
             }
         }
         if regexes.len() > 1 {
-            let counts: Vec<usize> = regexes.iter().map(Regex::captures_len).collect();
+            let counts: Vec<usize> = regexes.iter().map(|(r, _)| r.captures_len()).collect();
             if counts.iter().any(|&c| c != counts[0]) {
                 return Err(Error::Rule {
                     at: at(),
@@ -431,9 +427,13 @@ impl Rules {
             }
         }
         let rule = self.rules.len();
-        self.patterns.extend((0..regexes.len()).map(|member| (rule, member)));
-        self.rules.push(Rule { pattern: patterns.join(" + "), action, ops, source, regexes });
-        self.first = OnceLock::new();
+        let mut members = Vec::with_capacity(regexes.len());
+        for (member, (regex, hir)) in regexes.into_iter().enumerate() {
+            self.index.add(self.patterns.len(), &hir);
+            self.patterns.push((rule, member));
+            members.push(regex);
+        }
+        self.rules.push(Rule { pattern: patterns.join(" + "), action, ops, source, members });
         Ok(())
     }
 
@@ -449,19 +449,17 @@ impl Rules {
 
     /// What the first matching rule does to `name`.
     pub fn apply(&self, name: &str) -> Outcome {
-        let first = self.first.get_or_init(|| {
-            let patterns: Vec<&str> = self.rules.iter().flat_map(|r| &r.regexes).map(Regex::as_str).collect();
-            meta::Regex::new_many(&patterns).ok()
-        });
-        let found = match first {
-            Some(first) => first.find(name).map(|m| self.patterns[m.pattern().as_usize()]),
-            None => self.rules.iter().enumerate().find_map(|(rule, r)| {
-                r.regexes.iter().position(|regex| regex.is_match(name)).map(|member| (rule, member))
-            }),
+        let pattern = |id: usize| {
+            let (rule, member) = self.patterns[id];
+            &self.rules[rule].members[member]
         };
-        let Some((rule, member)) = found else { return Outcome::Kept };
+        let Some((rule, member)) = self.index.first(pattern, name).map(|id| self.patterns[id]) else {
+            return Outcome::Kept;
+        };
         let r = &self.rules[rule];
-        let Some(captures) = r.regexes[member].captures(name) else { return Outcome::Kept };
+        let Some(captures) = r.members[member].regex().and_then(|regex| regex.captures(name)) else {
+            return Outcome::Kept;
+        };
         let expand = |replacement: &str| {
             let mut to = String::new();
             captures.expand(replacement, &mut to);

@@ -135,3 +135,45 @@ fn keep_rules_name_target_tensors_and_rename_nothing() {
     assert_eq!(flags.keeps()[0].source.to_string(), "--keep #1");
     assert!(flags.without_keeps().keeps().is_empty());
 }
+
+/// The index finds what trying every rule in order finds: patterns with and
+/// without literal text in front, interleaved, more of the latter than are
+/// tried one by one, alternations of literals, classes.
+#[test]
+fn the_index_finds_the_first_rule_that_matches_as_trying_each_would() {
+    let mut patterns = Vec::new();
+    for i in 0..300 {
+        patterns.push(match i % 6 {
+            0 => format!("layer\\.{i}\\.weight"),
+            1 => format!("(.*)\\.x{}y", i % 40),
+            2 => format!("(?:enc|dec)oder\\.{}\\..*", i % 25),
+            3 => format!("[a-c]lock\\.{}", i % 30),
+            4 => format!("layer\\.{}\\.(.*)", i % 50),
+            _ => ".*bias".to_string(),
+        });
+    }
+    let text: String = patterns.iter().enumerate().map(|(i, p)| format!("{p} => t{i}\n")).collect();
+    let rules = rules(&text);
+    let regexes: Vec<regex::Regex> =
+        patterns.iter().map(|p| regex::Regex::new(&format!("^(?:{p})$")).unwrap()).collect();
+    let mut names = vec!["layer.3.weight".to_string(), "nothing".to_string(), String::new()];
+    for i in 0..60 {
+        names.extend([
+            format!("layer.{i}.weight"),
+            format!("a.b.x{i}y"),
+            format!("encoder.{i}.w"),
+            format!("decoder.{i}.b.bias"),
+            format!("block.{i}"),
+            format!("layer.{i}.bias"),
+        ]);
+    }
+    for name in names {
+        let expected = regexes.iter().position(|r| r.is_match(&name));
+        let got = match rules.apply(&name) {
+            Outcome::Renamed { rule, .. } => Some(rule),
+            Outcome::Kept => None,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, expected, "{name}");
+    }
+}

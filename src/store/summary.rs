@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use super::Source;
-use crate::dotted::escaped;
+use crate::dotted::{escaped, shown};
 use crate::dtype;
 use crate::entry::{device_name, Entry, Role};
 use crate::error::{Error, Result};
@@ -202,8 +202,13 @@ impl fmt::Display for Summary {
             }
             None => writeln!(f, "{} ({})", escaped(&self.origin), self.kind)?,
         }
-        let name_width =
-            self.entries.iter().map(|e| escaped(&e.entry.name).chars().count()).max().unwrap_or(4).max(4);
+        let name_width = self
+            .entries
+            .iter()
+            .map(|e| shown(&e.entry.name).chars().count())
+            .max()
+            .unwrap_or(4)
+            .clamp(4, 2 * crate::dotted::SHOWN_CHARS);
         let digests = self.entries.iter().any(|e| e.sha256.is_some());
         // float4_e2m1fn_x2 is 16 characters wide; most files need 8.
         let dw = self.entries.iter().map(|e| e.entry.dtype.name().len()).max().unwrap_or(8).max(8);
@@ -217,7 +222,7 @@ impl fmt::Display for Summary {
             write!(
                 f,
                 "  {:<name_width$}  {:<9}  {:<dw$}  {:<18}  {:<6}  {:>9}",
-                escaped(&entry.name),
+                shown(&entry.name),
                 entry.role.to_string(),
                 dtype::name(entry.dtype),
                 shape_text(&entry.shape),
@@ -245,15 +250,21 @@ impl fmt::Display for Summary {
         if !self.ties.is_empty() {
             write!(f, " (tied tensors counted once)\ntied (one tensor under several names):")?;
             for group in &self.ties {
-                let names: Vec<String> = group.iter().map(|n| escaped(n).into_owned()).collect();
+                let names: Vec<String> = group.iter().map(|n| shown(n).into_owned()).collect();
                 write!(f, "\n  {}", names.join(" = "))?;
             }
         }
         if !self.others.is_empty() {
             write!(f, "\nalso in the file, not read as tensors:")?;
-            let width = self.others.iter().map(|o| escaped(&o.key).chars().count()).max().unwrap_or(0);
+            let width = self
+                .others
+                .iter()
+                .map(|o| shown(&o.key).chars().count())
+                .max()
+                .unwrap_or(0)
+                .min(2 * crate::dotted::SHOWN_CHARS);
             for o in &self.others {
-                write!(f, "\n  {:<width$}  {}", escaped(&o.key), escaped(&o.value))?;
+                write!(f, "\n  {:<width$}  {}", shown(&o.key), escaped(&o.value))?;
             }
         }
         Ok(())

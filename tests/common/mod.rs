@@ -249,3 +249,23 @@ pub fn inspected(path: &std::path::Path) -> Vec<Record> {
         })
         .collect()
 }
+
+/// `transplant ARGS` run under `scripts/peak_rss.py`: its run (stdout is not
+/// kept) and its peak resident set size in bytes, measured from a small
+/// parent so that the figure is the command's own.
+pub fn transplant_measured(args: &[&str]) -> (Run, u64) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/peak_rss.py"))
+        .arg(env!("CARGO_BIN_EXE_transplant"))
+        .args(args)
+        .output()
+        .expect("the venv's python runs");
+    let rss = String::from_utf8_lossy(&output.stdout).trim().parse().expect("peak_rss.py prints a number");
+    let run = Run {
+        code: output.status.code().expect("exited, not killed by a signal"),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    (run, rss)
+}

@@ -86,7 +86,7 @@ static EMITTED: AtomicBool = AtomicBool::new(false);
 fn message(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
-        let part = cause.to_string();
+        let part = without_backtrace(&cause.to_string());
         if !text.ends_with(&part) {
             if !text.is_empty() {
                 text.push_str(": ");
@@ -95,6 +95,17 @@ fn message(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// A message with libtorch's C++ backtrace taken off: libtorch ends its
+/// messages with `Exception raised from …` and `frame #N: …` lines, which say
+/// nothing to a user; what comes before them (its first line) is kept.
+fn without_backtrace(text: &str) -> String {
+    let cut = ["\nException raised from ", "\nframe #"].iter().filter_map(|m| text.find(m)).min();
+    match cut {
+        Some(at) => text[..at].trim_end().to_string(),
+        None => text.to_string(),
+    }
 }
 
 /// An error as JSON: its kind, its whole message, and the file it concerns.
@@ -360,4 +371,21 @@ fn module(path: &Path) -> Result<ScriptModule> {
         path.display()
     );
     Ok(ModuleStore::open(path)?.into_module())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_backtrace;
+
+    #[test]
+    fn libtorch_backtraces_are_taken_off() {
+        let torch = "tensor w of a.pt: Torch(\"start (9) + length (9) exceeds dimension size (5).\n\
+                     Exception raised from narrow_symint at aten/src/ATen/native/TensorShape.cpp:1400 (most recent call first):\n\
+                     frame #0: c10::Error::Error(...) + 0x9c (0x7f in libc10.so)\nframe #1: ...\")";
+        assert_eq!(
+            without_backtrace(torch),
+            "tensor w of a.pt: Torch(\"start (9) + length (9) exceeds dimension size (5)."
+        );
+        assert_eq!(without_backtrace("a.pt: two\nlines"), "a.pt: two\nlines");
+    }
 }

@@ -29,8 +29,12 @@ use crate::error::{Error, Result};
 const FORMAT: &str = "distributed checkpoint";
 /// The largest `.metadata` read.
 const MAX_METADATA_BYTES: u64 = 512 << 20;
-/// Most chunks of all tensors together.
-const MAX_CHUNKS: usize = 1_000_000;
+/// Most chunks (and storage entries) a checkpoint may list, all tensors
+/// together: each costs about 5 KB of parsed metadata (18 pickle objects).
+const MAX_CHUNKS: usize = 131_072;
+/// Most pickle objects the metadata may create: enough for [`MAX_CHUNKS`]
+/// chunks, so that a metadata listing more is refused before it is all parsed.
+const MAX_METADATA_OBJECTS: usize = 24 * MAX_CHUNKS;
 
 fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::Format { path: path.into(), format: FORMAT, message: message.into() }
@@ -139,8 +143,14 @@ struct Mapped {
 pub fn read(folder: &Path, key: Option<&str>) -> Result<Contents> {
     let metadata_path = folder.join(".metadata");
     let program = crate::files::read_bounded(&metadata_path, MAX_METADATA_BYTES, "checkpoint metadata")?;
-    let mut machine = Machine::default();
-    let root = machine.run(&program).map_err(|e| bad(&metadata_path, e.to_string()))?;
+    let mut machine = Machine::with_max_objects(MAX_METADATA_OBJECTS);
+    let root = machine.run(&program).map_err(|e| match e {
+        super::pickle::PickleError::TooLarge(m) => bad(
+            &metadata_path,
+            format!("{m}: the metadata lists more than the {MAX_CHUNKS} chunks a checkpoint may list"),
+        ),
+        e => bad(&metadata_path, e.to_string()),
+    })?;
     let m = &metadata_path;
     let top = fields(&machine, &root).ok_or_else(|| bad(m, "the metadata is not a Metadata object"))?;
     let tensors_meta = get(top, "state_dict_metadata")
@@ -167,7 +177,10 @@ pub fn read(folder: &Path, key: Option<&str>) -> Result<Contents> {
     let mut stored: HashMap<(&str, Option<Vec<i64>>), Stored> = HashMap::new();
     let storage = get(top, "storage_data").and_then(|v| fields(&machine, v)).unwrap_or(&[]);
     if storage.len() > MAX_CHUNKS {
-        return Err(bad(m, format!("{} storage entries, more than {MAX_CHUNKS}", storage.len())));
+        return Err(bad(
+            m,
+            format!("{} storage entries, more than the {MAX_CHUNKS} a checkpoint may list", storage.len()),
+        ));
     }
     for (index, info) in storage {
         let index = fields(&machine, index).ok_or_else(|| bad(m, "a storage key is not a MetadataIndex"))?;
@@ -206,6 +219,7 @@ pub fn read(folder: &Path, key: Option<&str>) -> Result<Contents> {
             Stored { file: file.to_string(), offset: offset_in_file as u64, length: length as u64 },
         );
     }
+    disjoint_ranges(folder, &stored)?;
     // The top-level key: asked for, or the one holding tensors under it.
     let top_of = |fqn: &str| planner.get(fqn).filter(|p| p.len() > 1).map(|p| p[0]);
     let tensor_fqns: Vec<&str> = tensors_meta
@@ -318,6 +332,28 @@ fn view_slice<'f>(files: &'f HashMap<String, Mapped>, file: &str, range: &(usize
     &files[file].map[range.0..range.1]
 }
 
+/// Refuses storage entries whose byte ranges in one file overlap: each
+/// chunk is read from bytes of its own, so that what a checkpoint makes is
+/// never more than its files hold. Sorted by file and offset, then swept.
+fn disjoint_ranges(folder: &Path, stored: &HashMap<(&str, Option<Vec<i64>>), Stored>) -> Result<()> {
+    let mut ranges: Vec<(&str, u64, u64, &str)> = stored
+        .iter()
+        .filter(|(_, s)| s.length > 0)
+        .map(|((fqn, _), s)| (s.file.as_str(), s.offset, s.offset.saturating_add(s.length), *fqn))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let [(file, a0, a1, fa), (next, b0, b1, fb)] = [pair[0], pair[1]];
+        if file == next && b0 < a1 {
+            return Err(bad(
+                &folder.join(file),
+                format!("the storage of {fa} (bytes {a0}..{a1}) and of {fb} (bytes {b0}..{b1}) overlap"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Puts tensor `fqn` together from its chunks.
 #[allow(clippy::too_many_arguments)]
 fn tensor(
@@ -348,9 +384,11 @@ fn tensor(
     let chunks = get(fields, "chunks").and_then(|c| items_of(machine, c)).unwrap_or(&[]);
     *chunks_seen += chunks.len();
     if *chunks_seen > MAX_CHUNKS {
-        return Err(bad(m, format!("more than {MAX_CHUNKS} chunks")));
+        return Err(bad(m, format!("more than the {MAX_CHUNKS} chunks a checkpoint may list")));
     }
-    let numel: i64 = shape.iter().product();
+    let numel = elements(&shape)
+        .ok_or_else(|| bad(m, format!("{fqn}: its size {shape:?} counts more elements than an i64 holds")))?;
+    let element = dtype::size(kind) as u64;
     let mut boxes: Vec<(Vec<i64>, Vec<i64>)> = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let c = self::fields(machine, chunk).ok_or_else(|| bad(m, format!("{fqn}: unreadable chunk")))?;
@@ -369,22 +407,31 @@ fn tensor(
                 format!("{fqn}: chunk at {offsets:?} of sizes {sizes:?} lies outside the tensor's {shape:?}"),
             ));
         }
+        // Its bytes: an entry, inside its file, holding at least the chunk's
+        // elements, all checked before anything is allocated.
+        let s = stored
+            .get(&(fqn, Some(offsets.clone())))
+            .ok_or_else(|| bad(m, format!("{fqn}: the chunk at {offsets:?} has no storage entry")))?;
+        let (path, (start, end)) = blob(folder, s, files, fqn)?;
+        let needed = elements(&sizes).and_then(|n| (n as u64).checked_mul(element));
+        if needed.is_none_or(|needed| needed > (end - start) as u64) {
+            return Err(bad(
+                &path,
+                format!(
+                    "{fqn}: the chunk at {offsets:?} of sizes {sizes:?} needs more bytes than the {} its storage holds",
+                    end - start
+                ),
+            ));
+        }
         boxes.push((offsets, sizes));
     }
-    let volume: i64 = boxes.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
-    let overlap = (0..boxes.len()).find_map(|a| {
-        (a + 1..boxes.len())
-            .find(|&b| {
-                let (x, y) = (&boxes[a], &boxes[b]);
-                (0..shape.len()).all(|d| x.0[d] < y.0[d] + y.1[d] && y.0[d] < x.0[d] + x.1[d])
-                    && x.1.iter().chain(&y.1).all(|&s| s > 0)
-            })
-            .map(|b| (a, b))
-    });
-    if let Some((a, b)) = overlap {
+    if let Some((a, b)) = overlap(&shape, numel, &boxes) {
         return Err(bad(m, format!("{fqn}: chunks at {:?} and {:?} overlap", boxes[a].0, boxes[b].0)));
     }
-    if volume != numel {
+    // Chunks inside the tensor that do not overlap cover it if their elements add up.
+    let volume = boxes.iter().try_fold(0i64, |n, (_, s)| n.checked_add(elements(s)?));
+    if volume != Some(numel) {
+        let volume = volume.map_or("more than an i64 counts".to_string(), |v| v.to_string());
         return Err(bad(m, format!("{fqn}: its chunks cover {volume} of its {numel} elements")));
     }
     let read_chunk =
@@ -440,6 +487,9 @@ fn tensor(
     Ok(whole)
 }
 
+mod chunks;
 mod write;
+
+use chunks::{elements, overlap};
 
 pub(crate) use write::write_stream;
