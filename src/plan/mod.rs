@@ -18,6 +18,7 @@ mod build;
 mod file;
 mod finding;
 mod finish;
+mod kept;
 mod many;
 mod mapping;
 
