@@ -283,13 +283,15 @@ fn build_corpus(dir: &Path, dst: &Path) -> Vec<Case> {
         std::fs::write(&path, bytes).unwrap();
         copy_case(&mut cases, what.into(), path, Expect::Error);
     }
-    let out = outs.join("nowhere/deeper/out.pt");
+    // Missing output folders are made; one that is a regular file cannot be.
+    std::fs::write(outs.join("not_a_folder"), b"a file").unwrap();
+    let out = outs.join("not_a_folder/deeper/out.pt");
     let args = os(&[&"copy", &good_src, &dst, &"-o", &out]);
     cases.push(Case {
-        what: "OUT in a missing folder".into(),
+        what: "OUT under a regular file".into(),
         args,
         expect: Expect::Error,
-        names: "out.pt".into(),
+        names: "not_a_folder".into(),
         out: Some(out),
     });
     cases
