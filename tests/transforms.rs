@@ -230,7 +230,7 @@ fn every_bad_transform_is_an_error_naming_rule_tensors_and_shapes() {
         ("ls => gamma\n", vec!["shape mismatch", "[8, 1, 1]"]),
         ("ls => gamma | reshape(2, 4)\n", vec!["it makes [2, 4] of ls [8, 1, 1], and gamma receives [8]"]),
         ("qkv => a, b, c | split(0)\n", vec!["qkv [10, 4]", "does not split into 3 equal parts"]),
-        ("qkv => a, b | split(0, 5, 4)\n", vec!["the parts add up to 9, dimension 0 of [10, 4] has 10"]),
+        ("qkv => a, b | split(0, 5, 4)\n", vec!["add up to 9, dimension 0 of [10, 4] has 10"]),
         ("qkv => a, nope | split(0)\n", vec!["the target has no tensor nope"]),
         (
             "q + k2 => qk | cat(0)\n",
