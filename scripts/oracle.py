@@ -351,6 +351,13 @@ def crafted(out):
     craft("byte_numel.pth", [("x", v2(B, "0", 64, 60, [4], [1]))])
     craft("zero_stride.pth", [("x", v2(F, "0", 16, 0, [3, 2], [0, 1]))])
     craft("empty_view.pth", [("x", v2(F, "0", 16, 40, [0, 5], [5, 1]))])
+    # Integer tensors that require gradients: PyTorch cannot rebuild them.
+    craft("int_requires_grad.pth", [("x", Rebuilt(torch._utils._rebuild_tensor_v2,
+                                                  (Storage(L, "0", 8), 0, (2,), (1,), True, collections.OrderedDict())))])
+    craft("int_parameter.pth", [("x", Rebuilt(torch._utils._rebuild_parameter,
+                                              (v2(L, "0", 8, 0, [2], [1]), True, collections.OrderedDict())))])
+    craft("float_parameter.pth", [("x", Rebuilt(torch._utils._rebuild_parameter,
+                                                (v2(F, "0", 16, 0, [4], [1]), True, collections.OrderedDict())))])
     craft("other_folder.pth", [("x", v2(F, "0", 16, 0, [4], [1]))], folder="my_model")
     # Two storages, one of them named by a key torch.save never uses.
     craft("keys.pth", [("x", v2(F, "weird key", 4, 0, [4], [1])), ("y", v2(H, "0", 32, 0, [8], [1]))],
@@ -389,33 +396,106 @@ SAME_LENGTH_STORAGES = [
 ]
 
 
-def pickle_ints(data):
-    """(position, width) of every BININT1/BININT2/BININT argument in a pickle."""
-    at = []
-    try:
-        for op, arg, pos in pickletools.genops(data):
-            if op.name == "BININT1":
-                at.append((pos + 1, 1))
-            elif op.name == "BININT2":
-                at.append((pos + 1, 2))
-            elif op.name == "BININT":
-                at.append((pos + 1, 4))
-    except Exception:  # noqa: BLE001 - a pickle already mutated past parsing
-        pass
-    return at
+def pickle_positions(data):
+    """(ints, strings, globals) of the pickles in `data`, one after another (the
+    legacy format holds five): (position, width) of every BININT1/2/BININT
+    argument, (position, text) of every unicode string and of every GLOBAL's name."""
+    ints, strings, globals_ = [], [], []
+    start = 0
+    while start < len(data):
+        end = None
+        try:
+            for op, arg, pos in pickletools.genops(data[start:]):
+                at = start + pos
+                if op.name == "BININT1":
+                    ints.append((at + 1, 1))
+                elif op.name == "BININT2":
+                    ints.append((at + 1, 2))
+                elif op.name == "BININT":
+                    ints.append((at + 1, 4))
+                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE") and isinstance(arg, str):
+                    strings.append((at + (2 if op.name == "SHORT_BINUNICODE" else 5), arg))
+                elif op.name == "GLOBAL" and isinstance(arg, str) and " " in arg:
+                    module, name = arg.split(" ", 1)
+                    globals_.append((at + 1 + len(module) + 1, name))
+                elif op.name == "STOP":
+                    end = start + pos + 1
+        except Exception:  # noqa: BLE001 - past the pickles, or a pickle already broken
+            pass
+        if end is None:
+            break
+        start = end
+    return ints, strings, globals_
 
 
-def pickle_strings(data):
-    """(position, text) of every short unicode string in a pickle."""
-    at = []
-    try:
-        for op, arg, pos in pickletools.genops(data):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE") and isinstance(arg, str):
-                head = 2 if op.name == "SHORT_BINUNICODE" else 5
-                at.append((pos + head, arg))
-    except Exception:  # noqa: BLE001
-        pass
-    return at
+def pickle_options(data, rng, write):
+    """Mutations of the pickle bytes `data`: each calls `write(tag, new_bytes)`."""
+    options = []
+    ints, strings, globals_ = pickle_positions(data)
+    if ints:
+        def int_mutant():
+            pos, width = rng.choice(ints)
+            old = int.from_bytes(data[pos:pos + width], "little", signed=width == 4)
+            new = rng.choice([0, 1, old + 1, old - 1, old * 2, 255, 2**15 - 1, -1, 2**31 - 1])
+            fmt = {1: "<B", 2: "<H", 4: "<i"}[width]
+            try:
+                packed = struct.pack(fmt, new)
+            except struct.error:
+                packed = struct.pack(fmt, 0)
+            write("int", data[:pos] + packed + data[pos + width:])
+
+        options += [int_mutant] * 6
+    storages = [(p, s) for p, s in strings + globals_ if s.endswith("Storage")]
+    swappable = [(p, s) for p, s in storages if any(s in g and len(g) > 1 for g in SAME_LENGTH_STORAGES)]
+    if swappable:
+        def storage_mutant():
+            pos, s = rng.choice(swappable)
+            group = next(g for g in SAME_LENGTH_STORAGES if s in g)
+            new = rng.choice([g for g in group if g != s])
+            write("storage_class", data[:pos] + new.encode() + data[pos + len(s):])
+
+        options += [storage_mutant] * 4
+    names = [(p, s) for p, s in strings if s and not s.endswith("Storage") and s not in ("cpu", "storage")]
+    if len(names) >= 2:
+        def name_mutant():
+            pos, s = rng.choice(names)
+            same = [t for _, t in names if len(t) == len(s) and t != s]
+            new = rng.choice(same) if same else s[:-1] + ("x" if s[-1] != "x" else "y")
+            write("name", data[:pos] + new.encode() + data[pos + len(s):])
+
+        options += [name_mutant] * 4
+
+    def flip():
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        write("flip", bytes(b))
+
+    options += [flip] * 3
+    return options
+
+
+def legacy_mutants(path, out, rng, count):
+    """Up to `count` mutations of a legacy (pre-zip) torch.save file: its pickles'
+    integers, storage classes, names and bits, and its storage bytes cut short."""
+    with open(path, "rb") as f:
+        data = f.read()
+    stem = os.path.basename(path)
+    made = []
+
+    def write(tag, new):
+        target = os.path.join(out, f"{stem}.{tag}.{len(made)}")
+        with open(target, "wb") as f:
+            f.write(new)
+        made.append(target)
+
+    # Only the first 64 KB: the pickles lie before the storages.
+    options = pickle_options(data[: 64 << 10], rng, lambda tag, new: write(tag, new + data[64 << 10:]))
+    options.append(lambda: write("truncated", data[: rng.randrange(len(data) // 2, len(data))]))
+    for _ in range(count):
+        rng.choice(options)()
+    return made
 
 
 def mutants(path, out, rng, count):
@@ -463,60 +543,12 @@ def mutants(path, out, rng, count):
         options.append(lambda: emit("record_long", one_record(lambda i, ms: ms.__setitem__(i, (ms[i][0], ms[i][1] + bytes(17))))))
         options.append(lambda: emit("record_twice", one_record(lambda i, ms: ms + [(ms[i][0], scrambled(ms[i][1]))])))
     if pkl is not None:
-        data = members[pkl][1]
-
         def with_pkl(new):
             ms = list(members)
             ms[pkl] = (ms[pkl][0], new)
             return ms
 
-        ints = pickle_ints(data)
-        strings = pickle_strings(data)
-        if ints:
-            def int_mutant():
-                pos, width = rng.choice(ints)
-                old = int.from_bytes(data[pos:pos + width], "little", signed=width == 4)
-                new = rng.choice([0, 1, old + 1, old - 1, old * 2, 255, 2**15 - 1, -1, 2**31 - 1])
-                fmt = {1: "<B", 2: "<H", 4: "<i"}[width]
-                try:
-                    packed = struct.pack(fmt, new)
-                except struct.error:
-                    packed = struct.pack(fmt, 0)
-                emit("int", with_pkl(data[:pos] + packed + data[pos + width:]))
-
-            options += [int_mutant] * 6
-        storages = [(p, s) for p, s in strings if s.endswith("Storage")]
-        if storages:
-            def storage_mutant():
-                pos, s = rng.choice(storages)
-                group = next((g for g in SAME_LENGTH_STORAGES if s in g), None)
-                if not group or len(group) < 2:
-                    return
-                new = rng.choice([g for g in group if g != s])
-                emit("storage_class", with_pkl(data[:pos] + new.encode() + data[pos + len(s):]))
-
-            options += [storage_mutant] * 4
-        names = [(p, s) for p, s in strings if s and not s.endswith("Storage") and s not in ("cpu", "storage")]
-        if len(names) >= 2:
-            def name_mutant():
-                pos, s = rng.choice(names)
-                same = [t for _, t in names if len(t) == len(s) and t != s]
-                if same:
-                    new = rng.choice(same)
-                else:
-                    new = s[:-1] + ("x" if s[-1] != "x" else "y")
-                emit("name", with_pkl(data[:pos] + new.encode() + data[pos + len(s):]))
-
-            options += [name_mutant] * 4
-
-        def flip():
-            b = bytearray(data)
-            for _ in range(rng.randint(1, 3)):
-                i = rng.randrange(len(b))
-                b[i] ^= 1 << rng.randrange(8)
-            emit("flip", with_pkl(bytes(b)))
-
-        options += [flip] * 3
+        options += pickle_options(members[pkl][1], rng, lambda tag, new: emit(tag, with_pkl(new)))
     for _ in range(count):
         rng.choice(options)()
     return made
@@ -550,8 +582,10 @@ def main():
                     base.append(os.path.join(root, n))
     corpus = list(base)
     for path in base:
-        if not path.endswith(".safetensors"):
+        if zipfile.is_zipfile(path):
             corpus += mutants(path, mut_dir, rng, args.mutants)
+        elif not path.endswith(".safetensors"):
+            corpus += legacy_mutants(path, mut_dir, rng, args.mutants)
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         reads = list(pool.map(lambda p: transplant_reads(args.transplant, p), corpus))

@@ -524,7 +524,11 @@ pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth:
     match callable {
         "_rebuild_parameter" | "_rebuild_parameter_with_state" | "Parameter" => {
             let data = args.first().ok_or_else(|| bad(path, "parameter without data"))?;
-            tensor(machine, archive, data, depth + 1)
+            let t = tensor(machine, archive, data, depth + 1)?;
+            if matches!(args.get(1), Some(Value::Bool(true))) {
+                requires_grad_allowed(path, Dtype::of(&t).map_err(|e| bad(path, e.to_string()))?)?;
+            }
+            Ok(t)
         }
         "_rebuild_from_type_v2" => {
             // (func, type, args, state): func(*args), then a subclass we ignore.
@@ -622,6 +626,9 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
         .ok_or_else(|| bad(path, format!("storage {key}: its size overflows")))?;
     // Whole elements of this view's type that the storage holds.
     let numel = storage_bytes / dtype::size(kind) as i64;
+    if matches!(args.get(4), Some(Value::Bool(true))) {
+        requires_grad_allowed(path, kind)?;
+    }
     if size.len() != stride.len() || size.len() > MAX_DIMS {
         return Err(bad(path, format!("tensor with {} sizes and {} strides", size.len(), stride.len())));
     }
@@ -672,6 +679,15 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
     // whole mapped file), not from the storage view.
     let offset = storage.storage_offset() + offset;
     crate::ffi::strided_view(&storage, kind, &size, &stride, offset).map_err(|e| bad(path, e))
+}
+
+/// PyTorch rebuilds a tensor that requires gradients only of a floating or
+/// complex dtype, and fails the whole load otherwise.
+fn requires_grad_allowed(path: &Path, dtype: Dtype) -> Result<()> {
+    if dtype::is_floating(dtype) || dtype::is_complex(dtype) {
+        return Ok(());
+    }
+    Err(bad(path, format!("a tensor of {} requires gradients, which PyTorch cannot rebuild", dtype.name())))
 }
 
 /// A state-dict key as a tensor name: a string as it is, an integer as its
