@@ -40,8 +40,11 @@ import torch
 
 
 def digest(t):
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+    # A fresh tensor with the standard strides: `contiguous()` keeps any stride
+    # of a dimension of size 1, which `view` as bytes refuses.
+    t = t.detach().cpu()
+    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def describe(t):
