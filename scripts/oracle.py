@@ -40,11 +40,18 @@ import torch
 
 
 def digest(t):
-    # A fresh tensor with the standard strides: `contiguous()` keeps any stride
-    # of a dimension of size 1, which `view` as bytes refuses.
     t = t.detach().cpu()
-    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    if t.element_size() == 1:
+        # The bytes as they lie: a copy of a bool tensor makes every byte 0 or 1.
+        t = t.view(torch.uint8)
+    t = t.contiguous()
+    try:
+        flat = t.reshape(-1).view(torch.uint8)
+    except RuntimeError:
+        # `contiguous()` keeps any stride of a dimension of size 1, which a
+        # byte view refuses: a fresh tensor has the standard strides.
+        flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
 def describe(t):
