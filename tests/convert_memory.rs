@@ -3,6 +3,8 @@
 //! peak RSS of `inspect` on the same file (which maps it and reads its header).
 //! Each peak is measured by `scripts/peak_rss.py` around the command (a small
 //! parent, so that the figure is the command's own).
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -11,15 +13,9 @@ use transplant::{Checkpoint, Format};
 
 /// The peak RSS of `transplant ARGS`, in bytes; the command must succeed.
 fn peak_rss(args: &[&str]) -> u64 {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let output = std::process::Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("scripts/peak_rss.py"))
-        .arg(env!("CARGO_BIN_EXE_transplant"))
-        .args(args)
-        .output()
-        .expect("the venv's python runs (scripts/setup.sh)");
-    assert!(output.status.success(), "transplant {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().parse().expect("peak_rss.py prints a number")
+    let (run, rss) = common::transplant_measured(args);
+    assert_eq!(run.code, 0, "transplant {args:?}: {}", run.stderr);
+    rss
 }
 
 #[test]

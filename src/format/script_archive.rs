@@ -387,9 +387,12 @@ fn walk(
         Value::Str(s) => Some(s.to_string()),
         _ => None,
     };
-    if let Some(missing) =
-        members.attributes.iter().find(|a| !items.iter().any(|(k, _)| key_of(k).as_ref() == Some(*a)))
-    {
+    // The state sets exactly the attributes the class declares (sets, not
+    // pairwise: a Sequential may hold thousands of children).
+    let declared: std::collections::HashSet<&str> = members.attributes.iter().map(String::as_str).collect();
+    let set: std::collections::HashSet<&str> =
+        items.iter().filter_map(|(k, _)| if let Value::Str(s) = k { Some(&**s) } else { None }).collect();
+    if let Some(missing) = members.attributes.iter().find(|a| !set.contains(a.as_str())) {
         return Err(bad(
             path,
             format!(
@@ -400,7 +403,7 @@ fn walk(
     }
     for (k, _) in items {
         match key_of(k) {
-            Some(attr) if members.attributes.contains(&attr) => {}
+            Some(attr) if declared.contains(attr.as_str()) => {}
             other => {
                 return Err(bad(
                     path,

@@ -21,6 +21,7 @@ use tch::Tensor;
 pub use archive::ScriptArchive;
 pub use checkpoint::Checkpoint;
 pub use folder::model_file;
+pub(crate) use script::live_entries;
 pub use script::ModuleStore;
 pub use summary::{Other, Summary, Total};
 pub use varstore::VarStoreView;

@@ -36,18 +36,7 @@ impl ModuleStore {
     /// Lists the parameters and buffers of `module`.
     pub fn new(module: ScriptModule) -> Result<Self> {
         let named = module.named_tensors()?;
-        let entries = named
-            .iter()
-            .map(|n| {
-                Entry::of_live(n.name.clone(), n.role, &n.tensor).map_err(|source| {
-                    crate::error::Error::Tensor {
-                        store: module.origin().to_string(),
-                        tensor: n.name.to_string(),
-                        source,
-                    }
-                })
-            })
-            .collect::<Result<_>>()?;
+        let entries = live_entries(&module, &named)?;
         let tensors = named.into_iter().map(|n| n.tensor).collect();
         Ok(Self { module, entries, tensors })
     }
@@ -94,4 +83,22 @@ impl Target for ModuleStore {
     fn save(&self, path: &Path) -> Result<()> {
         crate::files::write_atomically(path, |temp| self.module.save(temp))
     }
+}
+
+/// The entries of a live module's named tensors, one that tch cannot describe
+/// (a dtype it has no `Kind` for) refused by name.
+pub(crate) fn live_entries(
+    module: &ScriptModule,
+    named: &[crate::script_module::NamedTensor],
+) -> Result<Vec<Entry>> {
+    named
+        .iter()
+        .map(|n| {
+            Entry::of_live(n.name.clone(), n.role, &n.tensor).map_err(|source| crate::error::Error::Tensor {
+                store: module.origin().to_string(),
+                tensor: n.name.to_string(),
+                source,
+            })
+        })
+        .collect()
 }

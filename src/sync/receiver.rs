@@ -95,18 +95,7 @@ struct Live {
 impl Live {
     fn of(module: &ScriptModule) -> Result<Self> {
         let named = module.named_tensors()?;
-        let entries = named
-            .iter()
-            .map(|n| {
-                Entry::of_live(n.name.clone(), n.role, &n.tensor).map_err(|source| {
-                    crate::error::Error::Tensor {
-                        store: module.origin().to_string(),
-                        tensor: n.name.to_string(),
-                        source,
-                    }
-                })
-            })
-            .collect::<Result<_>>()?;
+        let entries = crate::store::live_entries(module, &named)?;
         Ok(Self {
             origin: module.origin().to_string(),
             entries,
