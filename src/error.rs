@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 /// What went wrong, with the file, tensor or rule concerned.
+///
+/// New variants may come in minor releases: match on [`Error::kind`] or keep a
+/// `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A path could not be handed to libtorch (it contains a NUL byte).
     #[error("{path}: path contains a NUL byte")]
@@ -318,18 +322,43 @@ macro_rules! file_of {
 }
 
 impl Error {
-    /// The variant's name in snake case (`plan_rejected`), for programs.
-    pub fn kind(&self) -> String {
-        let debug = format!("{self:?}");
-        let name: String = debug.chars().take_while(char::is_ascii_alphanumeric).collect();
-        let mut kind = String::with_capacity(name.len() + 4);
-        for (i, c) in name.chars().enumerate() {
-            if c.is_ascii_uppercase() && i > 0 {
-                kind.push('_');
-            }
-            kind.push(c.to_ascii_lowercase());
+    /// The variant's name in snake case (`plan_rejected`), for programs: stable
+    /// across releases, unlike the message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NulInPath { .. } => "nul_in_path",
+            Error::Io { .. } => "io",
+            Error::LoadModule { .. } => "load_module",
+            Error::SaveModule { .. } => "save_module",
+            Error::Module { .. } => "module",
+            Error::NotAFile { .. } => "not_a_file",
+            Error::ModelFolder { .. } => "model_folder",
+            Error::EmptyFile { .. } => "empty_file",
+            Error::UnknownFormat { .. } => "unknown_format",
+            Error::Format { .. } => "format",
+            Error::Unsupported { .. } => "unsupported",
+            Error::UnsupportedDtype { .. } => "unsupported_dtype",
+            Error::Unrepresentable { .. } => "unrepresentable",
+            Error::Shard { .. } => "shard",
+            Error::DuplicateName { .. } => "duplicate_name",
+            Error::Rule { .. } => "rule",
+            Error::PlanRejected { .. } => "plan_rejected",
+            Error::OrderFrom { .. } => "order_from",
+            Error::MissingTensor { .. } => "missing_tensor",
+            Error::PlanOutdated { .. } => "plan_outdated",
+            Error::CopyFailed { .. } => "copy_failed",
+            Error::Verification { .. } => "verification",
+            Error::NoSuchKey { .. } => "no_such_key",
+            Error::AmbiguousKey { .. } => "ambiguous_key",
+            Error::Device { .. } => "device",
+            Error::NotRegular { .. } => "not_regular",
+            Error::TooLarge { .. } => "too_large",
+            Error::InputTooLarge { .. } => "input_too_large",
+            Error::Output { .. } => "output",
+            Error::Sync { .. } => "sync",
+            Error::Poisoned { .. } => "poisoned",
+            Error::Tensor { .. } => "tensor",
         }
-        kind
     }
 
     /// The file the error concerns, when it concerns one.
@@ -348,5 +377,42 @@ impl Error {
         };
         file_of!(&mut self, path => rename(path), _plan => (), ());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::path::PathBuf;
+
+    /// The variant's name as `Debug` writes it, in snake case: what `kind` must say.
+    fn debug_name(error: &Error) -> String {
+        let debug = format!("{error:?}");
+        let name: String = debug.chars().take_while(char::is_ascii_alphanumeric).collect();
+        let mut snake = String::new();
+        for (i, c) in name.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                snake.push('_');
+            }
+            snake.push(c.to_ascii_lowercase());
+        }
+        snake
+    }
+
+    #[test]
+    fn kind_is_the_variant_name_in_snake_case() {
+        let path = PathBuf::from("m.pt");
+        let errors = [
+            Error::NulInPath { path: path.clone() },
+            Error::NotAFile { path: path.clone() },
+            Error::UnknownFormat { path: path.clone() },
+            Error::Poisoned { what: "slot" },
+            Error::Io { path, source: std::io::Error::other("x") },
+        ];
+        let kinds: Vec<&str> = errors.iter().map(Error::kind).collect();
+        assert_eq!(kinds, ["nul_in_path", "not_a_file", "unknown_format", "poisoned", "io"]);
+        for error in &errors {
+            assert_eq!(error.kind(), debug_name(error));
+        }
     }
 }

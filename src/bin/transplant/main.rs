@@ -112,7 +112,7 @@ fn without_backtrace(text: &str) -> String {
 fn error_json(error: &anyhow::Error) -> serde_json::Value {
     let library = error.chain().find_map(|e| e.downcast_ref::<transplant::Error>());
     serde_json::json!({
-        "kind": library.map_or("error".to_string(), transplant::Error::kind),
+        "kind": library.map_or("error", transplant::Error::kind),
         "message": message(error),
         "file": library.and_then(transplant::Error::path),
     })
