@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Everything CI checks, from a fresh machine: setup, fixtures, build, examples, tests.
+# Everything CI checks, from a fresh machine: setup, fixtures, format, lints,
+# docs, build, examples, tests.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/setup.sh
+
+# What a reviewer checks, checked first: formatting, lints, and docs whose
+# links resolve (a broken intra-doc link is an error).
+echo "== cargo fmt --check" >&2
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings" >&2
+cargo clippy --quiet --all-targets -- -D warnings
+echo "== cargo doc --no-deps (warnings denied)" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --no-deps
+
 scripts/fixtures.sh
 
 cargo build --all-targets

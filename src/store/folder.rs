@@ -15,7 +15,9 @@ const MODEL_FILES: [&str; 4] = [
 ];
 
 /// The model file `path` stands for: `path` itself unless it is a folder that
-/// is not a Distributed Checkpoint; then the first of [`MODEL_FILES`] it holds.
+/// is not a Distributed Checkpoint; then the first it holds of
+/// `model.safetensors`, `model.safetensors.index.json`, `pytorch_model.bin`,
+/// `pytorch_model.bin.index.json` (the order `from_pretrained` prefers).
 /// Every other one it holds must list the same tensors (names, dtypes,
 /// shapes), or the folder is refused naming both.
 pub fn model_file(path: &Path) -> Result<PathBuf> {
