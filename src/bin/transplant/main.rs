@@ -20,6 +20,26 @@ use transplant::{
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
 
+/// The exit statuses, the CLI contract's: scripts test for these numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Exit {
+    /// Done and complete.
+    Complete = 0,
+    /// An error: nothing was written.
+    Error = 1,
+    /// The command line itself is wrong.
+    Usage = 2,
+    /// Finished, but incomplete (a partial copy) or different (diff, verify).
+    Incomplete = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
 /// How a command ended when it did not fail.
 enum Outcome {
     /// Done and complete (exit 0).
@@ -41,11 +61,11 @@ fn main() -> ExitCode {
                 );
             }
             let _ = usage.print();
-            return ExitCode::from(2);
+            return Exit::Usage.into();
         }
         Err(help) => {
             let _ = help.print();
-            return ExitCode::SUCCESS;
+            return Exit::Complete.into();
         }
     };
     // Missing folders of OUT are created, and removed again if the command fails.
@@ -64,14 +84,14 @@ fn main() -> ExitCode {
         }
     }
     match result {
-        Ok(Outcome::Complete) => ExitCode::SUCCESS,
-        Ok(Outcome::Incomplete) => ExitCode::from(3),
+        Ok(Outcome::Complete) => Exit::Complete.into(),
+        Ok(Outcome::Incomplete) => Exit::Incomplete.into(),
         Err(error) => {
             if json && !EMITTED.load(Ordering::Relaxed) {
                 let _ = emit(true, &serde_json::json!({ "error": error_json(&error) }));
             }
             eprintln!("error: {}", shown(&message(&error)));
-            ExitCode::from(1)
+            Exit::Error.into()
         }
     }
 }
