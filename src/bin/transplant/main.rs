@@ -174,7 +174,7 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
 fn run(command: Command) -> Result<Outcome> {
     match command {
         Command::Inspect { model, key, json, digest } => {
-            let store = transplant::open_with_key(&model, key.as_deref())?;
+            let store = transplant::open_with_key(transfer::model_file(&model)?, key.as_deref())?;
             let summary =
                 if digest { Summary::with_digests(store.as_ref())? } else { Summary::of(store.as_ref()) };
             emit(json, &summary)?;
@@ -308,7 +308,7 @@ fn run(command: Command) -> Result<Outcome> {
         Command::Diff { a, b, mapping: args, rtol, atol, json } => {
             let (mapping, _) = mapping(&args)?;
             let first = transfer::open_source(&a, args.key.as_deref())?;
-            let second = transplant::open(&b)?;
+            let second = transplant::open(transfer::model_file(&b)?)?;
             let plan = Plan::build(first.as_ref(), second.as_ref(), &mapping)?;
             let diff = diff(&plan, first.as_ref(), second.as_ref(), Tolerance { rtol, atol })?;
             emit(json, &diff)?;
