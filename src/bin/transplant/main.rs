@@ -328,6 +328,29 @@ fn run(command: Command) -> Result<Outcome> {
             emit(json, &comparison)?;
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell.generator(), &mut command, "transplant", &mut script);
+            std::io::stdout().lock().write_all(&script).context("writing the completion script")?;
+            Ok(Outcome::Complete)
+        }
+        Command::Man { subcommand } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Built, subcommands are named as their pages are: transplant-copy.
+            command.build();
+            let command = match subcommand {
+                Some(name) => command
+                    .find_subcommand(&name)
+                    .cloned()
+                    .with_context(|| format!("no subcommand {name}"))?,
+                None => command,
+            };
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page).context("making the manual page")?;
+            std::io::stdout().lock().write_all(&page).context("writing the manual page")?;
+            Ok(Outcome::Complete)
+        }
     }
 }
 
