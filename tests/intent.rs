@@ -363,6 +363,37 @@ fn missing_output_folders_are_created_and_removed_again_on_failure() {
     let convert = run(&["convert", s(&d.join("tv.pth")), "-o", s(&failed), "--map", "bad(=>x"]);
     assert_eq!(convert.code, 1, "{}", convert.stderr);
     assert!(!d.join("other").exists());
+    // copy too: a module into a folder that does not exist, and a refused copy
+    // (the head's shapes differ) that leaves no folder behind.
+    let (tv, ft) = (d.join("tv.pth"), d.join("ft10.pt"));
+    let out = d.join("copies/sub/out.pt");
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&out), "--skip", r"fc\..*", "--keep", r"fc\..*"]);
+    assert_eq!(copy.code, 0, "{}\n{}", copy.stdout, copy.stderr);
+    assert!(out.is_file());
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&d.join("refused/sub/out.pt"))]);
+    assert_eq!(copy.code, 1, "{}", copy.stderr);
+    assert!(!d.join("refused").exists());
+}
+
+/// #28: converting again into an existing Distributed Checkpoint folder
+/// replaces it, named with its slash or without (it had failed "is a
+/// directory"); a folder of anything else is still refused.
+#[test]
+fn an_existing_distributed_checkpoint_folder_out_is_replaced() {
+    let (_dir, d) = setup();
+    let folder = d.join("ckpt");
+    let with_slash = format!("{}/", s(&folder));
+    let first = run(&["convert", s(&d.join("masked.pth")), "-o", &with_slash]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    for out in [with_slash.as_str(), s(&folder)] {
+        let again = run(&["convert", s(&d.join("tv.pth")), "-o", out]);
+        assert_eq!(again.code, 0, "{out}: {}", again.stderr);
+        assert_eq!(inspected(&folder), inspected(&d.join("tv.pth")), "{out}");
+    }
+    let plain = d.join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let refused = run(&["convert", s(&d.join("tv.pth")), "-o", s(&plain)]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
 }
 
 /// Told of a copy's start and end; its start is slow on purpose (a part of the

@@ -48,6 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    let mut cli = cli;
+    if let Command::Copy { out, .. } | Command::Convert { out, .. } = &mut cli.command {
+        // An existing Distributed Checkpoint folder named without its slash is
+        // replaced whole, as `DIR/` names it (as a file OUT is replaced).
+        if out.join(".metadata").is_file() && !out.as_os_str().to_string_lossy().ends_with('/') {
+            out.as_mut_os_string().push("/");
+        }
+    }
     // Missing folders of OUT are created, and removed again if the command fails.
     let out = match &cli.command {
         Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
