@@ -168,3 +168,8 @@ print(f"    sync {r['sync_median']:.3f} s (median of syncs 2..), bare broadcast 
       f"per-tensor broadcasts {r['per_tensor_seconds']:.3f} s: {r['per_tensor_seconds'] / r['sync_median']:.1f}x faster than "
       f"the per-tensor loop, {r['throughput_ratio_median']:.2f}x the bare broadcast's throughput")
 PY
+
+echo
+echo "== order matcher sweep: torchvision -> timm, 13 families, --match order alone, from .pth and from safetensors"
+echo "   (not a timing: pairs made, plans exact, wrong pairs against the mapping that makes timm compute torchvision's outputs)"
+"$py" scripts/order_sweep.py --transplant target/release/transplant --out "$work/order_sweep"

@@ -314,13 +314,20 @@ impl fmt::Display for Report {
             more(f, problems.len())?;
         }
         if let Some(c) = &self.copy {
-            write!(
-                f,
-                "  copied {} tensors, {} in {:.1} ms",
-                c.tensors,
-                human_bytes(c.bytes),
-                c.copy_seconds * 1e3
-            )?;
+            write!(f, "  copied {} tensors, {}", c.tensors, human_bytes(c.bytes))?;
+            // A copy into a file is timed until the file is in place; its
+            // throughput is the file's bytes over that time.
+            let moved = match c.file_bytes {
+                Some(file) => {
+                    write!(f, ", writing a file of {}", human_bytes(file))?;
+                    file
+                }
+                None => c.bytes,
+            };
+            write!(f, " in {:.1} ms", c.copy_seconds * 1e3)?;
+            if c.copy_seconds > 0.0 {
+                write!(f, " ({}/s)", human_bytes((moved as f64 / c.copy_seconds) as u64))?;
+            }
             if c.verified {
                 let how = if c.casts == 0 {
                     "bit for bit"

@@ -78,11 +78,19 @@ extern "C" fn push_tensor(ctx: *mut c_void, tensor: *mut torch_sys::C_tensor) {
 
 impl ScriptModule {
     /// Loads a module saved by `torch.jit.save`, with its tensors on the CPU.
+    ///
+    /// The module and each of its children come back in the mode they were
+    /// saved in (`torch.jit.save` keeps every module's `training` flag): a
+    /// model saved after `model.eval()` loads in eval mode, one saved in
+    /// training mode (the default of a new `nn.Module`) in training mode, where
+    /// BatchNorm normalizes by the batch and Dropout drops. Call
+    /// [`set_training`](Self::set_training) to choose; [`is_training`](Self::is_training) says which.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         Self::load_on(path, Device::Cpu)
     }
 
-    /// Loads a module saved by `torch.jit.save`, with its tensors on `device`.
+    /// Loads a module saved by `torch.jit.save`, with its tensors on `device`
+    /// (in the mode it was saved in, as [`load`](Self::load)).
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<Self> {
         let path = path.as_ref();
         // libtorch's own message for a folder or a missing file is cryptic.
@@ -131,9 +139,16 @@ impl ScriptModule {
         Ok(entries)
     }
 
-    /// Saves the module (code and current tensors) like `torch.jit.save`.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
+    /// Saves the module (code, current tensors and mode) like `torch.jit.save`.
+    /// The file appears whole or not at all (written beside `path`, then
+    /// renamed), as every [`Target::save`](crate::Target::save) does, whose
+    /// signature this is.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::files::write_atomically(path, |temp| self.save_in_place(temp))
+    }
+
+    /// `torch.jit.save` into `path` itself.
+    fn save_in_place(&self, path: &Path) -> Result<()> {
         let c_path = c_path(path)?;
         // SAFETY: `self.raw` is live; the path is NUL-terminated and outlives the call.
         let result = unsafe { ffi::check(ffi::tp_module_save(self.raw, c_path.as_ptr())) };

@@ -318,12 +318,16 @@ fn a_folder_laid_out_as_save_pretrained_is_a_model_and_says_which_file_was_read(
     let inspect = run(&["inspect", s(&folder)]);
     assert_eq!(inspect.code, 0, "{}", inspect.stderr);
     assert!(inspect.stdout.starts_with(&format!("{}/model.safetensors", s(&folder))), "{}", inspect.stdout);
+    // One line on stderr names the file chosen (stdout stays the report).
+    let chosen = format!("{}: a model folder; reading {}/model.safetensors", s(&folder), s(&folder));
+    assert_eq!(inspect.stderr.matches(&chosen).count(), 1, "{}", inspect.stderr);
     assert_eq!(inspected(&folder), inspected(&d.join("lm.safetensors")));
     // As SRC and as DST.
     for (src, dst) in [(folder.clone(), d.join("lm.safetensors")), (d.join("lm.bin"), folder.clone())] {
         let plan = run(&["plan", s(&src), s(&dst), "--strict"]);
         assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
         assert!(plan.stdout.contains("model.safetensors"), "{}", plan.stdout);
+        assert_eq!(plan.stderr.matches(&chosen).count(), 1, "{}", plan.stderr);
     }
     // safetensors first; a .bin of the same tensors agrees, one of others does not.
     std::fs::copy(d.join("lm.bin"), folder.join("pytorch_model.bin")).unwrap();
@@ -359,4 +363,166 @@ fn missing_output_folders_are_created_and_removed_again_on_failure() {
     let convert = run(&["convert", s(&d.join("tv.pth")), "-o", s(&failed), "--map", "bad(=>x"]);
     assert_eq!(convert.code, 1, "{}", convert.stderr);
     assert!(!d.join("other").exists());
+    // copy too: a module into a folder that does not exist, and a refused copy
+    // (the head's shapes differ) that leaves no folder behind.
+    let (tv, ft) = (d.join("tv.pth"), d.join("ft10.pt"));
+    let out = d.join("copies/sub/out.pt");
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&out), "--skip", r"fc\..*", "--keep", r"fc\..*"]);
+    assert_eq!(copy.code, 0, "{}\n{}", copy.stdout, copy.stderr);
+    assert!(out.is_file());
+    let copy = run(&["copy", s(&tv), s(&ft), "-o", s(&d.join("refused/sub/out.pt"))]);
+    assert_eq!(copy.code, 1, "{}", copy.stderr);
+    assert!(!d.join("refused").exists());
+}
+
+/// #28: converting again into an existing Distributed Checkpoint folder
+/// replaces it, named with its slash or without (it had failed "is a
+/// directory"); a folder of anything else is still refused.
+#[test]
+fn an_existing_distributed_checkpoint_folder_out_is_replaced() {
+    let (_dir, d) = setup();
+    let folder = d.join("ckpt");
+    let with_slash = format!("{}/", s(&folder));
+    let first = run(&["convert", s(&d.join("masked.pth")), "-o", &with_slash]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    for out in [with_slash.as_str(), s(&folder)] {
+        let again = run(&["convert", s(&d.join("tv.pth")), "-o", out]);
+        assert_eq!(again.code, 0, "{out}: {}", again.stderr);
+        assert_eq!(inspected(&folder), inspected(&d.join("tv.pth")), "{out}");
+    }
+    let plain = d.join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let refused = run(&["convert", s(&d.join("tv.pth")), "-o", s(&plain)]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+}
+
+/// Told of a copy's start and end; its start is slow on purpose (a part of the
+/// copy that the copy engine itself never sees).
+#[derive(Default)]
+struct SlowStart {
+    started: std::sync::Mutex<Option<std::time::Instant>>,
+    finished: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl transplant::Progress for SlowStart {
+    fn start(&self, _bytes: u64) {
+        *self.started.lock().unwrap() = Some(std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {
+        *self.finished.lock().unwrap() = Some(std::time::Instant::now());
+    }
+}
+
+/// #28: a copy into a TorchScript file is timed until the rewritten archive is
+/// in place, not only the records the copy engine made (it had reported
+/// `102.4 MB in 0.6 ms`): the time reported holds everything between the
+/// copy's start and its end as an observer saw them, and the bytes of the file
+/// are the file's.
+#[test]
+fn an_archive_rewrite_reports_its_own_time_and_the_file_it_wrote() {
+    use transplant::{copy_to_file, CopyOptions, Mapping, Plan, Policy, ScriptArchive};
+    let dir = tempfile::tempdir().unwrap();
+    let source = transplant::open(common::fixture("bn_net_a.pt")).unwrap();
+    let mut archive = ScriptArchive::open(common::fixture("bn_net_b.pt")).unwrap();
+    let plan = Plan::build(source.as_ref(), &archive, &Mapping::default()).unwrap();
+    let out = dir.path().join("out.pt");
+    let slow = SlowStart::default();
+    let options = CopyOptions { progress: Some(&slow), ..CopyOptions::default() };
+    let copied =
+        copy_to_file(&plan, source.as_ref(), &mut archive, &out, &Policy::default(), options).unwrap();
+    let seen = slow.finished.lock().unwrap().unwrap() - slow.started.lock().unwrap().unwrap();
+    assert!(
+        copied.copy_seconds + copied.verify_seconds >= seen.as_secs_f64(),
+        "reported {} + {} s, the copy ran {seen:?}",
+        copied.copy_seconds,
+        copied.verify_seconds
+    );
+    assert_eq!(copied.file_bytes, Some(std::fs::metadata(&out).unwrap().len()));
+    // The command line reports the same: the file's bytes, and its throughput.
+    let (a, b, out) =
+        (common::fixture("bn_net_a.pt"), common::fixture("bn_net_b.pt"), dir.path().join("cli.pt"));
+    let copy = run(&["copy", s(&a), s(&b), "-o", s(&out), "--json"]);
+    assert_eq!(copy.code, 0, "{}", copy.stderr);
+    assert_eq!(copy.json()["copy"]["file_bytes"], std::fs::metadata(&out).unwrap().len());
+    let copy = run(&["copy", s(&a), s(&b), "-o", s(&out)]);
+    assert!(copy.stdout.contains(", writing a file of "), "{}", copy.stdout);
+    assert!(copy.stdout.contains("/s); verified bit for bit"), "{}", copy.stdout);
+}
+
+/// #28: a module comes back from `ModuleStore::open` and `ScriptModule::load`
+/// in the mode it was saved in; a copy changes no mode; `save` (one signature,
+/// `&Path`, on `ScriptModule` and through `Target`) keeps the mode it has.
+#[test]
+fn a_loaded_module_is_in_the_mode_it_was_saved_in() {
+    use transplant::{copy, Mapping, ModuleStore, Plan, Policy, ScriptModule, Target};
+    let dir = tempfile::tempdir().unwrap();
+    script(
+        dir.path(),
+        r#"
+import sys, torch
+d = sys.argv[1]
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+    def forward(self, x):
+        return self.bn(self.conv(x))
+torch.jit.save(torch.jit.script(Net().train()), f"{d}/train.pt")
+torch.jit.save(torch.jit.script(Net().eval()), f"{d}/eval.pt")
+"#,
+    );
+    let (train, eval) = (dir.path().join("train.pt"), dir.path().join("eval.pt"));
+    assert!(ScriptModule::load(&train).unwrap().is_training().unwrap());
+    assert!(!ScriptModule::load(&eval).unwrap().is_training().unwrap());
+    assert!(ModuleStore::open(&train).unwrap().module().is_training().unwrap());
+    let mut live = ModuleStore::open(&eval).unwrap();
+    assert!(!live.module().is_training().unwrap());
+    let source = transplant::open(&train).unwrap();
+    let plan = Plan::build(source.as_ref(), &live, &Mapping::default()).unwrap();
+    copy(&plan, source.as_ref(), &mut live, &Policy::default()).unwrap();
+    assert!(!live.module().is_training().unwrap(), "a copy changed the mode");
+    // Saved through the trait and through the module, in the same form.
+    let (through_target, through_module) = (dir.path().join("a.pt"), dir.path().join("b.pt"));
+    live.save(through_target.as_ref()).unwrap();
+    live.module_mut().set_training(true).unwrap();
+    live.module().save(through_module.as_ref()).unwrap();
+    assert!(!ScriptModule::load(&through_target).unwrap().is_training().unwrap());
+    assert!(ScriptModule::load(&through_module).unwrap().is_training().unwrap());
+}
+
+/// #28: a sharded index lists its tensors in the model's order — the
+/// `weight_map`'s, where the writer kept the state dict's (a large tensor in a
+/// shard of its own between two of another shard, as huggingface_hub shards) —
+/// and, for `save_pretrained`'s index with sorted keys, shard by shard in the
+/// shards' numbered order, each `torch.save` shard in its own order.
+#[test]
+fn a_sharded_index_lists_the_models_order() {
+    let dir = tempfile::tempdir().unwrap();
+    python(
+        r#"
+import json, sys, torch, safetensors.torch as st
+d = sys.argv[1]
+t = lambda: torch.zeros(2)
+st.save_file({"wte.w": t(), "ln_f.w": t()}, f"{d}/m-00001-of-00002.safetensors")
+st.save_file({"h.0.w": t()}, f"{d}/m-00002-of-00002.safetensors")
+weight_map = {"wte.w": "m-00001-of-00002.safetensors", "h.0.w": "m-00002-of-00002.safetensors",
+              "ln_f.w": "m-00001-of-00002.safetensors"}
+json.dump({"metadata": {}, "weight_map": weight_map}, open(f"{d}/m.safetensors.index.json", "w"))
+# save_pretrained's .bin index: keys sorted, shards in the state dict's order.
+torch.save({"wte.weight": t(), "blocks.0.w": t()}, f"{d}/pytorch_model-00001-of-00002.bin")
+torch.save({"blocks.1.w": t(), "head.w": t()}, f"{d}/pytorch_model-00002-of-00002.bin")
+weight_map = {"blocks.0.w": "pytorch_model-00001-of-00002.bin", "blocks.1.w": "pytorch_model-00002-of-00002.bin",
+              "head.w": "pytorch_model-00002-of-00002.bin", "wte.weight": "pytorch_model-00001-of-00002.bin"}
+json.dump({"metadata": {}, "weight_map": weight_map}, open(f"{d}/pytorch_model.bin.index.json", "w"), sort_keys=True)
+"#,
+        &[dir.path()],
+    );
+    let names = |file: &str| -> Vec<String> {
+        inspected(&dir.path().join(file)).into_iter().map(|r| r.name).collect()
+    };
+    assert_eq!(names("m.safetensors.index.json"), ["wte.w", "h.0.w", "ln_f.w"]);
+    assert_eq!(names("pytorch_model.bin.index.json"), ["wte.weight", "blocks.0.w", "blocks.1.w", "head.w"]);
 }

@@ -231,3 +231,46 @@ fn leftovers_that_differ_by_a_reshape_or_a_name_are_explained() {
     let text = plan.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
     assert!(text.contains("[96, 1, 1]") && text.contains("have the same number of elements"), "{text}");
 }
+
+/// #28: torchvision's EfficientNet from safetensors (no registration order)
+/// into timm's, with the order matcher alone: names under `features` are
+/// numbered indices, and the one open pair at the root (`features`,
+/// `classifier`) no longer blocks every module below it. The copy is
+/// complete and timm's model computes torchvision's outputs. A family the
+/// matcher cannot finish (ConvNeXt's layer scale is `[C, 1, 1]` in one and
+/// `[C]` in the other) says what to pass.
+#[test]
+fn torchvision_efficientnet_from_safetensors_pairs_whole_by_order_alone() {
+    let file = "rules/efficientnet.expected.safetensors";
+    let source = transplant::open(fixture("rules/efficientnet_torchvision.safetensors")).unwrap();
+    let mut target = ModuleStore::open(fixture("rules/efficientnet_timm.pt")).unwrap();
+    target.module_mut().set_training(false).unwrap();
+    let plan = Plan::build(source.as_ref(), &target, &order(None)).unwrap();
+    plan.check(&STRICT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(plan.is_complete(), "{:?}", plan.findings);
+    assert_eq!(plan.order.as_ref().map(|o| o.source.clone()), Some(OrderUsed::Reconstructed));
+    let names = pairs_by_name(&plan);
+    assert_eq!(names["classifier.1.weight"], "classifier.weight");
+    assert_eq!(names["features.0.1.running_var"], "bn1.running_var");
+    copy(&plan, source.as_ref(), &mut target, &STRICT).unwrap();
+    let (got, want) = (output_of(&target, file), expected_tensor(file, "output"));
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    assert!(diff <= 1e-4 * want.abs().max().double_value(&[]).max(1.0), "outputs differ by {diff}");
+
+    let plan = transplant(
+        [
+            "plan",
+            fixture("rules/convnext_torchvision.safetensors").to_str().unwrap(),
+            fixture("rules/convnext_timm.pt").to_str().unwrap(),
+            "--match",
+            "order",
+        ]
+        .as_slice(),
+    );
+    assert_eq!(plan.code, 3, "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("| reshape(") && plan.stdout.contains("--order-from MODEL"),
+        "{}",
+        plan.stdout
+    );
+}

@@ -196,5 +196,6 @@ pub(super) fn stream(
         copy_seconds,
         verified: options.verify,
         verify_seconds,
+        file_bytes: None,
     })
 }

@@ -183,10 +183,18 @@ pub(crate) fn write_stream(
 
 /// Reads a sharded checkpoint through its index (`*.safetensors.index.json`,
 /// or `pytorch_model.bin.index.json` with `torch.save` shards): every shard
-/// the `weight_map` names, as one list of tensors (shards in order of first
-/// mention, each in file order). A shard that is missing, a tensor the index names
-/// but its shard lacks, and a tensor a shard holds that the index does not name
-/// are errors naming both files.
+/// the `weight_map` names, as one list of tensors in the model's order. A
+/// shard that is missing, a tensor the index names but its shard lacks, and a
+/// tensor a shard holds that the index does not name are errors naming both
+/// files.
+///
+/// The model's order is the `weight_map`'s, as the index lists it: writers that
+/// go through a state dict (huggingface_hub's `save_torch_state_dict`,
+/// transplant's `convert`) list it in the state dict's order, whichever shard
+/// each tensor went to. `save_pretrained` writes the index with sorted keys,
+/// which records no order: for such an index the shards are read in the order
+/// of their names (`-00001-of-00003` first), each in its own order (a
+/// `torch.save` shard keeps the state dict's).
 pub fn read_sharded(index: &Path) -> Result<Contents> {
     let text = crate::files::read_bounded(index, super::MAX_INDEX_BYTES, "sharded index")?;
     let bad_index =
@@ -219,6 +227,10 @@ pub fn read_sharded(index: &Path) -> Result<Contents> {
             shards.push(shard);
         }
         shard_of.insert(tensor.as_str(), shard);
+    }
+    let sorted = weight_map.keys().zip(weight_map.keys().skip(1)).all(|(a, b)| a <= b);
+    if sorted {
+        shards.sort_unstable();
     }
     let mut tensors = Vec::with_capacity(weight_map.len());
     for shard in shards {
@@ -266,6 +278,12 @@ pub fn read_sharded(index: &Path) -> Result<Contents> {
                 message: format!("lacks tensor {missing}, which the index places in it"),
             });
         }
+    }
+    if !sorted {
+        // Every name is the index's (checked above): its place there is the order.
+        let place: HashMap<&str, usize> =
+            weight_map.keys().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        tensors.sort_by_key(|(name, _)| place.get(name.as_str()).copied().unwrap_or(usize::MAX));
     }
     Ok((tensors, metadata))
 }

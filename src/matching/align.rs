@@ -27,6 +27,9 @@ pub struct Alignment {
     pub uncertain: Vec<(usize, Vec<usize>)>,
     /// The sequences differ too much to be aligned within the memory allowed.
     pub gave_up: bool,
+    /// How many pairs a best alignment makes (a longest common subsequence's
+    /// length).
+    pub length: usize,
 }
 
 /// Aligns `a` with `b` (equal tokens pair); `gain(i, j)` (small: below 2^24)
@@ -244,7 +247,7 @@ impl<'a, G: Fn(usize, usize) -> u64> Band<'a, G> {
         for (_, candidates) in &mut uncertain {
             candidates.sort_unstable();
         }
-        Alignment { certain, uncertain, gave_up: false }
+        Alignment { certain, uncertain, gave_up: false, length: chosen.len() }
     }
 }
 

@@ -139,7 +139,12 @@ pub(super) fn run(
     t_tree.assign_ids(&t_tokens, &mut subtrees);
     s_tree.settle(&t_tree);
     t_tree.settle(&s_tree);
-    let (unknown_s, unknown_t) = (s_tree.place_unknown(&s_tokens), t_tree.place_unknown(&t_tokens));
+    let every = every_combination(&s_tree, &t_tree);
+    let (unknown_s, unknown_t) = match every {
+        // Every order is tried: none is placed by a guess (see `every_combination`).
+        Some(_) => (vec![false; s.len()], vec![false; t.len()]),
+        None => (s_tree.place_unknown(&s_tokens), t_tree.place_unknown(&t_tokens)),
+    };
     for (modules, others, unknown, from_source) in [(&s, &t, &unknown_s, true), (&t, &s, &unknown_t, false)] {
         for (m, _) in modules.iter().zip(unknown).filter(|(_, u)| **u) {
             let candidates: Vec<&Module> = others.iter().filter(|o| o.token == m.token).collect();
@@ -155,21 +160,40 @@ pub(super) fn run(
     }
     // Align in every linear order tried; a pair stands only if every one of
     // them makes it in every best alignment.
-    let tries = s_tree.attempts().max(t_tree.attempts());
-    let orders = |tree: &Tree| -> Vec<Vec<usize>> { (0..tries).map(|e| tree.linear(e)).collect() };
-    let (s_orders, t_orders) = (orders(&s_tree), orders(&t_tree));
+    let (s_orders, t_orders): (Vec<Vec<usize>>, Vec<Vec<usize>>) = match &every {
+        Some(combinations) => {
+            combinations.iter().map(|(sc, tc)| (s_tree.linear_chosen(sc), t_tree.linear_chosen(tc))).unzip()
+        }
+        None => {
+            let tries = s_tree.attempts().max(t_tree.attempts());
+            let orders = |tree: &Tree| -> Vec<Vec<usize>> { (0..tries).map(|e| tree.linear(e)).collect() };
+            (orders(&s_tree), orders(&t_tree))
+        }
+    };
     let tries = s_orders.len().max(t_orders.len());
-    let mut certain: Vec<(usize, usize)> = Vec::new();
+    let mut alignments = Vec::with_capacity(tries);
     for attempt in 0..tries {
         let (so, to) = (&s_orders[attempt % s_orders.len()], &t_orders[attempt % t_orders.len()]);
         let a: Vec<u32> = so.iter().map(|&i| s[i].token).collect();
         let b: Vec<u32> = to.iter().map(|&j| t[j].token).collect();
-        let Alignment { certain: found, uncertain, gave_up } =
-            align(&a, &b, |i, j| evidence(s[so[i]].path, t[to[j]].path));
-        if gave_up {
+        let alignment = align(&a, &b, |i, j| evidence(s[so[i]].path, t[to[j]].path));
+        if alignment.gave_up {
             out.unaligned = Some((s.len(), t.len()));
             return;
         }
+        alignments.push((so, to, alignment));
+    }
+    if every.is_some() {
+        // Every order was tried, so the true one is among them; and with the
+        // models differing by layers added on one side, the true order aligns
+        // every module of the smaller side: the most modules any order aligns.
+        // Orders that align fewer are not the true one.
+        let most = alignments.iter().map(|(_, _, a)| a.length).max().unwrap_or(0);
+        alignments.retain(|(_, _, a)| a.length == most);
+    }
+    let mut certain: Vec<(usize, usize)> = Vec::new();
+    for (attempt, (so, to, alignment)) in alignments.into_iter().enumerate() {
+        let Alignment { certain: found, uncertain, .. } = alignment;
         let found: Vec<(usize, usize)> = found.into_iter().map(|(i, j)| (so[i], to[j])).collect();
         if attempt == 0 {
             for (i, candidates) in uncertain {
@@ -215,6 +239,44 @@ pub(super) fn run(
             tensors,
         });
     }
+}
+
+/// Linear orders tried at most when every combination of open groups'
+/// orders is tried.
+const MAX_COMBINATIONS: usize = 64;
+
+/// Every combination of the open groups' orders of both sides — `(source
+/// choice, target choice)`, an order index per open group — when every open
+/// group lists every order its children can have and there are at most
+/// [`MAX_COMBINATIONS`]; `None` when some group is open with orders left out
+/// (alike children, too many), or nothing is open.
+///
+/// Then the true order is one of those tried, and a pair that every best
+/// alignment of every order that aligns the most modules makes is true, as on
+/// known orders (see the module docs): no module needs to be left over only
+/// because its signature occurs inside an open group. One open pair of
+/// siblings (`features` and `classifier`) no longer blocks every module below it.
+fn every_combination(s: &Tree, t: &Tree) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
+    let (sc, tc) = (s.every_order()?, t.every_order()?);
+    if sc.is_empty() && tc.is_empty() {
+        return None;
+    }
+    let total = sc.iter().chain(&tc).try_fold(1usize, |acc, &k| acc.checked_mul(k))?;
+    if total > MAX_COMBINATIONS {
+        return None;
+    }
+    let counts: Vec<usize> = sc.iter().chain(&tc).copied().collect();
+    let mut out = Vec::with_capacity(total);
+    for mut index in 0..total {
+        let mut choice = Vec::with_capacity(counts.len());
+        for &k in &counts {
+            choice.push(index % k);
+            index /= k;
+        }
+        let target = choice.split_off(sc.len());
+        out.push((choice, target));
+    }
+    Some(out)
 }
 
 fn ambiguity(module: &str, from_source: bool, candidates: &[&Module], why: Unsure) -> ModuleAmbiguity {

@@ -49,6 +49,9 @@ struct Node<'a> {
     /// the tree), shared by both sides.
     id: u32,
     order: Children,
+    /// For open children: whether their orders are *every* order they can
+    /// have (no two alike, all enumerated), so that one of them is the true one.
+    every_order: bool,
 }
 
 /// One side's module tree.
@@ -73,6 +76,7 @@ impl<'a> Tree<'a> {
             children: Vec::new(),
             id: 0,
             order: Children::Known(Vec::new()),
+            every_order: false,
         };
         let mut nodes = vec![root];
         let mut child_of: HashMap<(usize, &str), usize> = HashMap::new();
@@ -91,6 +95,7 @@ impl<'a> Tree<'a> {
                             children: Vec::new(),
                             id: 0,
                             order: Children::Known(Vec::new()),
+                            every_order: false,
                         });
                         nodes[at].children.push(child);
                         child_of.insert((at, segment), child);
@@ -125,9 +130,38 @@ impl<'a> Tree<'a> {
             other_by_id.entry(node.id).or_insert(n);
         }
         for n in 0..self.nodes.len() {
-            let order = self.child_order(n, other, &other_by_id);
+            let (order, every) = match self.child_order(n, other, &other_by_id) {
+                Children::Open(orders) => {
+                    let every = self.every_order_listed(n, &orders);
+                    (Children::Open(orders), every)
+                }
+                known => (known, false),
+            };
             self.nodes[n].order = order;
+            self.nodes[n].every_order = every;
         }
+    }
+
+    /// Whether `orders` of node `n`'s open children are every order they can
+    /// have: no two children alike (alike ones are tried in one assignment
+    /// only) and all distinct sequences listed.
+    fn every_order_listed(&self, n: usize, orders: &[Vec<usize>]) -> bool {
+        let children = &self.nodes[n].children;
+        let mut ids: Vec<u32> = children.iter().map(|&c| self.nodes[c].id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return false;
+        }
+        // Named children (indices keep their order among themselves): k! orders.
+        let named = children.iter().filter(|&&c| !is_index(self.nodes[c].segment)).count();
+        let indexed = children.len() - named;
+        // Orders of n children whose `indexed` ones keep their relative order:
+        // n! / indexed!.
+        let mut all: usize = 1;
+        for k in (indexed + 1)..=children.len() {
+            all = all.saturating_mul(k);
+        }
+        orders.len() == all
     }
 
     fn child_order(&self, n: usize, other: &Tree, other_by_id: &HashMap<u32, usize>) -> Children {
@@ -146,13 +180,20 @@ impl<'a> Tree<'a> {
         }
         let mut child_ids: Vec<u32> = node.children.iter().map(|&c| self.nodes[c].id).collect();
         child_ids.sort_unstable();
-        if child_ids.windows(2).any(|w| w[0] == w[1]) {
-            return self.open(n);
-        }
+        let alike = child_ids.windows(2).any(|w| w[0] == w[1]);
         // Named children, all different: ordered as the other side's identical
         // subtree orders them, if it has one. (An edit inside a child makes the
         // two differ: then the order stays open.)
         let Some(&twin) = other_by_id.get(&node.id) else { return self.open(n) };
+        if alike {
+            // Alike children (a block's `bn1` and `bn2`) cannot be told apart by
+            // what they hold; where the identical subtree on the other side
+            // holds them under the same names, the names tell them apart.
+            return match self.by_twin_names(n, other, twin) {
+                Some(order) => Children::Known(order),
+                None => self.open(n),
+            };
+        }
         let order: Vec<u32> = match other.sequence {
             Sequence::Registration => other.nodes[twin].children.iter().map(|&c| other.nodes[c].id).collect(),
             // Both sides lost their order: the twins share one canonical order.
@@ -161,6 +202,30 @@ impl<'a> Tree<'a> {
         let mut ranked = node.children.clone();
         ranked.sort_by_key(|&c| order.iter().position(|&id| id == self.nodes[c].id));
         Children::Known(ranked)
+    }
+
+    /// Node `n`'s children in the order of `twin`'s (an identical subtree of
+    /// `other`), each taken as the child of `twin` with its id *and* its name;
+    /// `None` unless every child has such a counterpart.
+    fn by_twin_names(&self, n: usize, other: &Tree, twin: usize) -> Option<Vec<usize>> {
+        let mut theirs: Vec<usize> = other.nodes[twin].children.clone();
+        if other.sequence == Sequence::Natural {
+            // Both sides lost their order: one canonical order, by id then name.
+            theirs.sort_by(|&x, &y| {
+                (other.nodes[x].id, other.nodes[x].segment).cmp(&(other.nodes[y].id, other.nodes[y].segment))
+            });
+        }
+        let mine = &self.nodes[n].children;
+        if theirs.len() != mine.len() {
+            return None;
+        }
+        theirs
+            .iter()
+            .map(|&c| {
+                let (id, segment) = (other.nodes[c].id, other.nodes[c].segment);
+                mine.iter().copied().find(|&m| self.nodes[m].id == id && self.nodes[m].segment == segment)
+            })
+            .collect()
     }
 
     /// The orders tried for node `n`'s children, whose order is lost: every
@@ -174,21 +239,31 @@ impl<'a> Tree<'a> {
         let mut ids: Vec<u32> = children.iter().map(|&c| self.nodes[c].id).collect();
         ids.sort_unstable();
         let mut orders: Vec<Vec<usize>> = vec![children.clone()];
+        let ids_of = |order: &[usize]| -> Vec<u32> { order.iter().map(|&c| self.nodes[c].id).collect() };
+        let mut seen: Vec<Vec<u32>> = vec![ids_of(&children)];
+        // From the sorted sequence on, the sorted one included (it need not be
+        // the names' order, which is tried first).
         let mut steps = 0;
-        while orders.len() < MAX_ORDERS && steps < 100 * MAX_ORDERS && next_permutation(&mut ids) {
+        loop {
             steps += 1;
-            let mut unused = children.clone();
-            let order: Vec<usize> = ids
-                .iter()
-                .map(|&id| {
-                    let at = unused.iter().position(|&c| self.nodes[c].id == id).unwrap_or(0);
-                    unused.remove(at)
-                })
-                .collect();
-            let indices: Vec<&str> =
-                order.iter().map(|&c| self.nodes[c].segment).filter(|s| is_index(s)).collect();
-            if indices.windows(2).all(|w| natural_cmp(w[0], w[1]) == Ordering::Less) && order != orders[0] {
-                orders.push(order);
+            if !seen.contains(&ids) {
+                let mut unused = children.clone();
+                let order: Vec<usize> = ids
+                    .iter()
+                    .map(|&id| {
+                        let at = unused.iter().position(|&c| self.nodes[c].id == id).unwrap_or(0);
+                        unused.remove(at)
+                    })
+                    .collect();
+                let indices: Vec<&str> =
+                    order.iter().map(|&c| self.nodes[c].segment).filter(|s| is_index(s)).collect();
+                if indices.windows(2).all(|w| natural_cmp(w[0], w[1]) == Ordering::Less) {
+                    seen.push(ids.clone());
+                    orders.push(order);
+                }
+            }
+            if orders.len() >= MAX_ORDERS || steps >= 100 * MAX_ORDERS || !next_permutation(&mut ids) {
+                break;
             }
         }
         Children::Open(orders)
@@ -233,6 +308,48 @@ impl<'a> Tree<'a> {
                         (h.finish() % orders.len() as u64) as usize
                     };
                     &orders[pick]
+                }
+            };
+            stack.extend(children.iter().rev());
+        }
+        out
+    }
+
+    /// The number of orders of each open group (in node order) when every
+    /// open group lists every order its children can have; `None` otherwise.
+    pub fn every_order(&self) -> Option<Vec<usize>> {
+        let mut counts = Vec::new();
+        for node in &self.nodes {
+            if let Children::Open(orders) = &node.order {
+                if !node.every_order {
+                    return None;
+                }
+                counts.push(orders.len());
+            }
+        }
+        Some(counts)
+    }
+
+    /// Module indices in pre-order, open group `k` (in node order) in its
+    /// `choice[k]`-th order.
+    pub fn linear_chosen(&self, choice: &[usize]) -> Vec<usize> {
+        let mut group_of: HashMap<usize, usize> = HashMap::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            if matches!(node.order, Children::Open(_)) {
+                let k = group_of.len();
+                group_of.insert(n, k);
+            }
+        }
+        let mut out = Vec::with_capacity(self.node_of.len());
+        let mut stack = vec![0usize];
+        while let Some(n) = stack.pop() {
+            let node = &self.nodes[n];
+            out.extend(&node.modules);
+            let children = match &node.order {
+                Children::Known(order) => order,
+                Children::Open(orders) => {
+                    let pick = group_of.get(&n).and_then(|&k| choice.get(k)).copied().unwrap_or(0);
+                    &orders[pick.min(orders.len() - 1)]
                 }
             };
             stack.extend(children.iter().rev());

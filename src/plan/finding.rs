@@ -375,15 +375,16 @@ impl fmt::Display for Raw<'_> {
             ),
             Finding::AmbiguousModule { side, module, candidates, more, why } => {
                 let more = if *more > 0 { format!(" and {more} more") } else { String::new() };
-                let why = match why {
-                    Unsure::Tie => "equally good alignments disagree",
-                    Unsure::PlaceUnknown => {
-                        "its store keeps no registration order, and its signature occurs among siblings whose order is lost"
-                    }
+                let (why, step) = match why {
+                    Unsure::Tie => ("equally good alignments disagree", "add a rule"),
+                    Unsure::PlaceUnknown => (
+                        "its store keeps no registration order, and its signature occurs among siblings whose order is lost",
+                        "pass --order-from MODEL (a model with the source's names in registration order) or add a rule",
+                    ),
                 };
                 write!(
                     f,
-                    "ambiguous (order): {side} module {} could be {}{more} ({why}); left unpaired, add a rule",
+                    "ambiguous (order): {side} module {} could be {}{more} ({why}); left unpaired: {step}",
                     shown(module),
                     candidates.iter().map(|c| shown(c)).collect::<Vec<_>>().join(", ")
                 )

@@ -23,7 +23,9 @@ pub struct ModuleStore {
 unsafe impl Sync for ModuleStore {}
 
 impl ModuleStore {
-    /// Loads a module saved by `torch.jit.save`, on the CPU.
+    /// Loads a module saved by `torch.jit.save`, on the CPU, in the mode
+    /// (train or eval) it was saved in: see [`ScriptModule::load`]. Copying
+    /// into it changes no mode; [`module_mut`](Self::module_mut) switches it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::new(ScriptModule::load(path)?)
     }
@@ -81,7 +83,7 @@ impl Target for ModuleStore {
     }
     /// Saves the module (a module stays a module, whatever the extension).
     fn save(&self, path: &Path) -> Result<()> {
-        crate::files::write_atomically(path, |temp| self.module.save(temp))
+        self.module.save(path)
     }
 }
 

@@ -93,8 +93,15 @@ pub(super) fn receive_buckets(
         session.broken |= work.is_err();
         work
     };
-    let mut total =
-        Copied { tensors: 0, bytes: 0, casts: 0, copy_seconds: 0.0, verified: true, verify_seconds: 0.0 };
+    let mut total = Copied {
+        tensors: 0,
+        bytes: 0,
+        casts: 0,
+        copy_seconds: 0.0,
+        verified: true,
+        verify_seconds: 0.0,
+        file_bytes: None,
+    };
     let mut failure: Option<Error> = None;
     let mut digests: Vec<[u8; DIGEST_BYTES]> = Vec::with_capacity(n);
     // The bucket's tensors by entry index (a source lends them that way), one

@@ -176,6 +176,46 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for SHELL on stdout, made from these very
+    /// definitions (the README says where each shell looks for it).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: ShellArg,
+    },
+    /// Print the manual page (roff) on stdout, made from these very
+    /// definitions: `transplant man | man -l -`; with SUBCOMMAND, its own page
+    /// (transplant-copy(1), which the main page lists).
+    Man {
+        /// The subcommand whose page to print.
+        #[arg(value_parser = ["inspect", "plan", "copy", "convert", "diff", "verify", "completions", "man"])]
+        subcommand: Option<String>,
+    },
+}
+
+/// The shells `completions` writes for.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ShellArg {
+    /// Bash.
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
+    /// PowerShell.
+    Powershell,
+}
+
+impl ShellArg {
+    /// clap_complete's generator of this shell.
+    pub fn generator(self) -> clap_complete::Shell {
+        match self {
+            ShellArg::Bash => clap_complete::Shell::Bash,
+            ShellArg::Zsh => clap_complete::Shell::Zsh,
+            ShellArg::Fish => clap_complete::Shell::Fish,
+            ShellArg::Powershell => clap_complete::Shell::PowerShell,
+        }
+    }
 }
 
 /// How source names become target names.

@@ -68,6 +68,14 @@ fn main() -> ExitCode {
             return Exit::Complete.into();
         }
     };
+    let mut cli = cli;
+    if let Command::Copy { out, .. } | Command::Convert { out, .. } = &mut cli.command {
+        // An existing Distributed Checkpoint folder named without its slash is
+        // replaced whole, as `DIR/` names it (as a file OUT is replaced).
+        if out.join(".metadata").is_file() && !out.as_os_str().to_string_lossy().ends_with('/') {
+            out.as_mut_os_string().push("/");
+        }
+    }
     // Missing folders of OUT are created, and removed again if the command fails.
     let out = match &cli.command {
         Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
@@ -194,7 +202,7 @@ fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
 fn run(command: Command) -> Result<Outcome> {
     match command {
         Command::Inspect { model, key, json, digest } => {
-            let store = transplant::open_with_key(&model, key.as_deref())?;
+            let store = transplant::open_with_key(transfer::model_file(&model)?, key.as_deref())?;
             let summary =
                 if digest { Summary::with_digests(store.as_ref())? } else { Summary::of(store.as_ref()) };
             emit(json, &summary)?;
@@ -328,7 +336,7 @@ fn run(command: Command) -> Result<Outcome> {
         Command::Diff { a, b, mapping: args, rtol, atol, json } => {
             let (mapping, _) = mapping(&args)?;
             let first = transfer::open_source(&a, args.key.as_deref())?;
-            let second = transplant::open(&b)?;
+            let second = transplant::open(transfer::model_file(&b)?)?;
             let plan = Plan::build(first.as_ref(), second.as_ref(), &mapping)?;
             let diff = diff(&plan, first.as_ref(), second.as_ref(), Tolerance { rtol, atol })?;
             emit(json, &diff)?;
@@ -347,6 +355,29 @@ fn run(command: Command) -> Result<Outcome> {
                 };
             emit(json, &comparison)?;
             Ok(if comparison.is_same() { Outcome::Complete } else { Outcome::Incomplete })
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell.generator(), &mut command, "transplant", &mut script);
+            std::io::stdout().lock().write_all(&script).context("writing the completion script")?;
+            Ok(Outcome::Complete)
+        }
+        Command::Man { subcommand } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Built, subcommands are named as their pages are: transplant-copy.
+            command.build();
+            let command = match subcommand {
+                Some(name) => command
+                    .find_subcommand(&name)
+                    .cloned()
+                    .with_context(|| format!("no subcommand {name}"))?,
+                None => command,
+            };
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page).context("making the manual page")?;
+            std::io::stdout().lock().write_all(&page).context("writing the manual page")?;
+            Ok(Outcome::Complete)
         }
     }
 }

@@ -83,15 +83,29 @@ pub fn device(text: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// The model file `path` stands for ([`transplant::model_file`]); where
+/// `path` is a folder, one line on stderr names the file chosen.
+pub fn model_file(path: &Path) -> Result<PathBuf> {
+    let file = transplant::model_file(path)?;
+    if file != path {
+        eprintln!(
+            "{}: a model folder; reading {} (as from_pretrained chooses)",
+            path.display(),
+            file.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Opens the model to copy from (`key`: see [`store::open_with_key`]).
 pub fn open_source(path: &Path, key: Option<&str>) -> Result<Box<dyn Target>> {
-    transplant::open_with_key(path, key)
+    transplant::open_with_key(model_file(path)?, key)
 }
 
 /// Opens the model to copy into, its tensors on `device` and, with `dtype`,
 /// its floating tensors converted to that dtype.
 pub fn open_target(path: &Path, device: Device, dtype: Option<Kind>) -> Result<Box<dyn Target>> {
-    let file = transplant::model_file(path)?;
+    let file = model_file(path)?;
     let path = file.as_path();
     match transplant::sniff(path)? {
         // On the CPU a module is read and rewritten as an archive (converted
