@@ -153,6 +153,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Merge several models into one (model soups, task arithmetic, TIES, DARE, SLERP).
+    Merge(crate::merge::MergeArgs),
     /// Run two TorchScript modules in eval mode on the same seeded random
     /// inputs and compare their outputs.
     Verify {
