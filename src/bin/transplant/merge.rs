@@ -37,13 +37,13 @@ pub struct MergeArgs {
     #[arg(long, value_name = "BASE")]
     pub base: Option<PathBuf>,
     /// ties, dare-*: the fraction of each task vector kept, in (0, 1].
-    #[arg(long, value_name = "D")]
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
     pub density: Option<f64>,
     /// task-arithmetic, ties, dare-*: the scale of the merged task vector (default 1).
     #[arg(long = "lambda", value_name = "L", allow_negative_numbers = true)]
     pub lambda: Option<f64>,
     /// slerp: where between the two models, in [0, 1] (default 0.5).
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub t: Option<f64>,
     /// dare-*: the seed of the drop masks.
     #[arg(long, default_value_t = 0, value_name = "N")]
