@@ -43,7 +43,10 @@ pub use ffi::cuda_backend;
 pub use footprint::check_output;
 pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};
-pub use merge::{merge, plan_merge, Differing, MergeInput, MergeOptions, MergePlan, Merged, Method};
+pub use merge::{
+    merge, merge_lora, plan_merge, Adapter, Differing, LoraMerged, MergeInput, MergeOptions, MergePlan,
+    Merged, Method,
+};
 pub use outputs::{compare_outputs, OutputComparison, OutputDiff, MAX_INPUT_ELEMENTS};
 pub use plan::{
     Cast, Finding, Kept, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
     let out = match &cli.command {
         Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
         Command::Merge(args) => Some(args.out.clone()),
+        Command::MergeLora(args) => Some(args.out.clone()),
         _ => None,
     };
     let mut created = Vec::new();
@@ -318,6 +319,11 @@ fn run(command: Command) -> Result<Outcome> {
         }
         Command::Merge(args) => {
             let merged = merge::run(&args)?;
+            emit(args.json, &merged)?;
+            Ok(Outcome::Complete)
+        }
+        Command::MergeLora(args) => {
+            let merged = merge::run_lora(&args)?;
             emit(args.json, &merged)?;
             Ok(Outcome::Complete)
         }

@@ -180,3 +180,48 @@ pub fn run(args: &MergeArgs) -> Result<transplant::Merged> {
         models.iter().map(|m| m.as_ref() as &dyn transplant::Source).collect();
     Ok(merge(&plan, base.as_deref().map(|b| b as &dyn transplant::Source), &sources, &args.out)?)
 }
+
+/// Merge a PEFT LoRA adapter into its base model: W + scale * B·A for every
+/// adapted weight (Linear, GPT-2's Conv1D, convolutions, embeddings), the
+/// adapter's modules_to_save in place of the base's. DoRA is refused.
+///
+/// ADAPTER is a folder with adapter_config.json and adapter_model.safetensors
+/// (or adapter_model.bin), as PEFT's save_pretrained writes it. OUT holds
+/// every tensor of BASE: .safetensors, .pth/.bin/.pt or .npz, written whole or
+/// not at all.
+#[derive(Debug, Args)]
+pub struct MergeLoraArgs {
+    /// The base model.
+    #[arg(value_name = "BASE")]
+    pub base: PathBuf,
+    /// The adapter folder.
+    #[arg(value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+    /// Where to write the result.
+    #[arg(short, long, value_name = "OUT")]
+    pub out: PathBuf,
+    /// Convert the result's floating tensors to this dtype.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// The state dict inside a torch.save checkpoint dict of BASE.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `transplant merge-lora`; returns what to print.
+pub fn run_lora(args: &MergeLoraArgs) -> Result<transplant::LoraMerged> {
+    let adapter_files: Vec<PathBuf> =
+        ["adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"]
+            .iter()
+            .map(|f| args.adapter.join(f))
+            .collect();
+    let mut inputs: Vec<&Path> = vec![&args.base];
+    inputs.extend(adapter_files.iter().map(PathBuf::as_path));
+    crate::transfer::check_output(&args.out, &inputs)?;
+    let base = crate::transfer::open_source(&args.base, args.key.as_deref())?;
+    let adapter = transplant::Adapter::open(&args.adapter)?;
+    Ok(transplant::merge_lora(base.as_ref(), &adapter, &args.out, args.dtype.map(crate::kind_of))?)
+}
