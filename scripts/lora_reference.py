@@ -11,7 +11,9 @@ Cases (each a base and an adapter folder as save_pretrained writes them):
 - gpt2: a tiny GPT-2 (Conv1D weights, fan_in_fan_out), LoRA with lora_bias;
 - conv: a small conv net saved with torch.save; LoRA on a 3x3 conv, a 1x1
   conv and a Linear, the adapter as adapter_model.bin;
-- llama_dora: a DoRA adapter (refused).
+- llama_dora: a DoRA adapter (refused);
+- conv2 and conv_base_script.pt: a second conv adapter and the conv net as
+  TorchScript, with each weight set's outputs (swap_expected.safetensors).
 `check` compares every tensor transplant wrote with PEFT's merged model
 (within 1e-5 relative) and, for the language models, the logits of the model
 loaded from transplant's file with PEFT's merged model's (1e-5 relative).
@@ -96,6 +98,18 @@ def make(out):
             base.save_pretrained(out / f"{case[:5]}_base")
         peft_model = adapted(case)
         peft_model.save_pretrained(out / f"{case}_adapter", safe_serialization=(case != "conv"))
+    # For live adapter swaps (tests/adapter_swap.rs): the conv net scripted, a
+    # second adapter, and what each weight set computes on one input.
+    torch.jit.save(torch.jit.script(conv()), out / "conv_base_script.pt")
+    CASES["conv2"] = (conv, dict(r=3, lora_alpha=2, target_modules=["conv", "fc"]))
+    adapted("conv2").save_pretrained(out / "conv2_adapter", safe_serialization=True)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        outputs = {"input": x, "base": conv()(x)}
+        for case in ("conv", "conv2"):
+            outputs[case] = adapted(case).merge_and_unload().eval()(x)
+    del CASES["conv2"]
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out / "swap_expected.safetensors")
     torch.manual_seed(100)
     dora = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     dora.save_pretrained(out / "llama_dora_adapter")

@@ -27,6 +27,7 @@ mod diff;
 mod outputs;
 mod report;
 mod slot;
+mod adapter_swap;
 pub mod sync;
 
 pub use convert::{

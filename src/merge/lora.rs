@@ -44,7 +44,7 @@ struct Delta {
 
 /// What the merged model's tensor `j` is made of.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Edit {
+pub(crate) struct Edit {
     /// An adapter entry that replaces the base's value.
     replace: Option<usize>,
     /// A low-rank delta added.
@@ -147,7 +147,7 @@ fn unprefixed(name: &str) -> &str {
 
 /// How an adapter's tensors change each of `base`'s, checked against the
 /// base's entries (names, shapes) before anything is read.
-pub(super) fn plan_lora(base: &dyn Source, adapter: &Adapter) -> Result<Vec<Edit>> {
+pub(crate) fn plan_lora(base: &dyn Source, adapter: &Adapter) -> Result<Vec<Edit>> {
     let folder = adapter.origin();
     let index: BTreeMap<&str, usize> =
         base.entries().iter().enumerate().map(|(i, e)| (e.name.as_str(), i)).collect();
@@ -271,7 +271,7 @@ pub(super) fn plan_lora(base: &dyn Source, adapter: &Adapter) -> Result<Vec<Edit
 }
 
 /// The merged value of base tensor `j` by `edit`, in `dtype`.
-pub(super) fn merged_value(
+pub(crate) fn merged_value(
     base: &dyn Source,
     adapter: &Adapter,
     edit: &Edit,

@@ -28,6 +28,7 @@ mod write;
 use std::path::Path;
 
 pub use lora::{merge_lora, Adapter, LoraMerged};
+pub(crate) use lora::{merged_value, plan_lora, Edit};
 use options::{parameters, refused};
 pub use options::{MergeOptions, Method};
 pub use write::{merge, Differing, Merged};
