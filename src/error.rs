@@ -287,6 +287,13 @@ pub enum Error {
         /// tch's error.
         source: tch::TchError,
     },
+    /// A merge cannot be made as asked: its options, or inputs that cannot be
+    /// merged (a dtype, a method's number of models).
+    #[error("merge: {message}")]
+    Merge {
+        /// What is wrong, naming the option, input or tensor.
+        message: String,
+    },
 }
 
 /// The library's result type.

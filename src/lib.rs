@@ -22,10 +22,12 @@ mod matching;
 mod plan;
 mod copy;
 mod convert;
+mod merge;
 mod diff;
 mod outputs;
 mod report;
 mod slot;
+mod adapter_swap;
 pub mod sync;
 
 pub use convert::{
@@ -42,6 +44,10 @@ pub use ffi::cuda_backend;
 pub use footprint::check_output;
 pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};
+pub use merge::{
+    merge, merge_lora, plan_merge, Adapter, Differing, LoraMerged, MergeInput, MergeOptions, MergePlan,
+    Merged, Method,
+};
 pub use outputs::{compare_outputs, OutputComparison, OutputDiff, MAX_INPUT_ELEMENTS};
 pub use plan::{
     Cast, Finding, Kept, Leftover, Mapping, NameOrder, OrderUsed, Orders, Pair, Plan, PlanFile, PlannedPair,

@@ -153,6 +153,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Merge several models into one (model soups, task arithmetic, TIES, DARE, SLERP).
+    Merge(crate::merge::MergeArgs),
+    /// Merge a PEFT LoRA adapter into its base model (W + scale * B·A).
+    MergeLora(crate::merge::MergeLoraArgs),
     /// Run two TorchScript modules in eval mode on the same seeded random
     /// inputs and compare their outputs.
     Verify {

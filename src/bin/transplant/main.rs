@@ -1,6 +1,7 @@
 //! The `transplant` command line: parse, call the library, print, map errors to
 //! exit statuses (0 complete, 1 error, 2 usage, 3 incomplete or different).
 mod cli;
+mod merge;
 mod progress;
 mod transfer;
 
@@ -79,6 +80,8 @@ fn main() -> ExitCode {
     // Missing folders of OUT are created, and removed again if the command fails.
     let out = match &cli.command {
         Command::Copy { out, .. } | Command::Convert { out, .. } => Some(out.clone()),
+        Command::Merge(args) => Some(args.out.clone()),
+        Command::MergeLora(args) => Some(args.out.clone()),
         _ => None,
     };
     let mut created = Vec::new();
@@ -342,6 +345,16 @@ fn run(command: Command) -> Result<Outcome> {
             emit(json, &diff)?;
             Ok(if diff.is_same() { Outcome::Complete } else { Outcome::Incomplete })
         }
+        Command::Merge(args) => {
+            let merged = merge::run(&args)?;
+            emit(args.json, &merged)?;
+            Ok(Outcome::Complete)
+        }
+        Command::MergeLora(args) => {
+            let merged = merge::run_lora(&args)?;
+            emit(args.json, &merged)?;
+            Ok(Outcome::Complete)
+        }
         Command::Verify { a, b, inputs, atol, seed, max_input_elements, json } => {
             let (mut first, mut second) = (module(&a)?, module(&b)?);
             let comparison =
@@ -394,7 +407,7 @@ fn refuse(report: &Report, json: bool, why: anyhow::Error) -> Result<Outcome> {
 }
 
 /// The dtype a `--dtype` names.
-fn kind_of(dtype: DtypeArg) -> tch::Kind {
+pub(crate) fn kind_of(dtype: DtypeArg) -> tch::Kind {
     match dtype {
         DtypeArg::Bf16 => tch::Kind::BFloat16,
         DtypeArg::F16 => tch::Kind::Half,
