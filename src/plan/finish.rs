@@ -10,44 +10,69 @@ use crate::chunks;
 use crate::dotted::module_and_leaf;
 use crate::entry::Entry;
 use crate::matching::Matcher;
-use crate::transform::{shape_after, shape_text, Op};
+use crate::transform::{shape_text, Op};
 
 /// Where the pairs into one target write, when a transform writes into a
 /// region of it: the regions must tile the target exactly (a `cat`'s members
-/// side by side), or some of it would keep old values or be written twice.
+/// side by side, a `stack`'s members one index each), or some of it would keep
+/// old values or be written twice.
 fn regions_problem(pairs: &[&Pair], target: &Entry) -> Option<String> {
     let regions: Vec<&[Op]> =
         pairs.iter().map(|p| p.transform.as_ref().map_or(&[][..], |t| t.target_ops.as_slice())).collect();
     if regions.len() == 1 && regions[0].is_empty() {
         return None;
     }
-    let bad = || {
-        Some(format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len()))
+    (!tiles(&regions, &target.shape)).then(|| {
+        format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len())
+    })
+}
+
+/// Whether `regions` (ops from a tensor of `shape` to a region of it) cover
+/// it exactly once: ops they all start with are followed; where they narrow,
+/// the narrows of one dimension must lie side by side from 0 to its end, and
+/// the regions within each narrow tile it in turn.
+fn tiles(regions: &[&[Op]], shape: &[i64]) -> bool {
+    if regions.iter().all(|r| r.is_empty()) {
+        return regions.len() == 1;
+    }
+    if regions.iter().any(|r| r.is_empty()) {
+        return false;
+    }
+    let first = &regions[0][0];
+    let tails: Vec<&[Op]> = regions.iter().map(|r| &r[1..]).collect();
+    let Op::Narrow { dim, .. } = first else {
+        return regions.iter().all(|r| r[0] == *first)
+            && first.shape(shape).is_ok_and(|next| tiles(&tails, &next));
     };
+    let Ok(d) = crate::transform::normalize(*dim, shape.len(), shape) else { return false };
     let mut slices = Vec::with_capacity(regions.len());
-    for ops in &regions {
-        let Some((Op::Narrow { dim, start, length }, prefix)) = ops.split_last() else { return bad() };
-        if prefix != regions[0].split_last().map_or(&[][..], |(_, p)| p) {
-            return bad();
+    for (r, tail) in regions.iter().zip(&tails) {
+        let Op::Narrow { dim, start, length } = r[0] else { return false };
+        if crate::transform::normalize(dim, shape.len(), shape) != Ok(d) {
+            return false;
         }
-        slices.push((*dim, *start, *length));
+        let start = if start < 0 { start + shape[d] } else { start };
+        slices.push((start, length, *tail));
     }
-    let prefix = regions[0].split_last().map_or(&[][..], |(_, p)| p);
-    let Ok(shape) = shape_after(prefix, &target.shape) else { return bad() };
-    let dim = slices[0].0;
-    let Ok(d) = crate::transform::normalize(dim, shape.len(), &shape) else { return bad() };
-    if slices.iter().any(|s| s.0 != dim) {
-        return bad();
-    }
-    slices.sort_by_key(|s| s.1);
+    slices.sort_by_key(|s| (s.0, s.1));
     let mut next = 0;
-    for (_, start, length) in slices {
+    let mut k = 0;
+    while k < slices.len() {
+        let (start, length) = (slices[k].0, slices[k].1);
+        let same = slices[k..].iter().take_while(|s| (s.0, s.1) == (start, length)).count();
         if start != next {
-            return bad();
+            return false;
+        }
+        let mut part = shape.to_vec();
+        part[d] = length;
+        let inner: Vec<&[Op]> = slices[k..k + same].iter().map(|s| s.2).collect();
+        if !tiles(&inner, &part) {
+            return false;
         }
         next = start + length;
+        k += same;
     }
-    (next != shape[d]).then(bad).flatten()
+    next == shape[d]
 }
 
 /// What is wrong with one pair, if anything: shapes, a lossy cast, roles.
