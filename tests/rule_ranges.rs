@@ -348,3 +348,73 @@ mod properties {
         }
     }
 }
+
+/// A TorchScript module holding transformers 5's stacked experts (traced by
+/// PyTorch): the per-expert checkpoint is stacked into it live
+/// ([`transplant::ModuleStore`]) and through `transplant copy`, which streams
+/// the archive's rewrite; the module's forward then computes with the stack.
+#[test]
+fn stacks_write_into_torchscript_modules_live_and_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("experts.pt");
+    common::python(
+        r#"
+import sys, torch
+class Experts(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.zeros(5, 6, 2))
+        self.down_proj = torch.nn.Parameter(torch.zeros(5, 2, 3))
+    def forward(self, x):
+        return torch.matmul(self.gate_up_proj, x)
+class Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = Experts()
+    def forward(self, x):
+        return self.experts(x)
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Layer()])
+    def forward(self, x):
+        out = x
+        for layer in self.layers:
+            out = layer(x)
+        return out
+torch.jit.save(torch.jit.trace(Model(), torch.zeros(2)), sys.argv[1])
+"#,
+        &[&module],
+    );
+    let tensors = per_expert(1, 5, (3, 2));
+    let source = checkpoint(tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+    let src = dir.path().join("experts.safetensors");
+    source.save_as(&src, Format::Safetensors).unwrap();
+    let (gate_up, down) = stacked_by_torch(&tensors, 0, 5);
+    let x = random(&[2]);
+    let want = gate_up.matmul(&x);
+    // Live.
+    let mut live = transplant::ModuleStore::open(&module).unwrap();
+    plan_and_copy(&source, &mut live, STACK);
+    assert!(tensor_of(&live, "layers.0.experts.down_proj").equal(&down));
+    let got = live.module().forward(&[x.shallow_clone()]).unwrap().remove(0);
+    assert!(got.allclose(&want, 1e-6, 1e-6, false));
+    // Streamed into a rewritten archive by the CLI.
+    let rules = dir.path().join("stack.rules");
+    std::fs::write(&rules, STACK).unwrap();
+    let out = dir.path().join("out.pt");
+    let run = common::transplant([
+        "copy",
+        src.to_str().unwrap(),
+        module.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--rules",
+        rules.to_str().unwrap(),
+        "--strict",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let written = transplant::ModuleStore::open(&out).unwrap();
+    assert!(tensor_of(&written, "layers.0.experts.gate_up_proj").equal(&gate_up));
+    assert!(tensor_of(&written, "layers.0.experts.down_proj").equal(&down));
+}
