@@ -137,16 +137,16 @@ impl Builder<'_> {
                     "the index of {} is not a number from 0 (as 0, 1, 12)",
                     not_numbers.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", ")
                 ))
-            } else if let Some(twice) = by_index.values().flatten().find(|m| m.len() > 1) {
-                Some(format!(
-                    "{} are one place of the stack",
-                    twice.iter().map(|&i| name(i)).collect::<Vec<_>>().join(" and ")
-                ))
             } else {
-                None
+                by_index.values().flatten().find(|m| m.len() > 1).map(|twice| {
+                    format!(
+                        "{} are one place of the stack",
+                        twice.iter().map(|&i| name(i)).collect::<Vec<_>>().join(" and ")
+                    )
+                })
             };
             if let Some(problem) = problem {
-                self.set_aside_stack(&all, &to);
+                self.set_aside_stack(&all, to);
                 self.findings.push(Finding::Transform {
                     rule: text,
                     tensors: all.iter().take(8).map(|&i| name(i)).collect(),
@@ -169,7 +169,7 @@ impl Builder<'_> {
                 }
             }
             if !missing.is_empty() {
-                self.set_aside_stack(&all, &to);
+                self.set_aside_stack(&all, to);
                 let found = by_index
                     .values()
                     .flat_map(|at| {

@@ -300,6 +300,31 @@ mod tests {
         assert!(evaluate(&"-".repeat(10_000), &s).unwrap_err().contains("deeper"));
     }
 
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Hostile expressions are answered, never a panic; what is
+            /// answered is i64 arithmetic with exact division.
+            #[test]
+            fn expressions_never_panic(text in "[-+*/() 0-9a-z]{0,40}") {
+                let _ = evaluate(&text, &vec![("a".into(), i64::MAX), ("b".into(), -1), ("z".into(), 0)]);
+            }
+
+            #[test]
+            fn arithmetic_is_i64_arithmetic(a in -1000i64..1000, b in 1i64..50, c in -1000i64..1000) {
+                let scope = vec![("a".into(), a), ("b".into(), b), ("c".into(), c)];
+                prop_assert_eq!(evaluate("a * b + c", &scope), Ok(a * b + c));
+                prop_assert_eq!(evaluate("(a - c) * b", &scope), Ok((a - c) * b));
+                let exact = evaluate("a * b / b", &scope);
+                prop_assert_eq!(exact, Ok(a));
+                let divided = evaluate("a / b", &scope);
+                prop_assert_eq!(divided.is_ok(), a % b == 0);
+            }
+        }
+    }
+
     #[test]
     fn lets_define_once_and_sets_win() {
         let mut sets = Constants::new();
