@@ -22,57 +22,9 @@ fn regions_problem(pairs: &[&Pair], target: &Entry) -> Option<String> {
     if regions.len() == 1 && regions[0].is_empty() {
         return None;
     }
-    (!tiles(&regions, &target.shape)).then(|| {
+    (!crate::transform::tiles(&regions, &target.shape)).then(|| {
         format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len())
     })
-}
-
-/// Whether `regions` (ops from a tensor of `shape` to a region of it) cover
-/// it exactly once: ops they all start with are followed; where they narrow,
-/// the narrows of one dimension must lie side by side from 0 to its end, and
-/// the regions within each narrow tile it in turn.
-fn tiles(regions: &[&[Op]], shape: &[i64]) -> bool {
-    if regions.iter().all(|r| r.is_empty()) {
-        return regions.len() == 1;
-    }
-    if regions.iter().any(|r| r.is_empty()) {
-        return false;
-    }
-    let first = &regions[0][0];
-    let tails: Vec<&[Op]> = regions.iter().map(|r| &r[1..]).collect();
-    let Op::Narrow { dim, .. } = first else {
-        return regions.iter().all(|r| r[0] == *first)
-            && first.shape(shape).is_ok_and(|next| tiles(&tails, &next));
-    };
-    let Ok(d) = crate::transform::normalize(*dim, shape.len(), shape) else { return false };
-    let mut slices = Vec::with_capacity(regions.len());
-    for (r, tail) in regions.iter().zip(&tails) {
-        let Op::Narrow { dim, start, length } = r[0] else { return false };
-        if crate::transform::normalize(dim, shape.len(), shape) != Ok(d) {
-            return false;
-        }
-        let start = if start < 0 { start + shape[d] } else { start };
-        slices.push((start, length, *tail));
-    }
-    slices.sort_by_key(|s| (s.0, s.1));
-    let mut next = 0;
-    let mut k = 0;
-    while k < slices.len() {
-        let (start, length) = (slices[k].0, slices[k].1);
-        let same = slices[k..].iter().take_while(|s| (s.0, s.1) == (start, length)).count();
-        if start != next {
-            return false;
-        }
-        let mut part = shape.to_vec();
-        part[d] = length;
-        let inner: Vec<&[Op]> = slices[k..k + same].iter().map(|s| s.2).collect();
-        if !tiles(&inner, &part) {
-            return false;
-        }
-        next = start + length;
-        k += same;
-    }
-    next == shape[d]
 }
 
 /// What is wrong with one pair, if anything: shapes, a lossy cast, roles.

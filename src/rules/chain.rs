@@ -255,3 +255,42 @@ pub(super) fn parse_rename(
     };
     Ok((patterns, action, ops))
 }
+
+/// The capture group a `stack` ranges over: the one of each pattern that
+/// `target` does not refer to (the same in every pattern).
+pub(super) fn stack_index(
+    patterns: &[String],
+    regexes: &[(super::first::Pattern, regex_syntax::hir::Hir)],
+    target: &str,
+) -> std::result::Result<usize, String> {
+    let refs = super::group_references(target);
+    let mut index = None;
+    for (pattern, (regex, _)) in patterns.iter().zip(regexes) {
+        let names: Vec<Option<&str>> = regex.regex().map(|r| r.capture_names().collect()).unwrap_or_default();
+        let unused: Vec<usize> = (1..regex.captures_len())
+            .filter(|&k| {
+                !refs
+                    .iter()
+                    .any(|r| r.parse::<usize>() == Ok(k) || names.get(k).copied().flatten() == Some(r))
+            })
+            .collect();
+        let [k] = unused[..] else {
+            return Err(format!(
+                "stack ranges over the one capture of {pattern:?} that the target {target:?} does not use; \
+                 it has {} such captures (write the index as a capture, `(\\d+)`, that the target leaves out)",
+                unused.len()
+            ));
+        };
+        if index.is_some_and(|i| i != k) {
+            return Err("the patterns of a stack must range over the same capture group".into());
+        }
+        index = Some(k);
+    }
+    index.ok_or_else(|| "a stack needs a pattern".into())
+}
+
+/// The names an unstack makes of its targets' `parts` over `count` indices:
+/// index-major (every target of index 0, then of index 1, …).
+pub(crate) fn unstacked_names(parts: &[(String, String)], count: usize) -> Vec<String> {
+    (0..count).flat_map(|e| parts.iter().map(move |(a, b)| format!("{a}{e}{b}"))).collect()
+}

@@ -1,5 +1,10 @@
 //! The rule language (DESIGN.md, "The rule language").
 //!
+//! Long because every form of a rule (rename, split, cat, stack, unstack,
+//! skip) is one [`Action`], and its checks when added, its text and what it
+//! does to a name sit together here; the parsing of each form is in
+//! `chain.rs`, constants in `constants.rs`, the index in `first.rs`.
+//!
 //! ```text
 //! # comment
 //! backbone\.(.*)            => encoder.$1
@@ -38,7 +43,8 @@ mod constants;
 mod first;
 mod keep;
 
-use chain::parse_rename;
+pub(crate) use chain::unstacked_names;
+use chain::{parse_rename, stack_index};
 pub use constants::Constants;
 pub use keep::Keep;
 
@@ -306,45 +312,6 @@ fn group_references(replacement: &str) -> Vec<String> {
         }
     }
     refs
-}
-
-/// The capture group a `stack` ranges over: the one of each pattern that
-/// `target` does not refer to (the same in every pattern).
-fn stack_index(
-    patterns: &[String],
-    regexes: &[(first::Pattern, regex_syntax::hir::Hir)],
-    target: &str,
-) -> std::result::Result<usize, String> {
-    let refs = group_references(target);
-    let mut index = None;
-    for (pattern, (regex, _)) in patterns.iter().zip(regexes) {
-        let names: Vec<Option<&str>> = regex.regex().map(|r| r.capture_names().collect()).unwrap_or_default();
-        let unused: Vec<usize> = (1..regex.captures_len())
-            .filter(|&k| {
-                !refs
-                    .iter()
-                    .any(|r| r.parse::<usize>() == Ok(k) || names.get(k).copied().flatten() == Some(r))
-            })
-            .collect();
-        let [k] = unused[..] else {
-            return Err(format!(
-                "stack ranges over the one capture of {pattern:?} that the target {target:?} does not use; \
-                 it has {} such captures (write the index as a capture, `(\\d+)`, that the target leaves out)",
-                unused.len()
-            ));
-        };
-        if index.is_some_and(|i| i != k) {
-            return Err("the patterns of a stack must range over the same capture group".into());
-        }
-        index = Some(k);
-    }
-    index.ok_or_else(|| "a stack needs a pattern".into())
-}
-
-/// The names an unstack makes of its targets' `parts` over `count` indices:
-/// index-major (every target of index 0, then of index 1, …).
-pub(crate) fn unstacked_names(parts: &[(String, String)], count: usize) -> Vec<String> {
-    (0..count).flat_map(|e| parts.iter().map(move |(a, b)| format!("{a}{e}{b}"))).collect()
 }
 
 impl Rules {
