@@ -54,7 +54,7 @@ pub use plan::{
     Policy, Severity, Side,
 };
 pub use report::{Report, ReportKept, ReportLeftover, ReportPair, ReportProblem};
-pub use rules::{Action, Keep, Rule, RuleSource, Rules};
+pub use rules::{Action, Constants, Keep, Rule, RuleSource, Rules};
 pub use script_module::{NamedTensor, ScriptModule};
 pub use slot::{ModelSlot, Swap};
 pub use store::{

@@ -211,6 +211,54 @@ pub(crate) fn shape_after(ops: &[Op], shape: &[i64]) -> Result<Vec<i64>, String>
     Ok(shape)
 }
 
+/// Whether `regions` (ops from a tensor of `shape` to a region of it) cover
+/// it exactly once: ops they all start with are followed; where they narrow,
+/// the narrows of one dimension must lie side by side from 0 to its end, and
+/// the regions within each narrow tile it in turn.
+pub(crate) fn tiles(regions: &[&[Op]], shape: &[i64]) -> bool {
+    if regions.iter().all(|r| r.is_empty()) {
+        return regions.len() == 1;
+    }
+    if regions.iter().any(|r| r.is_empty()) {
+        return false;
+    }
+    let first = &regions[0][0];
+    let tails: Vec<&[Op]> = regions.iter().map(|r| &r[1..]).collect();
+    let Op::Narrow { dim, .. } = first else {
+        return regions.iter().all(|r| r[0] == *first)
+            && first.shape(shape).is_ok_and(|next| tiles(&tails, &next));
+    };
+    let Ok(d) = normalize(*dim, shape.len(), shape) else { return false };
+    let mut slices = Vec::with_capacity(regions.len());
+    for (r, tail) in regions.iter().zip(&tails) {
+        let Op::Narrow { dim, start, length } = r[0] else { return false };
+        if normalize(dim, shape.len(), shape) != Ok(d) {
+            return false;
+        }
+        let start = if start < 0 { start + shape[d] } else { start };
+        slices.push((start, length, *tail));
+    }
+    slices.sort_by_key(|s| (s.0, s.1));
+    let mut next = 0;
+    let mut k = 0;
+    while k < slices.len() {
+        let (start, length) = (slices[k].0, slices[k].1);
+        let same = slices[k..].iter().take_while(|s| (s.0, s.1) == (start, length)).count();
+        if start != next {
+            return false;
+        }
+        let mut part = shape.to_vec();
+        part[d] = length;
+        let inner: Vec<&[Op]> = slices[k..k + same].iter().map(|s| s.2).collect();
+        if !tiles(&inner, &part) {
+            return false;
+        }
+        next = start + length;
+        k += same;
+    }
+    next == shape[d]
+}
+
 /// What one pair does to the tensors it joins.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Transform {
@@ -324,6 +372,30 @@ mod tests {
             assert!(back.equal(&t), "{op}");
         }
         assert!(Op::Narrow { dim: 0, start: 0, length: 1 }.inverse(&[2]).unwrap().is_none());
+    }
+
+    /// Regions tile a target when they cover it once: side by side, nested
+    /// (a stack's slices in a cat's), never overlapping or leaving a gap.
+    #[test]
+    fn regions_tile_exactly_once() {
+        let n = |dim, start, length| Op::Narrow { dim, start, length };
+        let t = Op::Transpose { dims: [0, 1] };
+        let tiles_of =
+            |regions: &[Vec<Op>]| tiles(&regions.iter().map(Vec::as_slice).collect::<Vec<_>>(), &[4, 6]);
+        assert!(tiles_of(&[vec![n(0, 0, 1)], vec![n(0, 1, 3)]]));
+        assert!(tiles_of(&[vec![t.clone(), n(0, 0, 6)]]));
+        assert!(tiles_of(&[
+            vec![n(1, 0, 3), n(0, 0, 2)],
+            vec![n(1, 0, 3), n(0, 2, 2)],
+            vec![n(1, -3, 3), n(0, 0, 4)],
+        ]));
+        assert!(!tiles_of(&[vec![n(0, 0, 2)], vec![n(0, 1, 3)]]), "overlap");
+        assert!(!tiles_of(&[vec![n(0, 0, 1)], vec![n(0, 2, 2)]]), "gap");
+        assert!(!tiles_of(&[vec![n(0, 0, 4)], vec![n(0, 0, 4)]]), "twice");
+        assert!(!tiles_of(&[vec![n(1, 0, 3), n(0, 0, 2)], vec![n(1, 3, 3)]]), "nested gap");
+        assert!(!tiles_of(&[vec![n(0, 0, 2)], vec![n(1, 0, 6)]]), "two dimensions");
+        assert!(!tiles_of(&[vec![t.clone(), n(0, 0, 6)], vec![n(0, 0, 4)]]), "different ops");
+        assert!(!tiles_of(&[vec![], vec![n(0, 0, 4)]]));
     }
 
     mod properties {

@@ -400,7 +400,7 @@ fn the_parser_refuses_what_it_cannot_mean() {
         ("a => b | reshape()", "needs at least one argument"),
         ("a => b | transpose(0)", "transpose takes 2 argument(s)"),
         ("a => b | narrow(0, 1, -2)", "cannot be negative"),
-        ("a => b | reshape(x)", "\"x\" is not an integer"),
+        ("a => b | reshape(x)", "`x` is not a defined constant"),
         ("a => b | split(0)", "list them"),
         ("a => b, c", "several targets need `| split(D)`"),
         ("a => b, c | split(0, 1)", "split gives 1 sizes for 2 targets"),

@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 
 use crate::dtype::Dtype;
 use crate::entry::{Entry, EntryOrder, Format};
-use crate::plan::Mapping;
+use crate::plan::{unstack_parts, Mapping};
 use crate::rules::{Action, Outcome};
 use crate::store::{Source, StoreKind};
 use crate::transform::{normalize, shape_after};
@@ -56,6 +56,8 @@ struct Group {
     to: String,
     shapes: Vec<Option<Vec<i64>>>,
     entry: Entry,
+    /// For a `stack`: one more than the largest index found.
+    count: Option<i64>,
 }
 
 /// The sizes of a split's parts, if they fit the shape the rule's ops make.
@@ -76,6 +78,31 @@ fn split_shapes(shape: &[i64], dim: i64, sizes: Option<&Vec<i64>>, parts: usize)
             })
             .collect()
     })
+}
+
+/// The shape a stack of `count` tensors of each of `shapes` makes along a
+/// new `dim`, the stacks concatenated along `cat` (none where they cannot be:
+/// the plan reports why).
+fn stacked_shape(shapes: &[Vec<i64>], dim: i64, cat: Option<i64>, count: i64) -> Option<Vec<i64>> {
+    let rank = shapes.first()?.len() + 1;
+    let d = normalize(dim, rank, &vec![0; rank]).ok()?;
+    let stacked: Vec<Vec<i64>> = shapes
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s.insert(d.min(s.len()), count);
+            s
+        })
+        .collect();
+    match cat {
+        None => Some(stacked[0].clone()),
+        Some(c) => {
+            let c = normalize(c, rank, &stacked[0]).ok()?;
+            let mut shape = stacked[0].clone();
+            shape[c] = stacked.iter().try_fold(0i64, |a, s| a.checked_add(*s.get(c)?))?;
+            Some(shape)
+        }
+    }
 }
 
 impl Outline {
@@ -118,20 +145,47 @@ impl Outline {
                         made.push(((i, k), entry(name, shape)));
                     }
                 }
-                Outcome::Member { to, rule, member, key } => {
+                Outcome::Member { to, rule, member, key, index } => {
                     let members = rules.rules()[rule].patterns().len();
                     let group = groups.entry((rule, key)).or_insert_with(|| Group {
                         first: i,
                         to,
                         shapes: vec![None; members],
                         entry: entry("", e.shape.clone()),
+                        count: None,
                     });
                     group.shapes[member].get_or_insert_with(|| e.shape.clone());
+                    if let Some(k) = index.and_then(|k| k.parse::<i64>().ok()) {
+                        group.count = Some(group.count.unwrap_or(0).max(k.saturating_add(1)));
+                    }
+                }
+                Outcome::Unstack { parts, rule } => {
+                    // Where the rule cannot apply, the plan says why: no entry.
+                    let Ok((shapes, u, count)) = unstack_parts(&rules.rules()[rule], &e.shape) else {
+                        continue;
+                    };
+                    let names = crate::rules::unstacked_names(&parts, count as usize);
+                    for (k, name) in names.iter().enumerate() {
+                        let mut shape = shapes[k % shapes.len()].1.clone();
+                        shape.remove(u);
+                        made.push(((i, k), entry(name, shape)));
+                    }
                 }
             }
         }
-        for ((rule, _), Group { first, to, shapes, entry: mut e }) in groups {
+        for ((rule, _), Group { first, to, shapes, entry: mut e, count }) in groups {
             let r = &rules.rules()[rule];
+            if let (Action::Stack { dim, cat, .. }, Some(count)) = (&r.action, count) {
+                if let Some(shape) = shapes.into_iter().collect::<Option<Vec<_>>>().and_then(|shapes| {
+                    let stacked = stacked_shape(&shapes, *dim, *cat, count)?;
+                    shape_after(&r.ops, &stacked).ok()
+                }) {
+                    e.shape = shape;
+                }
+                e.name = to.as_str().into();
+                made.push(((first, 0), e));
+                continue;
+            }
             let Action::Cat { dim, .. } = &r.action else { continue };
             if let Some(shapes) = shapes.into_iter().collect::<Option<Vec<_>>>() {
                 let joined = normalize(*dim, shapes[0].len(), &shapes[0]).ok().and_then(|d| {

@@ -169,12 +169,22 @@ impl<'a> Builder<'a> {
                     r.names.push(Cow::Borrowed(&entry.name));
                     r.splits.push(SplitOf { source: i, rule, to, live: true });
                 }
-                Outcome::Member { to, rule, member, key } => {
+                Outcome::Member { to, rule, member, key, index } => {
                     fired[rule] = true;
                     r.rule_of[i] = Some(rule);
                     r.taken_source[i] = true;
                     r.names.push(Cow::Borrowed(&entry.name));
-                    r.members.push(MemberOf { source: i, rule, member, to, key });
+                    r.members.push(MemberOf { source: i, rule, member, to, key, index });
+                }
+                Outcome::Unstack { parts, rule } => {
+                    fired[rule] = true;
+                    r.rule_of[i] = Some(rule);
+                    r.taken_source[i] = true;
+                    r.names.push(Cow::Borrowed(&entry.name));
+                    let count =
+                        super::stack::unstack_count(&rules.rules()[rule], &entry.shape) / parts.len().max(1);
+                    let to = crate::rules::unstacked_names(&parts, count);
+                    r.splits.push(SplitOf { source: i, rule, to, live: true });
                 }
                 Outcome::Skipped { rule } => {
                     fired[rule] = true;

@@ -10,44 +10,21 @@ use crate::chunks;
 use crate::dotted::module_and_leaf;
 use crate::entry::Entry;
 use crate::matching::Matcher;
-use crate::transform::{shape_after, shape_text, Op};
+use crate::transform::{shape_text, Op};
 
 /// Where the pairs into one target write, when a transform writes into a
 /// region of it: the regions must tile the target exactly (a `cat`'s members
-/// side by side), or some of it would keep old values or be written twice.
+/// side by side, a `stack`'s members one index each), or some of it would keep
+/// old values or be written twice.
 fn regions_problem(pairs: &[&Pair], target: &Entry) -> Option<String> {
     let regions: Vec<&[Op]> =
         pairs.iter().map(|p| p.transform.as_ref().map_or(&[][..], |t| t.target_ops.as_slice())).collect();
     if regions.len() == 1 && regions[0].is_empty() {
         return None;
     }
-    let bad = || {
-        Some(format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len()))
-    };
-    let mut slices = Vec::with_capacity(regions.len());
-    for ops in &regions {
-        let Some((Op::Narrow { dim, start, length }, prefix)) = ops.split_last() else { return bad() };
-        if prefix != regions[0].split_last().map_or(&[][..], |(_, p)| p) {
-            return bad();
-        }
-        slices.push((*dim, *start, *length));
-    }
-    let prefix = regions[0].split_last().map_or(&[][..], |(_, p)| p);
-    let Ok(shape) = shape_after(prefix, &target.shape) else { return bad() };
-    let dim = slices[0].0;
-    let Ok(d) = crate::transform::normalize(dim, shape.len(), &shape) else { return bad() };
-    if slices.iter().any(|s| s.0 != dim) {
-        return bad();
-    }
-    slices.sort_by_key(|s| s.1);
-    let mut next = 0;
-    for (_, start, length) in slices {
-        if start != next {
-            return bad();
-        }
-        next = start + length;
-    }
-    (next != shape[d]).then(bad).flatten()
+    (!crate::transform::tiles(&regions, &target.shape)).then(|| {
+        format!("{} receives {} pair(s) whose regions do not tile it exactly", target.name, pairs.len())
+    })
 }
 
 /// What is wrong with one pair, if anything: shapes, a lossy cast, roles.

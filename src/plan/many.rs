@@ -27,14 +27,17 @@ pub(super) struct MemberOf {
     pub(super) member: usize,
     pub(super) to: String,
     pub(super) key: Vec<String>,
+    /// For a `stack`: the index's text.
+    pub(super) index: Option<String>,
 }
 
-/// A `cat` rule's sources for one target, one per pattern, in order.
+/// A `cat` rule's sources for one target, one per pattern, in order (a
+/// `stack`'s: index-major, one per pattern at each index).
 pub(super) struct Group {
-    rule: usize,
-    to: String,
-    sources: Vec<usize>,
-    live: bool,
+    pub(super) rule: usize,
+    pub(super) to: String,
+    pub(super) sources: Vec<usize>,
+    pub(super) live: bool,
 }
 
 /// What claims a new name: a source (renamed or not), a part of a split, a group.
@@ -53,7 +56,13 @@ impl Builder<'_> {
         let sources = self.source.entries();
         let mut index: HashMap<(usize, &[String]), usize> = HashMap::new();
         let mut found: Vec<(usize, &str, Vec<Vec<usize>>)> = Vec::new();
-        for m in &r.members {
+        let is_stack = |rule: usize| matches!(rules.rules()[rule].action, Action::Stack { .. });
+        let members = std::mem::take(&mut r.members);
+        let stacked: Vec<&MemberOf> = members.iter().filter(|m| is_stack(m.rule)).collect();
+        if !stacked.is_empty() {
+            self.form_stacks(rules, &stacked, r);
+        }
+        for m in members.iter().filter(|m| !is_stack(m.rule)) {
             let members = rules.rules()[m.rule].patterns().len();
             let g = *index.entry((m.rule, &m.key)).or_insert_with(|| {
                 found.push((m.rule, &m.to, vec![Vec::new(); members]));
@@ -166,7 +175,13 @@ impl Builder<'_> {
 
     /// The problem of a transform, as a finding: an error naming the rule,
     /// the tensors and the shapes.
-    fn transform_problem(&mut self, rule: usize, sources: &[usize], targets: &[&str], problem: String) {
+    pub(super) fn transform_problem(
+        &mut self,
+        rule: usize,
+        sources: &[usize],
+        targets: &[&str],
+        problem: String,
+    ) {
         let entries = self.source.entries();
         let mut tensors: Vec<String> = sources
             .iter()
@@ -180,7 +195,7 @@ impl Builder<'_> {
     }
 
     /// A target name a rule made, if the target has it and it is still free.
-    fn free_target(
+    pub(super) fn free_target(
         &self,
         lookup: &NameLookup,
         name: &str,
@@ -202,6 +217,10 @@ impl Builder<'_> {
                 continue;
             }
             let (i, rule) = (r.splits[k].source, r.splits[k].rule);
+            if let Action::Unstack { .. } = &rules.rules()[rule].action {
+                self.pair_unstack(rules, lookup, r, k);
+                continue;
+            }
             let Action::Split { dim, sizes, .. } = &rules.rules()[rule].action else { continue };
             let ops = &rules.rules()[rule].ops;
             let names: Vec<&str> = r.splits[k].to.iter().map(String::as_str).collect();
@@ -260,6 +279,10 @@ impl Builder<'_> {
                 continue;
             }
             let (rule, members) = (r.groups[g].rule, r.groups[g].sources.clone());
+            if let Action::Stack { .. } = &rules.rules()[rule].action {
+                self.pair_stack(rules, lookup, r, g);
+                continue;
+            }
             let Action::Cat { dim, .. } = &rules.rules()[rule].action else { continue };
             let ops = &rules.rules()[rule].ops;
             let to = r.groups[g].to.clone();

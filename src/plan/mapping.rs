@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use crate::entry::{Entry, EntryOrder, Name};
 use crate::error::{Error, Result};
 use crate::matching::Matcher;
-use crate::rules::Rules;
+use crate::rules::{Constants, Rules};
 use crate::store::Source;
 
 /// How names are mapped: explicit rules first, then an automatic matcher.
@@ -82,15 +82,44 @@ impl Mapping {
         skips: &[String],
         matcher: Matcher,
     ) -> Result<Self> {
+        Self::from_parts_with(rules_file, maps, skips, &Constants::new(), matcher)
+    }
+
+    /// [`Mapping::from_parts`], the rules file's constants given the values
+    /// `sets` has for them (`--set NAME=VALUE`; each must name a `let` of the
+    /// file). The `maps` rules see the file's constants too.
+    pub fn from_parts_with(
+        rules_file: Option<&std::path::Path>,
+        maps: &[String],
+        skips: &[String],
+        sets: &Constants,
+        matcher: Matcher,
+    ) -> Result<Self> {
+        let file = match rules_file {
+            Some(path) => Some(Rules::from_file_with(path, sets)?),
+            None if !sets.is_empty() => {
+                let name = sets.names().next().unwrap_or_default();
+                return Err(Error::Rule {
+                    at: format!("--set {name}"),
+                    message: "--set gives a value to a constant of the rules file (`let NAME = VALUE`): \
+                              name the file with --rules"
+                        .into(),
+                });
+            }
+            None => None,
+        };
         let mut rules = Rules::new();
+        if let Some(file) = &file {
+            rules.use_constants_of(file);
+        }
         for pattern in skips {
             rules.add_skip(pattern)?;
         }
         for spec in maps {
             rules.add_map(spec)?;
         }
-        if let Some(path) = rules_file {
-            rules.extend(&Rules::from_file(path)?)?;
+        if let Some(file) = &file {
+            rules.extend(file)?;
         }
         Ok(Self { rules, matcher, source_order: None })
     }

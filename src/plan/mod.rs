@@ -7,6 +7,8 @@
 //!   the matcher, then what follows from the pairs;
 //! - `many.rs`: splits, groups of a `cat`, and collisions among the names
 //!   rules make;
+//! - `stack.rs`: the groups of a `stack` (every index of a capture, in
+//!   order, checked for gaps) and the parts of an `unstack`;
 //! - `finish.rs`: what follows from the pairs (findings per pair, leftovers,
 //!   hints, BatchNorm modules copied in part);
 //! - `finding.rs`: what a plan can find, and how serious each is;
@@ -21,6 +23,7 @@ mod finish;
 mod kept;
 mod many;
 mod mapping;
+mod stack;
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use file::{PlanFile, PlannedPair};
 pub use finding::{Finding, Severity};
 pub use mapping::{Mapping, NameOrder};
+pub(crate) use stack::unstack_parts;
 
 use crate::dtype::Dtype;
 use crate::entry::Name;

@@ -1,18 +1,23 @@
 //! The right-hand side of a rename, and the patterns of a `cat`: `A + B =>
 //! T1, T2 | op(..) | split(..)` read into patterns, an [`Action`] and ops,
 //! with every combination the language does not allow refused by name.
+use super::constants::{evaluate, Scope};
 use super::Action;
 use crate::transform::Op;
 
-/// A chain's steps as written: ops, a split (last) or a cat (first).
+/// A chain's steps as written: ops, a split (last, or before an unstack), a
+/// cat (first, or after a stack), a stack (first) or an unstack (last).
 enum Step {
     Op(Op),
     Split { dim: i64, sizes: Option<Vec<i64>> },
     Cat { dim: i64 },
+    Stack { dim: i64 },
+    Unstack { dim: i64 },
 }
 
-/// Parses `name(1, -2, 3)`.
-fn parse_step(text: &str) -> std::result::Result<Step, String> {
+/// Parses `name(1, -2, 3)`; each argument an integer expression over the
+/// constants in `scope` (`dim / heads`).
+fn parse_step(text: &str, scope: &Scope) -> std::result::Result<Step, String> {
     let text = text.trim();
     let (name, args) = text
         .strip_suffix(')')
@@ -23,7 +28,7 @@ fn parse_step(text: &str) -> std::result::Result<Step, String> {
         Vec::new()
     } else {
         args.split(',')
-            .map(|a| a.trim().parse::<i64>().map_err(|_| format!("{name}: {:?} is not an integer", a.trim())))
+            .map(|a| evaluate(a, scope).map_err(|e| format!("{name}: {e}")))
             .collect::<std::result::Result<_, _>>()?
     };
     let count = |n: usize| {
@@ -78,9 +83,17 @@ fn parse_step(text: &str) -> std::result::Result<Step, String> {
             count(1)?;
             Step::Cat { dim: args[0] }
         }
+        "stack" => {
+            count(1)?;
+            Step::Stack { dim: args[0] }
+        }
+        "unstack" => {
+            count(1)?;
+            Step::Unstack { dim: args[0] }
+        }
         other => {
             return Err(format!(
-                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split and cat"
+                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split, cat, stack and unstack"
             ))
         }
     })
@@ -90,6 +103,7 @@ fn parse_step(text: &str) -> std::result::Result<Step, String> {
 pub(super) fn parse_rename(
     left: &str,
     right: &str,
+    scope: &Scope,
 ) -> std::result::Result<(Vec<String>, Action, Vec<Op>), String> {
     // Patterns hold no spaces, so ` + ` separates the members of a cat.
     let words: Vec<&str> = left.split_whitespace().collect();
@@ -115,13 +129,31 @@ pub(super) fn parse_rename(
     let mut parts = right.split('|');
     let targets: Vec<String> =
         parts.next().unwrap_or_default().split(',').map(|t| t.trim().to_string()).collect();
-    let steps = parts.map(parse_step).collect::<std::result::Result<Vec<_>, _>>()?;
+    let steps = parts.map(|p| parse_step(p, scope)).collect::<std::result::Result<Vec<_>, _>>()?;
     let mut ops = Vec::new();
-    let (mut split, mut cat) = (None, None);
+    let (mut split, mut cat, mut stack, mut unstack) = (None, None, None, None);
+    let last = steps.len().saturating_sub(1);
     for (k, step) in steps.into_iter().enumerate() {
         match step {
+            Step::Stack { dim } => {
+                if k != 0 {
+                    return Err(
+                        "stack starts a chain: it must be the first op (`| stack(D) | cat(C)` fuses)".into(),
+                    );
+                }
+                stack = Some(dim);
+            }
+            Step::Unstack { dim } => {
+                if k != last {
+                    return Err(
+                        "unstack ends a chain: no op can follow it (`| split(C) | unstack(D)` parts first)"
+                            .into(),
+                    );
+                }
+                unstack = Some(dim);
+            }
             Step::Op(op) => {
-                if cat.is_some() && matches!(op, Op::Narrow { .. }) {
+                if (cat.is_some() || stack.is_some()) && matches!(op, Op::Narrow { .. }) {
                     return Err("narrow after cat: the concatenation is written into the target as views, \
                                 and a narrowed target region cannot be one; narrow the target's sources instead"
                         .into());
@@ -138,12 +170,47 @@ pub(super) fn parse_rename(
                 split = Some((dim, sizes));
             }
             Step::Cat { dim } => {
-                if k != 0 {
-                    return Err("cat starts a chain: it must be the first op".into());
+                if k != 0 && !(k == 1 && stack.is_some()) {
+                    return Err("cat starts a chain: it must be the first op (or follow a stack)".into());
                 }
                 cat = Some(dim);
             }
         }
+    }
+    if let Some(dim) = stack {
+        if split.is_some() || unstack.is_some() {
+            return Err("a rule either stacks (many to one) or splits and unstacks (one to many)".into());
+        }
+        if targets.len() != 1 || targets[0].is_empty() {
+            return Err("stack makes one target".into());
+        }
+        if patterns.len() > 1 && cat.is_none() {
+            return Err("several patterns' stacks are joined: `A + B => T | stack(D) | cat(C)`".into());
+        }
+        if patterns.len() == 1 && cat.is_some() {
+            return Err(
+                "stack then cat joins several patterns' stacks: `A + B => T | stack(D) | cat(C)`".into()
+            );
+        }
+        let target = targets.into_iter().next().unwrap_or_default();
+        return Ok((patterns, Action::Stack { target, dim, cat, index: 0 }, ops));
+    }
+    if let Some(dim) = unstack {
+        if cat.is_some() || patterns.len() > 1 {
+            return Err("unstack makes many targets of one source: one pattern, no cat".into());
+        }
+        if targets.iter().any(String::is_empty) {
+            return Err("an empty target in the list".into());
+        }
+        if targets.len() > 1 && split.is_none() {
+            return Err("several targets of an unstack need `| split(C) | unstack(D)`".into());
+        }
+        if let Some((_, Some(sizes))) = &split {
+            if sizes.len() != targets.len() {
+                return Err(format!("split gives {} sizes for {} targets", sizes.len(), targets.len()));
+            }
+        }
+        return Ok((patterns, Action::Unstack { targets, dim, split }, ops));
     }
     if targets.iter().any(String::is_empty) {
         return Err(if targets.len() == 1 {
@@ -187,4 +254,43 @@ pub(super) fn parse_rename(
         }
     };
     Ok((patterns, action, ops))
+}
+
+/// The capture group a `stack` ranges over: the one of each pattern that
+/// `target` does not refer to (the same in every pattern).
+pub(super) fn stack_index(
+    patterns: &[String],
+    regexes: &[(super::first::Pattern, regex_syntax::hir::Hir)],
+    target: &str,
+) -> std::result::Result<usize, String> {
+    let refs = super::group_references(target);
+    let mut index = None;
+    for (pattern, (regex, _)) in patterns.iter().zip(regexes) {
+        let names: Vec<Option<&str>> = regex.regex().map(|r| r.capture_names().collect()).unwrap_or_default();
+        let unused: Vec<usize> = (1..regex.captures_len())
+            .filter(|&k| {
+                !refs
+                    .iter()
+                    .any(|r| r.parse::<usize>() == Ok(k) || names.get(k).copied().flatten() == Some(r))
+            })
+            .collect();
+        let [k] = unused[..] else {
+            return Err(format!(
+                "stack ranges over the one capture of {pattern:?} that the target {target:?} does not use; \
+                 it has {} such captures (write the index as a capture, `(\\d+)`, that the target leaves out)",
+                unused.len()
+            ));
+        };
+        if index.is_some_and(|i| i != k) {
+            return Err("the patterns of a stack must range over the same capture group".into());
+        }
+        index = Some(k);
+    }
+    index.ok_or_else(|| "a stack needs a pattern".into())
+}
+
+/// The names an unstack makes of its targets' `parts` over `count` indices:
+/// index-major (every target of index 0, then of index 1, …).
+pub(crate) fn unstacked_names(parts: &[(String, String)], count: usize) -> Vec<String> {
+    (0..count).flat_map(|e| parts.iter().map(move |(a, b)| format!("{a}{e}{b}"))).collect()
 }

@@ -1,5 +1,10 @@
 //! The rule language (DESIGN.md, "The rule language").
 //!
+//! Long because every form of a rule (rename, split, cat, stack, unstack,
+//! skip) is one [`Action`], and its checks when added, its text and what it
+//! does to a name sit together here; the parsing of each form is in
+//! `chain.rs`, constants in `constants.rs`, the index in `first.rs`.
+//!
 //! ```text
 //! # comment
 //! backbone\.(.*)            => encoder.$1
@@ -8,6 +13,8 @@
 //! (.*)\.q\.w + (.*)\.k\.w   => $1.kv.w | cat(0)
 //! skip   head\..*
 //! keep   head\..*
+//! let heads = 32
+//! (.*)\.wq\.weight        => $1.q_proj.weight | reshape(heads, 2, 4096 / heads / 2, 4096)
 //! ```
 //!
 //! A pattern matches the **whole** source name; the replacement is the whole
@@ -22,6 +29,8 @@
 //! could match it, so that mapping many names over many rules stays about
 //! linear in both. `keep PATTERN` names **target** tensors that stay as they
 //! are ([`Keep`]); it renames nothing and is kept apart from the other rules.
+//! `let NAME = EXPR` defines an integer constant that op arguments use
+//! (`constants.rs`), its value replaceable from outside ([`Constants`]).
 use serde::Serialize;
 use std::fmt;
 use std::path::Path;
@@ -30,10 +39,13 @@ use crate::error::{Error, Result};
 use crate::transform::Op;
 
 mod chain;
+mod constants;
 mod first;
 mod keep;
 
-use chain::parse_rename;
+pub(crate) use chain::unstacked_names;
+use chain::{parse_rename, stack_index};
+pub use constants::Constants;
 pub use keep::Keep;
 
 /// Where a rule was written: a file and line, or a command-line flag.
@@ -90,6 +102,33 @@ pub enum Action {
         /// The dimension concatenated.
         dim: i64,
     },
+    /// `A[ + B]... => T | stack(D)[ | cat(C)]`: every source a pattern
+    /// matches over the range of its one capture `T` does not use (its
+    /// `index`, a number from 0), stacked in that number's order along a new
+    /// dimension `dim`; several patterns' stacks concatenated along `cat` of
+    /// the stacked shape. The rule's ops apply to the result.
+    Stack {
+        /// The target.
+        target: String,
+        /// The new dimension.
+        dim: i64,
+        /// The dimension several patterns' stacks are concatenated along.
+        cat: Option<i64>,
+        /// The capture group holding the index (from 1).
+        index: usize,
+    },
+    /// `A => T[, T]... [| split(C[, S]...)] | unstack(D)`: one source, after the
+    /// rule's ops (and parted along `C` into the targets listed), unstacked
+    /// along `dim` into one target per index; each target holds one `*`, where
+    /// the index goes.
+    Unstack {
+        /// The targets, each with one `*`.
+        targets: Vec<String>,
+        /// The dimension unstacked.
+        dim: i64,
+        /// The split before the unstack: dimension and sizes (`None`: equal).
+        split: Option<(i64, Option<Vec<i64>>)>,
+    },
     /// Leave the name out of the transfer.
     Skip,
 }
@@ -120,6 +159,20 @@ impl fmt::Display for Rule {
                 write!(f, "{} => {}{ops} | split({dim}{sizes})", self.pattern, targets.join(", "))
             }
             Action::Cat { target, dim } => write!(f, "{} => {target} | cat({dim}){ops}", self.pattern),
+            Action::Stack { target, dim, cat, .. } => {
+                let cat = cat.map(|c| format!(" | cat({c})")).unwrap_or_default();
+                write!(f, "{} => {target} | stack({dim}){cat}{ops}", self.pattern)
+            }
+            Action::Unstack { targets, dim, split } => {
+                let split = split
+                    .as_ref()
+                    .map(|(d, sizes)| {
+                        let sizes: String = sizes.iter().flatten().map(|s| format!(", {s}")).collect();
+                        format!(" | split({d}{sizes})")
+                    })
+                    .unwrap_or_default();
+                write!(f, "{} => {}{ops}{split} | unstack({dim})", self.pattern, targets.join(", "))
+            }
             Action::Skip => write!(f, "skip {}", self.pattern),
         }
     }
@@ -165,8 +218,18 @@ pub enum Outcome {
         rule: usize,
         /// Which pattern it matched, from 0.
         member: usize,
-        /// The pattern's captures, in order.
+        /// The pattern's captures, in order (for a `stack`, all but the index).
         key: Vec<String>,
+        /// For a `stack`: the index's text (a number from 0, when well formed).
+        index: Option<String>,
+    },
+    /// Rule `rule` unstacks it: each target is a prefix and a suffix around
+    /// where an index goes ([`unstacked_names`] makes the names).
+    Unstack {
+        /// The targets' text before and after the index.
+        parts: Vec<(String, String)>,
+        /// Index of the rule in [`Rules::rules`].
+        rule: usize,
     },
     /// Rule `rule` skips it.
     Skipped {
@@ -190,6 +253,9 @@ pub struct Rules {
     /// The `keep` rules, over target names.
     keeps: Vec<Keep>,
     flags: [usize; 3],
+    /// The constants defined by `let`, in order, with the values set from
+    /// outside in place: what op arguments see.
+    constants: constants::Scope,
 }
 
 /// The regex crate's error in one line (its syntax errors draw a caret diagram).
@@ -256,6 +322,13 @@ impl Rules {
 
     /// Parses a rules file's text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self> {
+        Self::parse_with(text, file, &Constants::new())
+    }
+
+    /// Parses a rules file's text, its constants given the values `sets` has
+    /// for them (`--set NAME=VALUE`); a set value whose name no `let` of the
+    /// file defines is an error.
+    pub fn parse_with(text: &str, file: &str, sets: &Constants) -> Result<Self> {
         let mut rules = Self::new();
         for (index, line) in text.lines().enumerate() {
             let source = RuleSource::File { file: file.to_string(), line: index + 1 };
@@ -263,20 +336,59 @@ impl Rules {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            rules.push_line(line, source)?;
+            rules.push_line(line, source, sets)?;
+        }
+        if let Some(name) = sets.names().find(|n| !rules.constants.iter().any(|(c, _)| c == n)) {
+            let defined: Vec<&str> = rules.constants.iter().map(|(c, _)| c.as_str()).collect();
+            return Err(Error::Rule {
+                at: format!("--set {name}"),
+                message: if defined.is_empty() {
+                    format!("{file} defines no constants (`let NAME = VALUE`) to set")
+                } else {
+                    format!("{file} defines no constant `{name}` (it defines {})", defined.join(", "))
+                },
+            });
         }
         Ok(rules)
     }
 
     /// Reads and parses a rules file.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_file_with(path, &Constants::new())
+    }
+
+    /// Reads and parses a rules file, its constants given the values `sets`
+    /// has for them (see [`Rules::parse_with`]).
+    pub fn from_file_with(path: &Path, sets: &Constants) -> Result<Self> {
         let bytes = crate::files::read_bounded(path, MAX_RULES_BYTES, "rules file")?;
         let text = String::from_utf8(bytes)
             .map_err(|_| Error::Rule { at: path.display().to_string(), message: "not UTF-8 text".into() })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_with(&text, &path.display().to_string(), sets)
     }
 
-    fn push_line(&mut self, line: &str, source: RuleSource) -> Result<()> {
+    /// The constants (`let`), in order, with their values (set from outside
+    /// where they were).
+    pub fn constants(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.constants.iter().map(|(n, v)| (n.as_str(), *v))
+    }
+
+    /// Makes `other`'s constants visible to the op arguments of the rules
+    /// added after this (a `--map` using a rules file's constants).
+    pub fn use_constants_of(&mut self, other: &Rules) {
+        for (name, value) in &other.constants {
+            if !self.constants.iter().any(|(n, _)| n == name) {
+                self.constants.push((name.clone(), *value));
+            }
+        }
+    }
+
+    fn push_line(&mut self, line: &str, source: RuleSource, sets: &Constants) -> Result<()> {
+        if let Some(definition) = line.strip_prefix("let").filter(|d| d.starts_with(char::is_whitespace)) {
+            let (name, value) = constants::define(definition, &self.constants, sets)
+                .map_err(|message| Error::Rule { at: source.to_string(), message })?;
+            self.constants.push((name, value));
+            return Ok(());
+        }
         if let Some((left, right)) = line.split_once("=>") {
             return self.push_rename(left, right, source);
         }
@@ -292,14 +404,16 @@ impl Rules {
             }
             _ => Err(Error::Rule {
                 at: source.to_string(),
-                message: format!("cannot read {line:?}: expected `PATTERN => REPLACEMENT`, `skip PATTERN` or `keep PATTERN`"),
+                message: format!(
+                    "cannot read {line:?}: expected `PATTERN => REPLACEMENT`, `skip PATTERN`, `keep PATTERN` or `let NAME = VALUE`"
+                ),
             }),
         }
     }
 
     fn push_rename(&mut self, left: &str, right: &str, source: RuleSource) -> Result<()> {
-        let (patterns, action, ops) =
-            parse_rename(left, right).map_err(|message| Error::Rule { at: source.to_string(), message })?;
+        let (patterns, action, ops) = parse_rename(left, right, &self.constants)
+            .map_err(|message| Error::Rule { at: source.to_string(), message })?;
         if patterns.is_empty() {
             return Err(Error::Rule { at: source.to_string(), message: "empty pattern".into() });
         }
@@ -358,6 +472,7 @@ impl Rules {
             self.add(patterns, rule.action.clone(), rule.ops.clone(), rule.source.clone())?;
         }
         self.keeps.extend(other.keeps.iter().cloned());
+        self.use_constants_of(other);
         Ok(())
     }
 
@@ -386,7 +501,16 @@ impl Rules {
         let replacements: Vec<&String> = match &action {
             Action::Rename(to) => vec![to],
             Action::Split { targets, .. } => targets.iter().collect(),
-            Action::Cat { target, .. } => vec![target],
+            Action::Cat { target, .. } | Action::Stack { target, .. } => vec![target],
+            Action::Unstack { targets, .. } => {
+                if let Some(t) = targets.iter().find(|t| t.matches('*').count() != 1) {
+                    return Err(Error::Rule {
+                        at: at(),
+                        message: format!("unstack target {t:?} needs one `*`, where the index goes"),
+                    });
+                }
+                targets.iter().collect()
+            }
             Action::Skip => {
                 if !ops.is_empty() {
                     return Err(Error::Rule { at: at(), message: "a skip takes no ops".into() });
@@ -425,6 +549,11 @@ impl Rules {
                         .into(),
                 });
             }
+        }
+        let mut action = action;
+        if let Action::Stack { target, index, .. } = &mut action {
+            *index = stack_index(&patterns, &regexes, target)
+                .map_err(|message| Error::Rule { at: at(), message })?;
         }
         let rule = self.rules.len();
         let mut members = Vec::with_capacity(regexes.len());
@@ -476,6 +605,27 @@ impl Rules {
                 rule,
                 member,
                 key: captures.iter().skip(1).map(|c| c.map_or("", |c| c.as_str()).to_string()).collect(),
+                index: None,
+            },
+            Action::Stack { target, index, .. } => {
+                let text = |c: Option<regex::Match>| c.map_or("", |c| c.as_str()).to_string();
+                Outcome::Member {
+                    to: expand(target),
+                    rule,
+                    member,
+                    key: (1..captures.len()).filter(|k| k != index).map(|k| text(captures.get(k))).collect(),
+                    index: Some(text(captures.get(*index))),
+                }
+            }
+            Action::Unstack { targets, .. } => Outcome::Unstack {
+                parts: targets
+                    .iter()
+                    .map(|t| {
+                        let (before, after) = t.split_once('*').unwrap_or((t, ""));
+                        (expand(before), expand(after))
+                    })
+                    .collect(),
+                rule,
             },
         }
     }

@@ -177,3 +177,78 @@ fn the_index_finds_the_first_rule_that_matches_as_trying_each_would() {
         assert_eq!(got, expected, "{name}");
     }
 }
+
+/// `let` constants in op arguments, with integer arithmetic; `--set` values
+/// replace a `let`'s value and what is defined from it follows.
+#[test]
+fn constants_size_op_arguments() {
+    let text = "let dim = 64\nlet heads = 4\nlet head_dim = dim / heads\n\
+                wq => q | reshape(heads, 2, head_dim / 2, dim) | transpose(1, 2) | reshape(dim, dim)\n";
+    let ops = |r: &Rules| r.rules()[0].ops.clone();
+    let r = rules(text);
+    assert_eq!(r.constants().collect::<Vec<_>>(), vec![("dim", 64), ("heads", 4), ("head_dim", 16)]);
+    assert_eq!(ops(&r)[0], Op::Reshape { shape: vec![4, 2, 8, 64] });
+    assert_eq!(
+        r.rules()[0].to_string(),
+        "wq => q | reshape(4, 2, 8, 64) | transpose(1, 2) | reshape(64, 64)"
+    );
+    let mut sets = Constants::new();
+    sets.set("heads", 8).unwrap();
+    sets.set("dim", 128).unwrap();
+    let r = Rules::parse_with(text, "rules.txt", &sets).unwrap();
+    assert_eq!(ops(&r)[0], Op::Reshape { shape: vec![8, 2, 8, 128] });
+    assert_eq!(ops(&r)[2], Op::Reshape { shape: vec![128, 128] });
+}
+
+/// An undefined name, a division with a remainder (a non-integer), a bad
+/// `let` or a `--set` naming no `let`: errors naming the file and line (or
+/// the flag), when parsed.
+#[test]
+fn bad_constants_are_named_where_written() {
+    let message = error("let heads = 3\na => b | reshape(heads, 64 / heads)\n");
+    assert!(
+        message.contains("rules.txt:2") && message.contains("64 / 3") && message.contains("remainder"),
+        "{message}"
+    );
+    let message = error("a => b | reshape(-1)\nc => d | reshape(dim, -1)\n");
+    assert!(
+        message.contains("rules.txt:2") && message.contains("`dim` is not a defined constant"),
+        "{message}"
+    );
+    let message = error("a => b | reshape(dim)\nlet dim = 4\n");
+    assert!(message.contains("rules.txt:1"), "a constant is defined before its use: {message}");
+    let message = error("let a = 1\nlet a = 2\n");
+    assert!(message.contains("rules.txt:2") && message.contains("twice"), "{message}");
+    let message = error("let 2a = 1\n");
+    assert!(message.contains("rules.txt:1") && message.contains("not a constant's name"), "{message}");
+    let message = error("let a = 7 / 2\n");
+    assert!(
+        message.contains("rules.txt:1") && message.contains("let a") && message.contains("remainder"),
+        "{message}"
+    );
+    let mut sets = Constants::new();
+    sets.set("hedas", 8).unwrap();
+    let message = Rules::parse_with("let heads = 4\n", "rules.txt", &sets).unwrap_err().to_string();
+    assert!(message.contains("--set hedas") && message.contains("defines no constant `hedas`"), "{message}");
+    assert!(message.contains("heads"), "{message}");
+    // A set value makes another division inexact: named where it happens.
+    let mut sets = Constants::new();
+    sets.set("heads", 5).unwrap();
+    let message =
+        Rules::parse_with("let heads = 4\na => b | reshape(heads, 64 / heads)\n", "rules.txt", &sets)
+            .unwrap_err()
+            .to_string();
+    assert!(message.contains("rules.txt:2") && message.contains("64 / 5"), "{message}");
+}
+
+/// A `--map` sees the rules file's constants.
+#[test]
+fn maps_see_the_constants_of_the_file() {
+    let file = rules("let n = 3\n");
+    let mut r = Rules::new();
+    r.use_constants_of(&file);
+    r.add_map("a => b | reshape(n * 2, -1)").unwrap();
+    assert_eq!(r.rules()[0].ops[0], Op::Reshape { shape: vec![6, -1] });
+    let message = Rules::new().add_map("a => b | reshape(n)").unwrap_err().to_string();
+    assert!(message.contains("--map #1") && message.contains("`n`"), "{message}");
+}

@@ -108,6 +108,9 @@ pub enum Command {
         /// A rules file: renames, skips, transforms (see the README's rule language).
         #[arg(long, value_name = "FILE")]
         rules: Option<PathBuf>,
+        /// Give a constant of the rules file (`let NAME = VALUE`) another value.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        sets: Vec<String>,
         /// A rule, `PATTERN=>REPLACEMENT [| OP]...` (any form a rules file takes).
         #[arg(long = "map", value_name = "PATTERN=>REPLACEMENT")]
         maps: Vec<String>,
@@ -228,6 +231,10 @@ pub struct MappingArgs {
     /// A rules file: `PATTERN => REPLACEMENT`, `skip PATTERN` and `keep PATTERN`, one per line.
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
+    /// Give a constant of the rules file (`let NAME = VALUE`) another value,
+    /// as `heads=8`: one rules file serves every size of a model family.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub sets: Vec<String>,
     /// A rename rule, `PATTERN=>REPLACEMENT` (regex on the whole name; $1, ${name}).
     #[arg(long = "map", value_name = "PATTERN=>REPLACEMENT")]
     pub maps: Vec<String>,

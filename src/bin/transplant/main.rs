@@ -15,8 +15,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use transplant::{
-    compare_outputs, convert, copy_to_file, copy_with, diff, plan_conversion, ConvertOptions, CopyOptions,
-    Format, Mapping, Matcher, ModuleStore, NameOrder, Plan, Policy, Report, ScriptModule, Summary, Tolerance,
+    compare_outputs, convert, copy_to_file, copy_with, diff, plan_conversion, Constants, ConvertOptions,
+    CopyOptions, Format, Mapping, Matcher, ModuleStore, NameOrder, Plan, Policy, Report, ScriptModule,
+    Summary, Tolerance,
 };
 
 use cli::{Cli, Command, DtypeArg, MappingArgs, MatchArg};
@@ -181,13 +182,28 @@ impl<T: Serialize + Display, E: Serialize> Display for WithExtra<'_, T, E> {
     }
 }
 
+/// The `--set NAME=VALUE` flags.
+fn constants(sets: &[String]) -> Result<Constants> {
+    let mut constants = Constants::new();
+    for set in sets {
+        constants.set_text(set)?;
+    }
+    Ok(constants)
+}
+
 fn mapping(args: &MappingArgs) -> Result<(Mapping, Policy)> {
     let matcher = match args.matcher {
         MatchArg::Exact => Matcher::Exact,
         MatchArg::Auto => Matcher::Auto,
         MatchArg::Order => Matcher::Order,
     };
-    let mut mapping = Mapping::from_parts(args.rules.as_deref(), &args.maps, &args.skips, matcher)?;
+    let mut mapping = Mapping::from_parts_with(
+        args.rules.as_deref(),
+        &args.maps,
+        &args.skips,
+        &constants(&args.sets)?,
+        matcher,
+    )?;
     for pattern in &args.keeps {
         mapping.rules.add_keep(pattern)?;
     }
@@ -296,6 +312,7 @@ fn run(command: Command) -> Result<Outcome> {
             src,
             out,
             rules,
+            sets,
             maps,
             skips,
             key,
@@ -308,7 +325,13 @@ fn run(command: Command) -> Result<Outcome> {
             let mut inputs: Vec<&Path> = vec![&src];
             inputs.extend(rules.as_deref());
             transfer::check_output(&out, &inputs)?;
-            let mapping = Mapping::from_parts(rules.as_deref(), &maps, &skips, Matcher::Exact)?;
+            let mapping = Mapping::from_parts_with(
+                rules.as_deref(),
+                &maps,
+                &skips,
+                &constants(&sets)?,
+                Matcher::Exact,
+            )?;
             let policy = Policy { strict, allow_lossy_casts: allow_lossy };
             let source = transfer::open_source(&src, key.as_deref())?;
             let (plan, outline) = plan_conversion(source.as_ref(), &mapping, &out, dtype.map(kind_of))?;
