@@ -6,6 +6,7 @@
 #include <torch/cuda.h>
 #include <torch/script.h>
 #include <ATen/Parallel.h>
+#include <caffe2/core/common.h>
 
 #include <dlfcn.h>
 
@@ -267,6 +268,27 @@ __attribute__((constructor)) void load_cuda_backend() {
 extern "C" {
 
 const char *tp_cuda_backend(void) { return cuda_backend; }
+
+const char *tp_libtorch(void) {
+  // Made once; asks the loaded library, never the headers this was built with.
+  static const std::string described = []() -> std::string {
+    try {
+      std::string version;
+      const auto &options = caffe2::GetBuildOptions();
+      auto found = options.find("TORCH_VERSION");
+      if (found != options.end()) version = found->second;
+      std::string path;
+      Dl_info info;
+      if (dladdr(reinterpret_cast<void *>(&at::globalContext), &info) != 0 && info.dli_fname != nullptr) {
+        path = info.dli_fname;
+      }
+      return version + "\n" + path;
+    } catch (...) {
+      return "\n";
+    }
+  }();
+  return described.c_str();
+}
 
 void tp_error_free(char *error) { std::free(error); }
 

@@ -37,6 +37,12 @@ void tp_error_free(char *error);
  * (a static string). */
 const char *tp_cuda_backend(void);
 
+/* The libtorch this process runs on, as "VERSION\nPATH" (a static string):
+ * the version the loaded library reports (TORCH_VERSION among its build
+ * options) and the libtorch_cpu file the loader mapped; either is empty where
+ * unknown. */
+const char *tp_libtorch(void);
+
 /* Loads a module saved by torch.jit.save onto `device` ("cpu", "cuda:0", ...). */
 char *tp_module_load(const char *path, const char *device, tp_module **out);
 void tp_module_free(tp_module *module);

@@ -45,3 +45,7 @@ fi
 demo="$root/target/fixtures/demo"
 env -u LD_LIBRARY_PATH "$root/target/debug/transplant-embed" \
   "$demo/state_dict.pth" "$demo/renamed_module.pt" "$demo/reference.pt"
+
+# The wheel as pip installs it: on the environment's torch, refusing any other.
+echo "== scripts/wheel_check.sh" >&2
+scripts/wheel_check.sh

@@ -1,7 +1,9 @@
 //! The FFI boundary: bindings to the C++ shim in `csrc/` and the one checked-call
 //! helper. Everything here is crate-private; [`crate::ScriptModule`] is the safe face.
+//! Long because it is the one door to C++: every binding to the shim sits here.
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
+use std::path::PathBuf;
 
 use tch::Tensor;
 
@@ -16,6 +18,33 @@ use tch::Tensor;
 pub fn cuda_backend() -> &'static str {
     // SAFETY: the shim returns a pointer to a static NUL-terminated string.
     unsafe { CStr::from_ptr(tp_cuda_backend()) }.to_str().unwrap_or("unknown")
+}
+
+/// The libtorch a process runs on: what [`libtorch`] finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Libtorch {
+    /// The version the loaded library reports (`TORCH_VERSION` among its
+    /// build options, `2.13.0`), not the one this crate was compiled against;
+    /// `None` where it reports none.
+    pub version: Option<String>,
+    /// The `libtorch_cpu` file the loader mapped (symbolic links resolved);
+    /// `None` where the loader cannot say.
+    pub library: Option<PathBuf>,
+}
+
+/// Which libtorch this process runs on: its version and the file it was
+/// loaded from (a PyTorch wheel's `torch/lib/libtorch_cpu.so`, say), asked of
+/// the loaded library and the dynamic loader.
+pub fn libtorch() -> Libtorch {
+    // SAFETY: the shim returns a pointer to a NUL-terminated string it keeps
+    // for the life of the process.
+    let described = unsafe { CStr::from_ptr(tp_libtorch()) }.to_string_lossy();
+    let (version, path) = described.split_once('\n').unwrap_or((&described, ""));
+    Libtorch {
+        version: (!version.is_empty()).then(|| version.to_string()),
+        library: (!path.is_empty())
+            .then(|| std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path))),
+    }
 }
 
 /// Opaque `torch::jit::Module` handle owned by the shim.
@@ -35,6 +64,7 @@ type RangeFn = extern "C" fn(ctx: *mut c_void, begin: i64, end: i64);
 
 extern "C" {
     fn tp_cuda_backend() -> *const c_char;
+    fn tp_libtorch() -> *const c_char;
     fn tp_error_free(error: *mut c_char);
     pub(crate) fn tp_module_load(
         path: *const c_char,

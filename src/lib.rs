@@ -40,7 +40,7 @@ pub use dotted::escaped;
 pub use dtype::Dtype;
 pub use entry::{Entry, EntryOrder, Name, Role};
 pub use error::{Error, Result};
-pub use ffi::cuda_backend;
+pub use ffi::{cuda_backend, libtorch, Libtorch};
 pub use footprint::check_output;
 pub use format::{sniff, Format};
 pub use matching::{How, Matcher, ModuleMatch, Unsure};

@@ -66,3 +66,59 @@ fn a_driver_gets_the_backend_loaded_before_main_unless_told_not_to() {
         assert!(out.status.success() && text.contains("1 passed"), "{setting:?}: {text}");
     }
 }
+
+/// The `libtorch_cpu` file this process mapped, as /proc/self/maps names it.
+fn mapped_libtorch() -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let line = maps.lines().find(|l| l.ends_with("/libtorch_cpu.so")).expect("libtorch_cpu.so is mapped");
+    std::path::PathBuf::from(&line[line.find('/').unwrap()..])
+}
+
+/// The version the libtorch folder holding `library` says it is: a PyTorch
+/// wheel's `torch/version.py` (`__version__ = '2.13.0+cu130'`), or a libtorch
+/// download's `build-version`; the public part, without the local `+…` label.
+fn version_beside(library: &std::path::Path) -> String {
+    let root = library.parent().unwrap().parent().unwrap();
+    let text = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|py| {
+            py.lines()
+                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches('\'').to_string()))
+        })
+        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok())
+        .expect("version.py or build-version beside libtorch's lib/");
+    text.trim().split('+').next().unwrap().to_string()
+}
+
+/// `transplant::libtorch()` names the libtorch this process runs on: the file
+/// the loader mapped, and the version that library itself reports.
+#[test]
+fn the_libtorch_a_process_runs_on_is_named_by_file_and_version() {
+    let libtorch = transplant::libtorch();
+    let mapped = mapped_libtorch();
+    let library = libtorch.library.as_deref().expect("the library's file is known");
+    assert_eq!(std::fs::canonicalize(library).unwrap(), std::fs::canonicalize(&mapped).unwrap());
+    assert_eq!(libtorch.version.as_deref(), Some(version_beside(&mapped).as_str()));
+}
+
+/// `transplant --version` says which libtorch the command runs on: its
+/// version and folder, and whether its CUDA backend was loaded.
+#[test]
+fn version_names_the_libtorch_the_command_runs_on() {
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_transplant")).arg("--version").output().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let mapped = mapped_libtorch();
+    let folder = mapped.parent().unwrap();
+    let expected = format!(
+        "transplant {} (libtorch {} at {}; CUDA backend {})",
+        env!("CARGO_PKG_VERSION"),
+        version_beside(&mapped),
+        std::fs::canonicalize(folder).unwrap().display(),
+        transplant::cuda_backend()
+    );
+    assert_eq!(lines[0], expected);
+}

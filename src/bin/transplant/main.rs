@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use serde::Serialize;
 use transplant::{
     compare_outputs, convert, copy_to_file, copy_with, diff, plan_conversion, Constants, ConvertOptions,
@@ -53,7 +53,7 @@ enum Outcome {
 fn main() -> ExitCode {
     // `--json` promises one JSON document on stdout, usage errors included.
     let json = std::env::args().skip(1).any(|a| a == "--json");
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(usage) if usage.use_stderr() => {
             if json {
@@ -106,6 +106,26 @@ fn main() -> ExitCode {
             Exit::Error.into()
         }
     }
+}
+
+/// Parses the command line; `--version` names the libtorch this process runs on.
+fn parse() -> Result<Cli, clap::Error> {
+    let version: &'static str = Box::leak(version().into_boxed_str());
+    Cli::from_arg_matches(&Cli::command().version(version).try_get_matches()?)
+}
+
+/// What `--version` says after the name: this build, and the libtorch it runs
+/// on (the version that library reports, its folder, its CUDA backend).
+fn version() -> String {
+    let libtorch = transplant::libtorch();
+    let folder = libtorch.library.as_deref().and_then(Path::parent);
+    format!(
+        "{} (libtorch {} at {}; CUDA backend {})",
+        env!("CARGO_PKG_VERSION"),
+        libtorch.version.as_deref().unwrap_or("of unknown version"),
+        folder.map_or_else(|| "an unknown place".to_string(), |f| f.display().to_string()),
+        transplant::cuda_backend()
+    )
 }
 
 /// Whether a JSON document was printed on stdout already (the report of a
