@@ -73,6 +73,7 @@ impl ModelSlot {
                 copy_seconds: start.elapsed().as_secs_f64(),
                 verified: false,
                 verify_seconds: 0.0,
+                file_bytes: None,
             })
         })
     }

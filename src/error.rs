@@ -365,6 +365,7 @@ impl Error {
             Error::Sync { .. } => "sync",
             Error::Poisoned { .. } => "poisoned",
             Error::Tensor { .. } => "tensor",
+            Error::Merge { .. } => "merge",
         }
     }
 
