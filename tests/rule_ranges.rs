@@ -321,6 +321,31 @@ fn constants_and_set_size_one_rules_file_for_every_model() {
     let (run, _) = convert_with(&w, "bad.safetensors", &["--set", "heads"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("NAME=VALUE"), "{}", run.stderr);
+    // `plan` (and every command taking a mapping) reads `--set` too.
+    let (src, dst) = (dir.path().join("plan.src.safetensors"), dir.path().join("plan.dst.safetensors"));
+    checkpoint(vec![("wq".into(), random(&[32, 32]))]).save_as(&src, Format::Safetensors).unwrap();
+    checkpoint(vec![("q".into(), zeros(&[2, 16, 32]))]).save_as(&dst, Format::Safetensors).unwrap();
+    let plan = |sets: &[&str]| {
+        let args = [
+            &[
+                "plan",
+                src.to_str().unwrap(),
+                dst.to_str().unwrap(),
+                "--rules",
+                rules.to_str().unwrap(),
+                "--json",
+            ][..],
+            sets,
+        ]
+        .concat();
+        common::transplant(args)
+    };
+    let run = plan(&["--set", "heads=2", "--set", "dim=32"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("reshape(2, 16, 32)") || run.stdout.contains("[2,16,32]"), "{}", run.stdout);
+    let run = plan(&["--set", "heads=4", "--set", "dim=32"]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(format!("{}{}", run.stdout, run.stderr).contains("reshape(4, 8, 32)"), "{}", run.stdout);
 }
 
 mod properties {
