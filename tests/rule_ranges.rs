@@ -443,3 +443,50 @@ torch.jit.save(torch.jit.trace(Model(), torch.zeros(2)), sys.argv[1])
     assert!(tensor_of(&written, "layers.0.experts.gate_up_proj").equal(&gate_up));
     assert!(tensor_of(&written, "layers.0.experts.down_proj").equal(&down));
 }
+
+/// A plan with stacks saved by `plan --save-plan` and replayed by
+/// `copy --plan` writes the same stacked tensors (the replay checks the
+/// regions tile each target again).
+#[test]
+fn a_saved_plan_of_stacks_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = per_expert(1, 3, (2, 2));
+    let (src, dst) = (dir.path().join("src.safetensors"), dir.path().join("dst.safetensors"));
+    checkpoint(tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
+        .save_as(&src, Format::Safetensors)
+        .unwrap();
+    checkpoint(vec![
+        ("layers.0.experts.gate_up_proj".into(), zeros(&[3, 4, 2])),
+        ("layers.0.experts.down_proj".into(), zeros(&[3, 2, 2])),
+    ])
+    .save_as(&dst, Format::Safetensors)
+    .unwrap();
+    let rules = dir.path().join("stack.rules");
+    std::fs::write(&rules, STACK).unwrap();
+    let (plan, out) = (dir.path().join("plan.json"), dir.path().join("out.safetensors"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = common::transplant([
+        "plan".to_string(),
+        s(&src),
+        s(&dst),
+        "--rules".into(),
+        s(&rules),
+        "--save-plan".into(),
+        s(&plan),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let run = common::transplant([
+        "copy".to_string(),
+        s(&src),
+        s(&dst),
+        "-o".into(),
+        s(&out),
+        "--plan".into(),
+        s(&plan),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let written = Checkpoint::open(&out).unwrap();
+    let (gate_up, down) = stacked_by_torch(&tensors, 0, 3);
+    assert!(tensor_of(&written, "layers.0.experts.gate_up_proj").equal(&gate_up));
+    assert!(tensor_of(&written, "layers.0.experts.down_proj").equal(&down));
+}
