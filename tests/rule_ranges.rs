@@ -321,6 +321,31 @@ fn constants_and_set_size_one_rules_file_for_every_model() {
     let (run, _) = convert_with(&w, "bad.safetensors", &["--set", "heads"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("NAME=VALUE"), "{}", run.stderr);
+    // `plan` (and every command taking a mapping) reads `--set` too.
+    let (src, dst) = (dir.path().join("plan.src.safetensors"), dir.path().join("plan.dst.safetensors"));
+    checkpoint(vec![("wq".into(), random(&[32, 32]))]).save_as(&src, Format::Safetensors).unwrap();
+    checkpoint(vec![("q".into(), zeros(&[2, 16, 32]))]).save_as(&dst, Format::Safetensors).unwrap();
+    let plan = |sets: &[&str]| {
+        let args = [
+            &[
+                "plan",
+                src.to_str().unwrap(),
+                dst.to_str().unwrap(),
+                "--rules",
+                rules.to_str().unwrap(),
+                "--json",
+            ][..],
+            sets,
+        ]
+        .concat();
+        common::transplant(args)
+    };
+    let run = plan(&["--set", "heads=2", "--set", "dim=32"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("reshape(2, 16, 32)") || run.stdout.contains("[2,16,32]"), "{}", run.stdout);
+    let run = plan(&["--set", "heads=4", "--set", "dim=32"]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(format!("{}{}", run.stdout, run.stderr).contains("reshape(4, 8, 32)"), "{}", run.stdout);
 }
 
 mod properties {
@@ -415,6 +440,53 @@ torch.jit.save(torch.jit.trace(Model(), torch.zeros(2)), sys.argv[1])
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let written = transplant::ModuleStore::open(&out).unwrap();
+    assert!(tensor_of(&written, "layers.0.experts.gate_up_proj").equal(&gate_up));
+    assert!(tensor_of(&written, "layers.0.experts.down_proj").equal(&down));
+}
+
+/// A plan with stacks saved by `plan --save-plan` and replayed by
+/// `copy --plan` writes the same stacked tensors (the replay checks the
+/// regions tile each target again).
+#[test]
+fn a_saved_plan_of_stacks_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = per_expert(1, 3, (2, 2));
+    let (src, dst) = (dir.path().join("src.safetensors"), dir.path().join("dst.safetensors"));
+    checkpoint(tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
+        .save_as(&src, Format::Safetensors)
+        .unwrap();
+    checkpoint(vec![
+        ("layers.0.experts.gate_up_proj".into(), zeros(&[3, 4, 2])),
+        ("layers.0.experts.down_proj".into(), zeros(&[3, 2, 2])),
+    ])
+    .save_as(&dst, Format::Safetensors)
+    .unwrap();
+    let rules = dir.path().join("stack.rules");
+    std::fs::write(&rules, STACK).unwrap();
+    let (plan, out) = (dir.path().join("plan.json"), dir.path().join("out.safetensors"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = common::transplant([
+        "plan".to_string(),
+        s(&src),
+        s(&dst),
+        "--rules".into(),
+        s(&rules),
+        "--save-plan".into(),
+        s(&plan),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let run = common::transplant([
+        "copy".to_string(),
+        s(&src),
+        s(&dst),
+        "-o".into(),
+        s(&out),
+        "--plan".into(),
+        s(&plan),
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let written = Checkpoint::open(&out).unwrap();
+    let (gate_up, down) = stacked_by_torch(&tensors, 0, 3);
     assert!(tensor_of(&written, "layers.0.experts.gate_up_proj").equal(&gate_up));
     assert!(tensor_of(&written, "layers.0.experts.down_proj").equal(&down));
 }
