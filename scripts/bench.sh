@@ -138,6 +138,18 @@ row "torch.jit.load(deep.pt)" "$theirs"
 echo "    inspect: $(ratio "$(field "$ours" seconds)" "$(field "$theirs" seconds)")x torch.jit.load"
 version="$(best t time "$bin" --version)"
 row "transplant --version (no CUDA driver here: libtorch_cuda not mapped)" "$version"
+# What a pip user pays per command: the wheel's launcher (python/transplant_cli/)
+# finding the environment's torch, in front of the same binary.
+wheel="$(scripts/wheel.sh --out "$work/wheel" | tail -1)"
+rm -rf "$work/wheel-env"
+"$py" -m venv --without-pip "$work/wheel-env"
+purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+purelib "$py" > "$(purelib "$work/wheel-env/bin/python")/setup_torch.pth"
+PIP_ROOT_USER_ACTION=ignore "$py" -m pip --python "$work/wheel-env/bin/python" install --quiet --no-index \
+  --disable-pip-version-check "$wheel"
+launched="$(best t time "$work/wheel-env/bin/transplant" --version)"
+row "transplant --version through the wheel's launcher" "$launched"
+echo "    launcher: $(ratio "$(field "$launched" seconds)" "$(field "$version" seconds)")x the binary alone"
 
 echo
 echo "== Live sync of the wide model (1.07 GB) over loopback Gloo, into a service answering requests on 4 threads meanwhile"

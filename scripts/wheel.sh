@@ -5,8 +5,8 @@
 #
 #   scripts/wheel.sh [--profile release|dev] [--out DIR]     (default: release, target/wheels)
 #
-# The wheel users get is a release build. `--profile dev` packs the debug build
-# that `cargo build` makes (scripts/wheel_check.sh uses it: no second build).
+# The wheel users get is a release build. `--profile dev` packs a debug build
+# (scripts/wheel_check.sh uses it: CI has the debug dependencies built already).
 # Prints the wheel's path on stdout; what it did on stderr.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

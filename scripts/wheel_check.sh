@@ -14,8 +14,11 @@
 #   torch has no libraries: the command fails with one line naming the torch
 #   needed (and the error document with --json), exit status 1.
 #
-# Packs the debug build that `cargo build` made (TRANSPLANT_WHEEL_PROFILE=release
-# checks a release wheel): the package is the same, and CI builds nothing twice.
+# Packs a debug build (TRANSPLANT_WHEEL_PROFILE=release checks a release wheel):
+# the package is the same, and CI, which builds in debug already, compiles only
+# this crate's library and binary once more (`cargo build --bin transplant`
+# leaves out the dev-dependencies' features that `--all-targets` unifies in), not
+# a release build of libtorch's bindings and every dependency (an hour here).
 # Idempotent: every run starts from empty environments under target/wheel-check/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -30,11 +30,12 @@ _VERSION = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*['"]([^'"]+)['"]""",
 
 
 class _Refused(Exception):
-    """Why the binary cannot run here, and the file concerned."""
+    """Why the binary cannot run here, the file concerned, and the kind for ``--json``."""
 
-    def __init__(self, message, path=None):
+    def __init__(self, message, path=None, kind="torch_required"):
         super().__init__(message)
         self.path = path
+        self.kind = kind
 
 
 def _torch_libraries():
@@ -48,7 +49,7 @@ def _torch_libraries():
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise _Refused("%s; this Python environment (%s) has no torch: %s" % (need, sys.executable, install))
-    package = locations[0]
+    package = os.path.abspath(locations[0])
     version_file = os.path.join(package, "version.py")
     try:
         with open(version_file, encoding="utf-8") as f:
@@ -79,12 +80,12 @@ def main():
         try:
             os.execv(binary, ["transplant"] + sys.argv[1:])
         except OSError as e:
-            raise _Refused("cannot run %s: %s" % (binary, e.strerror or e), binary)
+            raise _Refused("cannot run %s: %s" % (binary, e.strerror or e), binary, "io")
     except _Refused as refused:
         if "--json" in sys.argv[1:]:
             import json  # only here: every run pays for what the launcher imports
 
-            error = {"kind": "torch_required", "message": str(refused), "file": refused.path}
+            error = {"kind": refused.kind, "message": str(refused), "file": refused.path}
             print(json.dumps({"error": error}, indent=2))
         print("error: %s" % refused, file=sys.stderr)
         return 1
