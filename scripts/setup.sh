@@ -20,10 +20,9 @@ TORCHVISION_VERSION="0.28.0"
 # timm: the other library of the rule library's tests (rules/, make_fixtures.py).
 TIMM_VERSION="1.0.31"
 # transformers and peft: tiny language models and LoRA adapters built from
-# configs (never a hub download); maturin: scripts/wheel.sh.
+# configs (never a hub download).
 TRANSFORMERS_VERSION="5.24.0"
 PEFT_VERSION="0.21.2"
-MATURIN_VERSION="1.16.0"
 venv="$root/.venv"
 py="$venv/bin/python"
 
@@ -62,19 +61,18 @@ need_install=0
 [ "$(installed_version timm)" = "$TIMM_VERSION" ] || need_install=1
 [ "$(installed_version transformers)" = "$TRANSFORMERS_VERSION" ] || need_install=1
 [ "$(installed_version peft)" = "$PEFT_VERSION" ] || need_install=1
-[ "$(installed_version maturin)" = "$MATURIN_VERSION" ] || need_install=1
 for pkg in numpy safetensors; do
   [ -n "$(installed_version "$pkg")" ] || need_install=1
 done
 
 if [ "$need_install" = 1 ]; then
-  say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION timm==$TIMM_VERSION transformers==$TRANSFORMERS_VERSION peft==$PEFT_VERSION maturin==$MATURIN_VERSION numpy safetensors (about 5 GB)"
+  say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION timm==$TIMM_VERSION transformers==$TRANSFORMERS_VERSION peft==$PEFT_VERSION numpy safetensors (about 5 GB)"
   "$py" -m pip install --quiet \
     "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "timm==$TIMM_VERSION" \
-    "transformers==$TRANSFORMERS_VERSION" "peft==$PEFT_VERSION" "maturin==$MATURIN_VERSION" numpy safetensors \
+    "transformers==$TRANSFORMERS_VERSION" "peft==$PEFT_VERSION" numpy safetensors \
     || die "pip install failed (is PyPI reachable?)"
 else
-  say "torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION, timm $TIMM_VERSION, transformers $TRANSFORMERS_VERSION, peft $PEFT_VERSION, maturin $MATURIN_VERSION, numpy and safetensors already installed"
+  say "torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION, timm $TIMM_VERSION, transformers $TRANSFORMERS_VERSION, peft $PEFT_VERSION, numpy and safetensors already installed"
 fi
 
 torch_dir="$("$py" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
