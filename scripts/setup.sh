@@ -4,7 +4,7 @@
 # - creates .venv/ in the repository (ignored by git) with torch==2.13.0 and what
 #   scripts/make_fixtures.py and the tests need (torchvision, timm, numpy,
 #   safetensors; transformers and peft for the language-model conversions and
-#   LoRA merges, built from configs with random weights; maturin for the wheel);
+#   LoRA merges, built from configs with random weights);
 # - makes .libtorch a stable link to the wheel's torch/ folder;
 # - .cargo/config.toml (committed) points LIBTORCH at .libtorch, so plain
 #   `cargo build` / `cargo test` / `cargo run` find it; a LIBTORCH set by the user wins.
