@@ -8,7 +8,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 scripts/fixtures.sh
-TRANSPLANT_REQUIRE_CUDA=1 cargo test --release --test gpu --test cuda_backend -- --test-threads 1
+TRANSPLANT_REQUIRE_CUDA=1 cargo test --release --test tests -- --test-threads 1 gpu:: cuda_backend::
 py=.venv/bin/python
 echo
 echo "== GPU copy benchmark (seconds; ratio to the flat copy of the same bytes)"

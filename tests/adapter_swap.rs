@@ -2,7 +2,6 @@
 //! PEFT adapter, goes back to its base, takes another adapter — under load,
 //! every response computed by one weight set (PEFT's merged model's, within
 //! 1e-5), never a mix; an adapter that does not fit never goes live.
-mod common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! dicts with Python objects and numpy values, whole pickled modules, integer
 //! keys, numpy arrays as weights, `torch.save` shards behind an index; each
 //! equal to what PyTorch loads; and what is not read, said.
-mod common;
+use crate::common;
 
 use common::{fixture, parse_records, read_back, store_records, transplant, Record};
 use serde_json::Value;

@@ -1,5 +1,5 @@
 //! `transplant copy`.
-mod common;
+use crate::common;
 
 use transplant::{Checkpoint, Source, Target};
 

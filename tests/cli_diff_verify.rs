@@ -1,5 +1,5 @@
 //! `transplant diff` and `transplant verify`.
-mod common;
+use crate::common;
 
 use common::{fixture, transplant};
 

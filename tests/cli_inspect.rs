@@ -1,5 +1,5 @@
 //! `transplant inspect`.
-mod common;
+use crate::common;
 
 use common::{fixture, transplant};
 

@@ -1,7 +1,7 @@
 //! The CLI contract under `--json`: whatever goes wrong — a missing file, a bad
 //! file, a bad rule, a usage error — stdout holds exactly one JSON document
 //! (with the error's kind, message and file), and the exit status is kept.
-mod common;
+use crate::common;
 
 use common::{fixture, transplant};
 

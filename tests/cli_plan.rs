@@ -1,5 +1,5 @@
 //! `transplant plan`.
-mod common;
+use crate::common;
 
 use common::{file_hash, fixture, transplant};
 

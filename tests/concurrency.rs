@@ -1,6 +1,6 @@
 //! The library's types can be shared where that is sound, and copies on two
 //! threads from one shared source give what serial copies give.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

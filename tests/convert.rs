@@ -2,7 +2,7 @@
 //! back by PyTorch, safetensors and numpy themselves, bit for bit; rules
 //! (renames, skips, transforms) with no target; dtypes; metadata; shards
 //! written as a set; bad input refused with nothing written.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! peak RSS of `inspect` on the same file (which maps it and reads its header).
 //! Each peak is measured by `scripts/peak_rss.py` around the command (a small
 //! parent, so that the figure is the command's own).
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

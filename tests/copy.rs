@@ -1,5 +1,5 @@
 //! The copy engine: in place, converted, verified, and the report of it.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

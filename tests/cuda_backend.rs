@@ -53,7 +53,7 @@ fn a_driver_gets_the_backend_loaded_before_main_unless_told_not_to() {
         eprintln!("skipped: no C compiler to build a stand-in libcuda.so.1");
         return;
     }
-    let name = "a_driver_gets_the_backend_loaded_before_main_unless_told_not_to";
+    let name = "cuda_backend::a_driver_gets_the_backend_loaded_before_main_unless_told_not_to";
     for (setting, want) in [(None, "loaded"), (Some("0"), "not loaded: TRANSPLANT_CUDA=0")] {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap());
         child.args(["--exact", name, "--nocapture"]).env("LD_LIBRARY_PATH", dir.path());

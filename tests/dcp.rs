@@ -3,7 +3,7 @@
 //! PyTorch holds and copied into a TorchScript module that then computes what
 //! the original did; what transplant writes, PyTorch loads in one process and
 //! in two ranks with tensors sharded; broken metadata refused, naming the tensor.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

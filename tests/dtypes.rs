@@ -1,7 +1,7 @@
 //! Every dtype PyTorch 2.13 saves: read with its true dtype (what PyTorch reads from
 //! the same bytes, name by name, dtype, shape and sha256), written with it, or
 //! refused by name. Files are made by `scripts/every_dtype.py` with the venv's python.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! file left, and the old OUT intact — for a TorchScript archive rewrite, a
 //! safetensors file, sharded safetensors, a Distributed Checkpoint folder and a
 //! `.ot` file (libtorch's own writer aborted the process there).
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! machine without one each test says so and passes, unless
 //! TRANSPLANT_REQUIRE_CUDA=1 (as scripts/gpu_check.sh sets), which makes a
 //! missing GPU a failure.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -7,7 +7,7 @@
 //! The fixtures (`hostile/`, by `make_fixtures.py`) create `hostile/NAME.marker`
 //! when their code runs; each test first shows, through libtorch's loader, that
 //! it does.
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! and shapes. Every case ends in a clean exit (1 for errors, 2 for usage) with
 //! a message naming the file, no panic or crash, no OUT file left, and SRC and
 //! DST unchanged. The corpus is generated here, from the fixtures, with a fixed seed.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

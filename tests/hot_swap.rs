@@ -1,6 +1,6 @@
 //! A live weight swap under load: every response computed entirely by one
 //! weight set, a corrupt checkpoint never goes live, serving never stops.
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

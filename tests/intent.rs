@@ -1,6 +1,6 @@
 //! Saying what is meant (issue #28): target tensors kept on purpose (`keep`),
 //! tied sources, refusals that name the next step, folders as models.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! Mapping and planning on real PyTorch models: each classic case, and every
 //! finding the check must make before anything is written.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -3,7 +3,7 @@
 //! and a small transformer, with weights, densities, seeds, mixed dtypes and
 //! formats, and per-input rules; integer buffers; bad input refused with
 //! nothing written.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

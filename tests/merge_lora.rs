@@ -5,7 +5,7 @@
 //! 1x1 convolutions, an adapter_model.bin) — every tensor and the logits
 //! within 1e-5 relative; DoRA and an adapter for another model refused with
 //! nothing written.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! PyTorch reads (names, dtypes, shapes, SHA-256 of the bytes), or transplant
 //! must refuse the file. `TRANSPLANT_ORACLE_MUTANTS` (default 2) sets how many
 //! mutations of each archive; `scripts/fuzz.sh` runs a larger corpus.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

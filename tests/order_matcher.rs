@@ -1,7 +1,7 @@
 //! The order matcher on models made by real PyTorch: modules aligned, tensors
 //! paired by leaf, sources that lost their order (safetensors) reconstructed or
 //! lent one by `--order-from`, and never a pair across leaves.
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

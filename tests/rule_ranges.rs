@@ -4,7 +4,7 @@
 //! `--set` replaces them. Each planned with every shape known before anything
 //! is written, copied into checkpoints, VarStores and converted files, and
 //! every way it can be wrong refused with nothing written.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! timm's model of the same family (built by `scripts/make_fixtures.py`, random
 //! weights, BatchNorm statistics from training batches); the plan is complete
 //! under `--strict`, and timm's model then computes what torchvision's did.
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

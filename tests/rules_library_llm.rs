@@ -3,7 +3,7 @@
 //! weights (no hub download): converted by `transplant convert`, the result
 //! equals what transformers itself makes or writes, bit for bit, and the
 //! logits of the converted model are the original's.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! TorchScript files read as archives, running none of their code: on every
 //! TorchScript fixture (scripted, traced, timm's, nested, tied), the names,
 //! roles, shapes, dtypes, order and values equal what libtorch's loader gives.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! The TorchScript shim: parameters *and* buffers of real PyTorch modules, in
 //! PyTorch's order; in-place writes that survive save and reload; clean errors.
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

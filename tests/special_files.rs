@@ -1,7 +1,7 @@
 //! Inputs that are not regular files — a FIFO (opening it would wait for a
 //! writer), a device that never ends (`/dev/zero`) — are refused at once, by
 //! every command and for every kind of input file: models, shards, rules, plans.
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::path::Path;

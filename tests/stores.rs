@@ -1,7 +1,7 @@
 //! Stores: VarStores, TorchScript modules and checkpoint files seen through one
 //! trait; names, roles, shapes, dtypes and bytes equal to what PyTorch reports;
 //! what we write, PyTorch / numpy / safetensors read back equal.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

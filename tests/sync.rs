@@ -3,7 +3,7 @@
 //! `scripts/sync_trainer.py`) or a Rust `Sender` into Rust `Receiver`s that
 //! serve `ModelSlot`s. The Python peer also checks that the gloo declarations
 //! in `csrc/gloo/` still match the libtorch built against.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! Text from files reaches the terminal escaped: a tensor name cannot forge a
 //! line of the report or send escape sequences; JSON keeps names exact; and
 //! `inspect`'s name column is padded whatever the names.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! `torch.save` checkpoints read without Python: values equal to what PyTorch
 //! loads, views and tied storages kept, checkpoint keys chosen, hostile files
 //! refused; and what we write, torch.load(weights_only=True) reads back equal.
-mod common;
+use crate::common;
 
 use std::path::Path;
 

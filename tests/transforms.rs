@@ -1,7 +1,7 @@
 //! Transforms in the rule language: each op, split and cat, planned (shapes
 //! checked before anything is written), copied as views, verified; and every
 //! way a transform can be wrong, refused with nothing written.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! qkv projection into one with separate q, k, v and back (split and cat), and
 //! GPT-2's Conv1D into nn.Linear and back (transpose); each copy complete under
 //! `--strict`, and the target then computes what the source computed.
-mod common;
+use crate::common;
 
 use common::{expected_tensor, fixture};
 use tch::Tensor;

@@ -1,6 +1,6 @@
 //! A model trained in Rust (tch VarStore) into a TorchScript module exported
 //! from PyTorch and back: eval outputs agree after each direction.
-mod common;
+use crate::common;
 
 use common::fixture;
 use tch::nn::{self, ModuleT, OptimizerConfig};

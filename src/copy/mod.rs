@@ -9,6 +9,9 @@
 //! moved and compared as bytes (in parallel when small), the rest go through
 //! libtorch's `copy_`, non-blocking with pinned staging where CUDA takes part
 //! and one synchronize at the end.
+//!
+//! Long because the whole of a copy lives here: options, the report of what
+//! was copied, the planned copy, verification and the file-writing form.
 mod archive;
 
 use std::path::Path;
