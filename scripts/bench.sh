@@ -185,3 +185,35 @@ echo
 echo "== order matcher sweep: torchvision -> timm, 13 families, --match order alone, from .pth and from safetensors"
 echo "   (not a timing: pairs made, plans exact, wrong pairs against the mapping that makes timm compute torchvision's outputs)"
 "$py" scripts/order_sweep.py --transplant target/release/transplant --out "$work/order_sweep"
+
+echo
+merge_mb="${MERGE_MB:-1000}"
+echo "== linear merge of three ~${merge_mb} MB safetensors models (MERGE_MB sets the size), each in a fresh process, best of 3"
+echo "   baseline: PyTorch loads the three, averages, saves (safetensors.torch); target: peak RSS about 4x the largest tensor, not the models"
+cargo build --release --quiet
+mdir="$work/merge_${merge_mb}"
+[ -f "$mdir/m2.safetensors" ] || "$py" scripts/bench_merge.py make "$mdir" "$merge_mb"
+inputs=("$mdir/m0.safetensors" "$mdir/m1.safetensors" "$mdir/m2.safetensors")
+ours="$(best "$py" scripts/bench_merge.py ours target/release/transplant "$work/merged.safetensors" "${inputs[@]}")"
+theirs="$(best "$py" scripts/bench_merge.py theirs "$work/merged.safetensors" "${inputs[@]}")"
+baseline="$("$py" scripts/peak_rss.py target/release/transplant --version)"
+size="$(stat -c %s "${inputs[0]}")"
+largest="$("$py" -c "import json,struct,sys; f=open(sys.argv[1],'rb'); n=struct.unpack('<Q', f.read(8))[0]; h=json.loads(f.read(n)); print(max(v['data_offsets'][1]-v['data_offsets'][0] for k,v in h.items() if k!='__metadata__'))" "${inputs[0]}")"
+printf '  %-58s %10s  %12s\n' "" "seconds" "peak RSS"
+printf '  %-58s %10.3f  %12s\n' "transplant merge m0 m1 m2 --method linear" "$(field "$ours" seconds)" "$(mb "$(field "$ours" peak_rss_bytes)")"
+printf '  %-58s %10.3f  %12s\n' "PyTorch: load_file x3, average, save_file" "$(field "$theirs" seconds)" "$(mb "$(field "$theirs" peak_rss_bytes)")"
+echo "  each model $(mb "$size"), largest tensor $(mb "$largest"); time: $(ratio "$(field "$ours" seconds)" "$(field "$theirs" seconds)")x PyTorch's; peak RSS: $(ratio "$(field "$ours" peak_rss_bytes)" "$(field "$theirs" peak_rss_bytes)")x PyTorch's; transplant's peak RSS above --version: $(ratio "$(( $(field "$ours" peak_rss_bytes) - baseline ))" "$largest")x the largest tensor"
+
+echo
+echo "== live adapter swap (ModelSlot::swap_adapter): a scripted MLP of 8 x Linear(1024, 1024) (33.6 MB), LoRA r = 16 on every Linear"
+echo "   best of 10; baseline: a plain swap of the base weights (swap_from: copy and verify) in the same run"
+sdir="$work/adapter_swap"
+[ -d "$sdir/mlp_adapter" ] || "$py" scripts/bench_merge.py make_swap "$sdir"
+swap="$(cargo bench --quiet --bench adapter_swap -- "$sdir/mlp.pt" "$sdir/mlp.pth" "$sdir/mlp_adapter" 10)"
+"$py" - "$swap" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print(f"    adapter in and back out {r['adapter_and_back_seconds']:.4f} s, back to the base {r['to_base_seconds']:.4f} s, "
+      f"plain swap {r['plain_swap_seconds']:.4f} s, one forward (16 x 1024) {r['forward_seconds']:.4f} s")
+print(f"    adapter swap (in + out minus out) {(r['adapter_and_back_seconds'] - r['to_base_seconds']) / r['plain_swap_seconds']:.2f}x a plain swap")
+PY

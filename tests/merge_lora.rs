@@ -79,4 +79,17 @@ fn adapters_merge_as_peft_merges_them_and_bad_adapters_are_refused() {
     refused("llama_base", "gpt2_adapter", &["lacks", "transformer.h.0.attn.c_attn.weight"]);
     refused("conv_base.pth", "llama_a_adapter", &["lacks", "model.layers.0.self_attn.q_proj.weight"]);
     refused("llama_base", "no_such_adapter", &["no_such_adapter"]);
+    // LoRA on bare parameters is another kind of adapter: refused by name.
+    let other = d.join("llama_params_adapter");
+    std::fs::create_dir(&other).unwrap();
+    let config = std::fs::read_to_string(d.join("llama_b_adapter/adapter_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["target_parameters"] = serde_json::json!(["mlp.experts.gate_up_proj"]);
+    std::fs::write(other.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        d.join("llama_b_adapter/adapter_model.safetensors"),
+        other.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    refused("llama_base", "llama_params_adapter", &["target_parameters"]);
 }

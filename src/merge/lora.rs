@@ -94,6 +94,16 @@ impl Adapter {
                 "a DoRA adapter (use_dora: true): DoRA's magnitude vectors are not merged by transplant",
             ));
         }
+        // LoRA on bare parameters (mixture-of-experts weights) and trainable
+        // tokens change tensors in ways `W + scale·B·A` per module does not say.
+        for key in ["target_parameters", "trainable_token_indices"] {
+            if config.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(refused(
+                    &name,
+                    format!("{key} is set: such adapters are not merged by transplant"),
+                ));
+            }
+        }
         let file = ["adapter_model.safetensors", "adapter_model.bin"]
             .iter()
             .map(|f| folder.join(f))

@@ -205,7 +205,7 @@ impl MergePlan {
     }
 }
 
-/// Writes the merge `plan` (made by [`plan_merge`] from the same inputs:
+/// Writes the merge `plan` (made by [`plan_merge`](super::plan_merge) from the same inputs:
 /// `base` and `models`) to `out` (`.safetensors`, `.pth`/`.bin`/`.pt`,
 /// `.npz`), whole or not at all, one tensor at a time.
 pub fn merge(
