@@ -40,14 +40,46 @@ pub enum Value {
     /// Bytes.
     Bytes(Rc<[u8]>),
     /// An allow-listed global (`module`, `name`), never called.
-    Global(Rc<str>, Rc<str>),
+    Global(Sym, Sym),
     /// Any other harmless global (`argparse`, `Namespace`): a placeholder for
     /// what unpickling would have imported, never imported or called.
-    Inert(Rc<str>, Rc<str>),
+    Inert(Sym, Sym),
     /// A persistent id (`BINPERSID`): the torch reader resolves it.
     Persistent(usize),
     /// A container or reduced object in the arena.
     Ref(usize),
+}
+
+/// A global's module or name, behind one thin pointer: a [`Value`] is as
+/// large as its largest variant, and values are made several per tensor (24
+/// bytes with this, 40 with two `Rc<str>`). Globals are few (the pickler
+/// memoises them), so the second allocation costs nothing that counts.
+#[derive(Clone, PartialEq)]
+pub struct Sym(Rc<Box<str>>);
+
+impl std::ops::Deref for Sym {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Sym {
+    fn from(s: &str) -> Self {
+        Self(Rc::new(s.into()))
+    }
+}
+
+impl std::fmt::Display for Sym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl std::fmt::Debug for Sym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
 }
 
 /// What an arena slot holds.
@@ -295,7 +327,7 @@ pub struct Machine {
     pub persistent: Vec<Value>,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: Memo,
     /// Where each key of a dict is among its items, by dict: a key set twice
     /// keeps its first place and takes the last value, as Python's dict does.
     dict_keys: HashMap<usize, HashMap<DictKey, usize>>,
@@ -304,6 +336,42 @@ pub struct Machine {
     /// A bound on objects below [`MAX_OBJECTS`], for pickles whose size in
     /// objects is known from what they describe.
     max_objects: Option<usize>,
+}
+
+/// The memo: Python's picklers number what they memoise 0, 1, 2, … in
+/// order, so values are kept in a vector (one `Value` each) while the keys
+/// come in that order; a key out of order (a hand-made pickle) moves them all
+/// to a map.
+#[derive(Debug, Default)]
+struct Memo {
+    dense: Vec<Value>,
+    sparse: HashMap<u32, Value>,
+}
+
+impl Memo {
+    fn len(&self) -> usize {
+        self.dense.len() + self.sparse.len()
+    }
+    fn insert(&mut self, key: u32, value: Value) {
+        if self.sparse.is_empty() {
+            if key as usize == self.dense.len() {
+                return self.dense.push(value);
+            }
+            if let Some(slot) = self.dense.get_mut(key as usize) {
+                *slot = value;
+                return;
+            }
+            self.sparse = self.dense.drain(..).enumerate().map(|(i, v)| (i as u32, v)).collect();
+        }
+        self.sparse.insert(key, value);
+    }
+    fn get(&self, key: u32) -> Option<&Value> {
+        if self.sparse.is_empty() {
+            self.dense.get(key as usize)
+        } else {
+            self.sparse.get(&key)
+        }
+    }
 }
 
 /// A dict key as Python compares keys: `1`, `True` and `1.0` are one key.
@@ -398,7 +466,7 @@ impl Machine {
     pub fn run_from(&mut self, bytes: &[u8], start: usize) -> Result<(Value, usize)> {
         self.stack.clear();
         self.marks.clear();
-        self.memo.clear();
+        self.memo = Memo::default();
         self.dict_keys.clear();
         let mut r = Reader { bytes, at: start };
         for _ in 0..MAX_OPS {
@@ -412,8 +480,10 @@ impl Machine {
                     r.u64()?; // FRAME: a length hint
                 }
                 b'.' => {
-                    // STOP: no dict of this pickle is written again.
+                    // STOP: no dict of this pickle is written again, and
+                    // nothing is fetched from its memo.
                     self.dict_keys = HashMap::new();
+                    self.memo = Memo::default();
                     return Ok((self.pop()?, r.at));
                 }
                 b'(' => self.marks.push(self.stack.len()),
@@ -544,7 +614,7 @@ impl Machine {
                     let key = if op == b'h' { r.byte()? as u32 } else { r.u32()? };
                     let v = self
                         .memo
-                        .get(&key)
+                        .get(key)
                         .cloned()
                         .ok_or_else(|| PickleError::Malformed(format!("GET of unknown memo {key}")))?;
                     self.push(v)?
@@ -769,4 +839,42 @@ fn pairs_of(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
         pairs.push((k, v));
     }
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values and arena slots are made per tensor: their size is memory per tensor.
+    #[test]
+    fn values_are_small() {
+        assert!(std::mem::size_of::<Value>() <= 24, "Value is {} bytes", std::mem::size_of::<Value>());
+        assert!(std::mem::size_of::<Object>() <= 80, "Object is {} bytes", std::mem::size_of::<Object>());
+    }
+
+    /// Memo keys in the picklers' order, out of order, and set twice all read back.
+    #[test]
+    fn the_memo_reads_back_keys_in_any_order() {
+        // 'a' PUT 0, 'b' PUT 1, 'c' PUT 5 (out of order), 'd' PUT 1 again;
+        // then GET 0, 1, 5 into a tuple.
+        let mut p = vec![0x80, 2, b'('];
+        for (s, key) in [(b'a', 0u8), (b'b', 1), (b'c', 5), (b'd', 1)] {
+            p.extend_from_slice(&[0x8c, 1, s, b'q', key, b'0']);
+        }
+        p.extend_from_slice(&[b'h', 0, b'h', 1, b'h', 5, b't', b'.']);
+        let mut machine = Machine::default();
+        let root = machine.run(&p).unwrap();
+        let Value::Ref(i) = root else { panic!("not a tuple: {root:?}") };
+        let text = |v: &Value| match v {
+            Value::Str(s) => s.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let Object::Tuple(items) = &machine.objects[i] else { panic!() };
+        assert_eq!(items.iter().map(text).collect::<Vec<_>>(), ["a", "d", "c"]);
+        // A GET of a key never PUT is refused.
+        let mut bad = vec![0x80, 2, 0x8c, 1, b'a', b'q', 0, b'h', 3, b'.'];
+        assert!(Machine::default().run(&bad).is_err());
+        bad[8] = 0;
+        assert!(Machine::default().run(&bad).is_ok());
+    }
 }

@@ -61,6 +61,8 @@ pub fn read_archive(path: &Path) -> Result<Contents> {
     let mut machine = Machine::default();
     let (root, records) = torch_pickle::zip_program(path, view, &mut machine)?;
     let mut archive = Archive::new(path, view, records, bytes);
+    // A rewrite writes each record from its storage: every one read is kept.
+    archive.keep_storages = true;
     archive.check_references(&machine, torch_pickle::Loader::Libtorch)?;
     // libtorch's unpickler knows a fixed set of globals, and takes any other
     // name for a TorchScript class, which must then be defined in `code/`.

@@ -116,6 +116,35 @@ pub(super) struct Archive<'a> {
     pub(super) loader: Loader,
     /// The arena indices of the tensors rebuilt so far.
     rebuilt: std::collections::HashSet<usize>,
+    /// Whether every storage read is kept in `storages` as a tensor (a
+    /// TorchScript archive's rewrite needs them); otherwise the common record
+    /// (stored, aligned) makes no tensor of its own: each view is made
+    /// straight over the file's bytes.
+    pub(super) keep_storages: bool,
+}
+
+/// A storage as [`Archive::storage`] finds it.
+enum Stored {
+    /// Elements of the asked type in the archive's `bytes`, from this index
+    /// (the record holds the elements asked for: checked).
+    At(i64),
+    /// A tensor of its own (a compressed, unaligned or legacy-view record).
+    Tensor(Tensor),
+}
+
+/// A tensor as its pickle describes it, checked against its storage's size
+/// and type, before any libtorch object is made: the reader describes every
+/// tensor while the pickle's arena is alive, drops the arena, then makes them.
+pub(super) struct View {
+    key: Box<str>,
+    kind: Dtype,
+    /// Elements of `kind` the storage holds.
+    numel: i64,
+    /// An old legacy view of a root storage: (start, length) in elements.
+    root: Option<(i64, i64)>,
+    size: Box<[i64]>,
+    stride: Box<[i64]>,
+    offset: i64,
 }
 
 /// The two readers of PyTorch's archives, which read a storage that several
@@ -157,6 +186,7 @@ impl<'a> Archive<'a> {
             first: HashMap::new(),
             loader: Loader::Python,
             rebuilt: Default::default(),
+            keep_storages: false,
         }
     }
 
@@ -301,10 +331,45 @@ impl<'a> Archive<'a> {
     }
 
     /// The storage `key` as a 1-D tensor of `kind` with `numel` elements.
-    fn storage(&mut self, key: &str, kind: Dtype, numel: i64) -> Result<Tensor> {
+    fn storage_tensor(&mut self, key: &str, kind: Dtype, numel: i64) -> Result<Tensor> {
+        match self.storage(key, kind, numel)? {
+            Stored::At(at) => crate::ffi::strided_view(&self.bytes, kind, &[numel], &[1], at)
+                .map_err(|e| bad(self.path, format!("storage {key}: {e}"))),
+            Stored::Tensor(t) => Ok(t),
+        }
+    }
+
+    /// The tensor `view` describes, over its storage.
+    pub(super) fn make(&mut self, view: &View) -> Result<Tensor> {
+        let path = self.path;
+        let (key, kind) = (&*view.key, view.kind);
+        let (base, at) = match view.root {
+            Some((start, len)) => {
+                let root = self.storage_tensor(key, kind, start.saturating_add(len))?;
+                let storage = root.f_narrow(0, start, len).map_err(|e| bad(path, e.to_string()))?;
+                let at = storage.storage_offset();
+                (Some(storage), at)
+            }
+            None => match self.storage(key, kind, view.numel)? {
+                Stored::At(at) => (None, at),
+                Stored::Tensor(storage) => {
+                    let at = storage.storage_offset();
+                    (Some(storage), at)
+                }
+            },
+        };
+        // as_strided counts its offset from the start of the underlying buffer
+        // (the whole mapped file), not from the storage view.
+        let base = base.as_ref().unwrap_or(&self.bytes);
+        crate::ffi::strided_view(base, kind, &view.size, &view.stride, at + view.offset)
+            .map_err(|e| bad(path, e))
+    }
+
+    /// The storage `key` as `numel` elements of `kind`.
+    fn storage(&mut self, key: &str, kind: Dtype, numel: i64) -> Result<Stored> {
         if let Some(t) = self.storages.get(key) {
             if Dtype::of(t).ok() == Some(kind) {
-                return Ok(t.shallow_clone());
+                return Ok(Stored::Tensor(t.shallow_clone()));
             }
         }
         let path = self.path;
@@ -313,9 +378,26 @@ impl<'a> Archive<'a> {
             Records::Legacy(records) => {
                 let &(start, len) =
                     records.get(key).ok_or_else(|| bad(path, format!("storage {key} is missing")))?;
-                return legacy_storage(path, &self.bytes, key, kind, numel, start, len).inspect(|t| {
-                    self.storages.insert(key.to_string(), t.shallow_clone());
-                });
+                let stored = legacy_storage(path, &self.bytes, key, kind, numel, start, len)?;
+                return match stored {
+                    Stored::At(at) if self.keep_storages => {
+                        let t = crate::ffi::strided_view(
+                            &self.bytes,
+                            kind,
+                            &[len as i64 / kind.size() as i64],
+                            &[1],
+                            at,
+                        )
+                        .map_err(|e| bad(path, format!("storage {key}: {e}")))?;
+                        self.storages.insert(key.to_string(), t.shallow_clone());
+                        Ok(Stored::Tensor(t))
+                    }
+                    Stored::Tensor(t) => {
+                        self.storages.insert(key.to_string(), t.shallow_clone());
+                        Ok(Stored::Tensor(t))
+                    }
+                    at => Ok(at),
+                };
             }
         };
         let name = format!("{prefix}data/{key}");
@@ -343,13 +425,16 @@ impl<'a> Archive<'a> {
         // several archives): views count from the buffer's start.
         let at = self.bytes.storage_offset() + start;
         if stored && in_file && at % element == 0 {
-            // The common case, made in one call: the record viewed as `kind`.
+            // The common case: the record's elements lie in the file's bytes.
             drop(entry);
+            self.passed(start as usize);
+            if !self.keep_storages {
+                return Ok(Stored::At(at / element));
+            }
             let typed = crate::ffi::strided_view(&self.bytes, kind, &[numel], &[1], at / element)
                 .map_err(|e| bad(path, format!("storage {key}: {e}")))?;
             self.storages.insert(key.to_string(), typed.shallow_clone());
-            self.passed(start as usize);
-            return Ok(typed);
+            return Ok(Stored::Tensor(typed));
         }
         let raw = if stored && in_file {
             self.bytes.f_narrow(0, start, size as i64).map_err(|e| bad(path, e.to_string()))?
@@ -367,7 +452,7 @@ impl<'a> Archive<'a> {
         let typed =
             crate::ffi::view_bytes_as(&raw, kind).map_err(|e| bad(path, format!("storage {key}: {e}")))?;
         self.storages.insert(key.to_string(), typed.shallow_clone());
-        Ok(typed)
+        Ok(Stored::Tensor(typed))
     }
 }
 
@@ -381,7 +466,7 @@ fn legacy_storage(
     numel: i64,
     start: u64,
     len: u64,
-) -> Result<Tensor> {
+) -> Result<Stored> {
     let size = kind.size() as u64;
     let count = len / size;
     if numel < 0 || count < numel as u64 {
@@ -392,10 +477,15 @@ fn legacy_storage(
     if end > bytes.size()[0] as u64 {
         return Err(bad(path, format!("storage {key} runs past the end of the file")));
     }
+    let at = bytes.storage_offset() as u64 + start;
+    if at % size == 0 {
+        return Ok(Stored::At((at / size) as i64));
+    }
     let raw = bytes.f_narrow(0, start as i64, len as i64).map_err(|e| bad(path, e.to_string()))?;
-    let aligned = raw.storage_offset() as u64 % size == 0;
-    let raw = if aligned { raw } else { raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))? };
-    crate::ffi::view_bytes_as(&raw, kind).map_err(|e| bad(path, format!("storage {key}: {e}")))
+    let raw = raw.f_detach_copy().map_err(|e| bad(path, e.to_string()))?;
+    crate::ffi::view_bytes_as(&raw, kind)
+        .map(Stored::Tensor)
+        .map_err(|e| bad(path, format!("storage {key}: {e}")))
 }
 
 /// Whether `location` names a device as `torch.device` parses one (`cpu`,
@@ -511,6 +601,17 @@ pub(super) fn is_tensor(machine: &Machine, v: &Value) -> bool {
 
 /// Rebuilds the tensor `v` describes, as a view into its storage.
 pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth: usize) -> Result<Tensor> {
+    let view = describe_tensor(machine, archive, v, depth)?;
+    archive.make(&view)
+}
+
+/// The tensor `v` describes, checked as [`tensor`] checks it, not made yet.
+pub(super) fn describe_tensor(
+    machine: &Machine,
+    archive: &mut Archive,
+    v: &Value,
+    depth: usize,
+) -> Result<View> {
     let path = archive.path;
     let (callable, args) = reduced_by(machine, v).ok_or_else(|| bad(path, "expected a tensor"))?;
     let args = tuple_items(machine, args)
@@ -524,11 +625,11 @@ pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth:
     match callable {
         "_rebuild_parameter" | "_rebuild_parameter_with_state" | "Parameter" => {
             let data = args.first().ok_or_else(|| bad(path, "parameter without data"))?;
-            let t = tensor(machine, archive, data, depth + 1)?;
+            let view = describe_tensor(machine, archive, data, depth + 1)?;
             if matches!(args.get(1), Some(Value::Bool(true))) {
-                requires_grad_allowed(path, Dtype::of(&t).map_err(|e| bad(path, e.to_string()))?)?;
+                requires_grad_allowed(path, view.kind)?;
             }
-            Ok(t)
+            Ok(view)
         }
         "_rebuild_from_type_v2" => {
             // (func, type, args, state): func(*args), then a subclass we ignore.
@@ -546,7 +647,7 @@ pub(super) fn tensor(machine: &Machine, archive: &mut Archive, v: &Value, depth:
 }
 
 /// `_rebuild_tensor*(storage, offset, size, stride, ...)`.
-fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Value]) -> Result<Tensor> {
+fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Value]) -> Result<View> {
     let path = archive.path;
     if !matches!(callable, "_rebuild_tensor" | "_rebuild_tensor_v2" | "_rebuild_tensor_v3") {
         return Err(bad(path, format!("{callable} does not make a dense tensor (sparse, quantized and subclass tensors are not supported)")));
@@ -668,17 +769,15 @@ fn rebuild(machine: &Machine, archive: &mut Archive, callable: &str, args: &[Val
         Some([Value::Str(_), Value::Int(offset), Value::Int(size)]) => Some((*offset, *size)),
         _ => None,
     };
-    let storage = match view {
-        Some((start, len)) => {
-            let root = archive.storage(key, kind, start.saturating_add(len))?;
-            root.f_narrow(0, start, len).map_err(|e| bad(path, e.to_string()))?
-        }
-        None => archive.storage(key, kind, numel)?,
-    };
-    // as_strided counts its offset from the start of the underlying buffer (the
-    // whole mapped file), not from the storage view.
-    let offset = storage.storage_offset() + offset;
-    crate::ffi::strided_view(&storage, kind, &size, &stride, offset).map_err(|e| bad(path, e))
+    Ok(View {
+        key: key_text.into(),
+        kind,
+        numel,
+        root: view,
+        size: size.into(),
+        stride: stride.into(),
+        offset,
+    })
 }
 
 /// PyTorch rebuilds a tensor that requires gradients only of a floating or
@@ -1195,25 +1294,37 @@ pub(crate) fn read_from(path: &Path, bytes: &Tensor, view: &[u8], key: Option<&s
     let others = others_of(&machine, &root, &chosen, key.as_deref());
     let (weights, attrs, skipped) = weights_of(&machine, &chosen, path)?;
     super::check_entries(path, "torch.save checkpoint", weights.len())?;
-    let mut tensors = Vec::with_capacity(weights.len());
+    let named = |name: &str, e: Error| match e {
+        Error::Format { path, format, message } => {
+            Error::Format { path, format, message: format!("tensor {name}: {message}") }
+        }
+        other => other,
+    };
+    // Every tensor described while the pickle's arena is alive, then the
+    // arena dropped before any is made: memory holds one or the other.
+    let mut described = Vec::with_capacity(weights.len());
     for (name, v) in weights {
-        let t = if is_array(&machine, &v) {
-            array(&machine, &v).map_err(|m| bad(path, format!("tensor {name}: {m}")))?
+        let d = if is_array(&machine, &v) {
+            Err(array(&machine, &v).map_err(|m| bad(path, format!("tensor {name}: {m}")))?)
         } else {
-            tensor(&machine, &mut archive, &v, 0).map_err(|e| match e {
-                Error::Format { path, format, message } => {
-                    Error::Format { path, format, message: format!("tensor {name}: {message}") }
-                }
-                other => other,
-            })?
+            Ok(describe_tensor(&machine, &mut archive, &v, 0).map_err(|e| named(&name, e))?)
         };
-        tensors.push((name, t));
+        described.push((name, d));
     }
     archive.check_unread_tensors(&machine)?;
     let metadata_json = attrs
         .iter()
         .find(|(k, _)| key_text(k) == Some("_metadata"))
         .map(|(_, v)| to_json(&machine, v, 0).to_string());
+    drop(machine);
+    let mut tensors = Vec::with_capacity(described.len());
+    for (name, d) in described {
+        let t = match d {
+            Ok(view) => archive.make(&view).map_err(|e| named(&name, e))?,
+            Err(array) => array,
+        };
+        tensors.push((name, t));
+    }
     Ok(Loaded { tensors, key, metadata_json, skipped, others })
 }
 
