@@ -204,9 +204,9 @@ class Sender:
         self._pause_after_bucket = None  # test hook: (bucket, seconds)
         self._fail_after_bucket = None  # test hook: raise after sending this bucket
         self._failed = None  # why the session ended (a sync failed), if it did
-        if not serve_store:
-            _reachable(host, port, timeout)
-        self._tcp = dist.TCPStore(host, port, None, serve_store, timeout, wait_for_workers=False)
+        self._port, self._serve_store = port, serve_store
+        if serve_store:
+            self._tcp = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)
         self._connect(state)
 
     @_sync_errors("starting a sync session")
@@ -220,6 +220,11 @@ class Sender:
     def _connect(self, state):
         self._release_group(wait=0)
         self._failed = "a new session is starting"
+        if not self._serve_store:
+            # A store served elsewhere may have gone and come back (a receiver restarted).
+            self._tcp = None
+            _reachable(self._host, self._port, self.timeout)
+            self._tcp = dist.TCPStore(self._host, self._port, None, False, self.timeout, wait_for_workers=False)
         channel = _Keys(self._tcp, f"transplant/{self._channel}/")
         self.session = channel.add("session", 1)
         prefix = f"transplant/{self._channel}/{self.session}/"
@@ -328,8 +333,10 @@ class Sender:
         # began is never abandoned half way by this side.
         needed = sorted({index for bucket in self._buckets for index, _, _ in bucket["tensors"]})
         sources = {index: self._checked(index, tensors) for index in needed}
-        sync = self._announce({"kind": "weights", "buckets": [b["bytes"] for b in self._buckets]})
-        self._run(sync, lambda: self._transfer(sync, sources))
+        sync = self._run(
+            {"kind": "weights", "buckets": [b["bytes"] for b in self._buckets]},
+            lambda sync: self._transfer(sync, sources),
+        )
         return {
             "session": self.session,
             "sync": sync,
@@ -338,18 +345,22 @@ class Sender:
             "seconds": time.perf_counter() - start,
         }
 
-    def _run(self, sync, send):
-        """``send``, then every receiver's answer to ``sync``. A failure ends
-        the session: receivers wait for the rest of the sync until the group's
-        connections close (the group is let go) or their timeout, and anything
-        else sent on this group could reach one as a bucket of another size."""
+    def _run(self, announcement, send):
+        """Announces a sync, runs ``send(sync)``, then waits for every
+        receiver's answer; the sync's number. A failure ends the session:
+        receivers wait for the rest of the sync until the group's connections
+        close (the group is let go) or their timeout, and anything else sent
+        on this group could reach one as a bucket of another size."""
+        sync = self._next
         try:
-            send()
+            self._announce(announcement)
+            send(sync)
             self._answers(sync)
         except BaseException as e:
             self._failed = f"sync {sync}: {_said(e)}"
             self._release_group(wait=0)
             raise
+        return sync
 
     def _transfer(self, sync, sources):
         """The buckets, then their digests."""
@@ -439,8 +450,7 @@ class Sender:
             raise SyncError(f"a bare broadcast of {nbytes} bytes: at most a sync's {self.bytes_per_sync} bytes")
         data = torch.zeros(int(nbytes), dtype=torch.uint8)
         start = time.perf_counter()
-        sync = self._announce({"kind": "raw", "bytes": int(nbytes)})
-        self._run(sync, lambda: self._wait(self._group.broadcast(data, 0), sync, 0))
+        self._run({"kind": "raw", "bytes": int(nbytes)}, lambda sync: self._wait(self._group.broadcast(data, 0), sync, 0))
         return time.perf_counter() - start
 
     def close(self):

@@ -714,3 +714,109 @@ fn a_hostile_peer_never_takes_the_receiver_down() {
     eprintln!("receiver resident: {first} bytes after the first sync, {last} after the last, {peak} at most");
     assert!(last <= first + (16 << 20), "memory returns: {first} -> {last} bytes: {served}");
 }
+
+/// A receiver that lets its store go when dropped: rank 1 of 1, serving the
+/// store at `port` when `serve`, else connecting to it.
+fn receiver_at(port: u16, serve: bool, channel: &str) -> Receiver {
+    let endpoint = Endpoint { host: "127.0.0.1".into(), port, serve_store: serve, channel: channel.into() };
+    let mapping = Mapping {
+        rules: Rules::parse(FUSED_FROM_SPLIT, "test rules").unwrap(),
+        matcher: Matcher::Exact,
+        source_order: None,
+    };
+    let strict = Policy { strict: true, ..Policy::default() };
+    // The port was just let go by the last server (binding it again may
+    // race), or its server is a trainer still starting.
+    let start = Instant::now();
+    loop {
+        match Receiver::connect(&endpoint, 1, 1, mapping.clone(), strict, options()) {
+            Ok(receiver) => return receiver,
+            Err(e) if start.elapsed() < Duration::from_secs(90) => {
+                eprintln!("again: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// scripts/sync_recovery.py's steps against a receiver that is let go after
+/// the first sync and replaced: the trainer's next sync fails with a
+/// SyncError, and it recovers inside its `except` block.
+fn recovers_from_a_lost_receiver(channel: &str, trainer_serves: bool, new_sender: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let slot = slot("transforms/fused_attn.pt");
+    let (mut first, port) = if trainer_serves {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        (None, port)
+    } else {
+        let r = receiver_at(0, true, channel);
+        let port = r.store_port().unwrap();
+        (Some(r), port)
+    };
+    let mut args = vec!["--channel", channel, "--signal-dir", dir.path().to_str().unwrap()];
+    if trainer_serves {
+        args.push("--serve-store");
+    }
+    if new_sender {
+        args.push("--new-sender");
+    }
+    let mut child = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/sync_recovery.py"))
+        .args([
+            "--port",
+            &port.to_string(),
+            "--model",
+            common::fixture("transforms/split_attn.pt").to_str().unwrap(),
+        ])
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut receiver = first.take().unwrap_or_else(|| receiver_at(port, false, channel));
+    let taken = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
+    assert_eq!(taken.swap.unwrap().generation, 1);
+    let start = Instant::now();
+    while !dir.path().join("first").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the trainer did not finish its first sync");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(receiver); // a receiver (and, where it served it, the store) gone
+    std::fs::write(dir.path().join("dead"), "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut replacement = receiver_at(port, !trainer_serves, channel);
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let taken = loop {
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("the trainer did not recover: {seen:?} {}", finished(child).1);
+        }
+        match replacement.receive(&slot, Duration::from_millis(500)) {
+            Ok(Some(taken)) => break taken,
+            Ok(None) => {}
+            Err(e) => seen.push(e.to_string()),
+        }
+    };
+    assert_eq!(taken.swap.unwrap().generation, 2);
+    let (code, text) = finished(child);
+    assert_eq!(code, Some(0), "{text}");
+    let steps: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let dead = steps.iter().find(|s| s["step"] == "dead").expect(&text);
+    let error = dead["error"].as_str().expect("the sync after the receiver was lost failed");
+    assert!(!error.contains("GLHF") && !error.contains("//"), "a clean message: {error}");
+    assert!(dead["cause"].as_str().is_some_and(|c| c != "NoneType"), "the cause is kept: {dead}");
+    assert!(steps.iter().any(|s| s["step"] == "recovered"), "{text}");
+    assert!(steps.iter().any(|s| s["step"] == "closed"), "{text}");
+}
+
+#[test]
+fn a_trainer_recovers_from_a_lost_receiver_in_its_except_block_with_the_same_sender() {
+    recovers_from_a_lost_receiver("lost-same", false, false);
+}
+
+#[test]
+fn a_trainer_that_serves_the_store_recovers_with_the_same_sender() {
+    recovers_from_a_lost_receiver("lost-serving", true, false);
+}

@@ -1,4 +1,9 @@
 //! [`Receiver`]: takes syncs into a [`ModelSlot`], each whole or not at all.
+//!
+//! Long because one receiver's state machine is one concept: finding and
+//! claiming sessions (and surviving a peer's garbage on the way), the
+//! handshake, and taking each sync or bare broadcast; the buckets themselves
+//! are in `buckets.rs`, the layout in `layout.rs`.
 use std::time::{Duration, Instant};
 
 /// How often a receiver in a session looks for a newer sender.

@@ -115,6 +115,10 @@ impl Sender {
         self.release_group();
         // Until the new session is open, this one stays failed.
         self.failed.get_or_insert_with(|| "a new session was asked for".into());
+        if !self.endpoint.serve_store {
+            // A store served elsewhere may have gone and come back (a receiver restarted).
+            self.channel = channel_store(&self.endpoint, false, &self.options)?;
+        }
         let opened = Self::open(&mut self.channel, &self.endpoint, self.receivers, source, &self.options)?;
         self.store = opened.store;
         self.group = Some(opened.group);
@@ -196,8 +200,9 @@ impl Sender {
         self.same_entries(source)?;
         let start = Instant::now();
         let sizes = self.layout.buckets.iter().map(|b| b.bytes).collect();
-        let sync = self.announce(&Announce::Weights { buckets: sizes })?;
-        let sent = self.transfer(sync, source);
+        let sync = self.next;
+        let sent =
+            self.announce(&Announce::Weights { buckets: sizes }).and_then(|_| self.transfer(sync, source));
         self.answered(sync, sent)?;
         let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
         let buckets = self.layout.buckets.len();
@@ -324,8 +329,9 @@ impl Sender {
         }
         let data = buffer(bytes)?;
         let start = Instant::now();
-        let sync = self.announce(&Announce::Raw { bytes })?;
-        let sent = group_of(&mut self.group).and_then(|group| group.broadcast(&data, 0));
+        let sync = self.next;
+        let announced = self.announce(&Announce::Raw { bytes });
+        let sent = announced.and_then(|_| group_of(&mut self.group)?.broadcast(&data, 0));
         let sent = sent.and_then(|work| work.wait().map_err(|m| self.lost(sync, 0, m)));
         self.answered(sync, sent)?;
         Ok(start.elapsed().as_secs_f64())
