@@ -11,6 +11,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <c10/util/Logging.h>
+
 #include <chrono>
 #include <string>
 #include <vector>
@@ -33,6 +35,8 @@ using tp::guarded;
 
 extern "C" {
 
+void tp_c10d_log_level(int level) { FLAGS_caffe2_log_level = level; }
+
 char *tp_store_connect(const char *host, uint16_t port, int is_server, int64_t timeout_ms,
                        const char *prefix, tp_store **out) {
   return guarded([&] {
@@ -53,6 +57,10 @@ char *tp_store_connect(const char *host, uint16_t port, int is_server, int64_t t
 
 char *tp_store_prefixed(const tp_store *store, const char *prefix, tp_store **out) {
   return guarded([&] {
+    if (prefix[0] == '\0') {
+      *out = new tp_store{store->store, store->tcp};
+      return;
+    }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store->store);
     *out = new tp_store{prefixed, store->tcp};
   });

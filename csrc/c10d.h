@@ -14,6 +14,10 @@
 extern "C" {
 #endif
 
+/* Sets c10's log level for the process (0 info, 1 warning, 2 error, 3 fatal):
+ * c10d logs every timed-out wait and lost connection to stderr. */
+void tp_c10d_log_level(int level);
+
 typedef struct tp_store tp_store;
 typedef struct tp_group tp_group;
 typedef struct tp_work tp_work;
@@ -26,7 +30,8 @@ typedef void (*tp_bytes_fn)(void *ctx, const uint8_t *data, size_t len);
  * prefixed by `prefix`. */
 char *tp_store_connect(const char *host, uint16_t port, int is_server, int64_t timeout_ms,
                        const char *prefix, tp_store **out);
-/* The same store with `prefix` added to the keys. */
+/* The same store with `prefix` and a `/` added to the keys (c10d's PrefixStore);
+ * the same store when `prefix` is empty. */
 char *tp_store_prefixed(const tp_store *store, const char *prefix, tp_store **out);
 void tp_store_free(tp_store *store);
 /* The port a server store listens on (useful when asked for port 0). */

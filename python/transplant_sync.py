@@ -27,8 +27,11 @@ DTensors: gather its full state dict on every rank of the training group with
 gathered with ``full_tensor()``.
 """
 
+import functools
 import json
 import os
+import socket
+import threading
 import time
 import zlib
 from datetime import timedelta
@@ -38,7 +41,7 @@ import torch.distributed as dist
 
 __all__ = ["Sender", "SyncError", "full_state_dict"]
 
-PROTOCOL = 1
+PROTOCOL = 2
 DIGEST = "crc32"  # zlib.crc32 of each bucket's bytes, little-endian
 
 
@@ -94,14 +97,88 @@ def _json(value):
     return json.dumps(value).encode()
 
 
+def _said(error):
+    """An exception's message, as a person reads it: its first line (c10d adds
+    C++ frames), without Gloo's sign-off."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].replace(" GLHF! \U0001f3d6\ufe0f", "").replace("GLHF! \U0001f3d6\ufe0f", "").strip()
+
+
+def _sync_errors(what):
+    """Every failure of the decorated method as a :class:`SyncError`, its cause kept."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except SyncError:
+                raise
+            except Exception as e:  # torch's DistError, RuntimeError, OSError, ...
+                raise SyncError(f"{what}: {_said(e)}") from e
+
+        return run
+
+    return wrap
+
+
+def _reachable(host, port, timeout):
+    """Waits until something listens at host:port, at most ``timeout``
+    (c10d's client retries past its own timeout when nothing does)."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise SyncError(f"no store answers at {host}:{port} within {timeout}: {e}") from e
+            time.sleep(0.1)
+
+
+class _Keys:
+    """A store's keys under a prefix, joined as text (c10d's ``PrefixStore``
+    puts a ``/`` after every prefix: ``a//1//layout``)."""
+
+    def __init__(self, tcp, prefix):
+        self.tcp, self.prefix = tcp, prefix
+
+    def set(self, key, value):
+        self.tcp.set(self.prefix + key, value)
+
+    def get(self, key):
+        return self.tcp.get(self.prefix + key)
+
+    def add(self, key, delta):
+        return self.tcp.add(self.prefix + key, delta)
+
+    def wait(self, key, timeout):
+        self.tcp.wait([self.prefix + key], timeout)
+
+    def delete_key(self, key):
+        self.tcp.delete_key(self.prefix + key)
+
+
+def _dropped(group):
+    """Lets go of a Gloo group (its destructor waits for operations in flight)."""
+    del group
+
+
 class Sender:
     """Rank 0 of a sync session with ``receivers`` transplant receivers.
 
     Connecting announces the entries of ``state`` and waits until every
     receiver planned them: a receiver that cannot take them (a missing or
     resized tensor, an unmatched name) makes this raise :class:`SyncError`
-    with its reason, and nothing is sent."""
+    with its reason, and nothing is sent.
 
+    Every failure is a :class:`SyncError` (its ``__cause__`` the transport's
+    exception). After a sync failed, the next :meth:`sync` starts a new
+    session first (or :meth:`reconnect` does): no new ``Sender`` is needed.
+    :meth:`close` (or leaving a ``with`` block) ends the session, never
+    raises, and releases the store's port where this sender serves it."""
+
+    @_sync_errors("starting a sync session")
     def __init__(
         self,
         host,
@@ -115,20 +192,43 @@ class Sender:
         timeout=timedelta(seconds=60),
         hostname=None,
     ):
+        self._tcp = self._group = self._store = None
+        self._closed = False
         if receivers < 1:
             raise SyncError("a sync needs at least one receiver")
         self.receivers = receivers
         self.timeout = timeout
+        self._host, self._channel, self._hostname = host, channel, hostname or host
+        self._bucket_bytes = int(bucket_bytes)
         self._corrupt_bucket = None  # test hook: flip a byte after its digest is computed
         self._pause_after_bucket = None  # test hook: (bucket, seconds)
         self._fail_after_bucket = None  # test hook: raise after sending this bucket
-        self._failed = None  # why the session ended half way through a sync
-        self._ended = False
-        tcp = dist.TCPStore(host, port, None, serve_store, timeout, wait_for_workers=False)
-        self._tcp = tcp
-        channel_store = dist.PrefixStore(f"transplant/{channel}/", tcp)
-        self.session = channel_store.add("session", 1)
-        self._store = dist.PrefixStore(f"{self.session}/", channel_store)
+        self._failed = None  # why the session ended (a sync failed), if it did
+        self._port, self._serve_store = port, serve_store
+        if serve_store:
+            self._tcp = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)
+        self._connect(state)
+
+    @_sync_errors("starting a sync session")
+    def reconnect(self, state):
+        """Starts a new session with the entries of ``state`` (the last one's
+        group is let go: its receivers leave it and join the new one)."""
+        if self._closed:
+            raise SyncError("this sender is closed")
+        self._connect(state)
+
+    def _connect(self, state):
+        self._release_group(wait=0)
+        self._failed = "a new session is starting"
+        if not self._serve_store:
+            # A store served elsewhere may have gone and come back (a receiver restarted).
+            self._tcp = None
+            _reachable(self._host, self._port, self.timeout)
+            self._tcp = dist.TCPStore(self._host, self._port, None, False, self.timeout, wait_for_workers=False)
+        channel = _Keys(self._tcp, f"transplant/{self._channel}/")
+        self.session = channel.add("session", 1)
+        prefix = f"transplant/{self._channel}/{self.session}/"
+        self._store = _Keys(self._tcp, prefix)
         tensors, buffers = _tensors(state), _buffers(state)
         self._names = list(tensors)
         entries, self._dtypes, self._shapes = [], [], []
@@ -144,8 +244,8 @@ class Sender:
         announcement = {
             "protocol": PROTOCOL,
             "origin": f"{type(state).__name__} from python pid {os.getpid()}",
-            "receivers": receivers,
-            "bucket_bytes": int(bucket_bytes),
+            "receivers": self.receivers,
+            "bucket_bytes": self._bucket_bytes,
             "entries": entries,
             "ties": _ties(self._names, tensors),
         }
@@ -157,15 +257,27 @@ class Sender:
             raise SyncError(f"the layout's digest is {layout.get('digest')!r}; this sender computes {DIGEST}")
         self._buckets = layout["buckets"]
         options = dist.ProcessGroupGloo._Options()
-        options._timeout = timeout
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname or host)]
+        options._timeout = self.timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._hostname)]
         self._group = dist.ProcessGroupGloo(
-            dist.PrefixStore("gloo/", self._store), 0, receivers + 1, options
+            dist.PrefixStore(prefix + "gloo", self._tcp), 0, self.receivers + 1, options
         )
         largest = max((b["bytes"] for b in self._buckets), default=0)
         self._buffers = [torch.zeros(largest, dtype=torch.uint8) for _ in range(2)]
         self._views = [None] * len(self._buckets)  # per bucket, its tensors' views of its buffer
         self._next = 1
+        self._failed = None
+
+    def _release_group(self, wait):
+        """Lets go of the session's group on a thread of its own (its
+        destructor waits for operations in flight), waiting up to ``wait``
+        seconds for it."""
+        group, self._group = self._group, None
+        if group is not None:
+            dropper = threading.Thread(target=_dropped, args=(group,), daemon=True)
+            del group
+            dropper.start()
+            dropper.join(wait)
 
     @property
     def bytes_per_sync(self):
@@ -179,9 +291,9 @@ class Sender:
 
     def _get(self, key, why):
         try:
-            self._store.wait([key], self.timeout)
+            self._store.wait(key, self.timeout)
         except Exception as e:  # DistStoreError on timeout
-            raise SyncError(f"{why}: {key} did not appear within {self.timeout}: {e}") from None
+            raise SyncError(f"{why}: {self._store.prefix}{key} did not appear within {self.timeout}") from e
         return self._store.get(key)
 
     def _announce(self, what):
@@ -203,31 +315,28 @@ class Sender:
         if refused:
             raise SyncError(f"sync {sync} was refused: " + "; ".join(refused))
 
+    @_sync_errors("sync")
     def sync(self, state):
         """Sends the current values of ``state`` (the names, dtypes and shapes
         announced at connect) to every receiver and waits until each took them.
-        Returns ``{"session", "sync", "bytes", "buckets", "seconds"}``."""
+        Returns ``{"session", "sync", "bytes", "buckets", "seconds"}``. After a
+        failed sync, starts a new session first."""
+        if self._closed:
+            raise SyncError("this sender is closed")
         if self._failed is not None:
-            raise SyncError(f"this session ended when {self._failed}: make a new Sender")
+            self._connect(state)
         start = time.perf_counter()
         tensors = _tensors(state)
         if list(tensors) != self._names:
-            raise SyncError("the state's names are not the ones announced: start a new Sender")
+            raise SyncError("the state's names are not the ones announced: call reconnect(state)")
         # Every tensor is checked before the sync is announced: a sync that
         # began is never abandoned half way by this side.
         needed = sorted({index for bucket in self._buckets for index, _, _ in bucket["tensors"]})
         sources = {index: self._checked(index, tensors) for index in needed}
-        sync = self._announce({"kind": "weights"})
-        try:
-            self._transfer(sync, sources)
-        except BaseException as e:
-            # Receivers wait for the rest of this sync until the connection
-            # closes or their timeout: sending anything else on this group
-            # could reach one as a bucket of another size, which Gloo answers
-            # by aborting that process.
-            self._failed = f"sync {sync}: {e}"
-            raise
-        self._answers(sync)
+        sync = self._run(
+            {"kind": "weights", "buckets": [b["bytes"] for b in self._buckets]},
+            lambda sync: self._transfer(sync, sources),
+        )
         return {
             "session": self.session,
             "sync": sync,
@@ -235,6 +344,23 @@ class Sender:
             "buckets": len(self._buckets),
             "seconds": time.perf_counter() - start,
         }
+
+    def _run(self, announcement, send):
+        """Announces a sync, runs ``send(sync)``, then waits for every
+        receiver's answer; the sync's number. A failure ends the session:
+        receivers wait for the rest of the sync until the group's connections
+        close (the group is let go) or their timeout, and anything else sent
+        on this group could reach one as a bucket of another size."""
+        sync = self._next
+        try:
+            self._announce(announcement)
+            send(sync)
+            self._answers(sync)
+        except BaseException as e:
+            self._failed = f"sync {sync}: {_said(e)}"
+            self._release_group(wait=0)
+            raise
+        return sync
 
     def _transfer(self, sync, sources):
         """The buckets, then their digests."""
@@ -309,32 +435,47 @@ class Sender:
         try:
             work.wait()
         except Exception as e:
-            raise SyncError(f"sync {sync}, bucket {b + 1}: {e} (receivers keep their weights)") from None
+            raise SyncError(f"sync {sync}, bucket {b + 1}: {_said(e)} (receivers keep their weights)") from e
 
+    @_sync_errors("bare broadcast")
     def raw_broadcast(self, nbytes):
         """A bare broadcast of ``nbytes`` that receivers take and drop: the
-        network's cost for a sync's bytes. Seconds until every receiver answered."""
+        network's cost for a sync's bytes (at most those: receivers refuse more).
+        Seconds until every receiver answered."""
+        if self._closed:
+            raise SyncError("this sender is closed")
         if self._failed is not None:
-            raise SyncError(f"this session ended when {self._failed}: make a new Sender")
+            raise SyncError(f"this session ended when {self._failed}: the next sync starts a new one")
+        if nbytes > self.bytes_per_sync:
+            raise SyncError(f"a bare broadcast of {nbytes} bytes: at most a sync's {self.bytes_per_sync} bytes")
         data = torch.zeros(int(nbytes), dtype=torch.uint8)
         start = time.perf_counter()
-        sync = self._announce({"kind": "raw", "bytes": int(nbytes)})
-        try:
-            self._wait(self._group.broadcast(data, 0), sync, 0)
-        except BaseException as e:
-            self._failed = f"bare broadcast {sync}: {e}"
-            raise
-        self._answers(sync)
+        self._run({"kind": "raw", "bytes": int(nbytes)}, lambda sync: self._wait(self._group.broadcast(data, 0), sync, 0))
         return time.perf_counter() - start
 
     def close(self):
-        """Ends the session: the receivers wait for the next sender."""
-        if not self._ended:
-            self._ended = True
-            self._announce({"kind": "end"})
+        """Ends the session (the receivers wait for the next sender) and lets
+        go of the store, releasing its port where this sender serves it.
+        Never raises: a peer or store that is gone has nothing to be told."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            if self._failed is None and self._store is not None:
+                self._announce({"kind": "end"})
+        except Exception:  # noqa: BLE001 -- nobody left to tell
+            pass
+        self._release_group(wait=2)
+        self._store = self._tcp = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown
+            pass

@@ -126,7 +126,7 @@ def main():
         sender._fail_after_bucket = args.fail_after_bucket
     failed = 0
     if args.raw:
-        sender.raw_broadcast(1 << 20)  # the first bare broadcast also warms the receiver's buffer
+        sender.raw_broadcast(sender.bytes_per_sync)  # the first bare broadcast warms the way
     for k in range(args.syncs):
         with torch.no_grad():
             for p in model.parameters():

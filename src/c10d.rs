@@ -26,6 +26,7 @@ pub(crate) struct TpWork {
 type BytesFn = extern "C" fn(ctx: *mut c_void, data: *const u8, len: usize);
 
 extern "C" {
+    fn tp_c10d_log_level(level: c_int);
     fn tp_store_connect(
         host: *const c_char,
         port: u16,
@@ -68,6 +69,14 @@ extern "C" {
     fn tp_work_free(work: *mut TpWork);
 }
 
+/// Whether c10d's own diagnostics (C++ log lines: every timed-out wait, every
+/// lost connection, with stack traces) reach stderr: from here on, for the
+/// whole process (c10's log level is a global). Errors still reach the caller.
+pub(crate) fn show_diagnostics(show: bool) {
+    // SAFETY: sets an int global; no preconditions.
+    unsafe { tp_c10d_log_level(if show { 0 } else { 3 }) }
+}
+
 fn c_string(what: &str, text: &str) -> Result<CString> {
     CString::new(text).map_err(|_| Error::Sync { message: format!("{what} {text:?} holds a NUL byte") })
 }
@@ -80,10 +89,13 @@ fn failed(what: String) -> impl FnOnce(String) -> Error {
     move |message| Error::Sync { message: format!("{what}: {message}") }
 }
 
-/// A c10d `TCPStore` seen through a key prefix.
+/// A c10d `TCPStore` seen through a key prefix (joined here, as text: c10d's
+/// own `PrefixStore` puts a `/` after every prefix, `a//b//key`).
 pub(crate) struct Store {
     raw: *mut TpStore,
-    /// `host:port/prefix`, for messages.
+    /// Put before every key.
+    prefix: String,
+    /// `host:port`, for messages.
     place: String,
 }
 
@@ -118,8 +130,8 @@ impl Store {
         timeout: Duration,
         prefix: &str,
     ) -> Result<Self> {
-        let place = format!("{host}:{port}/{prefix}");
-        let (c_host, c_prefix) = (c_string("host", host)?, c_string("prefix", prefix)?);
+        let place = format!("{host}:{port}");
+        let (c_host, c_prefix) = (c_string("host", host)?, c_string("prefix", "")?);
         let mut raw = ptr::null_mut();
         // SAFETY: both strings are NUL-terminated and outlive the call; `raw` is an out pointer.
         let result = unsafe {
@@ -134,17 +146,34 @@ impl Store {
         };
         let what = if serve { "serving the TCPStore at" } else { "connecting to the TCPStore at" };
         result.map_err(failed(format!("{what} {host}:{port}")))?;
-        Ok(Self { raw, place })
+        Ok(Self { raw, prefix: prefix.to_string(), place })
     }
 
     /// The same store with `prefix` added to every key.
     pub(crate) fn prefixed(&self, prefix: &str) -> Result<Self> {
+        let raw = self.c10d_prefixed("")?;
+        Ok(Self { raw, prefix: format!("{}{prefix}", self.prefix), place: self.place.clone() })
+    }
+
+    /// A handle on the same store, its keys under c10d's `PrefixStore` of
+    /// `prefix` (nothing added when empty).
+    fn c10d_prefixed(&self, prefix: &str) -> Result<*mut TpStore> {
         let c_prefix = c_string("prefix", prefix)?;
         let mut raw = ptr::null_mut();
         // SAFETY: `self.raw` is live; `raw` is an out pointer.
         let result = unsafe { check(tp_store_prefixed(self.raw, c_prefix.as_ptr(), &mut raw)) };
         result.map_err(failed(format!("store {}", self.place)))?;
-        Ok(Self { raw, place: format!("{}{prefix}", self.place) })
+        Ok(raw)
+    }
+
+    /// `key` under this store's prefix, as a C string.
+    fn key(&self, key: &str) -> Result<CString> {
+        c_string("key", &format!("{}{key}", self.prefix))
+    }
+
+    /// Where `key` is, for messages.
+    fn at(&self, key: &str) -> String {
+        format!("{}{key} in the store at {}", self.prefix, self.place)
     }
 
     /// The port the store's server listens on.
@@ -157,30 +186,30 @@ impl Store {
     }
 
     pub(crate) fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         // SAFETY: `self.raw` is live; `value` holds `len` bytes during the call.
         let result = unsafe { check(tp_store_set(self.raw, c_key.as_ptr(), value.as_ptr(), value.len())) };
-        result.map_err(failed(format!("setting {key} in store {}", self.place)))
+        result.map_err(failed(format!("setting {}", self.at(key))))
     }
 
     /// Waits up to `timeout` for `key`; whether it appeared.
     pub(crate) fn wait(&mut self, key: &str, timeout: Duration) -> Result<bool> {
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         let mut found = 0;
         // SAFETY: `self.raw` is live; `found` is an out pointer.
         let result =
             unsafe { check(tp_store_wait(self.raw, c_key.as_ptr(), millis(timeout).max(1), &mut found)) };
-        result.map_err(failed(format!("waiting for {key} in store {}", self.place)))?;
+        result.map_err(failed(format!("waiting for {}", self.at(key))))?;
         Ok(found != 0)
     }
 
     /// Whether `key` exists now.
     pub(crate) fn check(&mut self, key: &str) -> Result<bool> {
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         let mut found = 0;
         // SAFETY: `self.raw` is live; `found` is an out pointer.
         let result = unsafe { check(tp_store_check(self.raw, c_key.as_ptr(), &mut found)) };
-        result.map_err(failed(format!("looking for {key} in store {}", self.place)))?;
+        result.map_err(failed(format!("looking for {}", self.at(key))))?;
         Ok(found != 0)
     }
 
@@ -188,33 +217,33 @@ impl Store {
     pub(crate) fn get(&mut self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
         if !self.wait(key, timeout)? {
             return Err(Error::Sync {
-                message: format!("{key} did not appear in store {} within {timeout:?}", self.place),
+                message: format!("{} did not appear within {timeout:?}", self.at(key)),
             });
         }
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         let mut value: Vec<u8> = Vec::new();
         let ctx = &mut value as *mut Vec<u8> as *mut c_void;
         // SAFETY: `self.raw` is live; `take_bytes` only appends to `value`.
         let result = unsafe { check(tp_store_get(self.raw, c_key.as_ptr(), ctx, take_bytes)) };
-        result.map_err(failed(format!("reading {key} from store {}", self.place)))?;
+        result.map_err(failed(format!("reading {}", self.at(key))))?;
         Ok(value)
     }
 
     /// Deletes `key`, if it exists.
     pub(crate) fn delete(&mut self, key: &str) -> Result<()> {
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         // SAFETY: `self.raw` is live; the key outlives the call.
         let result = unsafe { check(tp_store_delete(self.raw, c_key.as_ptr())) };
-        result.map_err(failed(format!("deleting {key} from store {}", self.place)))
+        result.map_err(failed(format!("deleting {}", self.at(key))))
     }
 
     /// Adds `delta` to the counter at `key`; the new value.
     pub(crate) fn add(&mut self, key: &str, delta: i64) -> Result<i64> {
-        let c_key = c_string("key", key)?;
+        let c_key = self.key(key)?;
         let mut out = 0;
         // SAFETY: `self.raw` is live; `out` is an out pointer.
         let result = unsafe { check(tp_store_add(self.raw, c_key.as_ptr(), delta, &mut out)) };
-        result.map_err(failed(format!("adding to {key} in store {}", self.place)))?;
+        result.map_err(failed(format!("adding to {}", self.at(key))))?;
         Ok(out)
     }
 }
@@ -240,7 +269,7 @@ impl Group {
     /// Joins a Gloo group of `size` ranks as `rank`, meeting through `store`,
     /// with sockets bound to `hostname`; blocks until every rank joined.
     pub(crate) fn gloo(
-        store: &mut Store,
+        store: &Store,
         rank: usize,
         size: usize,
         timeout: Duration,
@@ -248,14 +277,20 @@ impl Group {
     ) -> Result<Self> {
         let c_host = c_string("hostname", hostname)?;
         let (c_rank, c_size) = (rank as c_int, size as c_int);
+        // The group's own keys under this store's prefix (c10d adds a `/`).
+        let keys = Store {
+            raw: store.c10d_prefixed(store.prefix.trim_end_matches('/'))?,
+            prefix: String::new(),
+            place: store.place.clone(),
+        };
         let mut raw = ptr::null_mut();
-        // SAFETY: `store.raw` is live; the string outlives the call; `raw` is an out pointer.
+        // SAFETY: `keys.raw` is live; the string outlives the call; `raw` is an out pointer.
         let result = unsafe {
-            check(tp_group_gloo(store.raw, c_rank, c_size, millis(timeout), c_host.as_ptr(), &mut raw))
+            check(tp_group_gloo(keys.raw, c_rank, c_size, millis(timeout), c_host.as_ptr(), &mut raw))
         };
         result.map_err(failed(format!(
-            "joining a Gloo group of {size} as rank {rank} through store {}",
-            store.place
+            "joining a Gloo group of {size} as rank {rank} through {}",
+            store.at("")
         )))?;
         Ok(Self { raw })
     }

@@ -157,7 +157,8 @@ fn a_sync_goes_live_in_a_model_served_on_the_gpu() {
                  o_proj\\.(.*) => proj.$1\n";
     let mapping =
         Mapping { rules: Rules::parse(rules, "rules").unwrap(), matcher: Matcher::Exact, source_order: None };
-    let options = SyncOptions { timeout: Duration::from_secs(30), bucket_bytes: 256, hostname: None };
+    let options =
+        SyncOptions { timeout: Duration::from_secs(30), bucket_bytes: 256, ..SyncOptions::default() };
     let endpoint = Endpoint { host: "127.0.0.1".into(), port: 0, serve_store: true, channel: "gpu".into() };
     let mut receiver =
         Receiver::connect(&endpoint, 1, 1, mapping, Policy::default(), options.clone()).unwrap();

@@ -41,8 +41,21 @@
 //! The keys, under `transplant/<channel>/` (all values JSON):
 //! `session` (a counter), `<s>/entries`, `<s>/joined/<rank>`,
 //! `<s>/need/<rank>`, `<s>/layout`, `<s>/gloo/…` (the group's own),
-//! `<s>/sync/<k>` (`weights`, `raw` with a byte count — a bare broadcast for
-//! benchmarks — or `end`), `<s>/ack/<k>/<rank>`.
+//! `<s>/sync/<k>` (`weights` with each bucket's byte count, `raw` with a byte
+//! count — a bare broadcast for benchmarks, at most a sync's bytes — or
+//! `end`), `<s>/ack/<k>/<rank>`. The lead deletes `<s>/entries` and
+//! `<s>/need/…` once the layout is set.
+//!
+//! **Peers are not trusted.** Whatever a process that reaches the store writes
+//! there — a counter that is no number, an announcement of any size, a session
+//! that never announces, a sync of other bucket sizes than agreed — is refused
+//! with an error, never a panic or an abort, and leaves the receiver serving,
+//! in its last session. Sizes are checked before anything is allocated or
+//! received: a sync announces its buckets' sizes, and a receiver refuses sizes
+//! other than the layout's before Gloo receives a byte (Gloo aborts a process
+//! that receives a longer message than it posted; a peer in the group that
+//! announces one size and sends another can still do that, which only an
+//! authenticated store keeps out).
 mod buckets;
 mod layout;
 mod receiver;
@@ -63,7 +76,7 @@ pub use receiver::{Received, Receiver};
 pub use sender::{Sender, Sent};
 
 /// The version of the protocol above; both sides refuse another.
-const PROTOCOL: u32 = 1;
+const PROTOCOL: u32 = 2;
 /// The largest tensor an announcement may describe (256 TiB): beyond it the
 /// shape is an error, not a model.
 const MAX_TENSOR_BYTES: u64 = 1 << 48;
@@ -106,11 +119,21 @@ pub struct SyncOptions {
     pub bucket_bytes: u64,
     /// The address Gloo's sockets bind to (`None`: the endpoint's host).
     pub hostname: Option<String>,
+    /// Whether c10d's own C++ diagnostics (a line, often with a stack trace,
+    /// for every timed-out wait or lost connection) go to stderr. Off by
+    /// default: the errors that matter come back as `Err`. c10's log level is
+    /// one for the process, set when a sender or receiver connects.
+    pub transport_log: bool,
 }
 
 impl Default for SyncOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(60), bucket_bytes: 64 << 20, hostname: None }
+        Self {
+            timeout: Duration::from_secs(60),
+            bucket_bytes: 64 << 20,
+            hostname: None,
+            transport_log: false,
+        }
     }
 }
 
@@ -152,8 +175,14 @@ struct Need {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
 enum Announce {
-    Weights,
-    Raw { bytes: u64 },
+    /// The bytes of each bucket about to be sent (the layout's, or the sync is
+    /// refused before a byte is received).
+    Weights {
+        buckets: Vec<u64>,
+    },
+    Raw {
+        bytes: u64,
+    },
     End,
 }
 
@@ -216,9 +245,12 @@ unsafe fn bytes_of(tensor: &Tensor, len: u64) -> &[u8] {
     unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const u8, len as usize) }
 }
 
-/// A contiguous `uint8` CPU buffer of `bytes`, zeroed.
-fn buffer(bytes: u64) -> Tensor {
-    Tensor::zeros([bytes as i64], (tch::Kind::Uint8, Device::Cpu))
+/// A contiguous `uint8` CPU buffer of `bytes`, zeroed; an error where it
+/// cannot be had.
+fn buffer(bytes: u64) -> Result<Tensor> {
+    let refuse = |why: String| Error::Sync { message: format!("a buffer of {bytes} bytes: {why}") };
+    let len = i64::try_from(bytes).map_err(|_| refuse("too large".into()))?;
+    Tensor::f_zeros([len], (tch::Kind::Uint8, Device::Cpu)).map_err(|e| refuse(e.to_string()))
 }
 
 /// The view of `entry` at `offset` bytes into `buffer`.
@@ -343,7 +375,18 @@ impl Source for BucketSource<'_> {
 
 /// The endpoint's store, seen under the channel's prefix
 /// (`transplant/<channel>/`); served from this process when `serve`.
-fn channel_store(endpoint: &Endpoint, serve: bool, timeout: Duration) -> Result<crate::c10d::Store> {
+fn channel_store(endpoint: &Endpoint, serve: bool, options: &SyncOptions) -> Result<crate::c10d::Store> {
+    channel_store_within(endpoint, serve, options, options.timeout)
+}
+
+/// [`channel_store`], waiting up to `timeout` for the server.
+fn channel_store_within(
+    endpoint: &Endpoint,
+    serve: bool,
+    options: &SyncOptions,
+    timeout: Duration,
+) -> Result<crate::c10d::Store> {
+    crate::c10d::show_diagnostics(options.transport_log);
     let prefix = format!("transplant/{}/", endpoint.channel);
     crate::c10d::Store::connect(&endpoint.host, endpoint.port, serve, timeout, &prefix)
 }

@@ -1,15 +1,31 @@
 //! [`Receiver`]: takes syncs into a [`ModelSlot`], each whole or not at all.
+//!
+//! Long because one receiver's state machine is one concept: finding and
+//! claiming sessions (and surviving a peer's garbage on the way), the
+//! handshake, and taking each sync or bare broadcast; the buckets themselves
+//! are in `buckets.rs`, the layout in `layout.rs`.
 use std::time::{Duration, Instant};
 
 /// How often a receiver in a session looks for a newer sender.
 const NEWER_SESSION_POLL: Duration = Duration::from_millis(250);
+/// How long reading a key that was just seen may wait (a peer may delete it
+/// in between).
+const POLL_GET: Duration = Duration::from_secs(1);
+
+/// Why a look at the store returned no sync.
+enum Polled {
+    /// The store could not be reached.
+    Lost(Error),
+    /// A session or a sync was refused (the served weights are unchanged).
+    Refused(Error),
+}
 
 use serde::Serialize;
 use tch::Tensor;
 
 use super::{
-    buckets, buffer, channel_store, json, parse, Ack, Announce, Announced, Announcement, Endpoint, Layout,
-    Need, SyncOptions, DIGEST, POLL, PROTOCOL,
+    buckets, buffer, channel_store, channel_store_within, json, parse, Ack, Announce, Announced,
+    Announcement, Endpoint, Layout, Need, SyncOptions, DIGEST, POLL, PROTOCOL,
 };
 use crate::c10d::{Group, Store};
 use crate::copy::rejected;
@@ -42,6 +58,10 @@ pub struct Received {
 /// of `receivers`, planning each sender's entries against its served model
 /// with its own mapping and policy.
 pub struct Receiver {
+    /// The store's server, where this process serves it (kept for its
+    /// lifetime; `store` is a client of it, connected again when a peer's
+    /// input made the server drop that client's connection).
+    server: Option<Store>,
     store: Store,
     endpoint: Endpoint,
     rank: usize,
@@ -52,8 +72,15 @@ pub struct Receiver {
     session: Option<Session>,
     /// The newest session this receiver considered (joined, or refused).
     last_session: i64,
+    /// A newer session this receiver claimed whose sender has not announced
+    /// its entries yet, and since when (the joined session is served
+    /// meanwhile; the claim lapses after the timeout).
+    pending: Option<(i64, Instant)>,
     /// When the store was last asked for a newer session.
     looked: Option<Instant>,
+    /// The store has been unreachable since this failure was reported (one
+    /// error an outage, not one a poll).
+    outage: bool,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -79,8 +106,6 @@ pub(super) struct Session {
     /// The two buffers buckets arrive in, each as large as the largest bucket.
     pub(super) buffers: [Tensor; 2],
     pub(super) next: u64,
-    /// The buffer of the last bare broadcast.
-    pub(super) raw: Option<Tensor>,
     /// The group failed (a peer gone, a timeout): the session is over.
     pub(super) broken: bool,
 }
@@ -140,12 +165,17 @@ impl Receiver {
         if rank == 0 || rank > receivers {
             return Err(Error::Sync { message: format!("receiver rank {rank} is not in 1..={receivers}") });
         }
-        let store = channel_store(endpoint, endpoint.serve_store, options.timeout)?;
         let mut endpoint = endpoint.clone();
-        if endpoint.serve_store {
-            endpoint.port = store.port()?;
-        }
+        let server = if endpoint.serve_store {
+            let server = channel_store(&endpoint, true, &options)?;
+            endpoint.port = server.port()?;
+            Some(server)
+        } else {
+            None
+        };
+        let store = channel_store(&endpoint, false, &options)?;
         Ok(Self {
+            server,
             store,
             endpoint,
             rank,
@@ -155,13 +185,18 @@ impl Receiver {
             options,
             session: None,
             last_session: 0,
+            pending: None,
             looked: None,
+            outage: false,
         })
     }
 
     /// The port of the store (the one chosen where the endpoint asked for 0).
     pub fn store_port(&self) -> Result<u16> {
-        self.store.port()
+        match &self.server {
+            Some(server) => server.port(),
+            None => Ok(self.endpoint.port),
+        }
     }
 
     /// The session joined, if any.
@@ -171,82 +206,149 @@ impl Receiver {
 
     /// Waits up to `wait` for the next sync and takes it into `slot`:
     /// `Ok(None)` when none began in that time. Joins a sender's session on the
-    /// way (a newer sender replaces an older one). An error — this receiver's
-    /// plan refused, a digest mismatch, the sender lost mid-sync — leaves the
-    /// served weights as they were; call again for the next sync.
+    /// way (a newer sender replaces an older one once it announced its
+    /// entries). An error — this receiver's plan refused, a digest mismatch,
+    /// the sender lost mid-sync, a peer's malformed input — leaves the served
+    /// weights as they were; call again for the next sync. A store that cannot
+    /// be reached is one error until it can be again, not one a call.
     pub fn receive(&mut self, slot: &ModelSlot, wait: Duration) -> Result<Option<Received>> {
         let deadline = Instant::now() + wait;
         loop {
-            // A newer sender is looked for now and then (and at once when no
-            // session is joined); the next sync of this one, at every poll.
-            let look =
-                self.session.is_none() || self.looked.is_none_or(|at| at.elapsed() >= NEWER_SESSION_POLL);
-            let newest = if look {
-                self.looked = Some(Instant::now());
-                match self.store.add("session", 0) {
-                    Ok(newest) => newest,
-                    Err(lost) => return Err(self.store_lost(lost, wait)),
-                }
-            } else {
-                self.last_session
-            };
-            if newest > self.last_session {
-                self.last_session = newest;
-                self.session = None;
-                if self.claim(newest)? {
-                    self.session = Some(self.join(newest, slot)?);
+            match self.poll(slot) {
+                Ok(Some(received)) => return Ok(Some(received)),
+                Ok(None) => {}
+                Err(Polled::Refused(error)) => return Err(error),
+                Err(Polled::Lost(lost)) => {
+                    if let Some(error) = self.store_lost(lost, deadline) {
+                        return Err(error);
+                    }
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.session.as_mut() {
-                Some(session) => {
-                    let key = format!("sync/{}", session.next);
-                    // Polled (c10d logs a warning for every wait that times out).
-                    let found = match session.store.check(&key) {
-                        Ok(found) => found,
-                        Err(lost) => return Err(self.store_lost(lost, wait)),
-                    };
-                    if found {
-                        let announce: Announce =
-                            parse(&key, &session.store.get(&key, self.options.timeout)?)?;
-                        session.next += 1;
-                        match announce {
-                            Announce::End => self.session = None,
-                            Announce::Raw { bytes } => return self.raw(bytes).map(Some),
-                            Announce::Weights => return self.apply(slot).map(Some),
-                        }
-                    } else {
-                        std::thread::sleep(left.min(POLL));
-                    }
-                }
-                None => std::thread::sleep(left.min(POLL)),
-            }
-            if Instant::now() >= deadline {
+            if left.is_zero() {
                 return Ok(None);
+            }
+            std::thread::sleep(left.min(POLL));
+        }
+    }
+
+    /// One look at the store: a newer session, the pending one's entries, the
+    /// joined session's next sync.
+    fn poll(&mut self, slot: &ModelSlot) -> std::result::Result<Option<Received>, Polled> {
+        // A newer sender is looked for now and then (and at once when no
+        // session is joined); the next sync of this one, at every poll.
+        let look = self.session.is_none() || self.looked.is_none_or(|at| at.elapsed() >= NEWER_SESSION_POLL);
+        if look {
+            self.looked = Some(Instant::now());
+            let newest = self.newest_session().map_err(Polled::Lost)?;
+            self.outage = false;
+            if newest > self.last_session {
+                self.last_session = newest;
+                // Taken by another process of this rank, or a counter a peer
+                // broke: not this receiver's session.
+                self.pending = matches!(self.claim(newest), Ok(true)).then(|| (newest, Instant::now()));
+            }
+        }
+        if let Some((id, since)) = self.pending {
+            if self.store.check(&format!("{id}/entries")).map_err(Polled::Lost)? {
+                self.pending = None;
+                // The session served so far ends only when the newer one is joined.
+                let joined = self.join(id, slot).map_err(Polled::Refused)?;
+                self.session = Some(joined);
+            } else if since.elapsed() >= self.options.timeout {
+                self.pending = None;
+                return Err(Polled::Refused(Error::Sync {
+                    message: format!(
+                        "session {id} announced nothing within {:?}; waiting for the next sender",
+                        self.options.timeout
+                    ),
+                }));
+            }
+        }
+        let Some(session) = self.session.as_mut() else { return Ok(None) };
+        let key = format!("sync/{}", session.next);
+        // Polled (c10d logs a warning for every wait that times out).
+        if !session.store.check(&key).map_err(Polled::Lost)? {
+            return Ok(None);
+        }
+        let value = session.store.get(&key, self.options.timeout).map_err(Polled::Lost)?;
+        session.next += 1;
+        let announce = match parse::<Announce>(&key, &value) {
+            Ok(announce) => announce,
+            Err(error) => {
+                // What comes next on the group is unknown: the session is over.
+                self.session = None;
+                return Err(Polled::Refused(error));
+            }
+        };
+        match announce {
+            Announce::End => {
+                self.session = None;
+                Ok(None)
+            }
+            Announce::Raw { bytes } => self.raw(bytes).map(Some).map_err(Polled::Refused),
+            Announce::Weights { buckets } => self.apply(slot, &buckets).map(Some).map_err(Polled::Refused),
+        }
+    }
+
+    /// The newest session on the channel (0: none yet). A counter that is no
+    /// session number — a peer's garbage, a number below the last one seen,
+    /// the key deleted — is put back to the last one seen, so that the next
+    /// sender counts on from there (reading, not adding: c10d's server drops
+    /// the connection of a client that adds to a value that is no number).
+    fn newest_session(&mut self) -> Result<i64> {
+        let last = self.last_session;
+        let value = if self.store.check("session")? {
+            let bytes = self.store.get("session", POLL_GET)?;
+            std::str::from_utf8(&bytes).ok().and_then(|text| text.parse::<i64>().ok())
+        } else if last == 0 {
+            return Ok(0);
+        } else {
+            None
+        };
+        match value {
+            Some(newest) if newest >= last => Ok(newest),
+            _ => {
+                self.store.set("session", last.to_string().as_bytes())?;
+                Ok(last)
             }
         }
     }
 
-    /// The store could not be reached (`lost`): where another process serves
-    /// it (a trainer that exited took its store along), connects again,
-    /// waiting up to `wait` for a server, and starts counting sessions afresh
-    /// — a new server's first session is 1. The error says what happened.
-    fn store_lost(&mut self, lost: Error, wait: Duration) -> Error {
+    /// The store could not be reached (`lost`). Where this process serves it,
+    /// connects to it again (a peer's input can make the server drop a
+    /// client); where another process does (a trainer that exited took its
+    /// store along), connects again, waiting until `deadline` (at least a
+    /// second) for a server, and starts counting sessions afresh — a new
+    /// server's first session is 1. The error, the first time of an outage.
+    fn store_lost(&mut self, lost: Error, deadline: Instant) -> Option<Error> {
         self.session = None;
+        self.pending = None;
         let endpoint = &self.endpoint;
-        if endpoint.serve_store {
-            return lost;
-        }
-        let timeout = wait.clamp(Duration::from_secs(1), self.options.timeout);
-        match channel_store(endpoint, false, timeout) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = left.clamp(Duration::from_secs(1), self.options.timeout);
+        let again = channel_store_within(endpoint, false, &self.options, timeout);
+        let first = !self.outage;
+        match again {
             Ok(store) => {
                 self.store = store;
-                self.last_session = 0;
                 self.looked = None;
-                Error::Sync { message: format!("{lost}; connected to the store again, for the next sender") }
+                self.outage = false;
+                if self.server.is_some() {
+                    return Some(Error::Sync { message: format!("{lost}; connected to the store again") });
+                }
+                self.last_session = 0;
+                Some(Error::Sync {
+                    message: format!("{lost}; connected to the store again, for the next sender"),
+                })
             }
             Err(again) => {
-                Error::Sync { message: format!("{lost}; the store cannot be reached again: {again}") }
+                self.outage = true;
+                first.then(|| Error::Sync {
+                    message: format!(
+                        "{lost}; the store cannot be reached again: {again} (said once until it can)"
+                    ),
+                })
             }
         }
     }
@@ -256,26 +358,44 @@ impl Receiver {
         Ok(self.store.add(&format!("{id}/joined/{}", self.rank), 1)? == 1)
     }
 
+    /// The lead's last step of a handshake: the layout set, the answers and
+    /// the announcement (any size a sender chose) deleted — every receiver
+    /// read them before it answered.
+    fn set_layout(&self, store: &mut Store, layout: &Layout) -> Result<()> {
+        store.set("layout", &json(layout))?;
+        store.delete("entries")?;
+        for rank in 1..=self.receivers {
+            store.delete(&format!("need/{rank}"))?;
+        }
+        Ok(())
+    }
+
     /// The handshake of session `id` (module docs, steps 2 to 4).
     fn join(&mut self, id: i64, slot: &ModelSlot) -> Result<Session> {
         let timeout = self.options.timeout;
         let mut store = self.store.prefixed(&format!("{id}/"))?;
-        let announcement: Announcement = parse("the sender's entries", &store.get("entries", timeout)?)?;
-        let origin = format!(
-            "sync sender at {}:{} (channel {}, session {id}: {})",
-            self.endpoint.host, self.endpoint.port, self.endpoint.channel, announcement.origin
-        );
+        let entries = store.get("entries", timeout)?;
         let need_key = format!("need/{}", self.rank);
-        let planned = self.plan(&announcement, origin, slot);
-        let (announced, plan) = match planned {
+        let planned = parse::<Announcement>("the sender's entries", &entries).and_then(|announcement| {
+            let origin = format!(
+                "sync sender at {}:{} (channel {}, session {id}: {})",
+                self.endpoint.host,
+                self.endpoint.port,
+                self.endpoint.channel,
+                crate::dotted::escaped(&announcement.origin)
+            );
+            self.plan(&announcement, origin, slot).map(|(announced, plan)| (announced, plan, announcement))
+        });
+        drop(entries);
+        let (announced, plan, announcement) = match planned {
             Ok(planned) => planned,
             Err(error) => {
                 store.set(&need_key, &json(&Need { tensors: None, error: Some(error.to_string()) }))?;
                 if self.rank == 1 {
                     // The lead still answers for everyone: the sender and the
                     // other receivers learn why, instead of timing out.
-                    let layout = self.lay_out(&mut store, None, &announcement);
-                    store.set("layout", &json(&layout))?;
+                    let layout = self.lay_out(&mut store, None);
+                    self.set_layout(&mut store, &layout)?;
                 }
                 return Err(error);
             }
@@ -285,8 +405,8 @@ impl Receiver {
         needed.dedup();
         store.set(&need_key, &json(&Need { tensors: Some(needed), error: None }))?;
         let layout: Layout = if self.rank == 1 {
-            let layout = self.lay_out(&mut store, Some(&announced), &announcement);
-            store.set("layout", &json(&layout))?;
+            let layout = self.lay_out(&mut store, Some((&announced, announcement.bucket_bytes)));
+            self.set_layout(&mut store, &layout)?;
             layout
         } else {
             parse("the layout", &store.get("layout", timeout)?)?
@@ -298,8 +418,8 @@ impl Receiver {
         let parts = buckets::parts_of(&plan, &layout)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
         let hostname = self.options.hostname.clone().unwrap_or_else(|| self.endpoint.host.clone());
-        let mut group_store = store.prefixed("gloo/")?;
-        let group = Group::gloo(&mut group_store, self.rank, self.receivers + 1, timeout, &hostname)?;
+        let group =
+            Group::gloo(&store.prefixed("gloo/")?, self.rank, self.receivers + 1, timeout, &hostname)?;
         Ok(Session {
             id,
             store,
@@ -307,9 +427,8 @@ impl Receiver {
             announced,
             layout,
             parts,
-            buffers: [buffer(largest), buffer(largest)],
+            buffers: [buffer(largest)?, buffer(largest)?],
             next: 1,
-            raw: None,
             broken: false,
         })
     }
@@ -378,12 +497,7 @@ impl Receiver {
     }
 
     /// The lead receiver's step 3: every receiver's answer joined into a layout.
-    fn lay_out(
-        &self,
-        store: &mut Store,
-        announced: Option<&Announced>,
-        announcement: &Announcement,
-    ) -> Layout {
+    fn lay_out(&self, store: &mut Store, announced: Option<(&Announced, u64)>) -> Layout {
         let mut needed = Vec::new();
         let mut errors = Vec::new();
         for rank in 1..=self.receivers {
@@ -397,7 +511,7 @@ impl Receiver {
                 Err(e) => errors.push(format!("receiver {rank} did not answer: {e}")),
             }
         }
-        let Some(announced) = announced.filter(|_| errors.is_empty()) else {
+        let Some((announced, bucket_bytes)) = announced.filter(|_| errors.is_empty()) else {
             return Layout { digest: DIGEST.into(), buckets: Vec::new(), error: Some(errors.join("; ")) };
         };
         if needed.iter().any(|&i| i >= announced.entries.len()) {
@@ -407,12 +521,12 @@ impl Receiver {
                 error: Some("an answer names entries the sender does not have".into()),
             };
         }
-        Layout::pack(&announced.entries, &announced.ties, &needed, announcement.bucket_bytes.max(1))
+        Layout::pack(&announced.entries, &announced.ties, &needed, bucket_bytes.max(1))
     }
 
     /// A sync: every bucket into a standby copy of the model, which goes live
     /// only when all arrived, checked and were copied.
-    fn apply(&mut self, slot: &ModelSlot) -> Result<Received> {
+    fn apply(&mut self, slot: &ModelSlot, sizes: &[u64]) -> Result<Received> {
         let start = Instant::now();
         let policy = self.policy;
         let rank = self.rank;
@@ -420,6 +534,22 @@ impl Receiver {
             return Err(Error::Sync { message: "no session".into() });
         };
         let sync = session.next - 1;
+        // Gloo aborts a process that receives a longer message than it posted:
+        // sizes other than agreed are refused before a byte is received, and
+        // the session ends (what the sender sends next is not what this side
+        // could take).
+        let agreed = session.layout.buckets.iter().map(|b| b.bytes);
+        if !agreed.clone().eq(sizes.iter().copied()) {
+            let message = format!(
+                "sync {sync} announces buckets of {} bytes; the session agreed on {} (nothing received; the served weights are unchanged)",
+                shown_sizes(sizes),
+                shown_sizes(&agreed.collect::<Vec<_>>())
+            );
+            let ack = Ack { error: Some(message.clone()), seconds: 0.0 };
+            let _ = session.store.set(&format!("ack/{sync}/{rank}"), &json(&ack));
+            self.session = None;
+            return Err(Error::Sync { message });
+        }
         let origin = session.announced.origin.clone();
         let swapped = slot.swap_with(&origin, |standby| buckets::receive_buckets(session, standby, &policy));
         let seconds = start.elapsed().as_secs_f64();
@@ -436,7 +566,7 @@ impl Receiver {
     }
 
     /// A bare broadcast of `bytes`, received and dropped (the sender measures
-    /// the network with it).
+    /// the network with it): at most a sync's bytes, in a buffer freed after.
     fn raw(&mut self, bytes: u64) -> Result<Received> {
         let start = Instant::now();
         let rank = self.rank;
@@ -444,24 +574,40 @@ impl Receiver {
             return Err(Error::Sync { message: "no session".into() });
         };
         let sync = session.next - 1;
-        // Kept for the next bare broadcast of the same size (benchmarks run several).
-        let received = match session.raw.take() {
-            Some(kept) if kept.numel() as u64 == bytes => kept,
-            _ => buffer(bytes),
+        let per_sync: u64 = session.layout.buckets.iter().map(|b| b.bytes).sum();
+        let received = if bytes > per_sync {
+            Err(Error::Sync {
+                message: format!(
+                    "bare broadcast {sync} announces {bytes} bytes, more than a sync's {per_sync} (nothing received)"
+                ),
+            })
+        } else {
+            buffer(bytes)
         };
-        let result = session.group.broadcast(&received, 0)?.wait().map_err(|message| {
-            session.broken = true;
-            Error::Sync { message: format!("bare broadcast {sync}: {message}") }
+        let result = received.and_then(|received| {
+            session.group.broadcast(&received, 0)?.wait().map_err(|message| {
+                session.broken = true;
+                Error::Sync { message: format!("bare broadcast {sync}: {message}") }
+            })
         });
+        // A broadcast this side did not take leaves the group out of step.
+        session.broken |= result.is_err();
         let seconds = start.elapsed().as_secs_f64();
-        session.raw = Some(received);
         let error = result.as_ref().err().map(|e| e.to_string());
-        session.store.set(&format!("ack/{sync}/{rank}"), &json(&Ack { error, seconds }))?;
+        let ack = session.store.set(&format!("ack/{sync}/{rank}"), &json(&Ack { error, seconds }));
         let id = session.id;
         if session.broken {
             self.session = None;
         }
         result?;
+        ack?;
         Ok(Received { session: id, sync, bytes, buckets: 1, seconds, swap: None })
     }
+}
+
+/// Bucket sizes for a message: the first few, and how many.
+fn shown_sizes(sizes: &[u64]) -> String {
+    let first: Vec<String> = sizes.iter().take(4).map(u64::to_string).collect();
+    let more = if sizes.len() > 4 { format!(", … ({} buckets)", sizes.len()) } else { String::new() };
+    format!("[{}{more}]", first.join(", "))
 }

@@ -32,9 +32,17 @@ pub struct Sent {
 
 /// The sending side of a sync (see the [module docs](super)): rank 0 of a
 /// session with `receivers` receivers.
+///
+/// A sync that fails ends its session; the next [`sync`](Self::sync) (or
+/// [`reconnect`](Self::reconnect)) starts a new one on the same store, so a
+/// sender is never thrown away for a failure. Dropping or closing one returns
+/// at once, whatever is left in flight, and releases the store's port where
+/// it serves the store.
 pub struct Sender {
+    /// The session's keys (`transplant/<channel>/<session>/`).
     store: Store,
-    group: Group,
+    /// `None` once a failed session let its group go.
+    group: Option<Group>,
     session: i64,
     receivers: usize,
     entries: Vec<Entry>,
@@ -47,12 +55,24 @@ pub struct Sender {
     /// Why the session ended half way through a sync, if it did.
     failed: Option<String>,
     fail_after: Option<usize>,
+    endpoint: Endpoint,
+    /// The channel's keys (and the store's server, where this process serves it).
+    channel: Store,
 }
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sender").field("session", &self.session).field("receivers", &self.receivers).finish()
     }
+}
+
+/// What one session of a sender holds.
+struct Opened {
+    store: Store,
+    group: Group,
+    session: i64,
+    layout: Layout,
+    buffers: [Tensor; 2],
 }
 
 impl Sender {
@@ -68,7 +88,58 @@ impl Sender {
         if receivers == 0 {
             return Err(Error::Sync { message: "a sync needs at least one receiver".into() });
         }
-        let mut channel = channel_store(endpoint, endpoint.serve_store, options.timeout)?;
+        let mut channel = channel_store(endpoint, endpoint.serve_store, &options)?;
+        let opened = Self::open(&mut channel, endpoint, receivers, source, &options)?;
+        Ok(Self {
+            store: opened.store,
+            group: Some(opened.group),
+            session: opened.session,
+            receivers,
+            entries: source.entries().to_vec(),
+            layout: opened.layout,
+            buffers: opened.buffers,
+            next: 1,
+            options,
+            ended: false,
+            corrupt: None,
+            failed: None,
+            fail_after: None,
+            endpoint: endpoint.clone(),
+            channel,
+        })
+    }
+
+    /// Starts a new session with `source`'s entries (the last one's group is
+    /// let go: its receivers leave it and join this one).
+    pub fn reconnect(&mut self, source: &dyn Source) -> Result<()> {
+        self.release_group();
+        // Until the new session is open, this one stays failed.
+        self.failed.get_or_insert_with(|| "a new session was asked for".into());
+        if !self.endpoint.serve_store {
+            // A store served elsewhere may have gone and come back (a receiver restarted).
+            self.channel = channel_store(&self.endpoint, false, &self.options)?;
+        }
+        let opened = Self::open(&mut self.channel, &self.endpoint, self.receivers, source, &self.options)?;
+        self.store = opened.store;
+        self.group = Some(opened.group);
+        self.session = opened.session;
+        self.entries = source.entries().to_vec();
+        self.layout = opened.layout;
+        self.buffers = opened.buffers;
+        self.next = 1;
+        self.ended = false;
+        self.failed = None;
+        Ok(())
+    }
+
+    /// The handshake of a new session on `channel`.
+    fn open(
+        channel: &mut Store,
+        endpoint: &Endpoint,
+        receivers: usize,
+        source: &dyn Source,
+        options: &SyncOptions,
+    ) -> Result<Opened> {
         let session = channel.add("session", 1)?;
         let mut store = channel.prefixed(&format!("{session}/"))?;
         let announcement = Announcement {
@@ -96,23 +167,20 @@ impl Sender {
         }
         layout.ensure_valid(source.entries())?;
         let hostname = options.hostname.clone().unwrap_or_else(|| endpoint.host.clone());
-        let group = Group::gloo(&mut store.prefixed("gloo/")?, 0, receivers + 1, options.timeout, &hostname)?;
+        let group = Group::gloo(&store.prefixed("gloo/")?, 0, receivers + 1, options.timeout, &hostname)?;
         let largest = layout.buckets.iter().map(|b| b.bytes).max().unwrap_or(0);
-        Ok(Self {
-            store,
-            group,
-            session,
-            receivers,
-            entries: source.entries().to_vec(),
-            layout,
-            buffers: [buffer(largest), buffer(largest)],
-            next: 1,
-            options,
-            ended: false,
-            corrupt: None,
-            failed: None,
-            fail_after: None,
-        })
+        Ok(Opened { store, group, session, layout, buffers: [buffer(largest)?, buffer(largest)?] })
+    }
+
+    /// Lets the session's group go on a thread of its own: its destructor
+    /// waits for operations in flight (up to the timeout), and closing its
+    /// connections is what tells receivers the session is over.
+    fn release_group(&mut self) {
+        if let Some(group) = self.group.take() {
+            // Without a thread to be had, the closure (and the group) drops here.
+            let _ =
+                std::thread::Builder::new().name("transplant-sync-drop".into()).spawn(move || drop(group));
+        }
     }
 
     /// The session's number.
@@ -124,31 +192,43 @@ impl Sender {
     /// same names, dtypes and shapes, all checked before anything is sent)
     /// to every receiver, and waits for each
     /// to take them: an error names the receivers that refused, and why.
+    /// After a failed sync, starts a new session first.
     pub fn sync(&mut self, source: &dyn Source) -> Result<Sent> {
-        self.still_usable()?;
+        if self.failed.is_some() {
+            self.reconnect(source)?;
+        }
         self.same_entries(source)?;
         let start = Instant::now();
-        let sync = self.announce(&Announce::Weights)?;
-        if let Err(error) = self.transfer(sync, source) {
-            // Receivers wait for the rest of this sync until the connection
-            // closes or their timeout: anything else sent on this group could
-            // reach one as a bucket of another size, which Gloo answers by
-            // aborting that process.
-            self.failed = Some(format!("sync {sync}: {error}"));
-            return Err(error);
-        }
-        self.answers(sync)?;
+        let sizes = self.layout.buckets.iter().map(|b| b.bytes).collect();
+        let sync = self.next;
+        let sent =
+            self.announce(&Announce::Weights { buckets: sizes }).and_then(|_| self.transfer(sync, source));
+        self.answered(sync, sent)?;
         let bytes = self.layout.buckets.iter().map(|b| b.bytes).sum();
         let buckets = self.layout.buckets.len();
         Ok(Sent { session: self.session, sync, bytes, buckets, seconds: start.elapsed().as_secs_f64() })
     }
 
-    /// `Ok` unless a sync of this session failed half way.
+    /// Every receiver's answer to `sync`, once `sent` (what sending it did)
+    /// succeeded. A failure ends the session: receivers wait for the rest of
+    /// the sync until the group's connections close (its group is let go) or
+    /// their timeout, and anything else sent on this group could reach one as
+    /// a bucket of another size, which Gloo answers by aborting that process.
+    fn answered(&mut self, sync: u64, sent: Result<()>) -> Result<()> {
+        let answered = sent.and_then(|()| self.answers(sync));
+        if let Err(error) = &answered {
+            self.failed = Some(format!("sync {sync}: {error}"));
+            self.release_group();
+        }
+        answered
+    }
+
+    /// `Ok` unless a sync of this session failed.
     fn still_usable(&self) -> Result<()> {
         match &self.failed {
-            Some(why) => {
-                Err(Error::Sync { message: format!("this session ended when {why}: connect again") })
-            }
+            Some(why) => Err(Error::Sync {
+                message: format!("this session ended when {why}: the next sync starts a new one"),
+            }),
             None => Ok(()),
         }
     }
@@ -188,7 +268,7 @@ impl Sender {
                 // SAFETY: as above.
                 unsafe { *(data.data_ptr() as *mut u8) ^= 0xff };
             }
-            let work = self.group.broadcast(&data, 0)?;
+            let work = group_of(&mut self.group)?.broadcast(&data, 0)?;
             if !corrupt {
                 // The digest is computed while the bytes travel (it goes last).
                 // SAFETY: `data` is a contiguous CPU uint8 tensor of
@@ -209,7 +289,7 @@ impl Sender {
         }
         if n > 0 {
             let sent = digests_tensor(&digests);
-            self.group.broadcast(&sent, 0)?.wait().map_err(|m| self.lost(sync, n - 1, m))?;
+            group_of(&mut self.group)?.broadcast(&sent, 0)?.wait().map_err(|m| self.lost(sync, n - 1, m))?;
         }
         Ok(())
     }
@@ -237,26 +317,29 @@ impl Sender {
 
     /// Broadcasts `bytes` of zeros as one tensor, which the receivers take and
     /// drop: what a bare torch.distributed broadcast of a sync's bytes costs,
-    /// to compare a sync with. Seconds to every receiver's answer.
+    /// to compare a sync with: at most a sync's bytes (receivers refuse
+    /// more). Seconds to every receiver's answer.
     pub fn raw_broadcast(&mut self, bytes: u64) -> Result<f64> {
         self.still_usable()?;
-        let data = super::buffer(bytes);
-        let start = Instant::now();
-        let sync = self.announce(&Announce::Raw { bytes })?;
-        let sent =
-            self.group.broadcast(&data, 0).and_then(|work| work.wait().map_err(|m| self.lost(sync, 0, m)));
-        if let Err(error) = sent {
-            self.failed = Some(format!("bare broadcast {sync}: {error}"));
-            return Err(error);
+        let per_sync: u64 = self.layout.buckets.iter().map(|b| b.bytes).sum();
+        if bytes > per_sync {
+            return Err(Error::Sync {
+                message: format!("a bare broadcast of {bytes} bytes: at most a sync's {per_sync} bytes"),
+            });
         }
-        self.answers(sync)?;
+        let data = buffer(bytes)?;
+        let start = Instant::now();
+        let sync = self.next;
+        let announced = self.announce(&Announce::Raw { bytes });
+        let sent = announced.and_then(|_| group_of(&mut self.group)?.broadcast(&data, 0));
+        let sent = sent.and_then(|work| work.wait().map_err(|m| self.lost(sync, 0, m)));
+        self.answered(sync, sent)?;
         Ok(start.elapsed().as_secs_f64())
     }
 
     /// Ends the session: receivers leave it and wait for the next sender.
-    pub fn close(mut self) -> Result<()> {
-        self.end()
-    }
+    /// Never fails: a store or peer that is gone has nothing to be told.
+    pub fn close(self) {}
 
     /// Test hook: flips a byte of bucket `bucket` of the next sync after its
     /// digest was computed, as a fault on the way would.
@@ -272,8 +355,9 @@ impl Sender {
         self.fail_after = Some(bucket);
     }
 
+    /// Tells the receivers the session is over, where it is not already.
     fn end(&mut self) -> Result<()> {
-        if self.ended {
+        if self.ended || self.failed.is_some() {
             return Ok(());
         }
         self.ended = true;
@@ -354,8 +438,14 @@ impl Sender {
     }
 }
 
+/// A session's group, unless a failure let it go.
+fn group_of(group: &mut Option<Group>) -> Result<&mut Group> {
+    group.as_mut().ok_or_else(|| Error::Sync { message: "this session's group was let go".into() })
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
+        // A failed session's group was let go already; this one has nothing in flight.
         let _ = self.end();
     }
 }
