@@ -656,7 +656,13 @@ fn a_hostile_peer_never_takes_the_receiver_down() {
     let dir = tempfile::tempdir().unwrap();
     let (port_file, stop) = (dir.path().join("port"), dir.path().join("stop"));
     let receiver = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "hostile_peer_receiver_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "sync::hostile_peer_receiver_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("TRANSPLANT_SYNC_PORT_FILE", &port_file)
         .env("TRANSPLANT_SYNC_STOP_FILE", &stop)
         .stdout(Stdio::piped())
