@@ -163,6 +163,18 @@ def computes(binary, src, dst, extra, x, want, folder):
     return got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def suggested_rules(doc):
+    """The rules a plan's notes say would pair what it left over."""
+    rules = []
+    for p in doc.get("problems", []):
+        text = p.get("message", "")
+        marker = "the rule `"
+        if marker in text and "would pair them" in text:
+            start = text.index(marker) + len(marker)
+            rules.append(text[start:text.index("` would pair them", start)])
+    return rules
+
+
 def hints(doc):
     """What a plan that is not exact tells the user to pass."""
     said = []
@@ -171,6 +183,8 @@ def hints(doc):
         for word in ("--order-from", "--rules", "--map", "--skip", "--keep"):
             if word in text and word not in said:
                 said.append(word)
+    if suggested_rules(doc):
+        said.append("a rule it writes out")
     return said
 
 
@@ -200,6 +214,14 @@ def main():
             if p["complete"] and computes(args.transplant, pth, dst, extra, x, want, folder):
                 truth, truth_from = p["pairs"], label
                 break
+            if label == "order on .pth":
+                # The rules that plan suggests for what it left over (a Linear
+                # as a 1x1 conv: a reshape), added to it.
+                maps = suggested_rules(p["doc"])
+                extra = extra + [a for m in maps for a in ("--map", m)]
+                p = plan(args.transplant, pth, dst, extra)
+                if maps and p["complete"] and computes(args.transplant, pth, dst, extra, x, want, folder):
+                    truth, truth_from = p["pairs"], "order on .pth + its suggested rules"
         for kind, src in ((".pth", pth), ("safetensors", st)):
             p = plan(args.transplant, src, dst, ["--match", "order"])
             exact = p["complete"] and computes(args.transplant, src, dst, ["--match", "order"], x, want, folder)

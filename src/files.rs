@@ -122,6 +122,21 @@ impl Drop for PatchingWriter {
 /// What our temporaries are named: `.NAME.transplant-tmp-PID-N`.
 const TEMPORARY_MARK: &str = ".transplant-tmp-";
 
+/// The size of `out` as written (a Distributed Checkpoint folder: its files).
+pub(crate) fn size_written(out: &Path) -> Result<u64> {
+    let io = |source| Error::Io { path: out.into(), source };
+    let metadata = std::fs::metadata(out).map_err(io)?;
+    if !metadata.is_dir() {
+        return Ok(metadata.len());
+    }
+    let mut total = 0;
+    for item in std::fs::read_dir(out).map_err(io)? {
+        let item = item.map_err(io)?;
+        total += item.metadata().map_err(io)?.len();
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 thread_local! {
     /// Folder scans for stale temporaries made on this thread (tests count them).

@@ -133,23 +133,8 @@ pub fn copy_to_file(
     // engine: a rewrite's records are written (and the whole file flushed)
     // after the engine hands them over.
     copied.copy_seconds = (start.elapsed().as_secs_f64() - copied.verify_seconds).max(copied.copy_seconds);
-    copied.file_bytes = Some(written_size(out)?);
+    copied.file_bytes = Some(crate::files::size_written(out)?);
     Ok(copied)
-}
-
-/// The size of `out` as written (a Distributed Checkpoint folder: its files).
-fn written_size(out: &Path) -> Result<u64> {
-    let io = |source| Error::Io { path: out.into(), source };
-    let metadata = std::fs::metadata(out).map_err(io)?;
-    if !metadata.is_dir() {
-        return Ok(metadata.len());
-    }
-    let mut total = 0;
-    for item in std::fs::read_dir(out).map_err(io)? {
-        let item = item.map_err(io)?;
-        total += item.metadata().map_err(io)?.len();
-    }
-    Ok(total)
 }
 
 /// [`copy`] with options.
