@@ -1,4 +1,40 @@
-#![doc = include_str!("../README.md")]
+//! Moves the complete state of PyTorch models — parameters *and* buffers such as
+//! BatchNorm's running statistics — from one model into another: between
+//! TorchScript modules, tch `VarStore`s and checkpoint files (`torch.save`,
+//! safetensors, sharded indexes, Distributed Checkpoints), on libtorch through
+//! [`tch`]. Nothing is written until a whole plan has been checked; every copy is
+//! verified.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! use transplant::{copy, open, Mapping, Plan, Policy, Report};
+//!
+//! let source = open("state_dict.pth")?; // any supported file, read only
+//! let mut target = open("model.pt")?; // a TorchScript module, written in memory
+//! let plan = Plan::build(source.as_ref(), target.as_ref(), &Mapping::default())?;
+//! let policy = Policy { strict: true, ..Policy::default() };
+//! let copied = copy(&plan, source.as_ref(), target.as_mut(), &policy)?; // check, copy, verify
+//! println!("{}", Report::new(&plan, &policy, Some(copied)));
+//! target.save(Path::new("restored.pt"))?; // whole or not at all
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Where to go next:
+//! - [`open`] a model as a [`Source`] or [`Target`]; [`ModuleStore`],
+//!   [`VarStoreView`] and [`Checkpoint`] are the stores behind it.
+//! - [`Plan::build`] pairs names through a [`Mapping`]: [`Rules`] (the rule
+//!   language: renames, reshapes, splits, stacks of experts, constants) and a
+//!   [`Matcher`]; a plan is readable ([`Report`]) before anything is written.
+//! - [`copy`] and [`copy_to_file`] write a plan; [`convert`] writes a file of
+//!   another format with no target model; [`merge`](merge()) and [`merge_lora`]
+//!   combine models; [`diff`] compares two.
+//! - [`ModelSlot`] swaps weights into a served model without tearing; [`sync`]
+//!   receives them live from a PyTorch trainer.
+//!
+//! The README (in the repository) has the command line's tour, the rule
+//! language's grammar, what is supported, the architecture and the benchmarks.
 #![deny(missing_docs)]
 
 // The stages, from the bottom up (the README's architecture section): each
@@ -79,3 +115,8 @@ pub mod fuzzing {
         crate::format::npz::parse_header(text).map(|_| ())
     }
 }
+
+/// The README's examples, compiled as doc tests (they are not the front page).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
