@@ -38,7 +38,7 @@ pub(crate) fn scale_grid(shape: &[i64], block: i64) -> Result<Vec<i64>, String> 
         [rows, cols] if *rows >= 0 && *cols >= 0 => {
             Ok(vec![rows / block + i64::from(rows % block != 0), cols / block + i64::from(cols % block != 0)])
         }
-        _ => Err(format!("block scales belong to 2-D weights, this one is {}", format!("{shape:?}"))),
+        _ => Err(format!("block scales belong to 2-D weights, this one is {shape:?}")),
     }
 }
 
@@ -65,10 +65,8 @@ fn check(weight: &Tensor, scale: &Tensor, block: i64) -> Result<(i64, i64, Vec<i
     }
     if scale.size() != grid {
         return Err(format!(
-            "the scales are {}, a {} weight in blocks of {block} has {}",
-            format!("{:?}", scale.size()),
-            format!("{shape:?}"),
-            format!("{grid:?}")
+            "the scales are {:?}, a {shape:?} weight in blocks of {block} has {grid:?}",
+            scale.size()
         ));
     }
     Ok((shape[0], shape[1], grid))

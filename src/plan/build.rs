@@ -93,11 +93,6 @@ impl<'a> Builder<'a> {
         transform: Option<Transform>,
     ) {
         let mut pair = self.make_pair(i, j, rule, how);
-        // Computed values have the dtype their arithmetic gives, not the source's.
-        if let Some(from) = transform.as_ref().and_then(|t| t.compute.as_ref()).and_then(|c| c.dtype()) {
-            let to = self.target.entries()[j].dtype;
-            pair.cast = (from != to).then(|| Cast { from, to, lossy: dtype::static_loss(from, to) });
-        }
         pair.transform = transform.map(|mut t| {
             t.source_shape = self.source.entries()[i].shape.clone();
             t.target_shape = self.target.entries()[j].shape.clone();

@@ -3,6 +3,7 @@
 //! `quantize` source becomes two pairs, the weight and its scales. Shapes,
 //! dtypes and the block grid are checked here, before anything is read.
 use super::build::{Builder, Renamed};
+use super::Cast;
 use crate::dotted::NameLookup;
 use crate::dtype::{self, Dtype};
 use crate::fp8::{fp8_max, scale_grid};
@@ -11,6 +12,17 @@ use crate::rules::{Action, Rules};
 use crate::transform::{shape_text, Compute, Transform};
 
 impl Builder<'_> {
+    /// Pairs `i` with `j` through a transform that computes values: its cast
+    /// is from the dtype the arithmetic gives, not the source's.
+    fn pair_computed(&mut self, i: usize, j: usize, rule: usize, transform: Transform) {
+        let from = transform.compute.as_ref().and_then(Compute::dtype);
+        self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
+        let to = self.target.entries()[j].dtype;
+        if let (Some(from), Some(pair)) = (from, self.pairs.last_mut()) {
+            pair.cast = (from != to).then(|| Cast { from, to, lossy: dtype::static_loss(from, to) });
+        }
+    }
+
     /// A `dequantize` group: the FP8 weight (first pattern) and its float32
     /// scales (second) on the weight's block grid, into a target of the
     /// weight's shape.
@@ -70,7 +82,7 @@ impl Builder<'_> {
                 let why = format!("the block scales of {}, read by its dequantize", w.name);
                 self.source_explained.insert(scale, why);
                 let transform = Transform { compute: Some(compute), ..Transform::default() };
-                self.pair_with(weight, j, Some(rule), How::Exact, Some(transform));
+                self.pair_computed(weight, j, rule, transform);
             }
         }
     }
@@ -114,7 +126,7 @@ impl Builder<'_> {
                     r.taken_target[j] = true;
                     let compute = Compute::Quantize { block: *block, dtype: fp8.name().to_string(), scales };
                     let transform = Transform { compute: Some(compute), ..Transform::default() };
-                    self.pair_with(i, j, Some(rule), How::Exact, Some(transform));
+                    self.pair_computed(i, j, rule, transform);
                 }
             }
         }
