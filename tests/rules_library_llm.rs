@@ -281,6 +281,22 @@ fn deepseek_fp8_and_bf16_both_ways() {
     );
     assert_same_tensors(&converted, &d.join("dequantized.safetensors"));
     python(DEEPSEEK_LOGITS, &[dir.path()]);
+    // copy: into an existing bf16 checkpoint (the reference's own layout), written in place then saved.
+    let copied = d.join("copied.safetensors");
+    let run = common::transplant([
+        "copy",
+        p(&d.join("fp8.safetensors")),
+        p(&d.join("bf16.safetensors")),
+        "-o",
+        p(&copied),
+        "--rules",
+        &rules("deepseek/fp8_to_bf16.rules"),
+        "--strict",
+        "--set",
+        "block=32",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_same_tensors(&copied, &d.join("dequantized.safetensors"));
 
     let quantized = d.join("quantized.safetensors");
     convert(
