@@ -40,6 +40,7 @@
 // The stages, from the bottom up (the README's architecture section): each
 // module imports only those above it in this list.
 mod dtype;
+mod fp8;
 mod dotted;
 mod entry;
 mod error;
@@ -97,7 +98,7 @@ pub use store::{
     model_file, open, open_with_key, Checkpoint, ModuleStore, Other, ScriptArchive, Source, StoreKind,
     Summary, Target, Total, VarStoreView,
 };
-pub use transform::{Op, Transform};
+pub use transform::{Compute, Op, Transform};
 
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of untrusted bytes.
 /// Not part of the API.

@@ -14,6 +14,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+pub use crate::fp8::Compute;
+
 /// One op of a chain. Dimensions may be negative (counted from the end).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -275,14 +277,21 @@ pub struct Transform {
     /// The target tensor's shape, before the ops.
     #[serde(default, skip_deserializing)]
     pub target_shape: Vec<i64>,
+    /// Values computed from the source (after its ops), not copied: FP8
+    /// block scales applied or made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<Compute>,
 }
 
 impl Transform {
     /// The shapes written and written into: the source after its ops, the
     /// target's region after its ops; or why an op cannot apply.
     pub fn result_shapes(&self) -> Result<(Vec<i64>, Vec<i64>), String> {
-        let written =
+        let mut written =
             shape_after(&self.source_ops, &self.source_shape).map_err(|e| format!("source: {e}"))?;
+        if let Some(compute) = &self.compute {
+            written = compute.shape(&written).map_err(|e| format!("{compute}: {e}"))?;
+        }
         let region = shape_after(&self.target_ops, &self.target_shape).map_err(|e| format!("target: {e}"))?;
         Ok((written, region))
     }
@@ -307,7 +316,11 @@ impl Transform {
 
     /// ` | reshape(-1)`: the source's ops as a rule writes them.
     pub fn source_text(&self) -> String {
-        self.source_ops.iter().map(|op| format!(" | {op}")).collect()
+        let ops: String = self.source_ops.iter().map(|op| format!(" | {op}")).collect();
+        match &self.compute {
+            Some(compute) => format!("{ops} | computed: {compute}"),
+            None => ops,
+        }
     }
 
     /// `[narrow(0, 0, 64)]`: the target region, if it is not the whole target.

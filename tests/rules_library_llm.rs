@@ -191,3 +191,136 @@ fn mixtral_per_expert_and_stacked_both_ways() {
     );
     assert_same_tensors(&back, &per_expert);
 }
+
+const DEEPSEEK_FP8: &str = r#"
+import os, sys, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+out, B = sys.argv[1], 32
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+def grid(w):
+    return (w.shape[0] + B - 1) // B, (w.shape[1] + B - 1) // B
+
+def quantize(w):  # DeepSeek's block quantization: scale_inv = amax / 448
+    r, c = grid(w)
+    x = torch.zeros(r * B, c * B)
+    x[: w.shape[0], : w.shape[1]] = w.float()
+    blocks = x.reshape(r, B, c, B)
+    s = blocks.abs().amax(dim=(1, 3)) / 448.0
+    s = torch.where(s != 0, s, torch.ones_like(s))
+    q = (blocks / s.reshape(r, 1, c, 1)).clamp(-448.0, 448.0).reshape(r * B, c * B)
+    return q[: w.shape[0], : w.shape[1]].to(torch.float8_e4m3fn).contiguous(), s
+
+def dequantize(q, s):  # DeepSeek's weight_dequant: q.float() * s per block, then bf16
+    full = s.repeat_interleave(B, 0)[: q.shape[0]].repeat_interleave(B, 1)[:, : q.shape[1]]
+    return (q.float() * full).to(torch.bfloat16)
+
+fp8, deq = {}, {}
+for k, v in sd.items():
+    if k.endswith("_proj.weight"):
+        q, s = quantize(v)
+        fp8[k], fp8[k + "_scale_inv"] = q, s
+        deq[k] = dequantize(q, s)
+    else:
+        fp8[k] = deq[k] = v
+save_file(sd, f"{out}/bf16.safetensors")
+save_file(fp8, f"{out}/fp8.safetensors")
+save_file(deq, f"{out}/dequantized.safetensors")
+# Hostile variants: a scale of the wrong grid, a missing scale, a weight of another dtype.
+k = "model.layers.0.mlp.up_proj.weight"
+bad = dict(fp8); bad[k + "_scale_inv"] = torch.ones(2, 2); save_file(bad, f"{out}/bad_grid.safetensors")
+bad = dict(fp8); del bad[k + "_scale_inv"]; save_file(bad, f"{out}/no_scale.safetensors")
+bad = dict(fp8); bad[k] = bad[k].to(torch.bfloat16); save_file(bad, f"{out}/bf16_weight.safetensors")
+# The dequantized model's logits, for the converted one to match.
+model.load_state_dict(deq)
+ids = torch.randint(0, 96, (2, 11))
+with torch.no_grad():
+    logits = model(ids).logits
+save_file({"ids": ids, "logits": logits}, f"{out}/expected.safetensors")
+"#;
+
+const DEEPSEEK_LOGITS: &str = r#"
+import os, sys, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+out = sys.argv[1]
+cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+model.load_state_dict(load_file(f"{out}/converted.safetensors"), strict=True)
+expected = load_file(f"{out}/expected.safetensors")
+with torch.no_grad():
+    logits = model(expected["ids"]).logits
+assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+"#;
+
+/// DeepSeek-style FP8 block scales (blocks of 32 here, so the last blocks of
+/// the 112-wide MLP are partial): `fp8_to_bf16.rules` gives the Python
+/// reference's dequantization bit for bit (and its logits), `bf16_to_fp8.rules`
+/// gives the reference's quantization bit for bit, and a scale of the wrong
+/// grid, a missing scale or a weight of another dtype is refused by name,
+/// nothing written.
+#[test]
+fn deepseek_fp8_and_bf16_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    python(DEEPSEEK_FP8, &[dir.path()]);
+    let d = dir.path();
+    let converted = d.join("converted.safetensors");
+    convert(
+        &d.join("fp8.safetensors"),
+        &converted,
+        &rules("deepseek/fp8_to_bf16.rules"),
+        &["--set", "block=32"],
+    );
+    assert_same_tensors(&converted, &d.join("dequantized.safetensors"));
+    python(DEEPSEEK_LOGITS, &[dir.path()]);
+    // copy: into an existing bf16 checkpoint (the reference's own layout), written in place then saved.
+    let copied = d.join("copied.safetensors");
+    let run = common::transplant([
+        "copy",
+        p(&d.join("fp8.safetensors")),
+        p(&d.join("bf16.safetensors")),
+        "-o",
+        p(&copied),
+        "--rules",
+        &rules("deepseek/fp8_to_bf16.rules"),
+        "--strict",
+        "--set",
+        "block=32",
+    ]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_same_tensors(&copied, &d.join("dequantized.safetensors"));
+
+    let quantized = d.join("quantized.safetensors");
+    convert(
+        &d.join("bf16.safetensors"),
+        &quantized,
+        &rules("deepseek/bf16_to_fp8.rules"),
+        &["--set", "block=32"],
+    );
+    assert_same_tensors(&quantized, &d.join("fp8.safetensors"));
+
+    for (file, says) in [
+        ("bad_grid", "the scales model.layers.0.mlp.up_proj.weight_scale_inv are [2, 2], the block grid of model.layers.0.mlp.up_proj.weight [112, 64] in blocks of 32 is [4, 2]"),
+        ("no_scale", "model.layers.0.mlp.up_proj.weight"),
+        ("bf16_weight", "the weight model.layers.0.mlp.up_proj.weight is bfloat16, dequantize reads float8_e4m3fn or float8_e5m2"),
+    ] {
+        let out = d.join(format!("{file}.out.safetensors"));
+        let src = d.join(format!("{file}.safetensors"));
+        let run = common::transplant([
+            "convert", p(&src), "-o", p(&out), "--rules", &rules("deepseek/fp8_to_bf16.rules"), "--strict", "--set", "block=32",
+        ]);
+        assert_ne!(run.code, 0, "{file}: {}", run.stdout);
+        let text = format!("{}{}", run.stdout, run.stderr);
+        assert!(text.contains(says), "{file}: {text}");
+        assert!(text.contains("dequantize(block, bf16)") || text.contains("dequantize(32, bfloat16)"), "{file}: {text}");
+        assert!(!out.exists(), "{file}: written");
+    }
+}

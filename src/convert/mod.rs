@@ -169,10 +169,13 @@ fn make(
             store: source.origin().to_string(),
             tensor: pair.source_name.to_string(),
         })?;
-        let view = match &pair.transform {
+        let mut view = match &pair.transform {
             Some(t) => t.source_view(tensor).map_err(failed)?,
             None => tensor.shallow_clone(),
         };
+        if let Some(values) = crate::copy::computed(plan, k, &view, source)? {
+            view = values;
+        }
         if let Some(cast) = pair.cast.as_ref().filter(|_| !policy.allow_lossy_casts) {
             if let Some(why) = value_loss(&view, cast.from, cast.to) {
                 return Err(Error::PlanRejected {

@@ -136,6 +136,16 @@ impl Outline {
                 }
                 Outcome::Split { to, rule } => {
                     let r = &rules.rules()[rule];
+                    if let Action::Quantize { block, dtype: fp8, .. } = &r.action {
+                        // The weight in FP8, its scales in float32 on their grid.
+                        let grid =
+                            crate::fp8::scale_grid(&e.shape, *block).unwrap_or_else(|_| e.shape.clone());
+                        let made_as =
+                            |name: &str, shape: Vec<i64>, dtype: Dtype| Entry { dtype, ..entry(name, shape) };
+                        made.push(((i, 0), made_as(&to[0], e.shape.clone(), *fp8)));
+                        made.push(((i, 1), made_as(&to[1], grid, Dtype::Float32)));
+                        continue;
+                    }
                     let Action::Split { dim, sizes, .. } = &r.action else { continue };
                     let shapes = shape_after(&r.ops, &e.shape)
                         .ok()
@@ -182,6 +192,16 @@ impl Outline {
                 }) {
                     e.shape = shape;
                 }
+                e.name = to.as_str().into();
+                made.push(((first, 0), e));
+                continue;
+            }
+            if let Action::Dequantize { dtype, .. } = &r.action {
+                // The weight's shape (the first pattern's), in the dtype computed.
+                if let Some(Some(shape)) = shapes.into_iter().next() {
+                    e.shape = shape;
+                }
+                e.dtype = *dtype;
                 e.name = to.as_str().into();
                 made.push(((first, 0), e));
                 continue;

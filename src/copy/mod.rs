@@ -10,9 +10,13 @@
 //! libtorch's `copy_`, non-blocking with pinned staging where CUDA takes part
 //! and one synchronize at the end.
 //!
-//! Long because the whole of a copy lives here: options, the report of what
-//! was copied, the planned copy, verification and the file-writing form.
+//! Long because the copy in place and the standalone [`verify`] share their
+//! preparation (checks, views, computed values) here; streaming into an
+//! archive and computing values sit in their own files.
 mod archive;
+mod computed;
+
+pub(crate) use computed::computed;
 
 use std::path::Path;
 use std::time::Instant;
@@ -247,8 +251,13 @@ fn prepared_sources<'a>(
     })?;
     // A transform's source is a view of it (or a reshaped copy, where no view
     // can express the ops).
-    let views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
+    let mut views = transformed(plan, &raw, |t| &t.source_ops, |t, x| t.source_view(x))
         .map_err(|(k, e)| transform_failed(plan, k, "source", e))?;
+    for k in 0..plan.pairs.len() {
+        if let Some(values) = computed(plan, k, views[k].as_ref().unwrap_or(raw[k]), source)? {
+            views[k] = Some(values);
+        }
+    }
     let sources = Prepared { raw, views };
     if !policy.allow_lossy_casts {
         let lost: Vec<String> = plan
@@ -477,6 +486,12 @@ pub fn verify(plan: &Plan, source: &dyn Source, target: &dyn Source) -> Result<(
         transformed(plan, &raw_sources, |t| &t.source_ops, |t, x| t.source_view(x)).map_err(view_failed)?;
     let target_views =
         transformed(plan, &raw_targets, |t| &t.target_ops, |t, x| t.target_view(x)).map_err(view_failed)?;
+    let mut source_views = source_views;
+    for k in 0..plan.pairs.len() {
+        if let Some(values) = computed(plan, k, source_views[k].as_ref().unwrap_or(raw_sources[k]), source)? {
+            source_views[k] = Some(values);
+        }
+    }
     let sources: Vec<&Tensor> =
         raw_sources.iter().zip(&source_views).map(|(&t, v)| v.as_ref().unwrap_or(t)).collect();
     let targets: Vec<&Tensor> =

@@ -142,10 +142,11 @@ fn gather(
             store: source.origin().to_string(),
             tensor: pair.source_name.to_string(),
         })?;
-        match &pair.transform {
-            Some(t) => t.source_view(tensor).map_err(failed),
-            None => Ok(tensor.shallow_clone()),
-        }
+        let view = match &pair.transform {
+            Some(t) => t.source_view(tensor).map_err(failed)?,
+            None => tensor.shallow_clone(),
+        };
+        Ok(crate::copy::computed(plan, k, &view, source)?.unwrap_or(view))
     };
     let whole =
         |k: usize| plan.pairs[k].transform.as_ref().is_none_or(|t: &Transform| t.target_ops.is_empty());

@@ -221,6 +221,10 @@ impl Builder<'_> {
                 self.pair_unstack(rules, lookup, r, k);
                 continue;
             }
+            if let Action::Quantize { .. } = &rules.rules()[rule].action {
+                self.pair_quantize(rules, lookup, r, k);
+                continue;
+            }
             let Action::Split { dim, sizes, .. } = &rules.rules()[rule].action else { continue };
             let ops = &rules.rules()[rule].ops;
             let names: Vec<&str> = r.splits[k].to.iter().map(String::as_str).collect();
@@ -281,6 +285,10 @@ impl Builder<'_> {
             let (rule, members) = (r.groups[g].rule, r.groups[g].sources.clone());
             if let Action::Stack { .. } = &rules.rules()[rule].action {
                 self.pair_stack(rules, lookup, r, g);
+                continue;
+            }
+            if let Action::Dequantize { .. } = &rules.rules()[rule].action {
+                self.pair_dequantize(rules, lookup, r, g);
                 continue;
             }
             let Action::Cat { dim, .. } = &rules.rules()[rule].action else { continue };

@@ -20,6 +20,7 @@ mod build;
 mod file;
 mod finding;
 mod finish;
+mod fp8;
 mod kept;
 mod many;
 mod mapping;

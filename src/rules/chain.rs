@@ -3,6 +3,7 @@
 //! with every combination the language does not allow refused by name.
 use super::constants::{evaluate, Scope};
 use super::Action;
+use crate::dtype::Dtype;
 use crate::transform::Op;
 
 /// A chain's steps as written: ops, a split (last, or before an unstack), a
@@ -13,6 +14,49 @@ enum Step {
     Cat { dim: i64 },
     Stack { dim: i64 },
     Unstack { dim: i64 },
+    Dequantize { block: i64, dtype: Dtype },
+    Quantize { block: i64, dtype: Dtype },
+}
+
+/// The block size FP8 checkpoints use (DeepSeek-V3's 128×128 blocks).
+const DEFAULT_BLOCK: i64 = 128;
+
+/// `dequantize([BLOCK, ]DTYPE)` / `quantize([BLOCK, ]DTYPE)`: the block size
+/// (an integer expression, 128 if left out) and a dtype of those `allowed`.
+fn parse_fp8(
+    name: &str,
+    args: &str,
+    scope: &Scope,
+    allowed: &[Dtype],
+) -> std::result::Result<(i64, Dtype), String> {
+    let args: Vec<&str> = args.split(',').map(str::trim).collect();
+    let (block, dtype) = match args[..] {
+        [dtype] => (DEFAULT_BLOCK, dtype),
+        [block, dtype] => (evaluate(block, scope).map_err(|e| format!("{name}: {e}"))?, dtype),
+        _ => {
+            return Err(format!(
+                "{name} takes a block size and a dtype: `{name}(128, {})`",
+                allowed[0].name()
+            ))
+        }
+    };
+    if block <= 0 {
+        return Err(format!("{name}: block size {block} is not positive"));
+    }
+    let short = match dtype {
+        "bf16" => Some(Dtype::BFloat16),
+        "f32" => Some(Dtype::Float32),
+        "e4m3" => Some(Dtype::Float8E4M3Fn),
+        "e5m2" => Some(Dtype::Float8E5M2),
+        _ => None,
+    };
+    match short.or_else(|| crate::dtype::parse(dtype)) {
+        Some(d) if allowed.contains(&d) => Ok((block, d)),
+        _ => Err(format!(
+            "{name}: dtype {dtype:?} is not one of {}",
+            allowed.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// Parses `name(1, -2, 3)`; each argument an integer expression over the
@@ -24,6 +68,14 @@ fn parse_step(text: &str, scope: &Scope) -> std::result::Result<Step, String> {
         .and_then(|t| t.split_once('('))
         .ok_or_else(|| format!("cannot read {text:?}: expected an op such as `reshape(-1)` or `split(0)`"))?;
     let name = name.trim();
+    if name == "dequantize" {
+        let (block, dtype) = parse_fp8(name, args, scope, &[Dtype::BFloat16, Dtype::Float32])?;
+        return Ok(Step::Dequantize { block, dtype });
+    }
+    if name == "quantize" {
+        let (block, dtype) = parse_fp8(name, args, scope, &[Dtype::Float8E4M3Fn, Dtype::Float8E5M2])?;
+        return Ok(Step::Quantize { block, dtype });
+    }
     let args: Vec<i64> = if args.trim().is_empty() {
         Vec::new()
     } else {
@@ -93,7 +145,7 @@ fn parse_step(text: &str, scope: &Scope) -> std::result::Result<Step, String> {
         }
         other => {
             return Err(format!(
-                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split, cat, stack and unstack"
+                "unknown op `{other}`: the ops are reshape, transpose, permute, narrow, split, cat, stack, unstack, dequantize and quantize"
             ))
         }
     })
@@ -130,6 +182,9 @@ pub(super) fn parse_rename(
     let targets: Vec<String> =
         parts.next().unwrap_or_default().split(',').map(|t| t.trim().to_string()).collect();
     let steps = parts.map(|p| parse_step(p, scope)).collect::<std::result::Result<Vec<_>, _>>()?;
+    if let Some(k) = steps.iter().position(|s| matches!(s, Step::Dequantize { .. } | Step::Quantize { .. })) {
+        return parse_fp8_rule(patterns, targets, steps, k);
+    }
     let mut ops = Vec::new();
     let (mut split, mut cat, mut stack, mut unstack) = (None, None, None, None);
     let last = steps.len().saturating_sub(1);
@@ -168,6 +223,9 @@ pub(super) fn parse_rename(
                     return Err("a rule splits once".into());
                 }
                 split = Some((dim, sizes));
+            }
+            Step::Dequantize { .. } | Step::Quantize { .. } => {
+                return Err("dequantize and quantize are the rule's one op".into());
             }
             Step::Cat { dim } => {
                 if k != 0 && !(k == 1 && stack.is_some()) {
@@ -254,6 +312,47 @@ pub(super) fn parse_rename(
         }
     };
     Ok((patterns, action, ops))
+}
+
+/// A rule of FP8 block scales: `W + S => T | dequantize(B, DTYPE)` (the
+/// weight's pattern, then its scales') or `W => T | quantize(B, DTYPE)` (the
+/// scales written beside `T`, as `T_scale_inv`). The op is the rule's one op:
+/// its values are computed, and no view could follow them into the target.
+fn parse_fp8_rule(
+    patterns: Vec<String>,
+    targets: Vec<String>,
+    steps: Vec<Step>,
+    k: usize,
+) -> std::result::Result<(Vec<String>, Action, Vec<Op>), String> {
+    let name = if matches!(steps[k], Step::Dequantize { .. }) { "dequantize" } else { "quantize" };
+    if steps.len() != 1 {
+        return Err(format!("{name} computes new values: it is the rule's one op"));
+    }
+    if targets.len() != 1 || targets[0].is_empty() {
+        return Err(format!("{name} makes one target (its scales are named after it)"));
+    }
+    let target = targets.into_iter().next().unwrap_or_default();
+    let action = match steps.into_iter().next() {
+        Some(Step::Dequantize { block, dtype }) => {
+            if patterns.len() != 2 {
+                return Err(
+                    "dequantize reads a weight and its block scales: `(.*)\\.weight + (.*)\\.weight_scale_inv => $1.weight | dequantize(128, bf16)`"
+                        .into(),
+                );
+            }
+            Action::Dequantize { target, block, dtype }
+        }
+        Some(Step::Quantize { block, dtype }) => {
+            if patterns.len() != 1 {
+                return Err(
+                    "quantize reads one tensor: `(.*)\\.weight => $1.weight | quantize(128, e4m3)`".into()
+                );
+            }
+            Action::Quantize { target, block, dtype }
+        }
+        _ => return Err(format!("{name}: not an FP8 op")),
+    };
+    Ok((patterns, action, Vec::new()))
 }
 
 /// The capture group a `stack` ranges over: the one of each pattern that

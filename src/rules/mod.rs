@@ -129,6 +129,28 @@ pub enum Action {
         /// The split before the unstack: dimension and sizes (`None`: equal).
         split: Option<(i64, Option<Vec<i64>>)>,
     },
+    /// `W + S => T | dequantize(B, DTYPE)`: the FP8 weight `W` times its
+    /// float32 block scales `S` (one per `block`×`block` block), computed as
+    /// `dtype`; sources whose captures are equal form one pair, as a `cat`'s.
+    Dequantize {
+        /// The target.
+        target: String,
+        /// The block size.
+        block: i64,
+        /// The result's dtype (bfloat16 or float32).
+        dtype: crate::dtype::Dtype,
+    },
+    /// `W => T | quantize(B, DTYPE)`: `W` quantized into the FP8 `dtype` in
+    /// blocks of `block`, written to `T` and its scales to `T` +
+    /// `_scale_inv` (as FP8 checkpoints name them).
+    Quantize {
+        /// The target (the weight).
+        target: String,
+        /// The block size.
+        block: i64,
+        /// The FP8 dtype.
+        dtype: crate::dtype::Dtype,
+    },
     /// Leave the name out of the transfer.
     Skip,
 }
@@ -172,6 +194,12 @@ impl fmt::Display for Rule {
                     })
                     .unwrap_or_default();
                 write!(f, "{} => {}{ops}{split} | unstack({dim})", self.pattern, targets.join(", "))
+            }
+            Action::Dequantize { target, block, dtype } => {
+                write!(f, "{} => {target} | dequantize({block}, {dtype})", self.pattern)
+            }
+            Action::Quantize { target, block, dtype } => {
+                write!(f, "{} => {target} | quantize({block}, {dtype})", self.pattern)
             }
             Action::Skip => write!(f, "skip {}", self.pattern),
         }
@@ -501,7 +529,10 @@ impl Rules {
         let replacements: Vec<&String> = match &action {
             Action::Rename(to) => vec![to],
             Action::Split { targets, .. } => targets.iter().collect(),
-            Action::Cat { target, .. } | Action::Stack { target, .. } => vec![target],
+            Action::Cat { target, .. }
+            | Action::Stack { target, .. }
+            | Action::Dequantize { target, .. }
+            | Action::Quantize { target, .. } => vec![target],
             Action::Unstack { targets, .. } => {
                 if let Some(t) = targets.iter().find(|t| t.matches('*').count() != 1) {
                     return Err(Error::Rule {
@@ -600,7 +631,12 @@ impl Rules {
             Action::Split { targets, .. } => {
                 Outcome::Split { to: targets.iter().map(|t| expand(t)).collect(), rule }
             }
-            Action::Cat { target, .. } => Outcome::Member {
+            Action::Quantize { target, .. } => {
+                let to = expand(target);
+                let scales = format!("{to}{}", crate::fp8::SCALE_SUFFIX);
+                Outcome::Split { to: vec![to, scales], rule }
+            }
+            Action::Cat { target, .. } | Action::Dequantize { target, .. } => Outcome::Member {
                 to: expand(target),
                 rule,
                 member,

@@ -252,3 +252,37 @@ fn maps_see_the_constants_of_the_file() {
     let message = Rules::new().add_map("a => b | reshape(n)").unwrap_err().to_string();
     assert!(message.contains("--map #1") && message.contains("`n`"), "{message}");
 }
+
+#[test]
+fn fp8_rules_read_a_weight_and_its_scales() {
+    let r = rules(
+        "let block = 64\n(.*)\\.weight + (.*)\\.weight_scale_inv => $1.weight | dequantize(block * 2, bf16)\n\
+         (.*)\\.w => $1.q | quantize(e5m2)\n",
+    );
+    match &r.rules()[0].action {
+        Action::Dequantize { block, dtype, .. } => {
+            assert_eq!((*block, *dtype), (128, crate::dtype::Dtype::BFloat16))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.rules()[0].to_string(),
+        "(.*)\\.weight + (.*)\\.weight_scale_inv => $1.weight | dequantize(128, bfloat16)"
+    );
+    assert!(matches!(r.apply("a.weight_scale_inv"), Outcome::Member { member: 1, .. }));
+    assert_eq!(r.apply("a.w"), Outcome::Split { to: vec!["a.q".into(), "a.q_scale_inv".into()], rule: 1 });
+    assert_eq!(r.rules()[1].to_string(), "(.*)\\.w => $1.q | quantize(128, float8_e5m2)");
+}
+
+#[test]
+fn fp8_rules_refuse_what_they_cannot_compute() {
+    assert!(error("(.*)\\.weight => $1.w | dequantize(128, bf16)").contains("a weight and its block scales"));
+    assert!(error("a + b => c | quantize(128, e4m3)").contains("quantize reads one tensor"));
+    assert!(error("a => c | quantize(128, bf16)").contains("not one of float8_e4m3fn, float8_e5m2"));
+    assert!(error("a + b => c | dequantize(128, float8_e4m3fn)").contains("not one of bfloat16, float32"));
+    assert!(error("a + b => c | dequantize(0, bf16)").contains("not positive"));
+    assert!(error("a + b => c | dequantize(128, bf16) | reshape(-1)").contains("the rule's one op"));
+    assert!(error("a => c | reshape(-1) | quantize(e4m3)").contains("the rule's one op"));
+    assert!(error("a => c, d | quantize(e4m3)").contains("makes one target"));
+    assert!(error("a + b => c | dequantize(1, 2, bf16)").contains("takes a block size and a dtype"));
+}
