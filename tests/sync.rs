@@ -171,6 +171,15 @@ fn a_pytorch_trainer_with_separate_qkv_syncs_into_a_fused_qkv_receiver() {
     assert_eq!(code, Some(0), "{text}");
 }
 
+/// Whether the served model still computes what it computed before: equal to
+/// the last bits but for rounding, since one forward of the same module on the
+/// same input can differ in its last bit from another (the BLAS kernel chosen
+/// depends on where the buffers lie: 6e-8 seen here). Weights that were
+/// written change outputs by orders of magnitude more.
+fn unchanged(output: &Tensor, before: &Tensor) -> bool {
+    output.size() == before.size() && output.allclose(before, 1e-5, 1e-6, false)
+}
+
 fn generation_and_output(slot: &ModelSlot) -> (u64, Tensor) {
     (slot.generation(), output_of(slot))
 }
@@ -198,7 +207,7 @@ fn a_plan_that_does_not_fit_is_refused_on_both_sides_and_nothing_is_written() {
     assert_eq!(code, Some(3), "{text}");
     assert!(text.contains("refused") && text.contains("o_proj.weight is not paired"), "{text}");
     assert_eq!(slot.generation(), 0);
-    assert!(common::bit_equal(&output_of(&slot), &before), "nothing was written");
+    assert!(unchanged(&output_of(&slot), &before), "nothing was written");
 }
 
 #[test]
@@ -264,7 +273,7 @@ fn a_sender_killed_mid_sync_leaves_the_served_weights_and_the_next_sender_succee
     assert!(error.starts_with("sync: "), "a transport error: {error}");
     assert!(error.contains("unchanged"), "{error}");
     assert_eq!(slot.generation(), 0);
-    assert!(common::bit_equal(&output_of(&slot), &before), "still serving the old weights");
+    assert!(unchanged(&output_of(&slot), &before), "still serving the old weights");
     assert_eq!(receiver.session(), None, "the lost session is left");
     // The next trainer's sync goes live.
     let child = trainer(port, out.path(), &["--channel", "killed"]);
@@ -349,7 +358,7 @@ fn a_corrupted_bucket_is_refused_on_both_sides_and_the_next_sync_goes_live() {
         let mine = received[0][k].as_ref().unwrap_err().to_string();
         assert!(mine.contains(&format!("bucket {bucket} of 8")) && mine.contains("digest"), "{mine}");
         assert_eq!(generation, 0, "the corrupted sync did not go live");
-        assert!(common::bit_equal(&output, &before));
+        assert!(unchanged(&output, &before));
     }
     last.unwrap();
     let swap = received[0][2].as_ref().unwrap().swap.as_ref().unwrap();
@@ -405,7 +414,7 @@ fn a_sender_that_stalls_past_the_timeout_leaves_the_served_weights_and_the_next_
     assert!(start.elapsed() < Duration::from_secs(20), "the timeout held: {:?}", start.elapsed());
     assert!(error.contains("unchanged"), "{error}");
     assert_eq!(slot.generation(), 0);
-    assert!(common::bit_equal(&output_of(&slot), &before));
+    assert!(unchanged(&output_of(&slot), &before));
     // The trainer learns its sync failed when it resumes.
     let (code, text) = finished(child);
     assert_eq!(code, Some(4), "{text}");
@@ -436,7 +445,7 @@ fn a_sender_that_fails_half_way_starts_a_new_session_at_its_next_sync() {
     assert!(error.contains("unchanged"), "{error}");
     assert!(start.elapsed() < Duration::from_secs(25), "not at the 30 s timeout: {:?}", start.elapsed());
     assert_eq!(slot.generation(), 0);
-    assert!(common::bit_equal(&output_of(&slot), &before));
+    assert!(unchanged(&output_of(&slot), &before));
     let received = next_sync(&mut receiver, &slot, Duration::from_secs(60)).unwrap();
     assert_eq!((received.session, received.swap.unwrap().generation), (2, 1), "a new session went live");
     let (code, text) = finished(child);
