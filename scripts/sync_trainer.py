@@ -163,7 +163,13 @@ def main():
         result["store_keys"] = sender._tcp.num_keys()
         print(json.dumps(result), flush=True)
     sender.close()
-    sys.exit(4 if failed else 0)
+    # A Gloo group whose sync failed may still be tearing down on its own
+    # thread (close() waits 2 s for it); leaving through the interpreter's
+    # shutdown then aborts in C++ ("terminate called without an active
+    # exception"). The result is printed: leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(4 if failed else 0)
 
 
 if __name__ == "__main__":
