@@ -158,9 +158,34 @@ fn make(
     policy: &Policy,
 ) -> Result<Tensor> {
     let entry = &outline.entries[j];
+    let into = Into { shape: &entry.shape, dtype: entry.dtype, name: &entry.name, store: &outline.origin };
+    assemble(plan, pairs, source, into, Some(policy))
+}
+
+/// The tensor [`assemble`] makes: its shape, dtype and name, and where it goes
+/// (for messages).
+pub(crate) struct Into<'a> {
+    pub(crate) shape: &'a [i64],
+    pub(crate) dtype: crate::dtype::Dtype,
+    pub(crate) name: &'a str,
+    pub(crate) store: &'a str,
+}
+
+/// One output tensor from `source` through the plan's `pairs` into it, on the
+/// CPU: the source itself (viewed through its ops, computed where an op
+/// computes) where one pair fills it whole, else a new tensor each pair writes
+/// its region of. With a `policy` that forbids lossy casts, a cast that would
+/// lose values is refused (the one place conversions and merges make values).
+pub(crate) fn assemble(
+    plan: &Plan,
+    pairs: &[usize],
+    source: &dyn Source,
+    into: Into<'_>,
+    policy: Option<&Policy>,
+) -> Result<Tensor> {
     let failed = |e: tch::TchError| Error::Tensor {
-        store: outline.origin.clone(),
-        tensor: entry.name.to_string(),
+        store: into.store.to_string(),
+        tensor: into.name.to_string(),
         source: e,
     };
     let view = |k: usize| -> Result<Tensor> {
@@ -176,7 +201,8 @@ fn make(
         if let Some(values) = crate::copy::computed(plan, k, &view, source)? {
             view = values;
         }
-        if let Some(cast) = pair.cast.as_ref().filter(|_| !policy.allow_lossy_casts) {
+        let strict = policy.is_some_and(|p| !p.allow_lossy_casts);
+        if let Some(cast) = pair.cast.as_ref().filter(|_| strict) {
             if let Some(why) = value_loss(&view, cast.from, cast.to) {
                 return Err(Error::PlanRejected {
                     from: plan.source.clone(),
@@ -194,10 +220,16 @@ fn make(
         |k: usize| plan.pairs[k].transform.as_ref().is_none_or(|t: &Transform| t.target_ops.is_empty());
     if let [k] = pairs {
         if whole(*k) {
-            return crate::ffi::to_dtype(&view(*k)?, entry.dtype).map_err(failed);
+            let v = view(*k)?;
+            let v = if v.device() == tch::Device::Cpu {
+                v
+            } else {
+                v.f_to_device(tch::Device::Cpu).map_err(failed)?
+            };
+            return crate::ffi::to_dtype(&v, into.dtype).map_err(failed);
         }
     }
-    let out = crate::ffi::empty(&entry.shape, entry.dtype).map_err(failed)?;
+    let out = crate::ffi::empty(into.shape, into.dtype).map_err(failed)?;
     for &k in pairs {
         let mut region = match &plan.pairs[k].transform {
             Some(t) => t.target_view(&out).map_err(failed)?,

@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 use crate::format::{npz, safetensors, torch_pickle, Outgoing};
 use crate::plan::Plan;
 use crate::store::Source;
-use crate::transform::Transform;
 
 /// An integer or bool tensor whose values differ between inputs (the
 /// reference's were written).
@@ -120,9 +119,8 @@ pub(super) fn format_of(out: &Path) -> Result<Format> {
     }
 }
 
-/// Input `source`'s value of output entry `j` through `plan`'s pairs into it
-/// (`pairs`), as `dtype`: a view of the source through the pair's ops where one
-/// pair fills it whole, else a new tensor each pair writes its region of.
+/// Input `source`'s value of output entry `name` through `plan`'s pairs into
+/// it (`pairs`), as `dtype`: what a conversion makes of it.
 fn gather(
     plan: &Plan,
     pairs: &[usize],
@@ -131,45 +129,8 @@ fn gather(
     dtype: Dtype,
     name: &str,
 ) -> Result<Tensor> {
-    let failed = |e: tch::TchError| Error::Tensor {
-        store: source.origin().to_string(),
-        tensor: name.to_string(),
-        source: e,
-    };
-    let view = |k: usize| -> Result<Tensor> {
-        let pair = &plan.pairs[k];
-        let tensor = source.tensor(pair.source).ok_or_else(|| Error::MissingTensor {
-            store: source.origin().to_string(),
-            tensor: pair.source_name.to_string(),
-        })?;
-        let view = match &pair.transform {
-            Some(t) => t.source_view(tensor).map_err(failed)?,
-            None => tensor.shallow_clone(),
-        };
-        Ok(crate::copy::computed(plan, k, &view, source)?.unwrap_or(view))
-    };
-    let whole =
-        |k: usize| plan.pairs[k].transform.as_ref().is_none_or(|t: &Transform| t.target_ops.is_empty());
-    if let [k] = pairs {
-        if whole(*k) {
-            let v = view(*k)?;
-            let v = if v.device() == tch::Device::Cpu {
-                v
-            } else {
-                v.f_to_device(tch::Device::Cpu).map_err(failed)?
-            };
-            return crate::ffi::to_dtype(&v, dtype).map_err(failed);
-        }
-    }
-    let out = crate::ffi::empty(shape, dtype).map_err(failed)?;
-    for &k in pairs {
-        let mut region = match &plan.pairs[k].transform {
-            Some(t) => t.target_view(&out).map_err(failed)?,
-            None => out.shallow_clone(),
-        };
-        region.f_copy_(&view(k)?).map_err(failed)?;
-    }
-    Ok(out)
+    let into = crate::convert::Into { shape, dtype, name, store: source.origin() };
+    crate::convert::assemble(plan, pairs, source, into, None)
 }
 
 impl MergePlan {
