@@ -204,6 +204,19 @@ impl Op {
     }
 }
 
+/// The shape `ops` make of `shape`, and the ops that take a tensor of that
+/// shape back to `shape` (the inverses, last op first).
+pub(crate) fn shape_and_way_back(ops: &[Op], shape: &[i64]) -> Result<(Vec<i64>, Vec<Op>), String> {
+    let (mut shape, mut back) = (shape.to_vec(), Vec::new());
+    for op in ops {
+        let next = op.shape(&shape)?;
+        back.extend(op.inverse(&shape)?);
+        shape = next;
+    }
+    back.reverse();
+    Ok((shape, back))
+}
+
 /// The shape `ops` make of `shape`, applied left to right.
 pub(crate) fn shape_after(ops: &[Op], shape: &[i64]) -> Result<Vec<i64>, String> {
     let mut shape = shape.to_vec();

@@ -10,7 +10,7 @@ use super::Finding;
 use crate::dotted::NameLookup;
 use crate::matching::How;
 use crate::rules::{Action, Rules};
-use crate::transform::{normalize, shape_after, shape_text, Op, Transform};
+use crate::transform::{normalize, shape_after, shape_and_way_back, shape_text, Op, Transform};
 
 /// A source split by a rule.
 pub(super) struct SplitOf {
@@ -309,13 +309,7 @@ impl Builder<'_> {
                     format!("the members' sizes along dimension {dim} add up past what an i64 holds")
                 })?;
                 // The inverse of the ops after cat, from the target back to the concatenation.
-                let mut back = Vec::new();
-                for op in ops {
-                    let next = op.shape(&shape)?;
-                    back.extend(op.inverse(&shape)?);
-                    shape = next;
-                }
-                back.reverse();
+                let (shape, back) = shape_and_way_back(ops, &shape)?;
                 let j = self.free_target(lookup, &to, r)?;
                 if targets[j].shape != shape {
                     return Err(format!(

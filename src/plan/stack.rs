@@ -13,7 +13,7 @@ use super::Finding;
 use crate::dotted::NameLookup;
 use crate::matching::How;
 use crate::rules::{Action, Rule, Rules};
-use crate::transform::{normalize, shape_after, shape_text, Op, Transform};
+use crate::transform::{normalize, shape_after, shape_and_way_back, shape_text, Op, Transform};
 
 /// `shape` with `size` inserted at `dim` (`dim` counted in the result).
 fn inserted(shape: &[i64], dim: usize, size: i64) -> Vec<i64> {
@@ -235,7 +235,7 @@ impl Builder<'_> {
             let stacked: Vec<Vec<i64>> =
                 shapes.iter().map(|sh| inserted(sh, s.min(sh.len()), count)).collect();
             // Several patterns: their stacks concatenated along `cat`.
-            let (mut shape, c) = match cat {
+            let (shape, c) = match cat {
                 None => (stacked[0].clone(), None),
                 Some(c) => {
                     let c = normalize(*c, rank, &stacked[0])?;
@@ -258,13 +258,7 @@ impl Builder<'_> {
                     (shape, Some(c))
                 }
             };
-            let mut back = Vec::new();
-            for op in ops {
-                let next = op.shape(&shape)?;
-                back.extend(op.inverse(&shape)?);
-                shape = next;
-            }
-            back.reverse();
+            let (shape, back) = shape_and_way_back(ops, &shape)?;
             let j = self.free_target(lookup, &to, r)?;
             if targets[j].shape != shape {
                 return Err(format!(
