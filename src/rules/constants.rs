@@ -88,6 +88,20 @@ enum Token {
     Symbol(char),
 }
 
+/// Takes the letters, digits and underscores from `at` on; the byte offset
+/// after them.
+fn word_end(chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>, at: usize) -> usize {
+    let mut end = at;
+    while let Some(&(k, d)) = chars.peek() {
+        if !d.is_ascii_alphanumeric() && d != '_' {
+            break;
+        }
+        end = k + d.len_utf8();
+        chars.next();
+    }
+    end
+}
+
 fn tokens(text: &str) -> std::result::Result<Vec<Token>, String> {
     let mut out = Vec::new();
     let mut chars = text.char_indices().peekable();
@@ -95,27 +109,13 @@ fn tokens(text: &str) -> std::result::Result<Vec<Token>, String> {
         if c.is_whitespace() {
             chars.next();
         } else if c.is_ascii_digit() {
-            let mut end = at;
-            while let Some(&(k, d)) = chars.peek() {
-                if !d.is_ascii_alphanumeric() && d != '_' {
-                    break;
-                }
-                end = k + d.len_utf8();
-                chars.next();
-            }
+            let end = word_end(&mut chars, at);
             let digits = &text[at..end];
             let n =
                 digits.parse::<i64>().map_err(|_| format!("{digits:?} is not an integer an i64 holds"))?;
             out.push(Token::Number(n));
         } else if c.is_ascii_alphabetic() || c == '_' {
-            let mut end = at;
-            while let Some(&(k, d)) = chars.peek() {
-                if !d.is_ascii_alphanumeric() && d != '_' {
-                    break;
-                }
-                end = k + d.len_utf8();
-                chars.next();
-            }
+            let end = word_end(&mut chars, at);
             out.push(Token::Name(text[at..end].to_string()));
         } else if "+-*/()".contains(c) {
             out.push(Token::Symbol(c));
